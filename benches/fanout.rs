@@ -1,0 +1,697 @@
+//! Fan-out benchmark: N subscribers on one channel, publications through the
+//! HTTP API, publish-to-deliver latency, ordering/loss checks and server CPU
+//! per delivery.
+//!
+//! Phase 1: fixed rate (default 100 msg/s for 10 s).
+//! Phase 2: ramp (rate x2 per step, 2 s per step) with open-loop publishers
+//! over 1–4 keep-alive HTTP connections (bounded window of outstanding
+//! requests); stops at the first step that is not sustained (loss, reorder,
+//! disconnect, publish errors, publisher below 95 % of target, or p99 over the
+//! limit) or when the step/time budget runs out.
+//!
+//! The server runs with `--shards 1` (executor pinned to core 0) and every
+//! bench thread is pinned to the last core.
+//!
+//! Run: `cargo bench --bench fanout [-- --subs 1000 --rate 100 --secs 10 ...]`,
+//! `--help` for all options.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "\
+cargo bench --bench fanout -- [options]
+  --subs N           subscribers on bench:0 (default 1000)
+  --shards N         server --shards (default 1; executor pinned to core 0)
+  --rate R           fixed-rate phase, publications/s (default 100)
+  --secs S           fixed-rate phase duration (default 10)
+  --ramp-start R     first ramp step rate (default 2 x --rate)
+  --ramp-factor F    rate multiplier per step (default 2)
+  --step-secs S      ramp step duration (default 2)
+  --max-steps N      ramp steps at most (default 10)
+  --http-conns N     keep-alive publish connections in the ramp, 1..4 (default 2)
+  --pipeline W       outstanding requests per HTTP connection (default 1 = no pipelining)
+  --p99-limit-ms MS  a ramp step with p99 above this is not sustained (default 50)
+  --drain-ms MS      wait for late deliveries after each step (default 3000)
+  --payload B        approximate size of the published JSON data (default 64)
+  --readers N        epoll reader threads (default 1)
+  --client-cpus L    comma-separated CPUs for the bench threads (default: last CPU)
+  --src-addrs N      source addresses 127.0.0.2.. for subscribers (default 2)
+  --skip-fixed / --skip-ramp
+  --deadline S       hard overall deadline in seconds (default 120)
+  --server-args S    extra server arguments (whitespace separated)
+  --server-log       server stderr to our stderr (default: a log file under target/)
+env SHARDCAST_BIN overrides the server binary.";
+
+/// Stream 0 = fixed-rate publisher, 1..=4 = ramp publishers (one per HTTP
+/// connection); each stream has its own gap-free seq sequence.
+const MAX_STREAMS: usize = 5;
+const MAX_STEPS: usize = 64;
+
+#[derive(Default, Clone)]
+struct StepStats {
+    delivered: u64,
+    gaps: u64,
+    reorder: u64,
+    hist: Hist,
+    last_ns: u64,
+}
+
+struct Shared {
+    steps: Vec<Mutex<StepStats>>,
+    delivered: Vec<AtomicU64>,
+    malformed: AtomicU64,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            steps: (0..MAX_STEPS).map(|_| Mutex::default()).collect(),
+            delivered: (0..MAX_STEPS).map(|_| AtomicU64::new(0)).collect(),
+            malformed: AtomicU64::new(0),
+        }
+    }
+}
+
+struct Subs {
+    next: Vec<[u64; MAX_STREAMS]>,
+    shared: Arc<Shared>,
+    pending: [u64; MAX_STEPS],
+    first_malformed: Option<String>,
+}
+
+/// Finds `"key":<digits>` and parses the number (no allocation; this runs for
+/// every delivery on a single client core).
+fn find_num(line: &[u8], key: &[u8]) -> Option<u64> {
+    let pos = line.windows(key.len()).position(|w| w == key)?;
+    let mut i = pos + key.len();
+    while i < line.len() && line[i] == b' ' {
+        i += 1;
+    }
+    let start = i;
+    let mut v: u64 = 0;
+    while i < line.len() && line[i].is_ascii_digit() {
+        v = v.checked_mul(10)?.checked_add((line[i] - b'0') as u64)?;
+        i += 1;
+    }
+    (i > start).then_some(v)
+}
+
+impl LineHandler for Subs {
+    fn on_line(&mut self, conn: usize, line: &[u8], now: u64) {
+        let parsed = (|| {
+            if !line.windows(7).any(|w| w == b"\"push\":") {
+                return None;
+            }
+            let t = find_num(line, b"\"t\":")?;
+            let s = find_num(line, b"\"s\":")? as usize;
+            let seq = find_num(line, b"\"seq\":")?;
+            let p = find_num(line, b"\"p\":")? as usize;
+            (s < MAX_STREAMS && p < MAX_STEPS).then_some((t, s, seq, p))
+        })();
+        let Some((t, s, seq, p)) = parsed else {
+            self.shared.malformed.fetch_add(1, Ordering::Relaxed);
+            if self.first_malformed.is_none() {
+                self.first_malformed =
+                    Some(String::from_utf8_lossy(&line[..line.len().min(200)]).into());
+            }
+            return;
+        };
+        if conn >= self.next.len() {
+            self.next.resize(conn + 1, [0; MAX_STREAMS]);
+        }
+        let exp = &mut self.next[conn][s];
+        let mut st = self.shared.steps[p].lock().unwrap();
+        match seq.cmp(exp) {
+            std::cmp::Ordering::Equal => *exp = seq + 1,
+            std::cmp::Ordering::Greater => {
+                st.gaps += seq - *exp;
+                *exp = seq + 1;
+            }
+            std::cmp::Ordering::Less => st.reorder += 1,
+        }
+        st.delivered += 1;
+        st.hist.record(now.saturating_sub(t));
+        st.last_ns = st.last_ns.max(now);
+        drop(st);
+        self.pending[p] += 1;
+    }
+
+    fn flush(&mut self) {
+        for (i, n) in self.pending.iter_mut().enumerate() {
+            if *n > 0 {
+                self.shared.delivered[i].fetch_add(*n, Ordering::Relaxed);
+                *n = 0;
+            }
+        }
+    }
+}
+
+struct Publisher {
+    http: HttpClient,
+    stream: usize,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct PubResult {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+fn body(stream: usize, seq: u64, step: usize, payload: usize) -> Vec<u8> {
+    let t = unix_ns();
+    let base = format!("{{\"t\":{t},\"s\":{stream},\"seq\":{seq},\"p\":{step},\"pad\":\"\"}}");
+    let pad = payload.saturating_sub(base.len());
+    format!(
+        "{{\"channel\":\"bench:0\",\"data\":{{\"t\":{t},\"s\":{stream},\"seq\":{seq},\"p\":{step},\"pad\":\"{}\"}}}}",
+        "x".repeat(pad)
+    )
+    .into_bytes()
+}
+
+/// Open-loop publisher: request k is due at start + k/rate; a late publisher
+/// sends back to back (catching up) but never has more than `window`
+/// requests outstanding on its connection.
+fn publish_loop(
+    p: &mut Publisher,
+    rate: f64,
+    dur: Duration,
+    step: usize,
+    window: usize,
+    payload: usize,
+) -> PubResult {
+    let mut r = PubResult::default();
+    let start = Instant::now();
+    let end = start + dur;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut k: u32 = 0;
+    let mut outstanding = 0usize;
+    let fail = |r: &mut PubResult, e: String| {
+        r.errors += 1;
+        if r.first_error.is_none() {
+            r.first_error = Some(e);
+        }
+    };
+    loop {
+        let now = Instant::now();
+        let due = start + interval * k;
+        let more = due < end;
+        if more && outstanding < window && now >= due {
+            let b = body(p.stream, p.seq, step, payload);
+            if let Err(e) = p.http.send("POST", "/api/publish", &b) {
+                fail(&mut r, format!("send: {e}"));
+                break;
+            }
+            p.seq += 1;
+            k += 1;
+            outstanding += 1;
+            continue;
+        }
+        if outstanding > 0 {
+            // Window full, not yet due, or finishing: collect a response.
+            match p.http.recv() {
+                Ok((200, body)) if body.windows(8).any(|w| w == b"\"result\"") => r.ok += 1,
+                Ok((code, body)) => fail(
+                    &mut r,
+                    format!("HTTP {code}: {}", String::from_utf8_lossy(&body)),
+                ),
+                Err(e) => {
+                    fail(&mut r, format!("recv: {e}"));
+                    break;
+                }
+            }
+            outstanding -= 1;
+            continue;
+        }
+        if !more {
+            break;
+        }
+        let wait = due.saturating_duration_since(now);
+        if wait > Duration::from_micros(50) {
+            thread::sleep(wait);
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    r
+}
+
+struct StepReport {
+    name: String,
+    target_rate: f64,
+    pub_rate: f64,
+    published: u64,
+    pub_errors: u64,
+    expected: u64,
+    stats: StepStats,
+    deliveries_per_s: f64,
+    server_cpu: f64,
+    server_sched: f64,
+    client_util: f64,
+    client_cores: usize,
+    closed: usize,
+    drained: bool,
+    first_error: Option<String>,
+}
+
+impl StepReport {
+    fn missing(&self) -> u64 {
+        self.expected.saturating_sub(self.stats.delivered)
+    }
+
+    fn print(&self, subs: usize) {
+        let del = self.stats.delivered.max(1) as f64;
+        let h = &self.stats.hist;
+        println!(
+            "fanout {}: {subs} subs x {:.0} msg/s target: published {} ({:.1} msg/s, {} errors), \
+             deliveries {}/{} = {:.0} deliveries/s, lost {} (gaps {}), reorder {}, disconnects {}; \
+             server CPU {:.3} s = {:.3} µs/delivery = {:.3} CPU-s per 1M deliveries (schedstat {:.3} µs/delivery); \
+             latency p50 {} p99 {} max {}; client CPU {:.0}% of its core(s)",
+            self.name,
+            self.target_rate,
+            self.published,
+            self.pub_rate,
+            self.pub_errors,
+            self.stats.delivered,
+            self.expected,
+            self.deliveries_per_s,
+            self.missing(),
+            self.stats.gaps,
+            self.stats.reorder,
+            self.closed,
+            self.server_cpu,
+            self.server_cpu / del * 1e6,
+            self.server_cpu / del * 1e6,
+            self.server_sched / del * 1e6,
+            fmt_ns(h.quantile(0.50)),
+            fmt_ns(h.quantile(0.99)),
+            fmt_ns(h.max),
+            self.client_util * 100.0
+        );
+        if let Some(e) = &self.first_error {
+            println!("# {}: first publish error: {e}", self.name);
+        }
+        if self.client_util > 0.9 * self.client_cores as f64 {
+            println!(
+                "# {}: WARNING: bench client CPU saturated ({:.0}%), this step may be client-bound",
+                self.name,
+                self.client_util * 100.0
+            );
+        }
+        if !self.drained {
+            println!(
+                "# {}: not all deliveries arrived within the drain time",
+                self.name
+            );
+        }
+    }
+
+    fn sustained(&self, p99_limit_ns: u64) -> Result<(), String> {
+        let mut why = vec![];
+        if self.missing() > 0 || self.stats.gaps > 0 {
+            why.push(format!("lost {}", self.missing().max(self.stats.gaps)));
+        }
+        if self.stats.reorder > 0 {
+            why.push(format!("reorder {}", self.stats.reorder));
+        }
+        if self.closed > 0 {
+            why.push(format!("{} disconnects", self.closed));
+        }
+        if self.pub_errors > 0 {
+            why.push(format!("{} publish errors", self.pub_errors));
+        }
+        if self.pub_rate < 0.95 * self.target_rate {
+            why.push(format!(
+                "publisher reached only {:.0} of {:.0} msg/s",
+                self.pub_rate, self.target_rate
+            ));
+        }
+        let p99 = self.stats.hist.quantile(0.99);
+        if p99 > p99_limit_ns {
+            why.push(format!("p99 {} > {}", fmt_ns(p99), fmt_ns(p99_limit_ns)));
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join(", "))
+        }
+    }
+}
+
+struct Ctx<'a> {
+    server: &'a Server,
+    shared: &'a [Arc<Shared>],
+    closed: &'a dyn Fn() -> usize,
+    subs: usize,
+    drain: Duration,
+    payload: usize,
+    window: usize,
+    client_cores: usize,
+}
+
+fn run_step(
+    ctx: &Ctx,
+    name: &str,
+    step: usize,
+    pubs: &mut [Publisher],
+    rate: f64,
+    dur: Duration,
+) -> StepReport {
+    let closed0 = (ctx.closed)();
+    let subs_live = ctx.subs - closed0;
+    let cpu0 = cpu_secs(ctx.server.pid);
+    let sch0 = sched_ns(ctx.server.pid);
+    let self0 = self_cpu_secs();
+    let t0_ns = unix_ns();
+    let t0 = Instant::now();
+    let n = pubs.len();
+    let (window, payload) = (ctx.window, ctx.payload);
+    let results: Vec<PubResult> = thread::scope(|sc| {
+        let hs: Vec<_> = pubs
+            .iter_mut()
+            .map(|p| sc.spawn(move || publish_loop(p, rate / n as f64, dur, step, window, payload)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let pub_secs = t0.elapsed().as_secs_f64();
+    let published: u64 = results.iter().map(|r| r.ok).sum();
+    let pub_errors: u64 = results.iter().map(|r| r.errors).sum();
+    let first_error = results.iter().find_map(|r| r.first_error.clone());
+    let expected = published * subs_live as u64;
+    let delivered = || -> u64 {
+        ctx.shared
+            .iter()
+            .map(|s| s.delivered[step].load(Ordering::Relaxed))
+            .sum()
+    };
+    let drained = wait_until(ctx.drain, || delivered() >= expected);
+    // A little extra so duplicates/late extras would be seen too.
+    thread::sleep(Duration::from_millis(20));
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_secs(ctx.server.pid) - cpu0;
+    let sch = (sched_ns(ctx.server.pid).saturating_sub(sch0)) as f64 / 1e9;
+    let client_util = (self_cpu_secs() - self0) / wall;
+    let mut stats = StepStats::default();
+    for s in ctx.shared {
+        let st = s.steps[step].lock().unwrap();
+        stats.delivered += st.delivered;
+        stats.gaps += st.gaps;
+        stats.reorder += st.reorder;
+        stats.hist.merge(&st.hist);
+        stats.last_ns = stats.last_ns.max(st.last_ns);
+    }
+    let span = (stats.last_ns.saturating_sub(t0_ns) as f64 / 1e9).max(1e-9);
+    StepReport {
+        name: name.to_string(),
+        target_rate: rate,
+        pub_rate: published as f64 / pub_secs,
+        published,
+        pub_errors,
+        expected,
+        deliveries_per_s: stats.delivered as f64 / span,
+        stats,
+        server_cpu: cpu,
+        server_sched: sch,
+        client_util,
+        client_cores: ctx.client_cores,
+        closed: (ctx.closed)() - closed0,
+        drained,
+        first_error,
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.has("help") {
+        println!("{USAGE}");
+        return;
+    }
+    let deadline = Duration::from_secs(args.get("deadline", 120u64));
+    install_safety_nets(deadline);
+    let t_start = Instant::now();
+
+    let hard = raise_nofile();
+    let subs: usize = args.get("subs", 1000usize);
+    if subs as u64 + 300 > hard {
+        fatal(&format!(
+            "--subs {subs} needs more file descriptors than RLIMIT_NOFILE hard limit {hard} - 300"
+        ));
+    }
+    let shards: usize = args.get("shards", 1usize);
+    let rate: f64 = args.get("rate", 100.0);
+    let secs: f64 = args.get("secs", 10.0);
+    let ramp_start: f64 = args.get("ramp-start", rate * 2.0);
+    let ramp_factor: f64 = args.get("ramp-factor", 2.0);
+    let step_secs: f64 = args.get("step-secs", 2.0);
+    let max_steps: usize = args.get("max-steps", 10usize).min(MAX_STEPS - 1);
+    let http_conns: usize = args.get("http-conns", 2usize).clamp(1, MAX_STREAMS - 1);
+    let window: usize = args.get("pipeline", 1usize).max(1);
+    let p99_limit = Duration::from_secs_f64(args.get("p99-limit-ms", 50.0) / 1e3);
+    let drain = Duration::from_millis(args.get("drain-ms", 3000u64));
+    let payload: usize = args.get("payload", 64usize);
+    let readers: usize = args.get("readers", 1usize).max(1);
+    let n_src: usize = args.get("src-addrs", 2usize);
+    let ncpu = online_cpus();
+    let client_cpus: Vec<usize> = match args.str("client-cpus") {
+        Some(s) => s
+            .split(',')
+            .map(|c| {
+                c.trim()
+                    .parse()
+                    .unwrap_or_else(|_| fatal(&format!("bad --client-cpus {s:?}")))
+            })
+            .collect(),
+        None => vec![ncpu - 1],
+    };
+    if rate <= 0.0 || secs <= 0.0 || ramp_start <= 0.0 || ramp_factor <= 1.0 || step_secs <= 0.0 {
+        fatal("rates and durations must be > 0 and --ramp-factor > 1");
+    }
+
+    println!(
+        "# fanout: subs={subs} shards={shards} fixed={rate} msg/s x {secs} s, ramp from {ramp_start} msg/s x{ramp_factor} per {step_secs} s step (max {max_steps} steps, p99 limit {} ms), http_conns={http_conns} pipeline={window} payload~{payload} B readers={readers}",
+        p99_limit.as_millis()
+    );
+    println!(
+        "# reference (design doc): kernel floor ~2.5-2.7 µs CPU per send() of one frame; \
+         uWebSockets.js 2.65 CPU-s per 1M deliveries at 1000 subs x 100 msg/s"
+    );
+
+    // Spawn the server before pinning ourselves (it also resets its own
+    // affinity in pre_exec), then pin every bench thread to the client CPUs.
+    let server = Server::start(
+        "fanout",
+        shards,
+        &args.server_args(),
+        args.has("server-log"),
+    );
+    println!("# server: {}", server.describe());
+    if let Err(e) = pin_all_threads(&client_cpus) {
+        fatal(&format!("sched_setaffinity({client_cpus:?}): {e}"));
+    }
+    if client_cpus.iter().any(|&c| c < shards) {
+        println!(
+            "# WARNING: client CPUs {client_cpus:?} overlap the server's pinned executor cores 0..{}",
+            shards - 1
+        );
+    }
+
+    // Subscribers.
+    let t0 = Instant::now();
+    let conns = match connect_many(
+        server.addr,
+        0,
+        subs,
+        4,
+        n_src,
+        Arc::new(|_| "bench:0".to_string()),
+    ) {
+        Ok(c) => c,
+        Err(e) => fatal(&format!("connecting subscribers: {e}")),
+    };
+    println!(
+        "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s (spread by SO_REUSEPORT over {shards} shard(s); per-shard placement is not visible to the client)",
+        t0.elapsed().as_secs_f64()
+    );
+    let shared: Vec<Arc<Shared>> = (0..readers).map(|_| Arc::new(Shared::new())).collect();
+    let rdrs: Vec<Reader<Subs>> = shared
+        .iter()
+        .enumerate()
+        .map(|(i, sh)| {
+            Reader::spawn(
+                &format!("reader{i}"),
+                Subs {
+                    next: Vec::new(),
+                    shared: sh.clone(),
+                    pending: [0; MAX_STEPS],
+                    first_malformed: None,
+                },
+            )
+        })
+        .collect();
+    let mut per: Vec<Vec<_>> = (0..readers).map(|_| Vec::new()).collect();
+    for (i, c) in conns.into_iter().enumerate() {
+        per[i % readers].push(c);
+    }
+    for (r, batch) in rdrs.iter().zip(per) {
+        let _ = r.add.send(batch);
+    }
+    let all_registered = wait_until(Duration::from_secs(5), || {
+        rdrs.iter()
+            .map(|r| r.live.conns.load(Ordering::Relaxed))
+            .sum::<usize>()
+            == subs
+    });
+    if !all_registered {
+        fatal("readers did not register all subscribers");
+    }
+
+    // Pinning report.
+    let server_threads: Vec<String> = thread_affinities(server.pid)
+        .into_iter()
+        .map(|(name, tid, cpus)| format!("{name}/{tid}:{cpus}"))
+        .collect();
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let bench_threads: Vec<String> = thread_affinities(me)
+        .into_iter()
+        .map(|(name, _, cpus)| format!("{name}:{cpus}"))
+        .collect();
+    println!(
+        "# pinning: {ncpu} CPUs; server --shards {shards} threads [{}]; bench threads pinned to CPU {client_cpus:?} via sched_setaffinity [{}]",
+        server_threads.join(" "),
+        bench_threads.join(" ")
+    );
+
+    let mut pub0 = vec![Publisher {
+        http: HttpClient::connect(server.addr)
+            .unwrap_or_else(|e| fatal(&format!("HTTP connect: {e}"))),
+        stream: 0,
+        seq: 0,
+    }];
+    let mut ramp_pubs: Vec<Publisher> = (1..=http_conns)
+        .map(|s| Publisher {
+            http: HttpClient::connect(server.addr)
+                .unwrap_or_else(|e| fatal(&format!("HTTP connect: {e}"))),
+            stream: s,
+            seq: 0,
+        })
+        .collect();
+    let live: Vec<Arc<ReaderLive>> = rdrs.iter().map(|r| r.live.clone()).collect();
+    let closed = move || -> usize { live.iter().map(|l| l.closed.load(Ordering::Relaxed)).sum() };
+    let ctx = Ctx {
+        server: &server,
+        shared: &shared,
+        closed: &closed,
+        subs,
+        drain,
+        payload,
+        window,
+        client_cores: client_cpus.len(),
+    };
+
+    let mut failed = false;
+    if !args.has("skip-fixed") {
+        let r = run_step(
+            &ctx,
+            "fixed-rate",
+            0,
+            &mut pub0,
+            rate,
+            Duration::from_secs_f64(secs),
+        );
+        r.print(subs);
+        if let Err(why) = r.sustained(u64::MAX) {
+            println!("# fixed-rate phase FAILED: {why}");
+            failed = true;
+        }
+    }
+
+    if !args.has("skip-ramp") {
+        let mut best: Option<StepReport> = None;
+        let mut r_rate = ramp_start;
+        let mut stop_reason = format!("{max_steps} steps done");
+        for step in 1..=max_steps {
+            let need = Duration::from_secs_f64(step_secs) + drain + Duration::from_secs(5);
+            if t_start.elapsed() + need > deadline {
+                stop_reason = "time budget (deadline) reached".into();
+                break;
+            }
+            let name = format!("ramp-step{step}");
+            let r = run_step(
+                &ctx,
+                &name,
+                step,
+                &mut ramp_pubs,
+                r_rate,
+                Duration::from_secs_f64(step_secs),
+            );
+            r.print(subs);
+            match r.sustained(p99_limit.as_nanos() as u64) {
+                Ok(()) => best = Some(r),
+                Err(why) => {
+                    stop_reason = format!("step {step} at {r_rate:.0} msg/s not sustained: {why}");
+                    if r.missing() > 0 || r.stats.gaps > 0 || r.stats.reorder > 0 || r.closed > 0 {
+                        failed = true;
+                    }
+                    break;
+                }
+            }
+            r_rate *= ramp_factor;
+        }
+        match best {
+            Some(b) => println!(
+                "fanout max-sustained: {:.0} msg/s x {subs} subs = {:.0} deliveries/s, server {:.3} µs/delivery ({:.3} CPU-s per 1M), latency p50 {} p99 {} max {} [{}: {stop_reason}]",
+                b.pub_rate,
+                b.deliveries_per_s,
+                b.server_cpu / b.stats.delivered.max(1) as f64 * 1e6,
+                b.server_cpu / b.stats.delivered.max(1) as f64 * 1e6,
+                fmt_ns(b.stats.hist.quantile(0.5)),
+                fmt_ns(b.stats.hist.quantile(0.99)),
+                fmt_ns(b.stats.hist.max),
+                b.name
+            ),
+            None => println!("fanout max-sustained: none of the ramp steps was sustained [{stop_reason}]"),
+        }
+    }
+
+    let mut server = server;
+    let alive = server.alive();
+    let mut total_closed = 0;
+    let mut pings = 0;
+    let mut errors = vec![];
+    for r in rdrs {
+        let (st, h) = r.stop();
+        total_closed += st.closed;
+        pings += st.pings;
+        if let Some(e) = st.first_error {
+            errors.push(e);
+        }
+        if let Some(m) = h.first_malformed {
+            errors.push(format!("unexpected line: {m}"));
+        }
+    }
+    let malformed: u64 = shared
+        .iter()
+        .map(|s| s.malformed.load(Ordering::Relaxed))
+        .sum();
+    println!(
+        "# end: subscribers closed by server {total_closed}, pings answered {pings}, unexpected lines {malformed}{}; server alive {alive}; elapsed {:.1} s",
+        errors
+            .first()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default(),
+        t_start.elapsed().as_secs_f64()
+    );
+    drop(pub0);
+    drop(ramp_pubs);
+    drop(server);
+    if failed || !alive || total_closed > 0 {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,196 @@
+//! The only types that cross threads: shards ⇄ broker messages, and the wake-up link.
+//!
+//! Shards send [`ToBroker`] on one bounded MPSC queue (never blocking: a full queue turns the
+//! command into a temporary error). The broker sends [`ToShard`] on one bounded queue per shard
+//! and wakes the shard through a socketpair byte at most once per batch ([`ShardLink::send`]);
+//! the shard clears the flag before it drains, so no message is left behind and an idle node
+//! makes no syscalls at all.
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::value::RawValue;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::protocol::reply::ClientInfo;
+
+/// Most shards a node runs (interest per channel is a 64-bit shard mask).
+pub const MAX_SHARDS: usize = 64;
+
+/// Index of a shard, `0..shards`.
+pub type ShardId = usize;
+
+/// Where a broker answer goes: the shard, and the token it registered the waiter under.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyTo {
+    pub shard: ShardId,
+    pub token: u64,
+}
+
+/// A query answered by every shard, merged by the broker.
+#[derive(Debug, Clone)]
+pub enum Query {
+    /// Clients subscribed to a channel.
+    Presence(Arc<str>),
+    /// Channels with their local subscriber counts (optional glob pattern).
+    Channels(Option<Arc<str>>),
+    /// Connection, subscription and user counts.
+    Stats,
+}
+
+/// One shard's answer to a [`Query`], or the broker's merge of all of them.
+#[derive(Debug, Clone)]
+pub enum Part {
+    Presence(Vec<ClientInfo>),
+    Channels(Vec<(Arc<str>, u32)>),
+    Stats {
+        connections: u64,
+        subscriptions: u64,
+        users: Vec<Arc<str>>,
+    },
+}
+
+/// A command every shard applies to its own connections.
+#[derive(Debug, Clone)]
+pub enum ShardCommand {
+    /// Disconnect a user's connections (or one client of theirs) with a code.
+    Disconnect {
+        user: Arc<str>,
+        client: Option<Arc<str>>,
+        code: u16,
+        reason: Arc<str>,
+    },
+    /// Remove a user's connections from a channel, with an unsubscribe push.
+    Unsubscribe { user: Arc<str>, channel: Arc<str> },
+}
+
+/// Why the broker could not do something; sent back as a temporary error.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BrokerError {
+    #[error("broker unavailable")]
+    Unavailable,
+}
+
+/// The broker's answer to a request that carried a [`ReplyTo`].
+#[derive(Debug)]
+pub enum BrokerReply {
+    Published(Result<(), BrokerError>),
+    Gathered(Part),
+}
+
+/// Shard → broker.
+#[derive(Debug)]
+pub enum ToBroker {
+    /// The shard's first local subscriber of `channel` appeared (0 → 1).
+    Subscribe { shard: ShardId, channel: Arc<str> },
+    /// The shard's last local subscriber of `channel` left (1 → 0).
+    Unsubscribe { shard: ShardId, channel: Arc<str> },
+    /// Publish to every subscriber on every node.
+    Publish {
+        channel: Arc<str>,
+        data: Box<RawValue>,
+        info: Option<ClientInfo>,
+        reply: ReplyTo,
+    },
+    /// Ask every shard, merge, answer `reply`.
+    Gather { query: Query, reply: ReplyTo },
+    /// One shard's part of gather `gather`.
+    Part { gather: u64, part: Part },
+    /// Apply a command on every shard.
+    Command(ShardCommand),
+}
+
+/// Broker → shard.
+#[derive(Debug)]
+pub enum ToShard {
+    /// A publication, already a complete WebSocket frame shared by every recipient.
+    Publication { channel: Arc<str>, frame: Bytes },
+    /// Answer `query` with a `ToBroker::Part` for `gather`.
+    Collect { gather: u64, query: Query },
+    /// The answer to a request this shard made.
+    Reply { token: u64, reply: BrokerReply },
+    Command(ShardCommand),
+}
+
+/// Counters shared by the broker and the shards (relaxed atomics; read by `/api/info` and logs).
+#[derive(Debug, Default)]
+pub struct BusStats {
+    /// Shard commands refused because the broker queue was full.
+    pub broker_queue_full: AtomicU64,
+    /// Times the broker waited on a full shard queue (backpressure, nothing dropped).
+    pub shard_queue_waits: AtomicU64,
+    /// Publications the broker accepted.
+    pub publications: AtomicU64,
+}
+
+/// The broker's handle on one shard: its queue and its wake-up socket.
+pub struct ShardLink {
+    tx: Sender<ToShard>,
+    notified: Arc<AtomicBool>,
+    wake: UnixStream,
+    stats: Arc<BusStats>,
+}
+
+/// The shard's end: drain `rx` after clearing `notified`, whenever `wake` is readable.
+pub struct ShardInbox {
+    pub rx: Receiver<ToShard>,
+    pub notified: Arc<AtomicBool>,
+    pub wake: UnixStream,
+}
+
+/// Creates the queue and wake-up pair for one shard.
+pub fn shard_link(
+    capacity: usize,
+    stats: Arc<BusStats>,
+) -> std::io::Result<(ShardLink, ShardInbox)> {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let (a, b) = UnixStream::pair()?;
+    a.set_nonblocking(true)?;
+    let notified = Arc::new(AtomicBool::new(false));
+    Ok((
+        ShardLink {
+            tx,
+            notified: notified.clone(),
+            wake: a,
+            stats,
+        },
+        ShardInbox {
+            rx,
+            notified,
+            wake: b,
+        },
+    ))
+}
+
+impl ShardLink {
+    /// Queues `msg`, waiting while the shard's queue is full (backpressure: a shard only ever
+    /// waits on itself, so this cannot deadlock), and wakes the shard unless a wake-up is
+    /// already pending. Returns false when the shard is gone.
+    pub fn send(&self, msg: ToShard) -> bool {
+        let msg = match self.tx.try_send(msg) {
+            Ok(()) => None,
+            Err(crossbeam_channel::TrySendError::Full(m)) => Some(m),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return false,
+        };
+        if let Some(msg) = msg {
+            self.stats.shard_queue_waits.fetch_add(1, Ordering::Relaxed);
+            // Make sure the shard is awake to drain before we wait on it.
+            self.wake_now();
+            if self.tx.send(msg).is_err() {
+                return false;
+            }
+        }
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            self.wake_now();
+        }
+        true
+    }
+
+    fn wake_now(&self) {
+        // One byte; the shard reads and discards. EAGAIN cannot happen: at most one byte is
+        // outstanding per wake cycle, except in the backpressure path, where it does not matter.
+        let _ = (&self.wake).write(&[1]);
+    }
+}

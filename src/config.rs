@@ -1,0 +1,366 @@
+//! Every knob of a node: its unit, its default and the reason for the default.
+//!
+//! A [`Config`] is read from TOML (`--config FILE`), then the command-line flags override it, then
+//! [`Config::validate`] rejects anything inconsistent with a message that names the bad key. The
+//! validated value is shared read-only (`Arc`) by every thread; nothing here changes at run time.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// Errors found while loading or validating a configuration. Each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had a key of the wrong type or an unknown key.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value is out of range or inconsistent with another one.
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole node configuration. Field names are the TOML keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address every shard listens on (SO_REUSEPORT). Port 0 picks a free port shared by all shards.
+    pub listen: SocketAddr,
+    /// Number of shards (glommio executors, one per core). 0 = one per online CPU.
+    pub shards: usize,
+    /// Pin each shard to its core (shard i on the i-th online CPU, modulo the CPU count).
+    pub pin_shards: bool,
+    /// listen(2) backlog of each shard's socket, in connections.
+    pub backlog: u32,
+    /// Redis URL; empty = standalone mode (memory broker).
+    pub redis: String,
+    /// HS256 secret that connection and subscription tokens are signed with.
+    pub token_hmac_secret: String,
+    /// Key the HTTP API requires in `X-API-Key` (or `Authorization: apikey KEY`). Empty = API off.
+    pub api_key: String,
+    /// Development only: anonymous connect, and every client may subscribe, publish and query
+    /// presence in every channel.
+    pub insecure: bool,
+    /// Name of this node in `/api/info` (default: the host name).
+    pub name: String,
+    /// Client heartbeats.
+    pub ping: PingConfig,
+    /// Bounds on every buffer and queue.
+    pub limits: Limits,
+    /// Options of channels without a `namespace:` prefix.
+    pub default_namespace: NamespaceOptions,
+    /// Options of `name:` prefixed channels, keyed by namespace name.
+    pub namespaces: BTreeMap<String, NamespaceOptions>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8000".parse().expect("static address"),
+            shards: 0,
+            pin_shards: true,
+            backlog: 4096,
+            redis: String::new(),
+            token_hmac_secret: String::new(),
+            api_key: String::new(),
+            insecure: false,
+            name: String::new(),
+            ping: PingConfig::default(),
+            limits: Limits::default(),
+            default_namespace: NamespaceOptions::default(),
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+/// App-level ping/pong of the Centrifugo protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PingConfig {
+    /// Seconds between server pings `{}`. The SDKs reconnect when no ping comes within this
+    /// interval plus their own grace (10 s in centrifuge-js), so it is announced in the connect reply.
+    pub interval_secs: u32,
+    /// Seconds a client has to answer a ping before it is closed with 3012 "no pong".
+    pub pong_timeout_secs: u32,
+}
+
+impl Default for PingConfig {
+    fn default() -> Self {
+        // Centrifugo's defaults: SDKs and proxies (60 s idle timeouts) are tuned for them.
+        PingConfig {
+            interval_secs: 25,
+            pong_timeout_secs: 8,
+        }
+    }
+}
+
+/// Bounds. Every one has a unit in its name and an overflow policy named in its comment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest WebSocket message a client may send (after reassembly of fragments), bytes.
+    /// Over it: close 1009 (message too big).
+    pub max_message_bytes: usize,
+    /// Largest HTTP request head (request line and headers), bytes. Over it: HTTP 431.
+    pub max_request_head_bytes: usize,
+    /// Largest HTTP API request body, bytes. Over it: HTTP 413.
+    pub max_api_body_bytes: usize,
+    /// Bytes a connection may have queued for writing. Over it: disconnect 3008 "slow".
+    pub max_outbox_bytes: usize,
+    /// Channels one connection may be subscribed to. Over it: error 106 "limit exceeded".
+    pub max_channels_per_connection: usize,
+    /// Longest channel name, bytes. Over it: error 107 "bad request".
+    pub max_channel_name_bytes: usize,
+    /// Connections a node holds. Over it: HTTP 503 before the upgrade, so SDKs back off.
+    pub max_connections: usize,
+    /// Seconds from accept to a complete request head (and, for the API, body). Over it: closed.
+    pub handshake_timeout_secs: u32,
+    /// Messages the shards → broker queue holds. Full: the command gets a temporary error 100.
+    pub broker_queue_capacity: usize,
+    /// Messages each broker → shard queue holds. Full: the broker waits (backpressure), so a
+    /// full broker queue then turns publishes into temporary errors instead of losing them.
+    pub shard_queue_capacity: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_request_head_bytes: 8 * 1024,
+            max_api_body_bytes: 1024 * 1024,
+            max_outbox_bytes: 1024 * 1024,
+            max_channels_per_connection: 128,
+            max_channel_name_bytes: 255,
+            max_connections: 1_000_000,
+            handshake_timeout_secs: 10,
+            broker_queue_capacity: 65_536,
+            shard_queue_capacity: 65_536,
+        }
+    }
+}
+
+/// Per-namespace channel options (names follow Centrifugo's where the meaning is the same).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceOptions {
+    /// Clients may subscribe without a subscription token.
+    pub allow_subscribe_for_client: bool,
+    /// Clients may publish into channels of this namespace.
+    pub allow_publish_for_client: bool,
+    /// Keep presence (who is subscribed) for channels of this namespace.
+    pub presence: bool,
+    /// Any connected client may query presence; otherwise only subscribers of the channel.
+    pub allow_presence_for_client: bool,
+}
+
+impl Default for NamespaceOptions {
+    fn default() -> Self {
+        NamespaceOptions {
+            allow_subscribe_for_client: true,
+            allow_publish_for_client: false,
+            presence: false,
+            allow_presence_for_client: false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors so that typos do not pass silently.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<text>".into(),
+            message: e.to_string().trim().to_string(),
+        })
+    }
+
+    /// Checks ranges and cross-field consistency; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.shards > crate::bus::MAX_SHARDS {
+            return Err(invalid(
+                "shards",
+                format!("must be at most {}", crate::bus::MAX_SHARDS),
+            ));
+        }
+        if self.backlog == 0 {
+            return Err(invalid("backlog", "must be at least 1"));
+        }
+        if !self.redis.is_empty() && !self.redis.starts_with("redis://") {
+            return Err(invalid("redis", "must be a redis://host:port URL"));
+        }
+        if !self.insecure && self.token_hmac_secret.is_empty() {
+            return Err(invalid(
+                "token_hmac_secret",
+                "is required unless `insecure` is set (clients could not authenticate)",
+            ));
+        }
+        if self.ping.interval_secs == 0 {
+            return Err(invalid("ping.interval_secs", "must be at least 1"));
+        }
+        if self.ping.pong_timeout_secs == 0 {
+            return Err(invalid("ping.pong_timeout_secs", "must be at least 1"));
+        }
+        if self.ping.pong_timeout_secs >= self.ping.interval_secs {
+            return Err(invalid(
+                "ping.pong_timeout_secs",
+                "must be below ping.interval_secs",
+            ));
+        }
+        let l = &self.limits;
+        let positive: [(&str, usize); 9] = [
+            ("limits.max_message_bytes", l.max_message_bytes),
+            ("limits.max_request_head_bytes", l.max_request_head_bytes),
+            ("limits.max_api_body_bytes", l.max_api_body_bytes),
+            ("limits.max_outbox_bytes", l.max_outbox_bytes),
+            ("limits.max_channels_per_connection", l.max_channels_per_connection),
+            ("limits.max_channel_name_bytes", l.max_channel_name_bytes),
+            ("limits.max_connections", l.max_connections),
+            ("limits.broker_queue_capacity", l.broker_queue_capacity),
+            ("limits.shard_queue_capacity", l.shard_queue_capacity),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if l.max_message_bytes > 16 * 1024 * 1024 {
+            return Err(invalid("limits.max_message_bytes", "must be at most 16 MiB"));
+        }
+        if l.max_request_head_bytes < 512 {
+            return Err(invalid("limits.max_request_head_bytes", "must be at least 512"));
+        }
+        if l.max_outbox_bytes < l.max_message_bytes {
+            return Err(invalid(
+                "limits.max_outbox_bytes",
+                "must be at least limits.max_message_bytes",
+            ));
+        }
+        if l.handshake_timeout_secs == 0 {
+            return Err(invalid("limits.handshake_timeout_secs", "must be at least 1"));
+        }
+        for name in self.namespaces.keys() {
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+            if !ok {
+                return Err(invalid(
+                    &format!("namespaces.{name}"),
+                    "namespace names use letters, digits, '_', '-' and '.' only",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The options of the namespace a channel belongs to, or `None` for an unknown namespace.
+    pub fn namespace_of(&self, channel: &str) -> Option<&NamespaceOptions> {
+        match channel.split_once(':') {
+            Some((ns, _)) => self.namespaces.get(ns),
+            None => Some(&self.default_namespace),
+        }
+    }
+
+    /// Shard count after resolving 0 to the number of online CPUs.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(crate::bus::MAX_SHARDS)
+        }
+    }
+
+    /// The node name shown in `/api/info`.
+    pub fn node_name(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "shardcast".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_with_a_secret() {
+        let c = Config {
+            token_hmac_secret: "s".into(),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.backlog, 4096);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("listen = \"127.0.0.1:1\"\n[limits]\nmax_mesage_bytes = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_mesage_bytes"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::from_toml("shards = \"two\"").unwrap_err().to_string();
+        assert!(err.contains("shards"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let mut c = Config::from_toml("insecure = true\n[ping]\ninterval_secs = 5\npong_timeout_secs = 9\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("ping.pong_timeout_secs"), "{err}");
+        c.ping.pong_timeout_secs = 2;
+        c.validate().unwrap();
+        c.insecure = false;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("token_hmac_secret"), "{err}");
+    }
+
+    #[test]
+    fn namespaces_resolve() {
+        let c = Config::from_toml(
+            "insecure = true\n[namespaces.chat]\nallow_publish_for_client = true\npresence = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.namespace_of("chat:1").unwrap().allow_publish_for_client);
+        assert!(!c.namespace_of("news").unwrap().allow_publish_for_client);
+        assert!(c.namespace_of("nope:1").is_none());
+    }
+}

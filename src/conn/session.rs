@@ -1,0 +1,708 @@
+//! The protocol session of one connection, without I/O.
+//!
+//! [`Session::handle_message`] takes one text message (commands separated by `\n`), appends the
+//! immediate replies to a batch, and asks its [`Host`] (the shard) for everything that touches
+//! shared state: channel interest, publishing, cluster-wide queries. Replies that need the
+//! broker (publish acknowledgements, presence) are sent later by the host under the command id.
+//! A session never blocks and never awaits.
+
+use crate::config::{Config, NamespaceOptions};
+use crate::protocol::command::{parse_line, Line, Request};
+use crate::protocol::reply::{self, ClientInfo};
+use crate::protocol::token::{TokenError, TokenVerifier};
+use crate::protocol::{Disconnect, ErrorCode};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+/// Server version announced in connect replies.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A channel interned by the shard (index into its channel table).
+pub type ChanId = u32;
+
+/// A deferred query whose answer the host sends as the reply to a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deferred {
+    Presence,
+    PresenceStats,
+}
+
+/// What the session needs from its shard. Implemented by the shard for one connection.
+pub trait Host {
+    fn config(&self) -> &Config;
+    fn verifier(&self) -> Option<&TokenVerifier>;
+    /// Wall clock, seconds since the Unix epoch (token expiry).
+    fn unix_now(&self) -> u64;
+    /// A new client id, unique across nodes.
+    fn new_client_id(&mut self) -> Rc<str>;
+    /// Interns a user name and records the connection under it (for `/api/disconnect`).
+    fn register_user(&mut self, user: &str) -> Rc<str>;
+    /// Adds this connection to `channel`; on the shard's first subscriber, registers interest
+    /// with the broker. Fails with a temporary error when the broker queue is full.
+    fn subscribe(&mut self, channel: &str) -> Result<ChanId, ErrorCode>;
+    /// Removes this connection from a channel.
+    fn unsubscribe(&mut self, chan: ChanId);
+    /// The name of an interned channel.
+    fn channel_name(&self, chan: ChanId) -> Rc<str>;
+    /// Publishes; the host replies to `id` once the broker acknowledged.
+    fn publish(
+        &mut self,
+        id: u32,
+        channel: &str,
+        data: &RawValue,
+        info: ClientInfo,
+    ) -> Result<(), ErrorCode>;
+    /// Asks every shard; the host replies to `id`.
+    fn gather(&mut self, id: u32, kind: Deferred, channel: &str) -> Result<(), ErrorCode>;
+    /// Connection token expiry changed (0 = never): the host arms its timer.
+    fn set_expiry(&mut self, unix_secs: u64);
+}
+
+/// Session state of a connected client.
+#[derive(Debug)]
+pub struct Identity {
+    pub user: Rc<str>,
+    pub client: Rc<str>,
+    pub info: Option<Box<RawValue>>,
+}
+
+/// The session of one connection.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// Set by a successful connect.
+    pub identity: Option<Box<Identity>>,
+    /// Channels subscribed, interned by the shard.
+    pub subs: Vec<ChanId>,
+}
+
+impl Session {
+    /// Handles one message: every line is a command. Replies are appended to `out`, separated
+    /// by `\n`. Returns a disconnect when the client must be closed.
+    pub fn handle_message(
+        &mut self,
+        host: &mut dyn Host,
+        text: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Disconnect> {
+        // `out` may start with bytes that are not ours (a frame header's room).
+        let base = out.len();
+        for line in text.split('\n') {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() {
+                continue;
+            }
+            let before = out.len();
+            if before > base {
+                out.push(b'\n');
+            }
+            let len_with_sep = out.len();
+            self.handle_line(host, line, out)?;
+            if out.len() == len_with_sep {
+                out.truncate(before); // nothing replied (pong, send, deferred)
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `{}` pongs are expected: they are, once connected.
+    pub fn is_connected(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    fn handle_line(
+        &mut self,
+        host: &mut dyn Host,
+        line: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Disconnect> {
+        let (id, request) = match parse_line(line) {
+            Err(_) => return Err(Disconnect::BadRequest),
+            Ok(Line::Pong) => return Ok(()),
+            Ok(Line::Invalid { id, error }) => {
+                reply::error(out, id, error, false);
+                return Ok(());
+            }
+            Ok(Line::Command { id, request }) => (id, request),
+        };
+        match (&self.identity, request) {
+            (None, Request::Connect(c)) => self.connect(host, id, &c.token, out),
+            (None, _) => Err(Disconnect::BadRequest),
+            (Some(_), Request::Connect(_)) => Err(Disconnect::BadRequest),
+            (Some(_), Request::Subscribe(s)) => {
+                match self.subscribe(host, &s.channel, &s.token) {
+                    Ok(()) => reply::result(out, id, "subscribe", &reply::SubscribeResult::default()),
+                    Err((code, temporary)) => reply::error(out, id, code, temporary),
+                }
+                Ok(())
+            }
+            (Some(_), Request::Unsubscribe(u)) => {
+                if let Some(pos) = self.position(host, &u.channel) {
+                    let chan = self.subs.swap_remove(pos);
+                    host.unsubscribe(chan);
+                }
+                reply::result(out, id, "unsubscribe", &reply::Empty {});
+                Ok(())
+            }
+            (Some(ident), Request::Publish(p)) => {
+                let result = match namespace(host, &p.channel) {
+                    Err(e) => Err(e),
+                    Ok(ns) if !host.config().insecure && !ns.allow_publish_for_client => {
+                        Err(ErrorCode::PermissionDenied)
+                    }
+                    Ok(_) => {
+                        let info = ClientInfo {
+                            user: ident.user.to_string(),
+                            client: ident.client.to_string(),
+                            conn_info: ident.info.clone(),
+                        };
+                        host.publish(id, &p.channel, p.data, info)
+                    }
+                };
+                if let Err(code) = result {
+                    reply::error(out, id, code, code == ErrorCode::Internal);
+                }
+                Ok(())
+            }
+            (Some(_), Request::Presence(p)) => {
+                self.presence(host, id, Deferred::Presence, &p.channel, out);
+                Ok(())
+            }
+            (Some(_), Request::PresenceStats(p)) => {
+                self.presence(host, id, Deferred::PresenceStats, &p.channel, out);
+                Ok(())
+            }
+            (Some(_), Request::Ping) => {
+                reply::result(out, id, "ping", &reply::Empty {});
+                Ok(())
+            }
+            (Some(_), Request::Send) if id == 0 => Ok(()),
+            (Some(_), Request::History(_) | Request::Rpc | Request::Send) => {
+                reply::error(out, id, ErrorCode::NotAvailable, false);
+                Ok(())
+            }
+            (Some(ident), Request::Refresh(r)) => {
+                let Some(verifier) = host.verifier() else {
+                    reply::error(out, id, ErrorCode::NotAvailable, false);
+                    return Ok(());
+                };
+                match verifier.connect(&r.token, host.unix_now()) {
+                    Ok(claims) if *claims.sub == *ident.user => {
+                        let exp = claims.exp.unwrap_or(0);
+                        host.set_expiry(exp);
+                        let ttl = ttl(exp, host.unix_now());
+                        let result = reply::RefreshResult {
+                            client: &ident.client,
+                            version: VERSION,
+                            expires: exp > 0,
+                            ttl,
+                        };
+                        reply::result(out, id, "refresh", &result);
+                        Ok(())
+                    }
+                    Ok(_) | Err(TokenError::Invalid) => Err(Disconnect::InvalidToken),
+                    Err(TokenError::Expired) => {
+                        reply::error(out, id, ErrorCode::TokenExpired, false);
+                        Ok(())
+                    }
+                }
+            }
+            (Some(ident), Request::SubRefresh(r)) => {
+                let Some(verifier) = host.verifier() else {
+                    reply::error(out, id, ErrorCode::NotAvailable, false);
+                    return Ok(());
+                };
+                match verifier.subscribe(&r.token, &r.channel, &ident.user, host.unix_now()) {
+                    Ok(claims) => {
+                        let exp = claims.exp.unwrap_or(0);
+                        let result = reply::SubscribeResult {
+                            expires: exp > 0,
+                            ttl: ttl(exp, host.unix_now()),
+                        };
+                        reply::result(out, id, "sub_refresh", &result);
+                    }
+                    Err(TokenError::Expired) => {
+                        reply::error(out, id, ErrorCode::TokenExpired, false)
+                    }
+                    Err(TokenError::Invalid) => {
+                        reply::error(out, id, ErrorCode::PermissionDenied, false)
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn connect(
+        &mut self,
+        host: &mut dyn Host,
+        id: u32,
+        token: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Disconnect> {
+        let now = host.unix_now();
+        let claims = match host.verifier() {
+            Some(_) if token.is_empty() && host.config().insecure => Default::default(),
+            Some(v) => match v.connect(token, now) {
+                Ok(c) => c,
+                Err(TokenError::Expired) => {
+                    reply::error(out, id, ErrorCode::TokenExpired, false);
+                    return Ok(());
+                }
+                Err(TokenError::Invalid) => return Err(Disconnect::InvalidToken),
+            },
+            None if host.config().insecure => Default::default(),
+            None => return Err(Disconnect::InvalidToken),
+        };
+        let user = host.register_user(&claims.sub);
+        let client = host.new_client_id();
+        let exp = claims.exp.unwrap_or(0);
+        self.identity = Some(Box::new(Identity {
+            user,
+            client: client.clone(),
+            info: claims.info,
+        }));
+        host.set_expiry(exp);
+        let mut subs = BTreeMap::new();
+        for channel in &claims.channels {
+            // Server-side subscriptions: the token vouches for them, so no permission check.
+            if self.position(host, channel).is_some() {
+                continue;
+            }
+            match host.subscribe(channel) {
+                Ok(chan) => {
+                    self.subs.push(chan);
+                    subs.insert(channel.as_str(), reply::SubscribeResult::default());
+                }
+                Err(_) => return Err(Disconnect::ServerError),
+            }
+        }
+        let result = reply::ConnectResult {
+            client: &client,
+            version: VERSION,
+            expires: exp > 0,
+            ttl: ttl(exp, now),
+            subs,
+            ping: host.config().ping.interval_secs,
+            pong: true,
+        };
+        reply::result(out, id, "connect", &result);
+        Ok(())
+    }
+
+    fn position(&self, host: &dyn Host, channel: &str) -> Option<usize> {
+        self.subs
+            .iter()
+            .position(|&c| &*host.channel_name(c) == channel)
+    }
+
+    fn subscribe(
+        &mut self,
+        host: &mut dyn Host,
+        channel: &str,
+        token: &str,
+    ) -> Result<(), (ErrorCode, bool)> {
+        let cfg = host.config();
+        if channel.is_empty() || channel.len() > cfg.limits.max_channel_name_bytes {
+            return Err((ErrorCode::BadRequest, false));
+        }
+        let ns = namespace(host, channel).map_err(|e| (e, false))?;
+        if self.position(host, channel).is_some() {
+            return Err((ErrorCode::AlreadySubscribed, false));
+        }
+        if self.subs.len() >= cfg.limits.max_channels_per_connection {
+            return Err((ErrorCode::LimitExceeded, false));
+        }
+        let ident = self.identity.as_ref().expect("connected");
+        if !self.may_subscribe(host, ns, channel, token, &ident.user) {
+            return Err((ErrorCode::PermissionDenied, false));
+        }
+        let chan = host
+            .subscribe(channel)
+            .map_err(|e| (e, e == ErrorCode::Internal))?;
+        self.subs.push(chan);
+        Ok(())
+    }
+
+    fn may_subscribe(
+        &self,
+        host: &dyn Host,
+        ns: &NamespaceOptions,
+        channel: &str,
+        token: &str,
+        user: &str,
+    ) -> bool {
+        if host.config().insecure {
+            return true;
+        }
+        if !token.is_empty() {
+            return host
+                .verifier()
+                .map(|v| v.subscribe(token, channel, user, host.unix_now()).is_ok())
+                .unwrap_or(false);
+        }
+        let name = channel.split_once(':').map(|(_, n)| n).unwrap_or(channel);
+        if name.starts_with('$') {
+            return false; // private channel: subscription token required
+        }
+        if let Some((_, users)) = name.split_once('#') {
+            return !user.is_empty() && users.split(',').any(|u| u == user);
+        }
+        ns.allow_subscribe_for_client
+    }
+
+    fn presence(
+        &mut self,
+        host: &mut dyn Host,
+        id: u32,
+        kind: Deferred,
+        channel: &str,
+        out: &mut Vec<u8>,
+    ) {
+        let result = match namespace(host, channel) {
+            Err(e) => Err(e),
+            Ok(ns) if !ns.presence => Err(ErrorCode::NotAvailable),
+            Ok(ns)
+                if !host.config().insecure
+                    && !ns.allow_presence_for_client
+                    && self.position(host, channel).is_none() =>
+            {
+                Err(ErrorCode::PermissionDenied)
+            }
+            Ok(_) => host.gather(id, kind, channel),
+        };
+        if let Err(code) = result {
+            reply::error(out, id, code, code == ErrorCode::Internal);
+        }
+    }
+
+    /// Leaves every channel (connection closing).
+    pub fn leave_all(&mut self, host: &mut dyn Host) {
+        for chan in self.subs.drain(..) {
+            host.unsubscribe(chan);
+        }
+    }
+}
+
+fn namespace<'h>(host: &'h dyn Host, channel: &str) -> Result<&'h NamespaceOptions, ErrorCode> {
+    host.config()
+        .namespace_of(channel)
+        .ok_or(ErrorCode::UnknownChannel)
+}
+
+fn ttl(exp: u64, now: u64) -> u32 {
+    if exp == 0 {
+        0
+    } else {
+        exp.saturating_sub(now).min(u32::MAX as u64) as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::token::{sign_connect, ConnectClaims};
+    use serde_json::Value;
+
+    /// A shard stand-in recording what the session asked for.
+    struct FakeHost {
+        cfg: Config,
+        verifier: Option<TokenVerifier>,
+        now: u64,
+        channels: Vec<Rc<str>>,
+        subscribed: Vec<ChanId>,
+        published: Vec<(u32, String, String)>,
+        gathered: Vec<(u32, Deferred, String)>,
+        broker_full: bool,
+        expiry: u64,
+    }
+
+    impl FakeHost {
+        fn new(toml: &str) -> Self {
+            let cfg = Config::from_toml(toml).unwrap();
+            cfg.validate().unwrap();
+            let verifier = (!cfg.token_hmac_secret.is_empty())
+                .then(|| TokenVerifier::new(&cfg.token_hmac_secret));
+            FakeHost {
+                cfg,
+                verifier,
+                now: 1_000,
+                channels: Vec::new(),
+                subscribed: Vec::new(),
+                published: Vec::new(),
+                gathered: Vec::new(),
+                broker_full: false,
+                expiry: 0,
+            }
+        }
+    }
+
+    impl Host for FakeHost {
+        fn config(&self) -> &Config {
+            &self.cfg
+        }
+        fn verifier(&self) -> Option<&TokenVerifier> {
+            self.verifier.as_ref()
+        }
+        fn unix_now(&self) -> u64 {
+            self.now
+        }
+        fn new_client_id(&mut self) -> Rc<str> {
+            "client-1".into()
+        }
+        fn register_user(&mut self, user: &str) -> Rc<str> {
+            user.into()
+        }
+        fn subscribe(&mut self, channel: &str) -> Result<ChanId, ErrorCode> {
+            if self.broker_full {
+                return Err(ErrorCode::Internal);
+            }
+            let id = match self.channels.iter().position(|c| &**c == channel) {
+                Some(i) => i as ChanId,
+                None => {
+                    self.channels.push(channel.into());
+                    (self.channels.len() - 1) as ChanId
+                }
+            };
+            self.subscribed.push(id);
+            Ok(id)
+        }
+        fn unsubscribe(&mut self, chan: ChanId) {
+            self.subscribed.retain(|&c| c != chan);
+        }
+        fn channel_name(&self, chan: ChanId) -> Rc<str> {
+            self.channels[chan as usize].clone()
+        }
+        fn publish(
+            &mut self,
+            id: u32,
+            channel: &str,
+            data: &RawValue,
+            info: ClientInfo,
+        ) -> Result<(), ErrorCode> {
+            self.published
+                .push((id, channel.into(), format!("{}|{}", data.get(), info.user)));
+            Ok(())
+        }
+        fn gather(&mut self, id: u32, kind: Deferred, channel: &str) -> Result<(), ErrorCode> {
+            self.gathered.push((id, kind, channel.into()));
+            Ok(())
+        }
+        fn set_expiry(&mut self, unix_secs: u64) {
+            self.expiry = unix_secs;
+        }
+    }
+
+    const CFG: &str = "token_hmac_secret = \"k\"\n[namespaces.chat]\nallow_publish_for_client = true\npresence = true\n";
+
+    fn token(sub: &str, exp: Option<u64>, channels: &[&str]) -> String {
+        sign_connect(
+            "k",
+            &ConnectClaims {
+                sub: sub.into(),
+                exp,
+                info: None,
+                channels: channels.iter().map(|s| s.to_string()).collect(),
+            },
+        )
+    }
+
+    fn send(s: &mut Session, h: &mut FakeHost, text: &str) -> (Result<(), Disconnect>, Vec<Value>) {
+        // Start like a frame buffer does: with room for a header that is not ours.
+        let mut out = vec![0u8; crate::ws::HEADROOM];
+        let r = s.handle_message(h, text, &mut out);
+        let body = std::str::from_utf8(&out[crate::ws::HEADROOM..]).unwrap();
+        assert!(!body.starts_with('\n') && !body.ends_with('\n'), "{body:?}");
+        let replies = body
+            .split('\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (r, replies)
+    }
+
+    fn connected(h: &mut FakeHost) -> Session {
+        let mut s = Session::default();
+        let t = token("alice", None, &[]);
+        let (r, replies) = send(&mut s, h, &format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#));
+        r.unwrap();
+        assert_eq!(replies[0]["connect"]["client"], "client-1");
+        s
+    }
+
+    #[test]
+    fn connect_announces_ping_and_pong() {
+        let mut h = FakeHost::new(CFG);
+        let mut s = Session::default();
+        let t = token("alice", Some(1_100), &["news"]);
+        let (r, replies) = send(&mut s, &mut h, &format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#));
+        r.unwrap();
+        let c = &replies[0]["connect"];
+        assert_eq!(replies[0]["id"], 1);
+        assert_eq!(c["ping"], 25);
+        assert_eq!(c["pong"], true);
+        assert_eq!(c["expires"], true);
+        assert_eq!(c["ttl"], 100);
+        assert!(c["subs"]["news"].is_object(), "server-side subscription from the token");
+        assert_eq!(h.expiry, 1_100);
+        assert_eq!(s.subs.len(), 1);
+    }
+
+    #[test]
+    fn forged_and_expired_tokens() {
+        let mut h = FakeHost::new(CFG);
+        let forged = sign_connect("nope", &ConnectClaims::default());
+        let (r, _) = send(&mut Session::default(), &mut h, &format!(r#"{{"id":1,"connect":{{"token":"{forged}"}}}}"#));
+        assert_eq!(r.unwrap_err(), Disconnect::InvalidToken);
+        let expired = token("a", Some(999), &[]);
+        let mut s = Session::default();
+        let (r, replies) = send(&mut s, &mut h, &format!(r#"{{"id":1,"connect":{{"token":"{expired}"}}}}"#));
+        r.unwrap();
+        assert_eq!(replies[0]["error"]["code"], 109);
+        assert!(!s.is_connected());
+        let (r, _) = send(&mut Session::default(), &mut h, r#"{"id":1,"connect":{}}"#);
+        assert_eq!(r.unwrap_err(), Disconnect::InvalidToken, "no anonymous access unless insecure");
+    }
+
+    #[test]
+    fn commands_before_connect_are_bad_requests() {
+        let mut h = FakeHost::new(CFG);
+        let (r, _) = send(&mut Session::default(), &mut h, r#"{"id":1,"subscribe":{"channel":"a"}}"#);
+        assert_eq!(r.unwrap_err(), Disconnect::BadRequest);
+    }
+
+    #[test]
+    fn batched_commands_get_batched_replies() {
+        let mut h = FakeHost::new(CFG);
+        let mut s = connected(&mut h);
+        let (r, replies) = send(
+            &mut s,
+            &mut h,
+            "{\"id\":2,\"subscribe\":{\"channel\":\"news\"}}\n{\"id\":3,\"subscribe\":{\"channel\":\"news\"}}\n{}\n{\"id\":4,\"ping\":{}}",
+        );
+        r.unwrap();
+        assert_eq!(replies.len(), 3);
+        assert_eq!(replies[0]["id"], 2);
+        assert!(replies[0]["subscribe"].is_object());
+        assert_eq!(replies[1]["error"]["code"], 105);
+        assert_eq!(replies[2]["id"], 4);
+    }
+
+    #[test]
+    fn subscribe_errors() {
+        let mut h = FakeHost::new(CFG);
+        let mut s = connected(&mut h);
+        let long = "x".repeat(256);
+        let cases = [
+            ("nope:1".to_string(), 102),
+            (long, 107),
+            ("$private".to_string(), 103),
+            ("chat:#bob,carol".to_string(), 103),
+        ];
+        for (i, (chan, code)) in cases.iter().enumerate() {
+            let (r, replies) = send(&mut s, &mut h, &format!(r#"{{"id":{},"subscribe":{{"channel":"{chan}"}}}}"#, i + 10));
+            r.unwrap();
+            assert_eq!(replies[0]["error"]["code"], *code, "{chan}");
+        }
+        let (_, replies) = send(&mut s, &mut h, r##"{"id":20,"subscribe":{"channel":"chat:#bob,alice"}}"##);
+        assert!(replies[0]["subscribe"].is_object(), "user-limited channel names alice");
+        h.broker_full = true;
+        let (_, replies) = send(&mut s, &mut h, r#"{"id":21,"subscribe":{"channel":"other"}}"#);
+        assert_eq!(replies[0]["error"]["code"], 100);
+        assert_eq!(replies[0]["error"]["temporary"], true);
+        assert!(s.position(&h, "other").is_none(), "nothing half-subscribed");
+    }
+
+    #[test]
+    fn channel_limit() {
+        let mut h = FakeHost::new(&format!("{CFG}[limits]\nmax_channels_per_connection = 2\n"));
+        let mut s = connected(&mut h);
+        for (i, c) in ["a", "b", "c"].iter().enumerate() {
+            let (_, replies) = send(&mut s, &mut h, &format!(r#"{{"id":{},"subscribe":{{"channel":"{c}"}}}}"#, i + 2));
+            if i < 2 {
+                assert!(replies[0]["subscribe"].is_object());
+            } else {
+                assert_eq!(replies[0]["error"]["code"], 106);
+            }
+        }
+    }
+
+    #[test]
+    fn publish_permissions() {
+        let mut h = FakeHost::new(CFG);
+        let mut s = connected(&mut h);
+        let (_, replies) = send(&mut s, &mut h, r#"{"id":2,"publish":{"channel":"news","data":{"a":1}}}"#);
+        assert_eq!(replies[0]["error"]["code"], 103);
+        let (_, replies) = send(&mut s, &mut h, r#"{"id":3,"publish":{"channel":"chat:1","data":{"a":1}}}"#);
+        assert!(replies.is_empty(), "acknowledged later by the host");
+        assert_eq!(h.published, vec![(3, "chat:1".into(), "{\"a\":1}|alice".into())]);
+    }
+
+    #[test]
+    fn presence_needs_namespace_option_and_membership() {
+        let mut h = FakeHost::new(CFG);
+        let mut s = connected(&mut h);
+        let (_, r) = send(&mut s, &mut h, r#"{"id":2,"presence":{"channel":"news"}}"#);
+        assert_eq!(r[0]["error"]["code"], 108);
+        let (_, r) = send(&mut s, &mut h, r#"{"id":3,"presence":{"channel":"chat:1"}}"#);
+        assert_eq!(r[0]["error"]["code"], 103);
+        send(&mut s, &mut h, r#"{"id":4,"subscribe":{"channel":"chat:1"}}"#);
+        let (_, r) = send(&mut s, &mut h, r#"{"id":5,"presence_stats":{"channel":"chat:1"}}"#);
+        assert!(r.is_empty());
+        assert_eq!(h.gathered, vec![(5, Deferred::PresenceStats, "chat:1".into())]);
+    }
+
+    #[test]
+    fn not_available_methods_and_malformed_input() {
+        let mut h = FakeHost::new(CFG);
+        let mut s = connected(&mut h);
+        for m in ["history", "rpc"] {
+            let (_, r) = send(&mut s, &mut h, &format!(r#"{{"id":9,"{m}":{{"channel":"news"}}}}"#));
+            assert_eq!(r[0]["error"]["code"], 108, "{m}");
+        }
+        let (r, replies) = send(&mut s, &mut h, r#"{"id":6,"subscribe":{"channel":123}}"#);
+        r.unwrap();
+        assert_eq!(replies[0]["error"]["code"], 107);
+        let (r, replies) = send(&mut s, &mut h, r#"{"id":5,"unknown_method":{}}"#);
+        r.unwrap();
+        assert_eq!(replies[0]["error"]["code"], 104);
+        let (r, _) = send(&mut s, &mut h, "not json");
+        assert_eq!(r.unwrap_err(), Disconnect::BadRequest);
+    }
+
+    #[test]
+    fn refresh_extends_expiry_for_same_user_only() {
+        let mut h = FakeHost::new(CFG);
+        let mut s = connected(&mut h);
+        let t = token("alice", Some(5_000), &[]);
+        let (_, r) = send(&mut s, &mut h, &format!(r#"{{"id":2,"refresh":{{"token":"{t}"}}}}"#));
+        assert_eq!(r[0]["refresh"]["ttl"], 4_000);
+        assert_eq!(h.expiry, 5_000);
+        let t = token("mallory", Some(5_000), &[]);
+        let (res, _) = send(&mut s, &mut h, &format!(r#"{{"id":3,"refresh":{{"token":"{t}"}}}}"#));
+        assert_eq!(res.unwrap_err(), Disconnect::InvalidToken);
+    }
+
+    #[test]
+    fn insecure_allows_anonymous_everything() {
+        let mut h = FakeHost::new("insecure = true\n[namespaces.chat]\npresence = true\n");
+        let mut s = Session::default();
+        let (r, replies) = send(&mut s, &mut h, "{\"id\":1,\"connect\":{}}\n{\"id\":2,\"publish\":{\"channel\":\"news\",\"data\":1}}\n{\"id\":3,\"presence\":{\"channel\":\"chat:x\"}}");
+        r.unwrap();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(h.published.len(), 1);
+        assert_eq!(h.gathered.len(), 1);
+    }
+
+    #[test]
+    fn unsubscribe_and_leave_all() {
+        let mut h = FakeHost::new(CFG);
+        let mut s = connected(&mut h);
+        send(&mut s, &mut h, "{\"id\":2,\"subscribe\":{\"channel\":\"a\"}}\n{\"id\":3,\"subscribe\":{\"channel\":\"b\"}}");
+        let (_, r) = send(&mut s, &mut h, r#"{"id":4,"unsubscribe":{"channel":"a"}}"#);
+        assert!(r[0]["unsubscribe"].is_object());
+        assert_eq!(h.subscribed.len(), 1);
+        s.leave_all(&mut h);
+        assert!(h.subscribed.is_empty());
+    }
+}

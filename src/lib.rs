@@ -1,0 +1,32 @@
+//! shardcast: a self-hosted real-time fan-out server.
+//!
+//! Clients hold WebSocket connections speaking the Centrifugo client protocol v2 (JSON),
+//! subscribe to channels and receive every publication on them; backends publish through an
+//! HTTP API compatible with a subset of Centrifugo's.
+//!
+//! # Layout (where to start reading)
+//! - [`node`]: boot and teardown order: listeners, broker thread, one shard per core, `READY`.
+//! - [`shard`]: one glommio executor per core owning its listener, connections, channel index
+//!   ([`shard::index`]), timer wheel ([`shard::timer`]) and broker inbox. The WebSocket phase of a
+//!   connection is [`shard::connection`].
+//! - [`http`]: the request head that decides upgrade, API ([`http::api`]) or health check.
+//! - [`conn`]: one connection's plain state: [`conn::session`] (the protocol, no I/O) and
+//!   [`conn::outbox`] (bounded queue of shared frames).
+//! - [`ws`]: RFC 6455 framing over shared buffers; [`protocol`]: commands, replies, codes, tokens.
+//! - [`bus`]: the only types that cross threads; [`broker`]: the broker interface and its
+//!   in-memory implementation.
+//! - [`config`]: every knob with unit, default and reason.
+//!
+//! Dependencies point one way: node → shard → (http, conn) → protocol, with bus, config, ws and
+//! broker beneath. (`http` and `shard` call each other: the accept loop hands sockets to `http`,
+//! which hands upgraded ones back to `shard::connection`.)
+
+pub mod broker;
+pub mod bus;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod node;
+pub mod protocol;
+pub mod shard;
+pub mod ws;

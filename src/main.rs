@@ -1,0 +1,130 @@
+//! The binary edge: allocator, command line → [`Config`], logging, run, exit code.
+
+use clap::{Args, Parser, Subcommand};
+use shardcast::config::Config;
+use shardcast::protocol::token::{sign_connect, ConnectClaims};
+use std::path::PathBuf;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// shardcast: a thread-per-core WebSocket fan-out server speaking the Centrifugo client protocol v2.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// TOML configuration file (every key is documented in the README); flags override it.
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:8000; port 0 picks a free one [default: 127.0.0.1:8000].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Number of shards (executors, one per core) [default: one per online CPU].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Redis URL redis://[user:password@]host:port[/db]; unset = standalone (memory broker).
+    #[arg(long)]
+    redis: Option<String>,
+    /// HS256 secret of connection and subscription tokens.
+    #[arg(long, env = "SHARDCAST_TOKEN_HMAC_SECRET", global = true)]
+    token_hmac_secret: Option<String>,
+    /// Key the HTTP API requires in the X-API-Key header (the API is off without one).
+    #[arg(long, env = "SHARDCAST_API_KEY")]
+    api_key: Option<String>,
+    /// DEVELOPMENT ONLY: allow anonymous connect, subscribe, publish and presence everywhere.
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print a connection token (HS256) for the configured secret.
+    Gentoken {
+        /// The user id (`sub` claim).
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds; 0 = no expiry.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Server-side subscriptions to put in the token (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+    },
+}
+
+fn load(run: &RunArgs) -> anyhow::Result<Config> {
+    let mut cfg = match &run.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = run.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = run.shards {
+        cfg.shards = v;
+    }
+    if let Some(v) = &run.redis {
+        cfg.redis = v.clone();
+    }
+    if let Some(v) = &run.token_hmac_secret {
+        cfg.token_hmac_secret = v.clone();
+    }
+    if let Some(v) = &run.api_key {
+        cfg.api_key = v.clone();
+    }
+    if run.insecure {
+        cfg.insecure = true;
+    }
+    Ok(cfg)
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => load(&cli.run).and_then(shardcast::node::run),
+        Some(Command::Gentoken {
+            user,
+            ttl,
+            channels,
+        }) => gentoken(&cli.run, user, ttl, channels),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shardcast: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn gentoken(run: &RunArgs, user: String, ttl: u64, channels: Vec<String>) -> anyhow::Result<()> {
+    let cfg = load(run)?;
+    anyhow::ensure!(
+        !cfg.token_hmac_secret.is_empty(),
+        "no secret: set token_hmac_secret in the config file or pass --token-hmac-secret"
+    );
+    let exp = (ttl > 0).then(|| shardcast::shard::unix_now() + ttl);
+    let claims = ConnectClaims {
+        sub: user,
+        exp,
+        info: None,
+        channels,
+    };
+    println!("{}", sign_connect(&cfg.token_hmac_secret, &claims));
+    Ok(())
+}
+

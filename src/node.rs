@@ -1,0 +1,194 @@
+//! Boot and teardown of one node, in order: file limit, listeners, broker, shards, `READY`,
+//! then wait for a signal and stop.
+//!
+//! Listeners are bound here, before any shard starts, so that `--listen 127.0.0.1:0` resolves to
+//! one port that every shard's SO_REUSEPORT socket shares, and the `READY <ip>:<port>` line is
+//! printed only once every shard accepts.
+
+use crate::broker::{memory::MemoryBroker, Broker};
+use crate::bus::{self, BusStats, ShardId};
+use crate::config::Config;
+use crate::shard::{self, NodeInfo, ShardParts};
+use anyhow::{bail, Context};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Raises the open-files soft limit to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Binds one SO_REUSEPORT listening socket.
+fn bind_listener(addr: SocketAddr, backlog: u32) -> anyhow::Result<Socket> {
+    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot bind {addr}"))?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket)
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return t.as_nanos() as u64 ^ (std::process::id() as u64) << 32;
+    }
+    u64::from_ne_bytes(b)
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (threads spawned later inherit the mask), so that
+/// they are taken only by [`wait_for_signal`].
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local value, then pthread_sigmask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: sigwait on a set blocked in every thread.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+/// Runs a node until SIGINT/SIGTERM. Prints `READY <addr>` on stdout once every shard accepts.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    cfg.validate()?;
+    if !cfg.redis.is_empty() {
+        bail!("`redis` is set, but this build runs standalone only (Redis mode is not built yet); remove --redis");
+    }
+    let sigset = block_signals();
+    let nofile = raise_nofile_limit();
+    let cfg = Arc::new(cfg);
+    let shards = cfg.shard_count();
+    if cfg.insecure {
+        tracing::warn!("!!! INSECURE MODE: anonymous clients may connect, subscribe, publish and read presence in every channel. For local development only. !!!");
+    }
+
+    // Listeners: the first bind resolves port 0; the others share that port.
+    let first = bind_listener(cfg.listen, cfg.backlog)?;
+    let addr: SocketAddr = first
+        .local_addr()?
+        .as_socket()
+        .context("listener has no socket address")?;
+    let mut listeners = vec![first];
+    for _ in 1..shards {
+        listeners.push(bind_listener(addr, cfg.backlog)?);
+    }
+
+    let node = Arc::new(NodeInfo {
+        uid: format!("{:016x}", random_u64()),
+        name: cfg.node_name(),
+        started: Instant::now(),
+        connections: AtomicUsize::new(0),
+        nonce: random_u64(),
+        draining: AtomicBool::new(false),
+    });
+    let stats = Arc::new(BusStats::default());
+    let (to_broker, broker_inbox) = crossbeam_channel::bounded(cfg.limits.broker_queue_capacity);
+    let mut links = Vec::with_capacity(shards);
+    let mut inboxes = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let (link, inbox) = bus::shard_link(cfg.limits.shard_queue_capacity, stats.clone())?;
+        links.push(link);
+        inboxes.push(inbox);
+    }
+
+    let broker: Box<dyn Broker> = Box::new(MemoryBroker::new(stats.clone()));
+    let broker_thread = std::thread::Builder::new()
+        .name("shardcast-broker".into())
+        .spawn(move || broker.run(broker_inbox, links))?;
+
+    let cpus: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<ShardId>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::with_capacity(shards);
+    for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let placement = if cfg.pin_shards && !cpus.is_empty() {
+            glommio::Placement::Fixed(cpus[id % cpus.len()])
+        } else {
+            glommio::Placement::Unbound
+        };
+        let parts = ShardParts {
+            id,
+            cfg: cfg.clone(),
+            node: node.clone(),
+            to_broker: to_broker.clone(),
+            inbox,
+            listener,
+            ready: ready_tx.clone(),
+            stop: stop.clone(),
+        };
+        let handle = glommio::LocalExecutorBuilder::new(placement)
+            .name(&format!("shardcast-shard-{id}"))
+            // A network-only server needs little registered I/O memory (default 10 MiB).
+            .io_memory(256 * 1024)
+            .spawn(move || shard::run(parts))
+            .map_err(|e| anyhow::anyhow!("cannot start shard {id}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(to_broker);
+    drop(ready_tx);
+    for _ in 0..shards {
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("a shard did not start")?;
+    }
+    tracing::info!(%addr, shards, nofile, broker = "memory", "shardcast ready");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "READY {addr}")?;
+    out.flush()?;
+    drop(out);
+
+    let sig = wait_for_signal(&sigset);
+    tracing::info!(signal = sig, "stopping");
+    node.draining.store(true, Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    // Graceful drain (paced reconnect advice) belongs to the drain issue; for now the process
+    // exits right away, and clients reconnect on their own.
+    let _ = (handles, broker_thread);
+    Ok(())
+}

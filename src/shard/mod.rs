@@ -1,0 +1,716 @@
+//! A shard: one glommio executor on one core, owning its listener, its connections, its channel
+//! index, its timer wheel and its broker inbox. Inside, everything is `Rc`/`RefCell`; nothing is
+//! shared with other shards except the messages of [`crate::bus`].
+//!
+//! Tasks of a shard: the accept loop, one task per connection, the broker inbox (in a
+//! latency-sensitive queue, woken through a socketpair byte once per batch) and the one-second
+//! timer sweep. None of them blocks, and no `RefCell` borrow is held across an `.await`.
+
+pub mod connection;
+pub mod index;
+pub mod timer;
+
+use crate::bus::{
+    BrokerReply, Part, Query, ReplyTo, ShardCommand, ShardId, ShardInbox, ToBroker, ToShard,
+};
+use crate::config::Config;
+use crate::conn::session::{ChanId, Deferred, Host};
+use crate::conn::ConnKey;
+use crate::protocol::reply::{self, ClientInfo, PresenceStats};
+use crate::protocol::token::TokenVerifier;
+use crate::protocol::{Disconnect, ErrorCode};
+use crate::ws::{self, FrameBuf, OP_TEXT};
+use connection::Connection;
+use crossbeam_channel::{Sender, TrySendError};
+use futures_lite::AsyncReadExt;
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::net::TcpListener;
+use index::{Added, ChannelIndex};
+use serde_json::value::RawValue;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use timer::TimerWheel;
+
+/// Node-wide facts every shard reads (set once at start, plus a few atomics).
+#[derive(Debug)]
+pub struct NodeInfo {
+    /// Unique id of this node process.
+    pub uid: String,
+    pub name: String,
+    pub started: Instant,
+    /// WebSocket connections open on the node (for `limits.max_connections`).
+    pub connections: AtomicUsize,
+    /// Random prefix of client ids, so they are unique across nodes.
+    pub nonce: u64,
+    /// Set when the node drains: `/healthz` answers 503.
+    pub draining: AtomicBool,
+}
+
+/// Per-shard counters (plain cells: one thread).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: Cell<u64>,
+    pub ws_opened: Cell<u64>,
+    pub http_requests: Cell<u64>,
+    /// Connections closed because their outbox passed `limits.max_outbox_bytes`.
+    pub slow_disconnects: Cell<u64>,
+    /// Connections closed for not answering pings.
+    pub no_pong_disconnects: Cell<u64>,
+    /// WebSocket protocol violations (closed with 1002/1007/1009).
+    pub protocol_violations: Cell<u64>,
+    /// Upgrades refused with 503 because the node was full.
+    pub refused_full: Cell<u64>,
+    /// Commands refused because the broker queue was full.
+    pub broker_queue_full: Cell<u64>,
+    /// Frames queued to connections by fan-out.
+    pub deliveries: Cell<u64>,
+}
+
+fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
+}
+
+/// Who waits for a broker answer.
+enum Pending {
+    /// A client command: reply to command `id` of connection `conn`.
+    Client {
+        conn: ConnKey,
+        id: u32,
+        kind: ClientWait,
+    },
+    /// An HTTP API request, awaiting on a local channel.
+    Api(LocalSender<BrokerReply>),
+}
+
+#[derive(Clone, Copy)]
+enum ClientWait {
+    Publish,
+    Gather(Deferred),
+}
+
+/// Connections of the shard, with generations so stale keys miss.
+#[derive(Default)]
+pub struct ConnTable {
+    entries: Vec<(u32, Option<Rc<Connection>>)>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl ConnTable {
+    fn insert_with(&mut self, make: impl FnOnce(ConnKey) -> Rc<Connection>) -> Rc<Connection> {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.entries.push((0, None));
+                (self.entries.len() - 1) as u32
+            }
+        };
+        let entry = &mut self.entries[slot as usize];
+        let key = ConnKey {
+            slot,
+            generation: entry.0,
+        };
+        let conn = make(key);
+        entry.1 = Some(conn.clone());
+        self.len += 1;
+        conn
+    }
+
+    pub fn get(&self, key: ConnKey) -> Option<&Rc<Connection>> {
+        match self.entries.get(key.slot as usize) {
+            Some((gen, Some(c))) if *gen == key.generation => Some(c),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, key: ConnKey) {
+        if let Some(entry) = self.entries.get_mut(key.slot as usize) {
+            if entry.0 == key.generation && entry.1.take().is_some() {
+                entry.0 = entry.0.wrapping_add(1);
+                self.free.push(key.slot);
+                self.len -= 1;
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn all(&self) -> Vec<Rc<Connection>> {
+        self.entries.iter().filter_map(|(_, c)| c.clone()).collect()
+    }
+}
+
+/// Size of the shard's shared read buffer: one read never holds more than this, bytes.
+pub const SCRATCH_BYTES: usize = 64 * 1024;
+/// Most bytes coalesced into one write (one syscall for many queued frames), bytes.
+pub const CORK_BYTES: usize = 64 * 1024;
+
+/// The shard's state, shared by its tasks through `Rc`.
+pub struct Shard {
+    pub id: ShardId,
+    pub cfg: Arc<Config>,
+    pub node: Arc<NodeInfo>,
+    verifier: Option<TokenVerifier>,
+    to_broker: Sender<ToBroker>,
+    pub conns: RefCell<ConnTable>,
+    pub index: RefCell<ChannelIndex>,
+    pub wheel: RefCell<TimerWheel>,
+    pending: RefCell<HashMap<u64, Pending>>,
+    next_token: Cell<u64>,
+    /// Shared read buffer (DESIGN §3: no per-connection read buffer).
+    pub scratch: RefCell<Vec<u8>>,
+    /// Shared write-coalescing buffer.
+    pub cork: RefCell<Vec<u8>>,
+    users: RefCell<HashMap<Rc<str>, HashSet<ConnKey>>>,
+    client_seq: Cell<u64>,
+    pub counters: Counters,
+    pub decoder: ws::Decoder,
+    started: Instant,
+}
+
+impl Shard {
+    pub fn new(
+        id: ShardId,
+        cfg: Arc<Config>,
+        node: Arc<NodeInfo>,
+        to_broker: Sender<ToBroker>,
+    ) -> Rc<Shard> {
+        let verifier =
+            (!cfg.token_hmac_secret.is_empty()).then(|| TokenVerifier::new(&cfg.token_hmac_secret));
+        Rc::new(Shard {
+            id,
+            decoder: ws::Decoder {
+                max_message_bytes: cfg.limits.max_message_bytes,
+            },
+            cfg,
+            node,
+            verifier,
+            to_broker,
+            conns: RefCell::default(),
+            index: RefCell::default(),
+            wheel: RefCell::default(),
+            pending: RefCell::default(),
+            next_token: Cell::new(1),
+            scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
+            cork: RefCell::new(Vec::with_capacity(CORK_BYTES)),
+            users: RefCell::default(),
+            client_seq: Cell::new(0),
+            counters: Counters::default(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Seconds since the shard started (the timer wheel's clock).
+    pub fn tick_now(&self) -> u32 {
+        self.wheel.borrow().now()
+    }
+
+    fn token(&self) -> u64 {
+        let t = self.next_token.get();
+        self.next_token.set(t + 1);
+        t
+    }
+
+    /// Sends to the broker without blocking; a full queue is counted and reported.
+    fn send_broker(&self, msg: ToBroker) -> Result<(), ErrorCode> {
+        match self.to_broker.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                bump(&self.counters.broker_queue_full);
+                Err(ErrorCode::Internal)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(ErrorCode::Internal),
+        }
+    }
+
+    /// Queues a command for every shard of the node (through the broker).
+    pub fn send_command(&self, cmd: ShardCommand) -> Result<(), ErrorCode> {
+        self.send_broker(ToBroker::Command(cmd))
+    }
+
+    /// Sends a request to the broker and waits for its answer (HTTP API).
+    pub async fn request(
+        &self,
+        make: impl FnOnce(ReplyTo) -> ToBroker,
+    ) -> Result<BrokerReply, ErrorCode> {
+        let token = self.token();
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.pending.borrow_mut().insert(token, Pending::Api(tx));
+        if let Err(e) = self.send_broker(make(ReplyTo {
+            shard: self.id,
+            token,
+        })) {
+            self.pending.borrow_mut().remove(&token);
+            return Err(e);
+        }
+        match glommio::timer::timeout(Duration::from_secs(10), async {
+            Ok(rx.recv().await)
+        })
+        .await
+        {
+            Ok(Some(reply)) => Ok(reply),
+            _ => {
+                self.pending.borrow_mut().remove(&token);
+                Err(ErrorCode::Internal)
+            }
+        }
+    }
+
+    /// Applies one broker message.
+    fn handle(&self, msg: ToShard) {
+        match msg {
+            ToShard::Publication { channel, frame } => {
+                let index = self.index.borrow();
+                let Some(ch) = index.lookup(&channel) else {
+                    return;
+                };
+                let conns = self.conns.borrow();
+                for key in &ch.subscribers {
+                    if let Some(c) = conns.get(*key) {
+                        c.push(self, frame.clone());
+                        bump(&self.counters.deliveries);
+                    }
+                }
+            }
+            ToShard::Collect { gather, query } => {
+                let part = self.collect(&query);
+                // The broker must get every part; a full queue here would stall the gather, so
+                // this one waits for room (the broker drains continuously).
+                let _ = self.to_broker.send(ToBroker::Part { gather, part });
+            }
+            ToShard::Reply { token, reply } => {
+                let Some(pending) = self.pending.borrow_mut().remove(&token) else {
+                    return;
+                };
+                match pending {
+                    Pending::Api(tx) => {
+                        let _ = tx.try_send(reply);
+                    }
+                    Pending::Client { conn, id, kind } => self.reply_client(conn, id, kind, reply),
+                }
+            }
+            ToShard::Command(cmd) => self.command(cmd),
+        }
+    }
+
+    fn reply_client(&self, key: ConnKey, id: u32, kind: ClientWait, reply: BrokerReply) {
+        let Some(conn) = self.conns.borrow().get(key).cloned() else {
+            return;
+        };
+        let mut f = FrameBuf::with_capacity(64);
+        match (kind, reply) {
+            (ClientWait::Publish, BrokerReply::Published(Ok(()))) => {
+                reply::result(f.payload(), id, "publish", &reply::Empty {})
+            }
+            (ClientWait::Gather(Deferred::Presence), BrokerReply::Gathered(Part::Presence(p))) => {
+                reply::result(f.payload(), id, "presence", &presence_result(p))
+            }
+            (
+                ClientWait::Gather(Deferred::PresenceStats),
+                BrokerReply::Gathered(Part::Presence(p)),
+            ) => reply::result(f.payload(), id, "presence_stats", &presence_stats(&p)),
+            _ => reply::error(f.payload(), id, ErrorCode::Internal, true),
+        }
+        conn.push(self, f.finish(OP_TEXT));
+    }
+
+    fn collect(&self, query: &Query) -> Part {
+        let index = self.index.borrow();
+        match query {
+            Query::Presence(channel) => {
+                let conns = self.conns.borrow();
+                let list = index
+                    .lookup(channel)
+                    .map(|ch| {
+                        ch.subscribers
+                            .iter()
+                            .filter_map(|k| conns.get(*k))
+                            .filter_map(|c| c.client_info())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Part::Presence(list)
+            }
+            Query::Channels(pattern) => Part::Channels(
+                index
+                    .channels()
+                    .filter(|ch| {
+                        pattern
+                            .as_deref()
+                            .map(|p| crate::broker::glob_match(p, &ch.name))
+                            .unwrap_or(true)
+                    })
+                    .map(|ch| (Arc::from(&*ch.name), ch.subscribers.len() as u32))
+                    .collect(),
+            ),
+            Query::Stats => Part::Stats {
+                connections: self.conns.borrow().len() as u64,
+                subscriptions: index.subscriptions(),
+                users: self
+                    .users
+                    .borrow()
+                    .keys()
+                    .filter(|u| !u.is_empty())
+                    .map(|u| Arc::from(&**u))
+                    .collect(),
+            },
+        }
+    }
+
+    fn command(&self, cmd: ShardCommand) {
+        match cmd {
+            ShardCommand::Disconnect {
+                user,
+                client,
+                code,
+                reason,
+            } => {
+                for conn in self.user_conns(&user) {
+                    if let Some(client) = &client {
+                        if conn.client_id().as_deref() != Some(&**client) {
+                            continue;
+                        }
+                    }
+                    conn.close_with(self, code, &reason);
+                }
+            }
+            ShardCommand::Unsubscribe { user, channel } => {
+                for conn in self.user_conns(&user) {
+                    conn.server_unsubscribe(self, &channel);
+                }
+            }
+        }
+    }
+
+    fn user_conns(&self, user: &str) -> Vec<Rc<Connection>> {
+        let users = self.users.borrow();
+        let conns = self.conns.borrow();
+        users
+            .get(user)
+            .map(|keys| keys.iter().filter_map(|k| conns.get(*k).cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// One second passed: fire due connection timers.
+    fn tick(&self) {
+        let due = self.wheel.borrow_mut().advance();
+        let now = self.tick_now();
+        for key in due {
+            let conn = self.conns.borrow().get(key).cloned();
+            if let Some(conn) = conn {
+                conn.on_timer(self, now);
+            }
+        }
+    }
+
+    /// Converts a Unix expiry time to a wheel tick (0 = never).
+    fn expiry_tick(&self, unix_secs: u64) -> u32 {
+        if unix_secs == 0 {
+            return 0;
+        }
+        let left = unix_secs.saturating_sub(unix_now());
+        (self.tick_now() as u64 + left.max(1)).min(u32::MAX as u64) as u32
+    }
+
+    fn forget_user(&self, user: &Rc<str>, key: ConnKey) {
+        let mut users = self.users.borrow_mut();
+        if let Some(set) = users.get_mut(user) {
+            set.remove(&key);
+            if set.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    /// Withdraws a channel's interest after its last local subscriber left.
+    fn unsubscribe_key(&self, chan: ChanId, key: ConnKey) {
+        let last = self.index.borrow_mut().remove(chan, key);
+        if let Some(channel) = last {
+            // Interest withdrawal must not be lost, or the broker keeps sending to a shard that
+            // drops; it is small and the broker drains continuously, so wait for room.
+            let _ = self.to_broker.send(ToBroker::Unsubscribe {
+                shard: self.id,
+                channel: Arc::from(&*channel),
+            });
+        }
+    }
+
+    /// Counters and sizes for `/api/info`.
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Builds the `presence` result: client id → info.
+pub fn presence_result(list: Vec<ClientInfo>) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = list
+        .into_iter()
+        .map(|info| {
+            let key = info.client.clone();
+            (key, serde_json::to_value(info).unwrap_or_default())
+        })
+        .collect();
+    serde_json::json!({ "presence": map })
+}
+
+/// Counts clients and distinct users.
+pub fn presence_stats(list: &[ClientInfo]) -> PresenceStats {
+    let users: HashSet<&str> = list.iter().map(|i| i.user.as_str()).collect();
+    PresenceStats {
+        num_clients: list.len() as u32,
+        num_users: users.len() as u32,
+    }
+}
+
+/// The session's view of its shard, for one connection.
+pub struct ShardHost<'a> {
+    pub shard: &'a Shard,
+    pub key: ConnKey,
+    /// The connection's expiry tick, updated by refresh.
+    pub expires_at: &'a mut u32,
+}
+
+impl Host for ShardHost<'_> {
+    fn config(&self) -> &Config {
+        &self.shard.cfg
+    }
+    fn verifier(&self) -> Option<&TokenVerifier> {
+        self.shard.verifier.as_ref()
+    }
+    fn unix_now(&self) -> u64 {
+        unix_now()
+    }
+    fn new_client_id(&mut self) -> Rc<str> {
+        let seq = self.shard.client_seq.get() + 1;
+        self.shard.client_seq.set(seq);
+        let n = self.shard.node.nonce;
+        let id = ((self.shard.id as u64) << 48) | seq;
+        // UUID-shaped (version 4 / variant bits set) so clients that expect one are content.
+        format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            (n >> 32) as u32,
+            (n >> 16) as u16,
+            (n & 0xfff) as u16,
+            (id >> 48) as u16 & 0xfff,
+            id & 0xffff_ffff_ffff
+        )
+        .into()
+    }
+    fn register_user(&mut self, user: &str) -> Rc<str> {
+        let mut users = self.shard.users.borrow_mut();
+        let name = match users.get_key_value(user) {
+            Some((k, _)) => k.clone(),
+            None => Rc::from(user),
+        };
+        users.entry(name.clone()).or_default().insert(self.key);
+        name
+    }
+    fn subscribe(&mut self, channel: &str) -> Result<ChanId, ErrorCode> {
+        let added = self.shard.index.borrow_mut().add(channel, self.key);
+        match added {
+            Added::More(id) => Ok(id),
+            Added::First(id) => {
+                let msg = ToBroker::Subscribe {
+                    shard: self.shard.id,
+                    channel: Arc::from(channel),
+                };
+                match self.shard.send_broker(msg) {
+                    Ok(()) => Ok(id),
+                    Err(e) => {
+                        // Roll back: nothing half-subscribed.
+                        self.shard.index.borrow_mut().remove(id, self.key);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+    fn unsubscribe(&mut self, chan: ChanId) {
+        self.shard.unsubscribe_key(chan, self.key);
+    }
+    fn channel_name(&self, chan: ChanId) -> Rc<str> {
+        self.shard
+            .index
+            .borrow()
+            .get(chan)
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| Rc::from(""))
+    }
+    fn publish(
+        &mut self,
+        id: u32,
+        channel: &str,
+        data: &RawValue,
+        info: ClientInfo,
+    ) -> Result<(), ErrorCode> {
+        let token = self.shard.token();
+        self.shard.pending.borrow_mut().insert(
+            token,
+            Pending::Client {
+                conn: self.key,
+                id,
+                kind: ClientWait::Publish,
+            },
+        );
+        let msg = ToBroker::Publish {
+            channel: Arc::from(channel),
+            data: data.to_owned(),
+            info: Some(info),
+            reply: ReplyTo {
+                shard: self.shard.id,
+                token,
+            },
+        };
+        self.shard.send_broker(msg).inspect_err(|_| {
+            self.shard.pending.borrow_mut().remove(&token);
+        })
+    }
+    fn gather(&mut self, id: u32, kind: Deferred, channel: &str) -> Result<(), ErrorCode> {
+        let token = self.shard.token();
+        self.shard.pending.borrow_mut().insert(
+            token,
+            Pending::Client {
+                conn: self.key,
+                id,
+                kind: ClientWait::Gather(kind),
+            },
+        );
+        let msg = ToBroker::Gather {
+            query: Query::Presence(Arc::from(channel)),
+            reply: ReplyTo {
+                shard: self.shard.id,
+                token,
+            },
+        };
+        self.shard.send_broker(msg).inspect_err(|_| {
+            self.shard.pending.borrow_mut().remove(&token);
+        })
+    }
+    fn set_expiry(&mut self, unix_secs: u64) {
+        *self.expires_at = self.shard.expiry_tick(unix_secs);
+    }
+}
+
+/// Everything a shard thread needs, moved into its executor.
+pub struct ShardParts {
+    pub id: ShardId,
+    pub cfg: Arc<Config>,
+    pub node: Arc<NodeInfo>,
+    pub to_broker: Sender<ToBroker>,
+    pub inbox: ShardInbox,
+    /// The bound, listening socket of this shard (SO_REUSEPORT).
+    pub listener: socket2::Socket,
+    /// Told once the accept loop runs.
+    pub ready: std::sync::mpsc::Sender<ShardId>,
+    /// Set by the node to stop the shard.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Runs a shard until its broker link closes; call inside its glommio executor.
+pub async fn run(parts: ShardParts) {
+    let ShardParts {
+        id,
+        cfg,
+        node,
+        to_broker,
+        inbox,
+        listener,
+        ready,
+        stop,
+    } = parts;
+    let shard = Shard::new(id, cfg, node, to_broker);
+    // SAFETY: the fd is a bound, listening TCP socket we own; ownership moves to glommio.
+    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+
+    let inbox_queue = glommio::executor().create_task_queue(
+        glommio::Shares::default(),
+        glommio::Latency::Matters(Duration::from_millis(1)),
+        "broker-inbox",
+    );
+    let s = shard.clone();
+    let inbox_task =
+        glommio::spawn_local_into(async move { inbox_loop(s, inbox).await }, inbox_queue)
+            .expect("task queue exists");
+
+    let s = shard.clone();
+    let stop_ticks = stop.clone();
+    glommio::spawn_local(async move {
+        while !stop_ticks.load(Ordering::Relaxed) {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            s.tick();
+        }
+    })
+    .detach();
+
+    let s = shard.clone();
+    let accept = glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    bump(&s.counters.accepted);
+                    let _ = stream.set_nodelay(true);
+                    glommio::spawn_local(crate::http::serve(s.clone(), stream)).detach();
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE: back off briefly instead of spinning.
+                    tracing::warn!(shard = s.id, error = %e, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .detach();
+    let _ = ready.send(id);
+    inbox_task.await;
+    accept.cancel();
+    tracing::debug!(shard = id, "shard stopped");
+}
+
+/// Drains the broker queue whenever the broker wakes us, in batches.
+async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
+    // SAFETY: the fd is one end of a Unix socketpair that we own.
+    let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(inbox.wake.into_raw_fd()) };
+    let mut bytes = [0u8; 64];
+    loop {
+        // Clear before draining: a message sent after this point sends a new wake-up byte.
+        inbox.notified.store(false, Ordering::SeqCst);
+        let mut n = 0u32;
+        while let Ok(msg) = inbox.rx.try_recv() {
+            shard.handle(msg);
+            n += 1;
+            if n % 256 == 0 {
+                glommio::yield_if_needed().await;
+            }
+        }
+        match wake.read(&mut bytes).await {
+            Ok(0) | Err(_) => {
+                // The broker is gone: close every connection and end the shard.
+                let conns = shard.conns.borrow().all();
+                for c in conns {
+                    c.close_with(&shard, Disconnect::Shutdown.code(), Disconnect::Shutdown.reason());
+                }
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
+}
