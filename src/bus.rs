@@ -106,11 +106,20 @@ pub enum ToBroker {
 #[derive(Debug)]
 pub enum ToShard {
     /// A publication, already a complete WebSocket frame shared by every recipient.
-    Publication { channel: Arc<str>, frame: Bytes },
+    Publication {
+        channel: Arc<str>,
+        frame: Bytes,
+    },
     /// Answer `query` with a `ToBroker::Part` for `gather`.
-    Collect { gather: u64, query: Query },
+    Collect {
+        gather: u64,
+        query: Query,
+    },
     /// The answer to a request this shard made.
-    Reply { token: u64, reply: BrokerReply },
+    Reply {
+        token: u64,
+        reply: BrokerReply,
+    },
     Command(ShardCommand),
 }
 

@@ -239,7 +239,10 @@ impl Config {
             ("limits.max_request_head_bytes", l.max_request_head_bytes),
             ("limits.max_api_body_bytes", l.max_api_body_bytes),
             ("limits.max_outbox_bytes", l.max_outbox_bytes),
-            ("limits.max_channels_per_connection", l.max_channels_per_connection),
+            (
+                "limits.max_channels_per_connection",
+                l.max_channels_per_connection,
+            ),
             ("limits.max_channel_name_bytes", l.max_channel_name_bytes),
             ("limits.max_connections", l.max_connections),
             ("limits.broker_queue_capacity", l.broker_queue_capacity),
@@ -251,10 +254,16 @@ impl Config {
             }
         }
         if l.max_message_bytes > 16 * 1024 * 1024 {
-            return Err(invalid("limits.max_message_bytes", "must be at most 16 MiB"));
+            return Err(invalid(
+                "limits.max_message_bytes",
+                "must be at most 16 MiB",
+            ));
         }
         if l.max_request_head_bytes < 512 {
-            return Err(invalid("limits.max_request_head_bytes", "must be at least 512"));
+            return Err(invalid(
+                "limits.max_request_head_bytes",
+                "must be at least 512",
+            ));
         }
         if l.max_outbox_bytes < l.max_message_bytes {
             return Err(invalid(
@@ -263,7 +272,10 @@ impl Config {
             ));
         }
         if l.handshake_timeout_secs == 0 {
-            return Err(invalid("limits.handshake_timeout_secs", "must be at least 1"));
+            return Err(invalid(
+                "limits.handshake_timeout_secs",
+                "must be at least 1",
+            ));
         }
         for name in self.namespaces.keys() {
             let ok = !name.is_empty()
@@ -336,13 +348,18 @@ mod tests {
 
     #[test]
     fn wrong_type_is_named() {
-        let err = Config::from_toml("shards = \"two\"").unwrap_err().to_string();
+        let err = Config::from_toml("shards = \"two\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("shards"), "{err}");
     }
 
     #[test]
     fn bad_value_names_key() {
-        let mut c = Config::from_toml("insecure = true\n[ping]\ninterval_secs = 5\npong_timeout_secs = 9\n").unwrap();
+        let mut c = Config::from_toml(
+            "insecure = true\n[ping]\ninterval_secs = 5\npong_timeout_secs = 9\n",
+        )
+        .unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("ping.pong_timeout_secs"), "{err}");
         c.ping.pong_timeout_secs = 2;

@@ -127,4 +127,3 @@ fn gentoken(run: &RunArgs, user: String, ttl: u64, channels: Vec<String>) -> any
     println!("{}", sign_connect(&cfg.token_hmac_secret, &claims));
     Ok(())
 }
-

@@ -43,7 +43,11 @@ pub fn raise_nofile_limit() -> u64 {
 
 /// Binds one SO_REUSEPORT listening socket.
 fn bind_listener(addr: SocketAddr, backlog: u32) -> anyhow::Result<Socket> {
-    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;

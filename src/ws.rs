@@ -96,7 +96,10 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     /// A complete message; `text` messages are valid UTF-8.
-    Message { text: bool, payload: &'a [u8] },
+    Message {
+        text: bool,
+        payload: &'a [u8],
+    },
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     /// The client started the close handshake; `None` when the close had no status code.
@@ -426,37 +429,64 @@ mod tests {
     fn violations() {
         let d = dec();
         let unmasked = [0x81u8, 0x01, b'a'];
-        assert_eq!(run(&d, &[&unmasked]).1.unwrap_err().code, close::PROTOCOL_ERROR);
+        assert_eq!(
+            run(&d, &[&unmasked]).1.unwrap_err().code,
+            close::PROTOCOL_ERROR
+        );
         let mut rsv = client_frame(1, true, b"a", M);
         rsv[0] |= 0x40;
         assert_eq!(run(&d, &[&rsv]).1.unwrap_err().code, close::PROTOCOL_ERROR);
         let reserved_op = client_frame(3, true, b"a", M);
-        assert_eq!(run(&d, &[&reserved_op]).1.unwrap_err().code, close::PROTOCOL_ERROR);
+        assert_eq!(
+            run(&d, &[&reserved_op]).1.unwrap_err().code,
+            close::PROTOCOL_ERROR
+        );
         let frag_ping = client_frame(9, false, b"a", M);
-        assert_eq!(run(&d, &[&frag_ping]).1.unwrap_err().code, close::PROTOCOL_ERROR);
+        assert_eq!(
+            run(&d, &[&frag_ping]).1.unwrap_err().code,
+            close::PROTOCOL_ERROR
+        );
         let big_ping = client_frame(9, true, &[0u8; 126], M);
-        assert_eq!(run(&d, &[&big_ping]).1.unwrap_err().code, close::PROTOCOL_ERROR);
+        assert_eq!(
+            run(&d, &[&big_ping]).1.unwrap_err().code,
+            close::PROTOCOL_ERROR
+        );
         let bad_utf8 = client_frame(1, true, &[0xff, 0xfe], M);
-        assert_eq!(run(&d, &[&bad_utf8]).1.unwrap_err().code, close::INVALID_PAYLOAD);
+        assert_eq!(
+            run(&d, &[&bad_utf8]).1.unwrap_err().code,
+            close::INVALID_PAYLOAD
+        );
         let too_big = client_frame(1, true, &[b'a'; 1025], M);
         // Refused from the header alone, before the payload arrives.
-        assert_eq!(run(&d, &[&too_big[..8]]).1.unwrap_err().code, close::TOO_BIG);
+        assert_eq!(
+            run(&d, &[&too_big[..8]]).1.unwrap_err().code,
+            close::TOO_BIG
+        );
         let cont = client_frame(0, true, b"a", M);
         assert_eq!(run(&d, &[&cont]).1.unwrap_err().code, close::PROTOCOL_ERROR);
         let mut two_starts = client_frame(1, false, b"a", M);
         two_starts.extend(client_frame(1, true, b"b", M));
-        assert_eq!(run(&d, &[&two_starts]).1.unwrap_err().code, close::PROTOCOL_ERROR);
+        assert_eq!(
+            run(&d, &[&two_starts]).1.unwrap_err().code,
+            close::PROTOCOL_ERROR
+        );
         // Fragmented message over the limit.
         let mut frags = client_frame(1, false, &[b'a'; 600], M);
         frags.extend(client_frame(0, true, &[b'a'; 600], M));
         assert_eq!(run(&d, &[&frags]).1.unwrap_err().code, close::TOO_BIG);
         // Invalid UTF-8 fails on the first fragment, not at the end.
         let bad_first = client_frame(1, false, &[0xce, 0xba, 0xff], M);
-        assert_eq!(run(&d, &[&bad_first]).1.unwrap_err().code, close::INVALID_PAYLOAD);
+        assert_eq!(
+            run(&d, &[&bad_first]).1.unwrap_err().code,
+            close::INVALID_PAYLOAD
+        );
         // A code point cut between fragments is fine.
         let mut cut = client_frame(1, false, &[0xce], M);
         cut.extend(client_frame(0, true, &[0xba], M));
-        assert_eq!(run(&d, &[&cut]).0, vec![Owned::Msg(true, "κ".as_bytes().to_vec())]);
+        assert_eq!(
+            run(&d, &[&cut]).0,
+            vec![Owned::Msg(true, "κ".as_bytes().to_vec())]
+        );
     }
 
     #[test]

@@ -131,7 +131,9 @@ impl Session {
             (Some(_), Request::Connect(_)) => Err(Disconnect::BadRequest),
             (Some(_), Request::Subscribe(s)) => {
                 match self.subscribe(host, &s.channel, &s.token) {
-                    Ok(()) => reply::result(out, id, "subscribe", &reply::SubscribeResult::default()),
+                    Ok(()) => {
+                        reply::result(out, id, "subscribe", &reply::SubscribeResult::default())
+                    }
                     Err((code, temporary)) => reply::error(out, id, code, temporary),
                 }
                 Ok(())
@@ -524,7 +526,11 @@ mod tests {
     fn connected(h: &mut FakeHost) -> Session {
         let mut s = Session::default();
         let t = token("alice", None, &[]);
-        let (r, replies) = send(&mut s, h, &format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#));
+        let (r, replies) = send(
+            &mut s,
+            h,
+            &format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#),
+        );
         r.unwrap();
         assert_eq!(replies[0]["connect"]["client"], "client-1");
         s
@@ -535,7 +541,11 @@ mod tests {
         let mut h = FakeHost::new(CFG);
         let mut s = Session::default();
         let t = token("alice", Some(1_100), &["news"]);
-        let (r, replies) = send(&mut s, &mut h, &format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#));
+        let (r, replies) = send(
+            &mut s,
+            &mut h,
+            &format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#),
+        );
         r.unwrap();
         let c = &replies[0]["connect"];
         assert_eq!(replies[0]["id"], 1);
@@ -543,7 +553,10 @@ mod tests {
         assert_eq!(c["pong"], true);
         assert_eq!(c["expires"], true);
         assert_eq!(c["ttl"], 100);
-        assert!(c["subs"]["news"].is_object(), "server-side subscription from the token");
+        assert!(
+            c["subs"]["news"].is_object(),
+            "server-side subscription from the token"
+        );
         assert_eq!(h.expiry, 1_100);
         assert_eq!(s.subs.len(), 1);
     }
@@ -552,22 +565,38 @@ mod tests {
     fn forged_and_expired_tokens() {
         let mut h = FakeHost::new(CFG);
         let forged = sign_connect("nope", &ConnectClaims::default());
-        let (r, _) = send(&mut Session::default(), &mut h, &format!(r#"{{"id":1,"connect":{{"token":"{forged}"}}}}"#));
+        let (r, _) = send(
+            &mut Session::default(),
+            &mut h,
+            &format!(r#"{{"id":1,"connect":{{"token":"{forged}"}}}}"#),
+        );
         assert_eq!(r.unwrap_err(), Disconnect::InvalidToken);
         let expired = token("a", Some(999), &[]);
         let mut s = Session::default();
-        let (r, replies) = send(&mut s, &mut h, &format!(r#"{{"id":1,"connect":{{"token":"{expired}"}}}}"#));
+        let (r, replies) = send(
+            &mut s,
+            &mut h,
+            &format!(r#"{{"id":1,"connect":{{"token":"{expired}"}}}}"#),
+        );
         r.unwrap();
         assert_eq!(replies[0]["error"]["code"], 109);
         assert!(!s.is_connected());
         let (r, _) = send(&mut Session::default(), &mut h, r#"{"id":1,"connect":{}}"#);
-        assert_eq!(r.unwrap_err(), Disconnect::InvalidToken, "no anonymous access unless insecure");
+        assert_eq!(
+            r.unwrap_err(),
+            Disconnect::InvalidToken,
+            "no anonymous access unless insecure"
+        );
     }
 
     #[test]
     fn commands_before_connect_are_bad_requests() {
         let mut h = FakeHost::new(CFG);
-        let (r, _) = send(&mut Session::default(), &mut h, r#"{"id":1,"subscribe":{"channel":"a"}}"#);
+        let (r, _) = send(
+            &mut Session::default(),
+            &mut h,
+            r#"{"id":1,"subscribe":{"channel":"a"}}"#,
+        );
         assert_eq!(r.unwrap_err(), Disconnect::BadRequest);
     }
 
@@ -600,14 +629,29 @@ mod tests {
             ("chat:#bob,carol".to_string(), 103),
         ];
         for (i, (chan, code)) in cases.iter().enumerate() {
-            let (r, replies) = send(&mut s, &mut h, &format!(r#"{{"id":{},"subscribe":{{"channel":"{chan}"}}}}"#, i + 10));
+            let (r, replies) = send(
+                &mut s,
+                &mut h,
+                &format!(r#"{{"id":{},"subscribe":{{"channel":"{chan}"}}}}"#, i + 10),
+            );
             r.unwrap();
             assert_eq!(replies[0]["error"]["code"], *code, "{chan}");
         }
-        let (_, replies) = send(&mut s, &mut h, r##"{"id":20,"subscribe":{"channel":"chat:#bob,alice"}}"##);
-        assert!(replies[0]["subscribe"].is_object(), "user-limited channel names alice");
+        let (_, replies) = send(
+            &mut s,
+            &mut h,
+            r##"{"id":20,"subscribe":{"channel":"chat:#bob,alice"}}"##,
+        );
+        assert!(
+            replies[0]["subscribe"].is_object(),
+            "user-limited channel names alice"
+        );
         h.broker_full = true;
-        let (_, replies) = send(&mut s, &mut h, r#"{"id":21,"subscribe":{"channel":"other"}}"#);
+        let (_, replies) = send(
+            &mut s,
+            &mut h,
+            r#"{"id":21,"subscribe":{"channel":"other"}}"#,
+        );
         assert_eq!(replies[0]["error"]["code"], 100);
         assert_eq!(replies[0]["error"]["temporary"], true);
         assert!(s.position(&h, "other").is_none(), "nothing half-subscribed");
@@ -618,7 +662,11 @@ mod tests {
         let mut h = FakeHost::new(&format!("{CFG}[limits]\nmax_channels_per_connection = 2\n"));
         let mut s = connected(&mut h);
         for (i, c) in ["a", "b", "c"].iter().enumerate() {
-            let (_, replies) = send(&mut s, &mut h, &format!(r#"{{"id":{},"subscribe":{{"channel":"{c}"}}}}"#, i + 2));
+            let (_, replies) = send(
+                &mut s,
+                &mut h,
+                &format!(r#"{{"id":{},"subscribe":{{"channel":"{c}"}}}}"#, i + 2),
+            );
             if i < 2 {
                 assert!(replies[0]["subscribe"].is_object());
             } else {
@@ -631,11 +679,22 @@ mod tests {
     fn publish_permissions() {
         let mut h = FakeHost::new(CFG);
         let mut s = connected(&mut h);
-        let (_, replies) = send(&mut s, &mut h, r#"{"id":2,"publish":{"channel":"news","data":{"a":1}}}"#);
+        let (_, replies) = send(
+            &mut s,
+            &mut h,
+            r#"{"id":2,"publish":{"channel":"news","data":{"a":1}}}"#,
+        );
         assert_eq!(replies[0]["error"]["code"], 103);
-        let (_, replies) = send(&mut s, &mut h, r#"{"id":3,"publish":{"channel":"chat:1","data":{"a":1}}}"#);
+        let (_, replies) = send(
+            &mut s,
+            &mut h,
+            r#"{"id":3,"publish":{"channel":"chat:1","data":{"a":1}}}"#,
+        );
         assert!(replies.is_empty(), "acknowledged later by the host");
-        assert_eq!(h.published, vec![(3, "chat:1".into(), "{\"a\":1}|alice".into())]);
+        assert_eq!(
+            h.published,
+            vec![(3, "chat:1".into(), "{\"a\":1}|alice".into())]
+        );
     }
 
     #[test]
@@ -644,12 +703,29 @@ mod tests {
         let mut s = connected(&mut h);
         let (_, r) = send(&mut s, &mut h, r#"{"id":2,"presence":{"channel":"news"}}"#);
         assert_eq!(r[0]["error"]["code"], 108);
-        let (_, r) = send(&mut s, &mut h, r#"{"id":3,"presence":{"channel":"chat:1"}}"#);
+        let (_, r) = send(
+            &mut s,
+            &mut h,
+            r#"{"id":3,"presence":{"channel":"chat:1"}}"#,
+        );
         assert_eq!(r[0]["error"]["code"], 103);
-        send(&mut s, &mut h, r#"{"id":4,"subscribe":{"channel":"chat:1"}}"#);
-        let (_, r) = send(&mut s, &mut h, r#"{"id":5,"presence_stats":{"channel":"chat:1"}}"#);
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":4,"subscribe":{"channel":"chat:1"}}"#,
+        )
+        .0
+        .unwrap();
+        let (_, r) = send(
+            &mut s,
+            &mut h,
+            r#"{"id":5,"presence_stats":{"channel":"chat:1"}}"#,
+        );
         assert!(r.is_empty());
-        assert_eq!(h.gathered, vec![(5, Deferred::PresenceStats, "chat:1".into())]);
+        assert_eq!(
+            h.gathered,
+            vec![(5, Deferred::PresenceStats, "chat:1".into())]
+        );
     }
 
     #[test]
@@ -657,7 +733,11 @@ mod tests {
         let mut h = FakeHost::new(CFG);
         let mut s = connected(&mut h);
         for m in ["history", "rpc"] {
-            let (_, r) = send(&mut s, &mut h, &format!(r#"{{"id":9,"{m}":{{"channel":"news"}}}}"#));
+            let (_, r) = send(
+                &mut s,
+                &mut h,
+                &format!(r#"{{"id":9,"{m}":{{"channel":"news"}}}}"#),
+            );
             assert_eq!(r[0]["error"]["code"], 108, "{m}");
         }
         let (r, replies) = send(&mut s, &mut h, r#"{"id":6,"subscribe":{"channel":123}}"#);
@@ -675,11 +755,19 @@ mod tests {
         let mut h = FakeHost::new(CFG);
         let mut s = connected(&mut h);
         let t = token("alice", Some(5_000), &[]);
-        let (_, r) = send(&mut s, &mut h, &format!(r#"{{"id":2,"refresh":{{"token":"{t}"}}}}"#));
+        let (_, r) = send(
+            &mut s,
+            &mut h,
+            &format!(r#"{{"id":2,"refresh":{{"token":"{t}"}}}}"#),
+        );
         assert_eq!(r[0]["refresh"]["ttl"], 4_000);
         assert_eq!(h.expiry, 5_000);
         let t = token("mallory", Some(5_000), &[]);
-        let (res, _) = send(&mut s, &mut h, &format!(r#"{{"id":3,"refresh":{{"token":"{t}"}}}}"#));
+        let (res, _) = send(
+            &mut s,
+            &mut h,
+            &format!(r#"{{"id":3,"refresh":{{"token":"{t}"}}}}"#),
+        );
         assert_eq!(res.unwrap_err(), Disconnect::InvalidToken);
     }
 
@@ -698,7 +786,9 @@ mod tests {
     fn unsubscribe_and_leave_all() {
         let mut h = FakeHost::new(CFG);
         let mut s = connected(&mut h);
-        send(&mut s, &mut h, "{\"id\":2,\"subscribe\":{\"channel\":\"a\"}}\n{\"id\":3,\"subscribe\":{\"channel\":\"b\"}}");
+        send(&mut s, &mut h, "{\"id\":2,\"subscribe\":{\"channel\":\"a\"}}\n{\"id\":3,\"subscribe\":{\"channel\":\"b\"}}")
+            .0
+            .unwrap();
         let (_, r) = send(&mut s, &mut h, r#"{"id":4,"unsubscribe":{"channel":"a"}}"#);
         assert!(r[0]["unsubscribe"].is_object());
         assert_eq!(h.subscribed.len(), 1);

@@ -41,11 +41,19 @@ pub async fn serve(
     let max = shard.cfg.limits.max_api_body_bytes;
     if head.header("transfer-encoding").is_some() {
         buf.clear();
-        return Some(response(411, "text/plain", b"Content-Length required\n", false));
+        return Some(response(
+            411,
+            "text/plain",
+            b"Content-Length required\n",
+            false,
+        ));
     }
     let len: usize = match head.header("content-length") {
         None => 0,
-        Some(v) => match std::str::from_utf8(v).ok().and_then(|s| s.trim().parse().ok()) {
+        Some(v) => match std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
             Some(n) => n,
             None => {
                 buf.clear();
@@ -102,7 +110,11 @@ fn authorized(key: &str, head: &Head) -> bool {
     });
     // Constant-time comparison: the key is a secret.
     given.is_some_and(|g| {
-        g.len() == key.len() && g.iter().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        g.len() == key.len()
+            && g.iter()
+                .zip(key.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     })
 }
 
@@ -152,8 +164,12 @@ struct UnsubscribeBody {
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, (u16, Value)> {
-    serde_json::from_slice(if body.is_empty() { b"{}" } else { body })
-        .map_err(|e| (400, json!({"error": {"code": 107, "message": format!("bad request: {e}")}})))
+    serde_json::from_slice(if body.is_empty() { b"{}" } else { body }).map_err(|e| {
+        (
+            400,
+            json!({"error": {"code": 107, "message": format!("bad request: {e}")}}),
+        )
+    })
 }
 
 async fn dispatch(shard: &Shard, method: &str, body: &[u8]) -> (u16, Value) {
@@ -225,7 +241,10 @@ async fn dispatch(shard: &Shard, method: &str, body: &[u8]) -> (u16, Value) {
             Err(e) => Err(e),
         },
         "history" | "history_remove" => Ok(api_error(ErrorCode::NotAvailable)),
-        _ => Err((404, json!({"error": {"code": 104, "message": "method not found"}}))),
+        _ => Err((
+            404,
+            json!({"error": {"code": 104, "message": "method not found"}}),
+        )),
     };
     match result {
         Ok(v) => (200, v),
@@ -256,7 +275,10 @@ async fn publish(shard: &Shard, channel: &str, data: Box<RawValue>) -> Value {
 }
 
 async fn gather(shard: &Shard, query: Query) -> Result<Part, ErrorCode> {
-    match shard.request(|reply| ToBroker::Gather { query, reply }).await? {
+    match shard
+        .request(|reply| ToBroker::Gather { query, reply })
+        .await?
+    {
         BrokerReply::Gathered(part) => Ok(part),
         BrokerReply::Published(_) => Err(ErrorCode::Internal),
     }

@@ -144,7 +144,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 return;
             }
         };
-        shard.counters.http_requests.set(shard.counters.http_requests.get() + 1);
+        shard
+            .counters
+            .http_requests
+            .set(shard.counters.http_requests.get() + 1);
         let path = head.path.split('?').next().unwrap_or("").to_string();
         match (head.method.as_str(), path.as_str()) {
             (_, "/connection/websocket") => {
@@ -157,7 +160,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             }
             ("GET" | "HEAD", "/healthz") => {
                 let draining = shard.node.draining.load(Ordering::Relaxed);
-                let (status, body) = if draining { (503, "draining\n") } else { (200, "ok\n") };
+                let (status, body) = if draining {
+                    (503, "draining\n")
+                } else {
+                    (200, "ok\n")
+                };
                 let keep = head.keep_alive();
                 let resp = response(status, "text/plain", body.as_bytes(), keep);
                 if stream.write_all(&resp).await.is_err() || !keep {
@@ -220,7 +227,9 @@ async fn read_head(
 async fn upgrade(shard: &Shard, mut stream: TcpStream, head: &Head) -> Option<TcpStream> {
     let fail = |status: u16, msg: &str| plain(status, msg);
     if head.method != "GET" {
-        let _ = stream.write_all(&fail(405, "websocket upgrade needs GET\n")).await;
+        let _ = stream
+            .write_all(&fail(405, "websocket upgrade needs GET\n"))
+            .await;
         return None;
     }
     let mut builder = tungstenite::http::Request::builder()
@@ -240,7 +249,11 @@ async fn upgrade(shard: &Shard, mut stream: TcpStream, head: &Head) -> Option<Tc
     let accept = match tungstenite::handshake::server::create_response(&request) {
         Ok(r) => r,
         Err(e) => {
-            let status = if head.header("upgrade").is_none() { 426 } else { 400 };
+            let status = if head.header("upgrade").is_none() {
+                426
+            } else {
+                400
+            };
             let _ = stream.write_all(&fail(status, &format!("{e}\n"))).await;
             return None;
         }
@@ -252,8 +265,13 @@ async fn upgrade(shard: &Shard, mut stream: TcpStream, head: &Head) -> Option<Tc
     let max = shard.cfg.limits.max_connections;
     if shard.node.connections.fetch_add(1, Ordering::Relaxed) >= max {
         shard.node.connections.fetch_sub(1, Ordering::Relaxed);
-        shard.counters.refused_full.set(shard.counters.refused_full.get() + 1);
-        let _ = stream.write_all(&fail(503, "connection limit reached\n")).await;
+        shard
+            .counters
+            .refused_full
+            .set(shard.counters.refused_full.get() + 1);
+        let _ = stream
+            .write_all(&fail(503, "connection limit reached\n"))
+            .await;
         return None;
     }
     let mut out = Vec::with_capacity(160);
@@ -272,14 +290,23 @@ mod tests {
 
     #[test]
     fn head_parsing() {
-        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none(), true);
+        assert!(parse_head(
+            b"GET / HTTP/1.1
+Host: a
+"
+        )
+        .unwrap()
+        .is_none());
         let h = parse_head(b"GET /x?y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nrest")
             .unwrap()
             .unwrap();
         assert_eq!(h.path, "/x?y");
         assert_eq!(h.len, 49);
         assert!(!h.keep_alive());
-        assert_eq!(parse_head(b"\x00\x01 garbage\r\n\r\n").unwrap_err(), HeadError::Malformed);
+        assert_eq!(
+            parse_head(b"\x00\x01 garbage\r\n\r\n").unwrap_err(),
+            HeadError::Malformed
+        );
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();
         for i in 0..60 {
             many.extend(format!("X-{i}: v\r\n").as_bytes());

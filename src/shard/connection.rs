@@ -123,9 +123,13 @@ impl Connection {
         let chan = {
             let mut st = self.state.borrow_mut();
             let subs = &mut st.session.subs;
-            let pos = subs
-                .iter()
-                .position(|&c| shard.index.borrow().get(c).is_some_and(|ch| &*ch.name == channel));
+            let pos = subs.iter().position(|&c| {
+                shard
+                    .index
+                    .borrow()
+                    .get(c)
+                    .is_some_and(|ch| &*ch.name == channel)
+            });
             match pos {
                 Some(p) => subs.swap_remove(p),
                 None => return,
@@ -185,8 +189,10 @@ impl Connection {
             st.last_ping = now;
             st.awaiting_pong = true;
             let was_empty = st.outbox.is_empty();
-            if st.outbox.push(Bytes::from_static(&PING_FRAME), shard.cfg.limits.max_outbox_bytes)
-                == Push::Overflow
+            if st.outbox.push(
+                Bytes::from_static(&PING_FRAME),
+                shard.cfg.limits.max_outbox_bytes,
+            ) == Push::Overflow
             {
                 bump(&shard.counters.slow_disconnects);
                 let d = Disconnect::Slow;
@@ -272,7 +278,12 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, early: Vec<u8>) {
 }
 
 /// One poll of a connection: write what is queued, then read and handle what arrived.
-fn pump(shard: &Shard, conn: &Connection, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<()> {
+fn pump(
+    shard: &Shard,
+    conn: &Connection,
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
     let mut reads = 0;
     loop {
         // 1. Write everything queued, in as few syscalls as possible.
@@ -347,48 +358,55 @@ fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
         expires_at,
         ..
     } = st;
-    let result = shard.decoder.feed(&mut partial, input, &mut |event| match event {
-        Event::Message { payload, .. } => {
-            *awaiting_pong = false;
-            let Ok(text) = std::str::from_utf8(payload) else {
-                close = Some((Disconnect::BadRequest.code(), Disconnect::BadRequest.reason()));
-                return Flow::Stop;
-            };
-            let mut frame = FrameBuf::with_capacity(96);
-            let mut host = ShardHost {
-                shard,
-                key: conn.key,
-                expires_at: &mut *expires_at,
-            };
-            let outcome = session.handle_message(&mut host, text, frame.payload());
-            if frame.payload_len() > 0 && outbox.push(frame.finish(OP_TEXT), max_outbox) == Push::Overflow {
-                overflow = true;
-                return Flow::Stop;
-            }
-            match outcome {
-                Ok(()) => Flow::Continue,
-                Err(d) => {
-                    close = Some((d.code(), d.reason()));
-                    Flow::Stop
+    let result = shard
+        .decoder
+        .feed(&mut partial, input, &mut |event| match event {
+            Event::Message { payload, .. } => {
+                *awaiting_pong = false;
+                let Ok(text) = std::str::from_utf8(payload) else {
+                    close = Some((
+                        Disconnect::BadRequest.code(),
+                        Disconnect::BadRequest.reason(),
+                    ));
+                    return Flow::Stop;
+                };
+                let mut frame = FrameBuf::with_capacity(96);
+                let mut host = ShardHost {
+                    shard,
+                    key: conn.key,
+                    expires_at: &mut *expires_at,
+                };
+                let outcome = session.handle_message(&mut host, text, frame.payload());
+                if frame.payload_len() > 0
+                    && outbox.push(frame.finish(OP_TEXT), max_outbox) == Push::Overflow
+                {
+                    overflow = true;
+                    return Flow::Stop;
+                }
+                match outcome {
+                    Ok(()) => Flow::Continue,
+                    Err(d) => {
+                        close = Some((d.code(), d.reason()));
+                        Flow::Stop
+                    }
                 }
             }
-        }
-        Event::Ping(payload) => {
-            let mut f = FrameBuf::with_capacity(payload.len());
-            f.payload().extend_from_slice(payload);
-            if outbox.push(f.finish(OP_PONG), max_outbox) == Push::Overflow {
-                overflow = true;
-                return Flow::Stop;
+            Event::Ping(payload) => {
+                let mut f = FrameBuf::with_capacity(payload.len());
+                f.payload().extend_from_slice(payload);
+                if outbox.push(f.finish(OP_PONG), max_outbox) == Push::Overflow {
+                    overflow = true;
+                    return Flow::Stop;
+                }
+                Flow::Continue
             }
-            Flow::Continue
-        }
-        Event::Pong(_) => Flow::Continue,
-        Event::Close(c) => {
-            // Echo the client's status code (RFC 6455 §5.5.1).
-            close = Some((c.map(|(code, _)| code).unwrap_or(ws::close::NORMAL), ""));
-            Flow::Stop
-        }
-    });
+            Event::Pong(_) => Flow::Continue,
+            Event::Close(c) => {
+                // Echo the client's status code (RFC 6455 §5.5.1).
+                close = Some((c.map(|(code, _)| code).unwrap_or(ws::close::NORMAL), ""));
+                Flow::Stop
+            }
+        });
     st.partial = partial;
     match result {
         Err(v) => {

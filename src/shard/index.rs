@@ -38,7 +38,9 @@ impl ChannelIndex {
     pub fn add(&mut self, name: &str, key: ConnKey) -> Added {
         self.subscriptions += 1;
         if let Some(&id) = self.by_name.get(name) {
-            let ch = self.slots[id as usize].as_mut().expect("interned id is live");
+            let ch = self.slots[id as usize]
+                .as_mut()
+                .expect("interned id is live");
             ch.subscribers.insert(key);
             return Added::More(id);
         }

@@ -254,10 +254,7 @@ impl Shard {
             self.pending.borrow_mut().remove(&token);
             return Err(e);
         }
-        match glommio::timer::timeout(Duration::from_secs(10), async {
-            Ok(rx.recv().await)
-        })
-        .await
+        match glommio::timer::timeout(Duration::from_secs(10), async { Ok(rx.recv().await) }).await
         {
             Ok(Some(reply)) => Ok(reply),
             _ => {
@@ -706,7 +703,11 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
                 // The broker is gone: close every connection and end the shard.
                 let conns = shard.conns.borrow().all();
                 for c in conns {
-                    c.close_with(&shard, Disconnect::Shutdown.code(), Disconnect::Shutdown.reason());
+                    c.close_with(
+                        &shard,
+                        Disconnect::Shutdown.code(),
+                        Disconnect::Shutdown.reason(),
+                    );
                 }
                 return;
             }

@@ -1,0 +1,335 @@
+//! Test world: a real `shardcast` process on an ephemeral port, and small blocking clients.
+//!
+//! The server is started from the binary cargo built for this test run, its `READY <addr>` line
+//! is awaited (no sleeps), and it is killed and reaped when the guard drops.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tungstenite::{Message, WebSocket};
+
+pub const SECRET: &str = "test-secret";
+pub const API_KEY: &str = "test-api-key";
+
+/// The configuration most tests use: a `chat` namespace with client publish and presence, the
+/// default namespace without client publish.
+pub const BASE_CONFIG: &str = r#"
+listen = "127.0.0.1:0"
+shards = 2
+token_hmac_secret = "test-secret"
+api_key = "test-api-key"
+[namespaces.chat]
+allow_publish_for_client = true
+presence = true
+"#;
+
+/// A running server, killed and reaped on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    /// Starts the binary with `config` (TOML text) plus extra flags, and waits for READY.
+    pub fn start(config: &str, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("shardcast.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+            .arg("--config")
+            .arg(&path)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn shardcast");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("READY ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let stderr_buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr_buf.clone();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                if s.len() < 1 << 20 {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().expect("READY address"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "server did not print READY; stderr:\n{}",
+                    stderr_buf.lock().unwrap()
+                );
+            }
+        };
+        Server {
+            child,
+            addr,
+            _dir: dir,
+            stderr: stderr_buf,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/connection/websocket", self.addr)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Signs a connection token.
+pub fn token(user: &str, exp_in_secs: Option<i64>, secret: &str) -> String {
+    let exp = exp_in_secs.map(|d| (now_secs() as i64 + d) as u64);
+    shardcast::protocol::token::sign_connect(
+        secret,
+        &shardcast::protocol::token::ConnectClaims {
+            sub: user.into(),
+            exp,
+            info: None,
+            channels: vec![],
+        },
+    )
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// One HTTP request on a fresh connection; returns (status, body).
+pub fn http(addr: SocketAddr, raw: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// POSTs to the API with the test key; returns (status, JSON body or Null).
+pub fn api(addr: SocketAddr, method: &str, body: &Value) -> (u16, Value) {
+    api_with_key(addr, method, body, API_KEY)
+}
+
+pub fn api_with_key(addr: SocketAddr, method: &str, body: &Value, key: &str) -> (u16, Value) {
+    let body = body.to_string();
+    let (status, text) = http(
+        addr,
+        &format!(
+            "POST /api/{method} HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A blocking WebSocket client (tungstenite) speaking the protocol line by line.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    next_id: u32,
+    /// Lines received but not yet consumed.
+    pending: std::collections::VecDeque<Value>,
+    /// Answer server pings automatically.
+    pub auto_pong: bool,
+    /// The user it connected as, when known.
+    pub user: String,
+}
+
+/// How a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Client {
+    pub fn connect_ws(server: &Server) -> Client {
+        Self::connect_addr(server.addr)
+    }
+
+    pub fn connect_addr(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("tcp connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let url = format!("ws://{addr}/connection/websocket");
+        let (ws, _) = tungstenite::client::client(url.as_str(), stream).expect("ws handshake");
+        Client {
+            ws,
+            next_id: 1,
+            pending: Default::default(),
+            auto_pong: true,
+            user: String::new(),
+        }
+    }
+
+    /// Connects and sends `connect` with `token`; returns the reply.
+    pub fn connected(server: &Server, user: &str) -> (Client, Value) {
+        let mut c = Self::connect_ws(server);
+        let t = token(user, Some(3600), SECRET);
+        let r = c.command("connect", serde_json::json!({ "token": t }));
+        assert!(r.get("connect").is_some(), "connect failed: {r}");
+        c.user = user.to_string();
+        (c, r)
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).expect("send");
+    }
+
+    /// Sends one command and waits for the reply with its id.
+    pub fn command(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let cmd = serde_json::json!({ "id": id, method: params });
+        self.send_text(&cmd.to_string());
+        self.reply(id)
+    }
+
+    /// Waits for the reply with `id`, keeping other lines.
+    pub fn reply(&mut self, id: u32) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pos) = self.pending.iter().position(|v| v["id"] == id) {
+                return self.pending.remove(pos).unwrap();
+            }
+            assert!(Instant::now() < deadline, "no reply to {id}");
+            if let Err(c) = self.read_some() {
+                panic!("closed while waiting for reply {id}: {c:?}");
+            }
+        }
+    }
+
+    /// Next push (a line without id), within `timeout`.
+    pub fn push(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(pos) = self.pending.iter().position(|v| v.get("push").is_some()) {
+                return self.pending.remove(pos);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            if self.read_some().is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns its close code and reason.
+    pub fn closed(&mut self, timeout: Duration) -> Option<Closed> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Err(c) = self.read_some() {
+                return c;
+            }
+        }
+        None
+    }
+
+    /// Reads one frame into `pending`. `Err` once the connection is closed.
+    fn read_some(&mut self) -> Result<(), Option<Closed>> {
+        match self.ws.read() {
+            Ok(Message::Text(t)) => {
+                for line in t.as_str().split('\n').filter(|l| !l.is_empty()) {
+                    let v: Value = serde_json::from_str(line).expect("server sent JSON lines");
+                    if v.as_object().is_some_and(|o| o.is_empty()) {
+                        if self.auto_pong {
+                            self.send_text("{}");
+                        }
+                        continue;
+                    }
+                    self.pending.push_back(v);
+                }
+                Ok(())
+            }
+            Ok(Message::Close(frame)) => Err(frame.map(|f| Closed {
+                code: u16::from(f.code),
+                reason: f.reason.to_string(),
+            })),
+            Ok(_) => Ok(()),
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(())
+            }
+            Err(_) => Err(None),
+        }
+    }
+
+    /// The shard this connection landed on (encoded in the client id by the server).
+    pub fn shard_of(connect_reply: &Value) -> u64 {
+        let client = connect_reply["connect"]["client"].as_str().unwrap();
+        let group = client.split('-').nth(3).unwrap();
+        u64::from_str_radix(&group[1..], 16).unwrap()
+    }
+}
+
+/// Open clients until they cover every one of `shards` shards (bounded attempts).
+pub fn clients_on_every_shard(server: &Server, shards: u64, per_shard: usize) -> Vec<Client> {
+    let mut by_shard: Vec<Vec<Client>> = (0..shards).map(|_| Vec::new()).collect();
+    for i in 0..256 {
+        if by_shard.iter().all(|v| v.len() >= per_shard) {
+            break;
+        }
+        let (c, reply) = Client::connected(server, &format!("user{i}"));
+        let s = Client::shard_of(&reply) as usize;
+        if by_shard[s].len() < per_shard {
+            by_shard[s].push(c);
+        }
+    }
+    assert!(
+        by_shard.iter().all(|v| v.len() >= per_shard),
+        "connections did not spread over every shard"
+    );
+    by_shard.into_iter().flatten().collect()
+}

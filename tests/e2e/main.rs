@@ -1,0 +1,8 @@
+//! End-to-end tests: the real binary on ephemeral ports, driven by a Rust WebSocket client
+//! (tungstenite) and by the official `centrifuge` JS SDK (tests/interop).
+//! One test binary so that it links once.
+
+mod harness;
+mod http_api;
+mod protocol;
+mod sdk;

@@ -1,0 +1,42 @@
+//! The official `centrifuge` JS SDK (pinned in tests/interop/package-lock.json) against the
+//! real server. `.ci/run` installs it with `npm ci`; without it this test fails and says so.
+
+use crate::harness::*;
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn official_js_sdk_interop() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
+    assert!(
+        dir.join("node_modules/centrifuge").exists(),
+        "the JS SDK is not installed: run `npm ci --prefix tests/interop` (the README's test command does)"
+    );
+    let cfg = format!("{BASE_CONFIG}\n[ping]\ninterval_secs = 2\npong_timeout_secs = 1\n");
+    let server = Server::start(&cfg, &[]);
+    let out = Command::new("node")
+        .arg("--test")
+        .arg("--test-concurrency=1")
+        .arg(&dir)
+        .current_dir(&dir)
+        .env("SHARDCAST_WS", server.ws_url())
+        .env("SHARDCAST_HTTP", server.http_url())
+        .env("SHARDCAST_API_KEY", API_KEY)
+        .env("SHARDCAST_SECRET", SECRET)
+        .env("SHARDCAST_PING_SECS", "2")
+        .env("SHARDCAST_PONG_SECS", "1")
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK tests failed:\n{stdout}\n{stderr}"
+    );
+    let skipped: u32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# skipped "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert_eq!(skipped, 0, "SDK tests skipped:\n{stdout}");
+}
