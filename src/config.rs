@@ -56,6 +56,9 @@ pub struct Config {
     pub insecure: bool,
     /// Name of this node in `/api/info` (default: the host name).
     pub name: String,
+    /// Seconds a connection may stay after its token's `exp` before it is closed with 3005, so
+    /// that the SDK's refresh (sent when the announced `ttl` runs out) has time to arrive.
+    pub client_expired_close_delay_secs: u32,
     /// Client heartbeats.
     pub ping: PingConfig,
     /// Bounds on every buffer and queue.
@@ -78,6 +81,7 @@ impl Default for Config {
             api_key: String::new(),
             insecure: false,
             name: String::new(),
+            client_expired_close_delay_secs: 25,
             ping: PingConfig::default(),
             limits: Limits::default(),
             default_namespace: NamespaceOptions::default(),

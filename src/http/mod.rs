@@ -154,7 +154,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 let early = buf.split_off(head.len);
                 drop(buf);
                 if let Some(stream) = upgrade(&shard, stream, &head).await {
-                    Box::pin(connection::run(shard, stream, early)).await;
+                    // The WebSocket phase is a task of its own, so that what the HTTP phase
+                    // needed (head buffer, timers, API futures) is freed: an idle connection
+                    // costs only `connection::run`'s future.
+                    glommio::spawn_local(connection::run(shard, stream, early)).detach();
                 }
                 return;
             }
@@ -313,5 +316,65 @@ Host: a
         }
         many.extend(b"\r\n");
         assert_eq!(parse_head(&many).unwrap_err(), HeadError::TooManyHeaders);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::shard::NodeInfo;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::Arc;
+
+    /// An idle WebSocket connection is one glommio task whose future is `connection::run`'s state
+    /// machine: its size is paid per connection, so it is pinned here (DESIGN §3). The HTTP
+    /// phase's future lives only until the upgrade.
+    #[test]
+    fn per_connection_future_stays_small() {
+        let sizes = glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                let stream = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let cfg = Config {
+                    insecure: true,
+                    ..Config::default()
+                };
+                let node = Arc::new(NodeInfo {
+                    uid: "t".into(),
+                    name: "t".into(),
+                    started: std::time::Instant::now(),
+                    connections: AtomicUsize::new(0),
+                    nonce: 1,
+                    draining: AtomicBool::new(false),
+                });
+                let (tx, _rx) = crossbeam_channel::bounded(1);
+                let shard = Shard::new(0, Arc::new(cfg), node, tx);
+                let stream_size = std::mem::size_of_val(&stream);
+                let ws = connection::run(shard.clone(), stream, Vec::new());
+                let ws_size = std::mem::size_of_val(&ws);
+                drop(ws);
+                let stream = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let fut = serve(shard, stream);
+                (std::mem::size_of_val(&fut), stream_size, ws_size)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        eprintln!(
+            "serve (HTTP phase) future {} bytes, TcpStream {} bytes, WebSocket phase future {} bytes",
+            sizes.0, sizes.1, sizes.2
+        );
+        assert!(
+            sizes.2 <= 384,
+            "WebSocket phase future grew to {} bytes",
+            sizes.2
+        );
+        assert!(
+            sizes.0 <= 2048,
+            "HTTP phase future grew to {} bytes",
+            sizes.0
+        );
     }
 }

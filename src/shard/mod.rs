@@ -416,7 +416,8 @@ impl Shard {
         if unix_secs == 0 {
             return 0;
         }
-        let left = unix_secs.saturating_sub(unix_now());
+        let left =
+            unix_secs.saturating_sub(unix_now()) + self.cfg.client_expired_close_delay_secs as u64;
         (self.tick_now() as u64 + left.max(1)).min(u32::MAX as u64) as u32
     }
 

@@ -261,3 +261,38 @@ fn server_side_subscriptions_from_token() {
         5
     );
 }
+
+#[test]
+fn expired_connection_is_closed_unless_refreshed() {
+    let cfg = format!("client_expired_close_delay_secs = 1\n{BASE_CONFIG}");
+    let server = Server::start(&cfg, &[]);
+    let mut lapsing = Client::connect_ws(&server);
+    let r = lapsing.command("connect", json!({"token": token("lapse", Some(2), SECRET)}));
+    assert_eq!(r["connect"]["ttl"], 2, "{r}");
+    let mut refreshing = Client::connect_ws(&server);
+    refreshing.command("connect", json!({"token": token("fresh", Some(2), SECRET)}));
+    let r = refreshing.command(
+        "refresh",
+        json!({"token": token("fresh", Some(60), SECRET)}),
+    );
+    assert_eq!(r["refresh"]["expires"], true, "{r}");
+    let closed = lapsing
+        .closed(Duration::from_secs(8))
+        .expect("expired connection closed");
+    assert_eq!(
+        closed,
+        Closed {
+            code: 3005,
+            reason: "connection expired".into()
+        }
+    );
+    let r = refreshing.command("ping", json!({}));
+    assert!(r["ping"].is_object(), "refreshed connection stays: {r}");
+    // A refresh token for another user is refused with a terminal disconnect.
+    let t = token("mallory", Some(60), SECRET);
+    refreshing.send_text(&json!({"id": 99, "refresh": {"token": t}}).to_string());
+    assert_eq!(
+        refreshing.closed(Duration::from_secs(5)).unwrap().code,
+        3500
+    );
+}
