@@ -167,6 +167,8 @@ pub struct Shard {
     pub index: RefCell<ChannelIndex>,
     pub wheel: RefCell<TimerWheel>,
     pending: RefCell<HashMap<u64, Pending>>,
+    /// Must-deliver messages waiting for room in the broker queue (see `send_broker_must`).
+    backlog: RefCell<std::collections::VecDeque<ToBroker>>,
     next_token: Cell<u64>,
     /// Shared read buffer (DESIGN §3: no per-connection read buffer).
     pub scratch: RefCell<Vec<u8>>,
@@ -201,6 +203,7 @@ impl Shard {
             index: RefCell::default(),
             wheel: RefCell::default(),
             pending: RefCell::default(),
+            backlog: RefCell::default(),
             next_token: Cell::new(1),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
             cork: RefCell::new(Vec::with_capacity(CORK_BYTES)),
@@ -223,7 +226,17 @@ impl Shard {
     }
 
     /// Sends to the broker without blocking; a full queue is counted and reported.
+    ///
+    /// While must-deliver messages wait in `backlog`, later messages may not overtake them (an
+    /// overtaking Subscribe could be undone by an older Unsubscribe), so they are refused too.
     fn send_broker(&self, msg: ToBroker) -> Result<(), ErrorCode> {
+        if !self.backlog.borrow().is_empty() {
+            self.flush_backlog();
+            if !self.backlog.borrow().is_empty() {
+                bump(&self.counters.broker_queue_full);
+                return Err(ErrorCode::Internal);
+            }
+        }
         match self.to_broker.try_send(msg) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
@@ -231,6 +244,38 @@ impl Shard {
                 Err(ErrorCode::Internal)
             }
             Err(TrySendError::Disconnected(_)) => Err(ErrorCode::Internal),
+        }
+    }
+
+    /// Sends a message the broker must get (interest withdrawal, gather parts). A shard never
+    /// blocks on the broker (the broker may be waiting on this shard's queue): when the queue is
+    /// full the message waits in order in `backlog`, retried on every inbox drain and tick.
+    fn send_broker_must(&self, msg: ToBroker) {
+        let mut backlog = self.backlog.borrow_mut();
+        if backlog.is_empty() {
+            match self.to_broker.try_send(msg) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Full(m)) => {
+                    bump(&self.counters.broker_queue_full);
+                    backlog.push_back(m);
+                }
+            }
+        } else {
+            backlog.push_back(msg);
+        }
+    }
+
+    /// Retries the must-deliver backlog in order.
+    fn flush_backlog(&self) {
+        let mut backlog = self.backlog.borrow_mut();
+        while let Some(msg) = backlog.pop_front() {
+            match self.to_broker.try_send(msg) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+                Err(TrySendError::Full(m)) => {
+                    backlog.push_front(m);
+                    return;
+                }
+            }
         }
     }
 
@@ -282,9 +327,7 @@ impl Shard {
             }
             ToShard::Collect { gather, query } => {
                 let part = self.collect(&query);
-                // The broker must get every part; a full queue here would stall the gather, so
-                // this one waits for room (the broker drains continuously).
-                let _ = self.to_broker.send(ToBroker::Part { gather, part });
+                self.send_broker_must(ToBroker::Part { gather, part });
             }
             ToShard::Reply { token, reply } => {
                 let Some(pending) = self.pending.borrow_mut().remove(&token) else {
@@ -401,6 +444,7 @@ impl Shard {
 
     /// One second passed: fire due connection timers.
     fn tick(&self) {
+        self.flush_backlog();
         let due = self.wheel.borrow_mut().advance();
         let now = self.tick_now();
         for key in due {
@@ -435,9 +479,8 @@ impl Shard {
     fn unsubscribe_key(&self, chan: ChanId, key: ConnKey) {
         let last = self.index.borrow_mut().remove(chan, key);
         if let Some(channel) = last {
-            // Interest withdrawal must not be lost, or the broker keeps sending to a shard that
-            // drops; it is small and the broker drains continuously, so wait for room.
-            let _ = self.to_broker.send(ToBroker::Unsubscribe {
+            // Interest withdrawal must not be lost, or the broker keeps sending to this shard.
+            self.send_broker_must(ToBroker::Unsubscribe {
                 shard: self.id,
                 channel: Arc::from(&*channel),
             });
@@ -699,6 +742,7 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
                 glommio::yield_if_needed().await;
             }
         }
+        shard.flush_backlog();
         match wake.read(&mut bytes).await {
             Ok(0) | Err(_) => {
                 // The broker is gone: close every connection and end the shard.
@@ -714,5 +758,68 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
             }
             Ok(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(capacity: usize) -> (Rc<Shard>, crossbeam_channel::Receiver<ToBroker>) {
+        let node = Arc::new(NodeInfo {
+            uid: "t".into(),
+            name: "t".into(),
+            started: Instant::now(),
+            connections: AtomicUsize::new(0),
+            nonce: 7,
+            draining: AtomicBool::new(false),
+        });
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let cfg = Config {
+            insecure: true,
+            ..Config::default()
+        };
+        (Shard::new(0, Arc::new(cfg), node, tx), rx)
+    }
+
+    fn unsub(ch: &str) -> ToBroker {
+        ToBroker::Unsubscribe {
+            shard: 0,
+            channel: ch.into(),
+        }
+    }
+
+    #[test]
+    fn must_deliver_messages_wait_in_order_and_block_overtaking() {
+        let (s, rx) = shard(1);
+        s.send_broker_must(unsub("a")); // fits
+        s.send_broker_must(unsub("b")); // queue full: backlog
+        s.send_broker_must(unsub("c"));
+        assert_eq!(s.backlog.borrow().len(), 2);
+        // A normal message may not overtake the backlog.
+        assert_eq!(
+            s.send_broker(ToBroker::Subscribe {
+                shard: 0,
+                channel: "b".into()
+            }),
+            Err(ErrorCode::Internal)
+        );
+        let names = |m: ToBroker| match m {
+            ToBroker::Unsubscribe { channel, .. } => channel.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(names(rx.try_recv().unwrap()), "a");
+        s.flush_backlog();
+        assert_eq!(names(rx.try_recv().unwrap()), "b");
+        s.flush_backlog();
+        assert_eq!(names(rx.try_recv().unwrap()), "c");
+        assert!(s.backlog.borrow().is_empty());
+        assert!(s
+            .send_broker(ToBroker::Subscribe {
+                shard: 0,
+                channel: "b".into()
+            })
+            .is_ok());
+        assert!(s.counters.broker_queue_full.get() >= 2);
     }
 }
