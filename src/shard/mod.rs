@@ -254,7 +254,7 @@ impl Shard {
         let mut backlog = self.backlog.borrow_mut();
         if backlog.is_empty() {
             match self.to_broker.try_send(msg) {
-                Ok(()) | Err(TrySendError::Disconnected(_)) => return,
+                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
                 Err(TrySendError::Full(m)) => {
                     bump(&self.counters.broker_queue_full);
                     backlog.push_back(m);
