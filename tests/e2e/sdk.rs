@@ -33,10 +33,14 @@ fn official_js_sdk_interop() {
         out.status.success(),
         "SDK tests failed:\n{stdout}\n{stderr}"
     );
-    let skipped: u32 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("# skipped "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
-    assert_eq!(skipped, 0, "SDK tests skipped:\n{stdout}");
+    let count = |what: &str| -> u32 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(what))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(u32::MAX)
+    };
+    assert_eq!(count("# skipped "), 0, "SDK tests skipped:\n{stdout}");
+    assert_eq!(count("# todo "), 0, "SDK tests marked todo:\n{stdout}");
+    assert!(count("# pass ") >= 12, "too few SDK tests ran:\n{stdout}");
 }

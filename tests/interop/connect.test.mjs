@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  target, connToken, signJwt, nonce, sdkClient, connectedClient, waitOutcome, sleep,
+  target, connToken, signJwt, wireMessages, nonce, sdkClient, connectedClient, waitOutcome, sleep,
 } from './helpers.mjs';
 
 // What the SDK (centrifuge 5.x) does, from its source:
@@ -36,7 +36,7 @@ test('connect with a valid token: connected event with a non-empty client id', {
   assert.equal(ctx.transport, 'websocket');
   assert.equal(client.state, 'connected');
   // The connect reply as it came over the wire, for the record.
-  const reply = rec.frames.flatMap((f) => f.split('\n')).map((l) => JSON.parse(l)).find((m) => m.connect);
+  const reply = wireMessages(rec.frames).find((m) => m.connect);
   assert.ok(reply, 'no connect reply seen on the wire');
   assert.equal(reply.connect.client, ctx.client);
   t.diagnostic(`connect reply: ${JSON.stringify(reply)}`);
@@ -123,5 +123,36 @@ test('expired token with getToken returning a fresh one: ends connected', { time
   assert.equal(c.client.state, 'connected');
   // Still connected a moment later (no disconnect after connecting).
   await sleep(300);
+  assert.equal(c.client.state, 'connected');
+});
+
+// Beyond the list of the brief: the SDK refreshes a connection token `ttl`
+// seconds after the connect reply (see _connectResponse / _refresh), and
+// Centrifugo closes an expired connection only after a grace period
+// (client_expired_close_delay, 25 s by default), so the refresh command wins.
+test('a connection token about to expire is refreshed without a disconnect', {
+  timeout: 20000,
+}, async (t) => {
+  const cfg = target(t);
+  if (!cfg) return;
+  const user = `refresh-${nonce()}`;
+  let getTokenCalls = 0;
+  const c = await connectedClient(t, cfg, {
+    token: connToken(cfg.secret, { sub: user, exp: Math.floor(Date.now() / 1000) + 3 }),
+    getToken: async () => {
+      getTokenCalls += 1;
+      return connToken(cfg.secret, { sub: user });
+    },
+  });
+  const connectedAt = Date.now();
+  await sleep(6000);
+  t.diagnostic(`events: ${JSON.stringify(c.log.map((e) => [e.event, e.ctx]))}; closes: ${JSON.stringify(c.rec.closes)}`);
+  const troubles = c.log.filter((e) => e.at >= connectedAt && ['connecting', 'disconnected'].includes(e.event));
+  assert.deepEqual(troubles.map((e) => [e.event, e.ctx]), [], 'the connection was lost around the token expiry');
+  assert.equal(getTokenCalls, 1);
+  const refresh = wireMessages(c.rec.sent).find((m) => m.refresh);
+  assert.ok(refresh, 'the SDK sent no refresh command');
+  const reply = wireMessages(c.rec.frames).find((m) => m.id === refresh.id);
+  assert.ok(reply && !reply.error && reply.refresh, `refresh reply: ${JSON.stringify(reply)}`);
   assert.equal(c.client.state, 'connected');
 });

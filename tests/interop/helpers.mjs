@@ -228,6 +228,18 @@ export function sdkWebSocketClass(WebSocket, rec) {
   };
 }
 
+/**
+ * The JSON messages in `frames` (text of WebSocket frames), in order: each frame
+ * holds one or more JSON objects separated by newlines; empty lines are skipped
+ * as the SDK skips them.
+ */
+export function wireMessages(frames) {
+  return frames
+    .flatMap((f) => f.split('\n'))
+    .filter((line) => line.trim() !== '')
+    .map((line) => JSON.parse(line));
+}
+
 /** Closes what is left of sockets: gracefully first, then terminates them. */
 async function closeSockets(sockets, ms = 1000) {
   for (const s of sockets) {

@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   target, ALL_BUT_PING, connectedClient, subscribed, RawClient, connToken, nonce, publishOk,
-  waitUntil, firstDifference, range,
+  waitUntil, firstDifference, range, wireMessages,
 } from './helpers.mjs';
 
 const CHANNEL = 'news';
@@ -70,10 +70,7 @@ test(`${COUNT} API publications reach ${SDK_CLIENTS} SDK clients in order (and i
   }
   // And the order on the SDK clients' own sockets (what ws handed to the SDK).
   for (const [i, c] of sdk.entries()) {
-    const wire = c.rec.frames
-      .flatMap((f) => f.split('\n'))
-      .filter((l) => l.trim() !== '')
-      .map((l) => JSON.parse(l))
+    const wire = wireMessages(c.rec.frames)
       .filter((m) => m.push && m.push.pub && isOrderingPayload(m.push.pub.data))
       .map((m) => m.push.pub.data.n);
     assert.deepEqual(wire, expected, `SDK client ${i} socket order: ${firstDifference(wire, expected)}`);

@@ -2,7 +2,9 @@
 // SHARDCAST_PING_SECS (ping interval) and SHARDCAST_PONG_SECS (pong timeout).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { target, connectedClient, RawClient, connToken, nonce, sleep } from './helpers.mjs';
+import {
+  target, connectedClient, RawClient, connToken, nonce, sleep, wireMessages,
+} from './helpers.mjs';
 
 const NEEDED = ['SHARDCAST_WS', 'SHARDCAST_SECRET', 'SHARDCAST_PING_SECS'];
 
@@ -28,7 +30,7 @@ test('clients answering pings stay connected over 3 ping intervals (SDK and raw)
 
   // What the connect reply told the SDK: it sends pongs only if `pong` is true,
   // and watches for pings only if `ping` (seconds) is set.
-  const reply = lines(c.rec.frames).map((l) => JSON.parse(l)).find((m) => m.connect);
+  const reply = wireMessages(c.rec.frames).find((m) => m.connect);
   t.diagnostic(`connect reply: ${JSON.stringify(reply)}`);
   assert.equal(reply.connect.ping, cfg.pingSecs, 'connect reply `ping` must be the ping interval in seconds');
   assert.equal(reply.connect.pong, true, 'connect reply must have `pong: true`, or the SDK never answers pings');

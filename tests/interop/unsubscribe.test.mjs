@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  target, ALL_BUT_PING, connectedClient, subscribed, nonce, publishOk, waitUntil, waitEvent, sleep,
+  target, ALL_BUT_PING, connectedClient, subscribed, nonce, publishOk, waitUntil, waitEvent, sleep, wireMessages,
 } from './helpers.mjs';
 
 const CHANNEL = 'news';
@@ -28,17 +28,11 @@ test('unsubscribe: no more publications on the wire, others still receive', { ti
   const ctx = await unsubscribed;
   assert.equal(ctx.code, 0, `unsubscribed ctx: ${JSON.stringify(ctx)}`);
   // The unsubscribe command went out; wait for the server's reply to it.
-  const unsubCmd = leaver.rec.sent
-    .flatMap((f) => f.split('\n'))
-    .map((c) => JSON.parse(c))
+  const unsubCmd = wireMessages(leaver.rec.sent)
     .find((c) => c.unsubscribe?.channel === CHANNEL);
   assert.ok(unsubCmd, `the SDK sent no unsubscribe command: ${JSON.stringify(leaver.rec.sent)}`);
   const unsubReply = await waitUntil(
-    () => leaver.rec.frames
-      .flatMap((f) => f.split('\n'))
-      .filter((line) => line.trim() !== '')
-      .map((line) => JSON.parse(line))
-      .find((m) => m.id === unsubCmd.id),
+    () => wireMessages(leaver.rec.frames).find((m) => m.id === unsubCmd.id),
     3000,
     'the reply to the unsubscribe command',
   );
