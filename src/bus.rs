@@ -38,6 +38,9 @@ pub enum Query {
     Channels(Option<Arc<str>>),
     /// Connection, subscription and user counts.
     Stats,
+    /// Every live node of the cluster as the registry holds it (answered by the broker itself;
+    /// empty in standalone mode).
+    Nodes,
 }
 
 /// One shard's answer to a [`Query`], or the broker's merge of all of them.
@@ -50,6 +53,8 @@ pub enum Part {
         subscriptions: u64,
         users: Vec<Arc<str>>,
     },
+    /// Node registry entries (JSON objects).
+    Nodes(Vec<serde_json::Value>),
 }
 
 /// A command every shard applies to its own connections.
@@ -98,8 +103,18 @@ pub enum ToBroker {
     Gather { query: Query, reply: ReplyTo },
     /// One shard's part of gather `gather`.
     Part { gather: u64, part: Part },
-    /// Apply a command on every shard.
+    /// Apply a command on every shard (of every node, in Redis mode).
     Command(ShardCommand),
+    /// A client joined a presence channel (Redis mode keeps presence in Redis).
+    PresenceAdd { channel: Arc<str>, info: ClientInfo },
+    /// A client left a presence channel.
+    PresenceRemove { channel: Arc<str>, client: Arc<str> },
+    /// The shard's first (`on`) or last (`!on`) connection of a user (personal channel).
+    UserInterest {
+        shard: ShardId,
+        user: Arc<str>,
+        on: bool,
+    },
 }
 
 /// Broker → shard.
@@ -121,6 +136,10 @@ pub enum ToShard {
         reply: BrokerReply,
     },
     Command(ShardCommand),
+    /// The broker's subscription to `channel` is in place: subscribe replies may go out.
+    Subscribed {
+        channel: Arc<str>,
+    },
 }
 
 /// Counters shared by the broker and the shards (relaxed atomics; read by `/api/info` and logs).
@@ -132,6 +151,56 @@ pub struct BusStats {
     pub shard_queue_waits: AtomicU64,
     /// Publications the broker accepted.
     pub publications: AtomicU64,
+}
+
+/// The shards' handle on the broker queue. A broker that runs an event loop (the Redis
+/// multiplexer) gets a wake-up byte at most once per batch, like the shards do; the memory
+/// broker blocks on the queue itself and needs none.
+#[derive(Clone)]
+pub struct BrokerTx {
+    tx: Sender<ToBroker>,
+    wake: Option<(Arc<AtomicBool>, Arc<UnixStream>)>,
+}
+
+impl BrokerTx {
+    /// Queues without blocking.
+    pub fn try_send(&self, msg: ToBroker) -> Result<(), crossbeam_channel::TrySendError<ToBroker>> {
+        self.tx.try_send(msg)?;
+        if let Some((notified, wake)) = &self.wake {
+            if !notified.swap(true, Ordering::AcqRel) {
+                let _ = (&**wake).write(&[1]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The broker's end of its queue.
+pub struct BrokerInbox {
+    pub rx: Receiver<ToBroker>,
+    /// Present when the broker asked for wake-ups: clear `notified`, drain, then wait on `wake`.
+    pub wake: Option<(Arc<AtomicBool>, UnixStream)>,
+}
+
+/// Creates the shards → broker queue, with a wake-up socket when `with_wake`.
+pub fn broker_queue(capacity: usize, with_wake: bool) -> std::io::Result<(BrokerTx, BrokerInbox)> {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    if !with_wake {
+        return Ok((BrokerTx { tx, wake: None }, BrokerInbox { rx, wake: None }));
+    }
+    let (a, b) = UnixStream::pair()?;
+    a.set_nonblocking(true)?;
+    let notified = Arc::new(AtomicBool::new(false));
+    Ok((
+        BrokerTx {
+            tx,
+            wake: Some((notified.clone(), Arc::new(a))),
+        },
+        BrokerInbox {
+            rx,
+            wake: Some((notified, b)),
+        },
+    ))
 }
 
 /// The broker's handle on one shard: its queue and its wake-up socket.

@@ -13,9 +13,9 @@ use anyhow::{bail, Context};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Raises the open-files soft limit to the hard limit; returns the new soft limit.
 pub fn raise_nofile_limit() -> u64 {
@@ -119,16 +119,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         listeners.push(bind_listener(addr, cfg.backlog)?);
     }
 
-    let node = Arc::new(NodeInfo {
-        uid: format!("{:016x}", random_u64()),
-        name: cfg.node_name(),
-        started: Instant::now(),
-        connections: AtomicUsize::new(0),
-        nonce: random_u64(),
-        draining: AtomicBool::new(false),
-    });
+    let node = Arc::new(NodeInfo::new(
+        format!("{:016x}", random_u64()),
+        cfg.node_name(),
+        random_u64(),
+    ));
     let stats = Arc::new(BusStats::default());
-    let (to_broker, broker_inbox) = crossbeam_channel::bounded(cfg.limits.broker_queue_capacity);
+    let (to_broker, broker_inbox) =
+        bus::broker_queue(cfg.limits.broker_queue_capacity, !cfg.redis.is_empty())?;
     let mut links = Vec::with_capacity(shards);
     let mut inboxes = Vec::with_capacity(shards);
     for _ in 0..shards {

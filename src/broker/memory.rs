@@ -5,11 +5,11 @@
 
 use super::Broker;
 use crate::bus::{
-    BrokerReply, BusStats, Part, Query, ReplyTo, ShardCommand, ShardLink, ToBroker, ToShard,
+    BrokerInbox, BrokerReply, BusStats, Part, Query, ReplyTo, ShardCommand, ShardLink, ToBroker,
+    ToShard,
 };
 use crate::protocol::reply;
 use crate::ws::{FrameBuf, OP_TEXT};
-use crossbeam_channel::Receiver;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -42,7 +42,8 @@ struct State {
 }
 
 impl Broker for MemoryBroker {
-    fn run(self: Box<Self>, inbox: Receiver<ToBroker>, shards: Vec<ShardLink>) {
+    fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>) {
+        let inbox = inbox.rx;
         let mut state = State {
             shards,
             interest: HashMap::new(),
@@ -94,6 +95,10 @@ impl State {
                 }
                 self.reply(reply, BrokerReply::Published(Ok(())));
             }
+            ToBroker::Gather {
+                query: Query::Nodes,
+                reply,
+            } => self.reply(reply, BrokerReply::Gathered(Part::Nodes(Vec::new()))),
             ToBroker::Gather { query, reply } => {
                 let id = self.next_gather;
                 self.next_gather += 1;
@@ -105,6 +110,7 @@ impl State {
                         subscriptions: 0,
                         users: Vec::new(),
                     },
+                    Query::Nodes => Part::Nodes(Vec::new()),
                 };
                 self.gathers.insert(
                     id,
@@ -134,6 +140,10 @@ impl State {
                 }
             }
             ToBroker::Command(cmd) => self.broadcast(cmd),
+            // Standalone: presence is read from the shards and user commands go to every shard.
+            ToBroker::PresenceAdd { .. }
+            | ToBroker::PresenceRemove { .. }
+            | ToBroker::UserInterest { .. } => {}
         }
     }
 

@@ -8,12 +8,11 @@
 
 pub mod memory;
 
-use crate::bus::{ShardLink, ToBroker};
-use crossbeam_channel::Receiver;
+use crate::bus::{BrokerInbox, ShardLink};
 
 /// A broker implementation. `run` owns the thread until every shard has dropped its sender.
 pub trait Broker: Send + 'static {
-    fn run(self: Box<Self>, inbox: Receiver<ToBroker>, shards: Vec<ShardLink>);
+    fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>);
 }
 
 /// A simple `*` glob (the `pattern` of `/api/channels`): `*` matches any run of characters.

@@ -28,6 +28,13 @@ pub enum Deferred {
     PresenceStats,
 }
 
+/// When a subscribe reply may go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    Now,
+    Later,
+}
+
 /// What the session needs from its shard. Implemented by the shard for one connection.
 pub trait Host {
     fn config(&self) -> &Config;
@@ -39,8 +46,11 @@ pub trait Host {
     /// Interns a user name and records the connection under it (for `/api/disconnect`).
     fn register_user(&mut self, user: &str) -> Rc<str>;
     /// Adds this connection to `channel`; on the shard's first subscriber, registers interest
-    /// with the broker. Fails with a temporary error when the broker queue is full.
-    fn subscribe(&mut self, channel: &str) -> Result<ChanId, ErrorCode>;
+    /// with the broker. Fails with a temporary error when the broker queue is full. Returns
+    /// `Ack::Later` when the broker has not confirmed the channel yet: the host then sends the
+    /// subscribe reply to command `id` itself once it has (so that nothing published after the
+    /// reply can be missed).
+    fn subscribe(&mut self, id: u32, channel: &str) -> Result<(ChanId, Ack), ErrorCode>;
     /// Removes this connection from a channel.
     fn unsubscribe(&mut self, chan: ChanId);
     /// The name of an interned channel.
@@ -57,6 +67,8 @@ pub trait Host {
     fn gather(&mut self, id: u32, kind: Deferred, channel: &str) -> Result<(), ErrorCode>;
     /// Connection token expiry changed (0 = never): the host arms its timer.
     fn set_expiry(&mut self, unix_secs: u64);
+    /// The client joined or left a channel whose namespace keeps presence.
+    fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool);
 }
 
 /// Session state of a connected client.
@@ -130,10 +142,11 @@ impl Session {
             (None, _) => Err(Disconnect::BadRequest),
             (Some(_), Request::Connect(_)) => Err(Disconnect::BadRequest),
             (Some(_), Request::Subscribe(s)) => {
-                match self.subscribe(host, &s.channel, &s.token) {
-                    Ok(()) => {
+                match self.subscribe(host, id, &s.channel, &s.token) {
+                    Ok(Ack::Now) => {
                         reply::result(out, id, "subscribe", &reply::SubscribeResult::default())
                     }
+                    Ok(Ack::Later) => {}
                     Err((code, temporary)) => reply::error(out, id, code, temporary),
                 }
                 Ok(())
@@ -141,7 +154,7 @@ impl Session {
             (Some(_), Request::Unsubscribe(u)) => {
                 if let Some(pos) = self.position(host, &u.channel) {
                     let chan = self.subs.swap_remove(pos);
-                    host.unsubscribe(chan);
+                    self.left(host, chan);
                 }
                 reply::result(out, id, "unsubscribe", &reply::Empty {});
                 Ok(())
@@ -271,8 +284,8 @@ impl Session {
             if self.position(host, channel).is_some() {
                 continue;
             }
-            match host.subscribe(channel) {
-                Ok(chan) => {
+            match host.subscribe(0, channel) {
+                Ok((chan, _)) => {
                     self.subs.push(chan);
                     subs.insert(channel.as_str(), reply::SubscribeResult::default());
                 }
@@ -301,9 +314,10 @@ impl Session {
     fn subscribe(
         &mut self,
         host: &mut dyn Host,
+        id: u32,
         channel: &str,
         token: &str,
-    ) -> Result<(), (ErrorCode, bool)> {
+    ) -> Result<Ack, (ErrorCode, bool)> {
         let cfg = host.config();
         if channel.is_empty() || channel.len() > cfg.limits.max_channel_name_bytes {
             return Err((ErrorCode::BadRequest, false));
@@ -319,11 +333,16 @@ impl Session {
         if !self.may_subscribe(host, ns, channel, token, &ident.user) {
             return Err((ErrorCode::PermissionDenied, false));
         }
-        let chan = host
-            .subscribe(channel)
+        let presence = ns.presence;
+        let (chan, ack) = host
+            .subscribe(id, channel)
             .map_err(|e| (e, e == ErrorCode::Internal))?;
         self.subs.push(chan);
-        Ok(())
+        if presence {
+            let ident = self.identity.as_ref().expect("connected");
+            host.presence_changed(channel, ident, true);
+        }
+        Ok(ack)
     }
 
     fn may_subscribe(
@@ -380,9 +399,24 @@ impl Session {
 
     /// Leaves every channel (connection closing).
     pub fn leave_all(&mut self, host: &mut dyn Host) {
-        for chan in self.subs.drain(..) {
-            host.unsubscribe(chan);
+        for chan in std::mem::take(&mut self.subs) {
+            self.left(host, chan);
         }
+    }
+
+    /// Removes a channel the session was in (already taken out of `subs`).
+    pub fn left(&mut self, host: &mut dyn Host, chan: ChanId) {
+        if let Some(ident) = self.identity.as_ref() {
+            let name = host.channel_name(chan);
+            if host
+                .config()
+                .namespace_of(&name)
+                .is_some_and(|ns| ns.presence)
+            {
+                host.presence_changed(&name, ident, false);
+            }
+        }
+        host.unsubscribe(chan);
     }
 }
 
@@ -417,6 +451,7 @@ mod tests {
         gathered: Vec<(u32, Deferred, String)>,
         broker_full: bool,
         expiry: u64,
+        presence_log: Vec<(String, String, bool)>,
     }
 
     impl FakeHost {
@@ -435,6 +470,7 @@ mod tests {
                 gathered: Vec::new(),
                 broker_full: false,
                 expiry: 0,
+                presence_log: Vec::new(),
             }
         }
     }
@@ -455,7 +491,7 @@ mod tests {
         fn register_user(&mut self, user: &str) -> Rc<str> {
             user.into()
         }
-        fn subscribe(&mut self, channel: &str) -> Result<ChanId, ErrorCode> {
+        fn subscribe(&mut self, _id: u32, channel: &str) -> Result<(ChanId, Ack), ErrorCode> {
             if self.broker_full {
                 return Err(ErrorCode::Internal);
             }
@@ -467,7 +503,7 @@ mod tests {
                 }
             };
             self.subscribed.push(id);
-            Ok(id)
+            Ok((id, Ack::Now))
         }
         fn unsubscribe(&mut self, chan: ChanId) {
             self.subscribed.retain(|&c| c != chan);
@@ -492,6 +528,10 @@ mod tests {
         }
         fn set_expiry(&mut self, unix_secs: u64) {
             self.expiry = unix_secs;
+        }
+        fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool) {
+            self.presence_log
+                .push((channel.to_string(), who.user.to_string(), joined));
         }
     }
 
@@ -794,5 +834,39 @@ mod tests {
         assert_eq!(h.subscribed.len(), 1);
         s.leave_all(&mut h);
         assert!(h.subscribed.is_empty());
+    }
+
+    #[test]
+    fn presence_joins_and_leaves_only_in_presence_namespaces() {
+        let mut h = FakeHost::new(CFG);
+        let mut s = connected(&mut h);
+        send(&mut s, &mut h, "{\"id\":2,\"subscribe\":{\"channel\":\"chat:1\"}}\n{\"id\":3,\"subscribe\":{\"channel\":\"news\"}}\n{\"id\":4,\"subscribe\":{\"channel\":\"chat:2\"}}")
+            .0
+            .unwrap();
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":5,"unsubscribe":{"channel":"chat:1"}}"#,
+        )
+        .0
+        .unwrap();
+        s.leave_all(&mut h);
+        let log: Vec<(&str, bool)> = h
+            .presence_log
+            .iter()
+            .map(|(c, u, j)| {
+                assert_eq!(u, "alice");
+                (c.as_str(), *j)
+            })
+            .collect();
+        assert_eq!(
+            log,
+            vec![
+                ("chat:1", true),
+                ("chat:2", true),
+                ("chat:1", false),
+                ("chat:2", false)
+            ]
+        );
     }
 }

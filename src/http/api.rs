@@ -300,28 +300,39 @@ async fn presence(shard: &Shard, channel: &str, full: bool) -> Value {
 async fn info(shard: &Shard) -> Value {
     let stats = gather(shard, Query::Stats).await;
     let channels = gather(shard, Query::Channels(None)).await;
-    match (stats, channels) {
-        (
-            Ok(Part::Stats {
-                connections,
-                subscriptions,
-                users,
-            }),
-            Ok(Part::Channels(chans)),
-        ) => json!({"result": {"nodes": [{
-            "uid": shard.node.uid,
-            "name": shard.node.name,
-            "version": crate::conn::session::VERSION,
-            "num_clients": connections,
-            "num_users": users.len(),
-            "num_subs": subscriptions,
-            "num_channels": chans.len(),
-            "uptime": shard.node.started.elapsed().as_secs(),
-            "shards": shard.cfg.shard_count(),
-            "broker": if shard.cfg.redis.is_empty() { "memory" } else { "redis" },
-        }]}}),
-        _ => api_error(ErrorCode::Internal),
-    }
+    let (
+        Ok(Part::Stats {
+            connections,
+            subscriptions,
+            users,
+        }),
+        Ok(Part::Channels(chans)),
+    ) = (stats, channels)
+    else {
+        return api_error(ErrorCode::Internal);
+    };
+    let node = &shard.node;
+    let local = json!({
+        "uid": node.uid,
+        "name": node.name,
+        "version": crate::conn::session::VERSION,
+        "num_clients": connections,
+        "num_users": users.len(),
+        "num_subs": subscriptions,
+        "num_channels": chans.len(),
+        "uptime": node.started.elapsed().as_secs(),
+        "shards": shard.cfg.shard_count(),
+        "broker": if shard.cfg.redis.is_empty() { "memory" } else { "redis" },
+        "redis": node.redis_link_json(),
+    });
+    // Other live nodes come from the registry (Redis mode); ours is the fresh local entry.
+    let mut nodes = match gather(shard, Query::Nodes).await {
+        Ok(Part::Nodes(list)) => list,
+        _ => Vec::new(),
+    };
+    nodes.retain(|n| n["uid"] != node.uid.as_str());
+    nodes.insert(0, local);
+    json!({"result": {"nodes": nodes}})
 }
 
 fn command(shard: &Shard, cmd: ShardCommand) -> Value {

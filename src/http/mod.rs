@@ -324,7 +324,6 @@ mod size_tests {
     use super::*;
     use crate::config::Config;
     use crate::shard::NodeInfo;
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::sync::Arc;
 
     /// An idle WebSocket connection is one glommio task whose future is `connection::run`'s state
@@ -341,15 +340,8 @@ mod size_tests {
                     insecure: true,
                     ..Config::default()
                 };
-                let node = Arc::new(NodeInfo {
-                    uid: "t".into(),
-                    name: "t".into(),
-                    started: std::time::Instant::now(),
-                    connections: AtomicUsize::new(0),
-                    nonce: 1,
-                    draining: AtomicBool::new(false),
-                });
-                let (tx, _rx) = crossbeam_channel::bounded(1);
+                let node = Arc::new(NodeInfo::new("t".into(), "t".into(), 1));
+                let (tx, _rx) = crate::bus::broker_queue(1, false).unwrap();
                 let shard = Shard::new(0, Arc::new(cfg), node, tx);
                 let stream_size = std::mem::size_of_val(&stream);
                 let ws = connection::run(shard.clone(), stream, Vec::new());

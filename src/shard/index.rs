@@ -14,6 +14,10 @@ use std::rc::Rc;
 pub struct Channel {
     pub name: Rc<str>,
     pub subscribers: HashSet<ConnKey>,
+    /// The broker confirmed its subscription (Redis SUBSCRIBE done); until then subscribe
+    /// replies wait in `waiting` (connection, command id).
+    pub ready: bool,
+    pub waiting: Vec<(ConnKey, u32)>,
 }
 
 /// Result of adding a subscriber.
@@ -34,8 +38,8 @@ pub struct ChannelIndex {
 }
 
 impl ChannelIndex {
-    /// Adds `key` to `name`.
-    pub fn add(&mut self, name: &str, key: ConnKey) -> Added {
+    /// Adds `key` to `name`; a new channel starts `ready` or waiting for the broker.
+    pub fn add(&mut self, name: &str, key: ConnKey, ready: bool) -> Added {
         self.subscriptions += 1;
         if let Some(&id) = self.by_name.get(name) {
             let ch = self.slots[id as usize]
@@ -48,6 +52,8 @@ impl ChannelIndex {
         let channel = Channel {
             name: name.clone(),
             subscribers: HashSet::from([key]),
+            ready,
+            waiting: Vec::new(),
         };
         let id = match self.free.pop() {
             Some(id) => {
@@ -78,6 +84,15 @@ impl ChannelIndex {
         self.by_name.remove(&ch.name);
         self.free.push(id);
         Some(ch.name)
+    }
+
+    pub fn get_mut(&mut self, id: ChanId) -> Option<&mut Channel> {
+        self.slots.get_mut(id as usize)?.as_mut()
+    }
+
+    /// The id of a channel with local subscribers.
+    pub fn id_of(&self, name: &str) -> Option<ChanId> {
+        self.by_name.get(name).copied()
     }
 
     pub fn get(&self, id: ChanId) -> Option<&Channel> {
@@ -120,17 +135,17 @@ mod tests {
     #[test]
     fn transitions_and_reuse() {
         let mut ix = ChannelIndex::default();
-        let a = match ix.add("a", k(1)) {
+        let a = match ix.add("a", k(1), true) {
             Added::First(id) => id,
             other => panic!("{other:?}"),
         };
-        assert_eq!(ix.add("a", k(2)), Added::More(a));
+        assert_eq!(ix.add("a", k(2), true), Added::More(a));
         assert_eq!(ix.remove(a, k(1)), None);
         assert_eq!(ix.remove(a, k(1)), None, "double remove is harmless");
         assert_eq!(ix.remove(a, k(2)).as_deref(), Some("a"));
         assert!(ix.is_empty());
         assert_eq!(ix.subscriptions(), 0);
-        assert_eq!(ix.add("b", k(3)), Added::First(a), "slot reused");
+        assert_eq!(ix.add("b", k(3), true), Added::First(a), "slot reused");
         assert_eq!(&*ix.lookup("b").unwrap().name, "b");
     }
 }

@@ -10,18 +10,19 @@ pub mod connection;
 pub mod index;
 pub mod timer;
 
+use crate::bus::BrokerTx;
 use crate::bus::{
     BrokerReply, Part, Query, ReplyTo, ShardCommand, ShardId, ShardInbox, ToBroker, ToShard,
 };
 use crate::config::Config;
-use crate::conn::session::{ChanId, Deferred, Host};
+use crate::conn::session::{Ack, ChanId, Deferred, Host, Identity};
 use crate::conn::ConnKey;
 use crate::protocol::reply::{self, ClientInfo, PresenceStats};
 use crate::protocol::token::TokenVerifier;
 use crate::protocol::{Disconnect, ErrorCode};
 use crate::ws::{self, FrameBuf, OP_TEXT};
 use connection::Connection;
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 use futures_lite::AsyncReadExt;
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpListener;
@@ -49,6 +50,39 @@ pub struct NodeInfo {
     pub nonce: u64,
     /// Set when the node drains: `/healthz` answers 503.
     pub draining: AtomicBool,
+    /// Redis link: 0 = standalone, 1 = connected, 2 = down (set by the multiplexer).
+    pub redis_state: std::sync::atomic::AtomicU8,
+    /// Times the Redis link was re-established.
+    pub redis_reconnects: std::sync::atomic::AtomicU64,
+}
+
+impl NodeInfo {
+    /// A node's identity; counters start at zero.
+    pub fn new(uid: String, name: String, nonce: u64) -> NodeInfo {
+        NodeInfo {
+            uid,
+            name,
+            started: Instant::now(),
+            connections: AtomicUsize::new(0),
+            nonce,
+            draining: AtomicBool::new(false),
+            redis_state: Default::default(),
+            redis_reconnects: Default::default(),
+        }
+    }
+
+    /// The Redis link as `/api/info` shows it.
+    pub fn redis_link_json(&self) -> serde_json::Value {
+        let state = match self.redis_state.load(Ordering::Relaxed) {
+            0 => return serde_json::Value::Null,
+            1 => "connected",
+            _ => "down",
+        };
+        serde_json::json!({
+            "state": state,
+            "reconnects": self.redis_reconnects.load(Ordering::Relaxed),
+        })
+    }
 }
 
 /// Per-shard counters (plain cells: one thread).
@@ -162,7 +196,7 @@ pub struct Shard {
     pub cfg: Arc<Config>,
     pub node: Arc<NodeInfo>,
     verifier: Option<TokenVerifier>,
-    to_broker: Sender<ToBroker>,
+    to_broker: BrokerTx,
     pub conns: RefCell<ConnTable>,
     pub index: RefCell<ChannelIndex>,
     pub wheel: RefCell<TimerWheel>,
@@ -178,6 +212,9 @@ pub struct Shard {
     client_seq: Cell<u64>,
     pub counters: Counters,
     pub decoder: ws::Decoder,
+    /// Redis mode: subscriptions wait for the broker's confirmation, presence and users are
+    /// announced to the broker.
+    redis_mode: bool,
     started: Instant,
 }
 
@@ -186,10 +223,11 @@ impl Shard {
         id: ShardId,
         cfg: Arc<Config>,
         node: Arc<NodeInfo>,
-        to_broker: Sender<ToBroker>,
+        to_broker: BrokerTx,
     ) -> Rc<Shard> {
         let verifier =
             (!cfg.token_hmac_secret.is_empty()).then(|| TokenVerifier::new(&cfg.token_hmac_secret));
+        let cfg_redis = cfg.redis.clone();
         Rc::new(Shard {
             id,
             decoder: ws::Decoder {
@@ -210,6 +248,7 @@ impl Shard {
             users: RefCell::default(),
             client_seq: Cell::new(0),
             counters: Counters::default(),
+            redis_mode: !cfg_redis.is_empty(),
             started: Instant::now(),
         })
     }
@@ -341,6 +380,30 @@ impl Shard {
                 }
             }
             ToShard::Command(cmd) => self.command(cmd),
+            ToShard::Subscribed { channel } => {
+                let waiting = {
+                    let mut index = self.index.borrow_mut();
+                    let Some(id) = index.id_of(&channel) else {
+                        return;
+                    };
+                    let ch = index.get_mut(id).expect("interned");
+                    ch.ready = true;
+                    std::mem::take(&mut ch.waiting)
+                };
+                for (key, id) in waiting {
+                    let conn = self.conns.borrow().get(key).cloned();
+                    if let Some(conn) = conn {
+                        let mut f = FrameBuf::with_capacity(32);
+                        reply::result(
+                            f.payload(),
+                            id,
+                            "subscribe",
+                            &reply::SubscribeResult::default(),
+                        );
+                        conn.push(self, f.finish(OP_TEXT));
+                    }
+                }
+            }
         }
     }
 
@@ -394,6 +457,7 @@ impl Shard {
                     .map(|ch| (Arc::from(&*ch.name), ch.subscribers.len() as u32))
                     .collect(),
             ),
+            Query::Nodes => Part::Nodes(Vec::new()),
             Query::Stats => Part::Stats {
                 connections: self.conns.borrow().len() as u64,
                 subscriptions: index.subscriptions(),
@@ -471,6 +535,14 @@ impl Shard {
             set.remove(&key);
             if set.is_empty() {
                 users.remove(user);
+                drop(users);
+                if self.redis_mode && !user.is_empty() {
+                    self.send_broker_must(ToBroker::UserInterest {
+                        shard: self.id,
+                        user: Arc::from(&**user),
+                        on: false,
+                    });
+                }
             }
         }
     }
@@ -562,27 +634,48 @@ impl Host for ShardHost<'_> {
             Some((k, _)) => k.clone(),
             None => Rc::from(user),
         };
-        users.entry(name.clone()).or_default().insert(self.key);
+        let set = users.entry(name.clone()).or_default();
+        set.insert(self.key);
+        let first = set.len() == 1;
+        drop(users);
+        if first && self.shard.redis_mode && !name.is_empty() {
+            self.shard.send_broker_must(ToBroker::UserInterest {
+                shard: self.shard.id,
+                user: Arc::from(&*name),
+                on: true,
+            });
+        }
         name
     }
-    fn subscribe(&mut self, channel: &str) -> Result<ChanId, ErrorCode> {
-        let added = self.shard.index.borrow_mut().add(channel, self.key);
-        match added {
-            Added::More(id) => Ok(id),
-            Added::First(id) => {
+    fn subscribe(&mut self, id: u32, channel: &str) -> Result<(ChanId, Ack), ErrorCode> {
+        let confirm = self.shard.redis_mode;
+        let added = self
+            .shard
+            .index
+            .borrow_mut()
+            .add(channel, self.key, !confirm);
+        let chan = match added {
+            Added::More(chan) => chan,
+            Added::First(chan) => {
                 let msg = ToBroker::Subscribe {
                     shard: self.shard.id,
                     channel: Arc::from(channel),
                 };
-                match self.shard.send_broker(msg) {
-                    Ok(()) => Ok(id),
-                    Err(e) => {
-                        // Roll back: nothing half-subscribed.
-                        self.shard.index.borrow_mut().remove(id, self.key);
-                        Err(e)
-                    }
+                if let Err(e) = self.shard.send_broker(msg) {
+                    // Roll back: nothing half-subscribed.
+                    self.shard.index.borrow_mut().remove(chan, self.key);
+                    return Err(e);
                 }
+                chan
             }
+        };
+        let mut index = self.shard.index.borrow_mut();
+        let ch = index.get_mut(chan).expect("just added");
+        if ch.ready || id == 0 {
+            Ok((chan, Ack::Now))
+        } else {
+            ch.waiting.push((self.key, id));
+            Ok((chan, Ack::Later))
         }
     }
     fn unsubscribe(&mut self, chan: ChanId) {
@@ -649,6 +742,28 @@ impl Host for ShardHost<'_> {
     fn set_expiry(&mut self, unix_secs: u64) {
         *self.expires_at = self.shard.expiry_tick(unix_secs);
     }
+    fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool) {
+        if !self.shard.redis_mode {
+            return; // standalone: presence is read from the shards' own indexes
+        }
+        let channel: Arc<str> = Arc::from(channel);
+        let msg = if joined {
+            ToBroker::PresenceAdd {
+                channel,
+                info: ClientInfo {
+                    user: who.user.to_string(),
+                    client: who.client.to_string(),
+                    conn_info: who.info.clone(),
+                },
+            }
+        } else {
+            ToBroker::PresenceRemove {
+                channel,
+                client: Arc::from(&*who.client),
+            }
+        };
+        self.shard.send_broker_must(msg);
+    }
 }
 
 /// Everything a shard thread needs, moved into its executor.
@@ -656,7 +771,7 @@ pub struct ShardParts {
     pub id: ShardId,
     pub cfg: Arc<Config>,
     pub node: Arc<NodeInfo>,
-    pub to_broker: Sender<ToBroker>,
+    pub to_broker: BrokerTx,
     pub inbox: ShardInbox,
     /// The bound, listening socket of this shard (SO_REUSEPORT).
     pub listener: socket2::Socket,
@@ -766,15 +881,9 @@ mod tests {
     use super::*;
 
     fn shard(capacity: usize) -> (Rc<Shard>, crossbeam_channel::Receiver<ToBroker>) {
-        let node = Arc::new(NodeInfo {
-            uid: "t".into(),
-            name: "t".into(),
-            started: Instant::now(),
-            connections: AtomicUsize::new(0),
-            nonce: 7,
-            draining: AtomicBool::new(false),
-        });
-        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let node = Arc::new(NodeInfo::new("t".into(), "t".into(), 7));
+        let (tx, inbox) = crate::bus::broker_queue(capacity, false).unwrap();
+        let rx = inbox.rx;
         let cfg = Config {
             insecure: true,
             ..Config::default()
