@@ -83,6 +83,8 @@ pub enum BrokerError {
 pub enum BrokerReply {
     Published(Result<(), BrokerError>),
     Gathered(Part),
+    /// The request could not be served (Redis down): a temporary error.
+    Failed(BrokerError),
 }
 
 /// Shard → broker.

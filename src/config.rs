@@ -45,8 +45,10 @@ pub struct Config {
     pub pin_shards: bool,
     /// listen(2) backlog of each shard's socket, in connections.
     pub backlog: u32,
-    /// Redis URL; empty = standalone mode (memory broker).
+    /// Redis URL `redis://[user:password@]host:port[/db]`; empty = standalone (memory broker).
     pub redis: String,
+    /// Redis mode tuning.
+    pub redis_options: RedisOptions,
     /// HS256 secret that connection and subscription tokens are signed with.
     pub token_hmac_secret: String,
     /// Key the HTTP API requires in `X-API-Key` (or `Authorization: apikey KEY`). Empty = API off.
@@ -77,6 +79,7 @@ impl Default for Config {
             pin_shards: true,
             backlog: 4096,
             redis: String::new(),
+            redis_options: RedisOptions::default(),
             token_hmac_secret: String::new(),
             api_key: String::new(),
             insecure: false,
@@ -86,6 +89,46 @@ impl Default for Config {
             limits: Limits::default(),
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+/// How a node uses Redis (only read in Redis mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisOptions {
+    /// Prefix of every key and channel name, so several deployments can share one Redis.
+    pub prefix: String,
+    /// Seconds a node's registry lease lives without refresh; a dead node's presence entries
+    /// stop counting once it lapses.
+    pub lease_ttl_secs: u32,
+    /// Seconds between lease refreshes (well below the TTL).
+    pub lease_refresh_secs: u32,
+    /// Seconds a channel's presence hash lives after its last change (a safety net: entries of
+    /// dead nodes are already ignored and removed when read).
+    pub presence_ttl_secs: u32,
+    /// Milliseconds to establish a Redis connection.
+    pub connect_timeout_ms: u32,
+    /// First reconnect delay, milliseconds; doubles per failed attempt, with jitter.
+    pub backoff_initial_ms: u32,
+    /// Largest reconnect delay, milliseconds.
+    pub backoff_max_ms: u32,
+    /// CPU to pin the multiplexer to; -1 = the first CPU no shard uses, unpinned if none is
+    /// free.
+    pub cpu: i32,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            prefix: "shardcast".into(),
+            lease_ttl_secs: 10,
+            lease_refresh_secs: 3,
+            presence_ttl_secs: 3600,
+            connect_timeout_ms: 2000,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5000,
+            cpu: -1,
         }
     }
 }
@@ -216,8 +259,34 @@ impl Config {
         if self.backlog == 0 {
             return Err(invalid("backlog", "must be at least 1"));
         }
-        if !self.redis.is_empty() && !self.redis.starts_with("redis://") {
-            return Err(invalid("redis", "must be a redis://host:port URL"));
+        if !self.redis.is_empty() {
+            crate::broker::redis::RedisTarget::parse(&self.redis)
+                .map_err(|e| invalid("redis", e))?;
+        }
+        let r = &self.redis_options;
+        if r.prefix.is_empty() || r.prefix.contains(['{', '}', ' ']) {
+            return Err(invalid(
+                "redis_options.prefix",
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        if r.lease_refresh_secs == 0 || r.lease_refresh_secs >= r.lease_ttl_secs {
+            return Err(invalid(
+                "redis_options.lease_refresh_secs",
+                "must be at least 1 and below redis_options.lease_ttl_secs",
+            ));
+        }
+        if r.backoff_initial_ms == 0 || r.backoff_initial_ms > r.backoff_max_ms {
+            return Err(invalid(
+                "redis_options.backoff_initial_ms",
+                "must be at least 1 and at most redis_options.backoff_max_ms",
+            ));
+        }
+        if r.connect_timeout_ms == 0 || r.presence_ttl_secs == 0 {
+            return Err(invalid(
+                "redis_options",
+                "connect_timeout_ms and presence_ttl_secs must be at least 1",
+            ));
         }
         if !self.insecure && self.token_hmac_secret.is_empty() {
             return Err(invalid(

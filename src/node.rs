@@ -5,11 +5,11 @@
 //! one port that every shard's SO_REUSEPORT socket shares, and the `READY <ip>:<port>` line is
 //! printed only once every shard accepts.
 
-use crate::broker::{memory::MemoryBroker, Broker};
+use crate::broker::{memory::MemoryBroker, redis::RedisBroker, Broker};
 use crate::bus::{self, BusStats, ShardId};
 use crate::config::Config;
 use crate::shard::{self, NodeInfo, ShardParts};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -97,9 +97,6 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 /// Runs a node until SIGINT/SIGTERM. Prints `READY <addr>` on stdout once every shard accepts.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
-    if !cfg.redis.is_empty() {
-        bail!("`redis` is set, but this build runs standalone only (Redis mode is not built yet); remove --redis");
-    }
     let sigset = block_signals();
     let nofile = raise_nofile_limit();
     let cfg = Arc::new(cfg);
@@ -122,6 +119,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let node = Arc::new(NodeInfo::new(
         format!("{:016x}", random_u64()),
         cfg.node_name(),
+        addr.to_string(),
         random_u64(),
     ));
     let stats = Arc::new(BusStats::default());
@@ -135,16 +133,29 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         inboxes.push(inbox);
     }
 
-    let broker: Box<dyn Broker> = Box::new(MemoryBroker::new(stats.clone()));
-    let broker_thread = std::thread::Builder::new()
-        .name("shardcast-broker".into())
-        .spawn(move || broker.run(broker_inbox, links))?;
-
     let cpus: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
         .into_iter()
         .map(|c| c.id)
         .collect();
+    let broker: Box<dyn Broker> = if cfg.redis.is_empty() {
+        Box::new(MemoryBroker::new(stats.clone()))
+    } else {
+        // Pin the multiplexer to a core no shard uses, when there is one to spare.
+        let cpu = match cfg.redis_options.cpu {
+            c if c >= 0 => Some(c as usize),
+            _ if cfg.pin_shards && shards < cpus.len() => Some(cpus[shards]),
+            _ => None,
+        };
+        Box::new(
+            RedisBroker::new(cfg.clone(), node.clone(), stats.clone(), cpu)
+                .map_err(|e| anyhow::anyhow!("redis: {e}"))?,
+        )
+    };
+    let broker_thread = std::thread::Builder::new()
+        .name("shardcast-broker".into())
+        .spawn(move || broker.run(broker_inbox, links))?;
+
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<ShardId>();
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(shards);
@@ -179,7 +190,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .recv_timeout(Duration::from_secs(30))
             .context("a shard did not start")?;
     }
-    tracing::info!(%addr, shards, nofile, broker = "memory", "shardcast ready");
+    let broker_kind = if cfg.redis.is_empty() {
+        "memory"
+    } else {
+        "redis"
+    };
+    tracing::info!(%addr, shards, nofile, broker = broker_kind, "shardcast ready");
     let mut out = std::io::stdout().lock();
     writeln!(out, "READY {addr}")?;
     out.flush()?;

@@ -163,7 +163,8 @@ impl State {
     }
 }
 
-fn merge(into: &mut Part, part: Part) {
+/// Adds one shard's part to a gather.
+pub(crate) fn merge(into: &mut Part, part: Part) {
     match (into, part) {
         (Part::Presence(a), Part::Presence(b)) => a.extend(b),
         (Part::Channels(a), Part::Channels(b)) => a.extend(b),
@@ -188,7 +189,7 @@ fn merge(into: &mut Part, part: Part) {
 }
 
 /// Combines per-shard entries: channel counts summed by name, users deduplicated.
-fn finish(part: Part) -> Part {
+pub(crate) fn finish(part: Part) -> Part {
     match part {
         Part::Channels(list) => {
             let mut sums: HashMap<Arc<str>, u32> = HashMap::new();

@@ -7,6 +7,7 @@
 //! process (standalone mode); the Redis multiplexer will do it through Redis.
 
 pub mod memory;
+pub mod redis;
 
 use crate::bus::{BrokerInbox, ShardLink};
 

@@ -280,7 +280,7 @@ async fn gather(shard: &Shard, query: Query) -> Result<Part, ErrorCode> {
         .await?
     {
         BrokerReply::Gathered(part) => Ok(part),
-        BrokerReply::Published(_) => Err(ErrorCode::Internal),
+        BrokerReply::Published(_) | BrokerReply::Failed(_) => Err(ErrorCode::Internal),
     }
 }
 
@@ -315,6 +315,7 @@ async fn info(shard: &Shard) -> Value {
     let local = json!({
         "uid": node.uid,
         "name": node.name,
+        "address": node.address,
         "version": crate::conn::session::VERSION,
         "num_clients": connections,
         "num_users": users.len(),

@@ -340,7 +340,7 @@ mod size_tests {
                     insecure: true,
                     ..Config::default()
                 };
-                let node = Arc::new(NodeInfo::new("t".into(), "t".into(), 1));
+                let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
                 let (tx, _rx) = crate::bus::broker_queue(1, false).unwrap();
                 let shard = Shard::new(0, Arc::new(cfg), node, tx);
                 let stream_size = std::mem::size_of_val(&stream);

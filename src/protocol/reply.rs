@@ -10,11 +10,11 @@ use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 
 /// Who published or who is present: the protocol's `ClientInfo`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ClientInfo {
     pub user: String,
     pub client: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conn_info: Option<Box<RawValue>>,
 }
 

@@ -43,6 +43,8 @@ pub struct NodeInfo {
     /// Unique id of this node process.
     pub uid: String,
     pub name: String,
+    /// Address clients reach this node at (the bound listener).
+    pub address: String,
     pub started: Instant,
     /// WebSocket connections open on the node (for `limits.max_connections`).
     pub connections: AtomicUsize,
@@ -58,10 +60,11 @@ pub struct NodeInfo {
 
 impl NodeInfo {
     /// A node's identity; counters start at zero.
-    pub fn new(uid: String, name: String, nonce: u64) -> NodeInfo {
+    pub fn new(uid: String, name: String, address: String, nonce: u64) -> NodeInfo {
         NodeInfo {
             uid,
             name,
+            address,
             started: Instant::now(),
             connections: AtomicUsize::new(0),
             nonce,
@@ -881,7 +884,7 @@ mod tests {
     use super::*;
 
     fn shard(capacity: usize) -> (Rc<Shard>, crossbeam_channel::Receiver<ToBroker>) {
-        let node = Arc::new(NodeInfo::new("t".into(), "t".into(), 7));
+        let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 7));
         let (tx, inbox) = crate::bus::broker_queue(capacity, false).unwrap();
         let rx = inbox.rx;
         let cfg = Config {

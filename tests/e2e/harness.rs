@@ -333,3 +333,127 @@ pub fn clients_on_every_shard(server: &Server, shards: u64, per_shard: usize) ->
     );
     by_shard.into_iter().flatten().collect()
 }
+
+/// A real `redis-server` on an ephemeral port, killed and reaped on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    args: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Redis {
+    /// Starts redis-server without persistence; `extra` are more server arguments.
+    pub fn start(extra: &[&str]) -> Redis {
+        for _ in 0..5 {
+            let mut r = Redis {
+                child: None,
+                port: free_port(),
+                args: extra.iter().map(|s| s.to_string()).collect(),
+            };
+            if r.spawn() {
+                return r;
+            }
+        }
+        panic!(
+            "redis-server did not start (is it installed? the README's test command installs it)"
+        );
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return false;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Kills the server (SIGKILL: no persistence, everything in it is lost).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(
+            self.spawn(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a command through redis-cli; returns its output lines.
+    pub fn cli(&self, args: &[&str]) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(self.args_auth())
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.to_string())
+            .collect()
+    }
+
+    fn args_auth(&self) -> Vec<String> {
+        match self.args.iter().position(|a| a == "--requirepass") {
+            Some(i) => vec![
+                "-a".into(),
+                self.args[i + 1].clone(),
+                "--no-auth-warning".into(),
+            ],
+            None => vec![],
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `check` holds, polling, or panics with `what` after `timeout`.
+pub fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting until {what}");
+}

@@ -5,4 +5,5 @@
 mod harness;
 mod http_api;
 mod protocol;
+mod redis;
 mod sdk;

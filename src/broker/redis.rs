@@ -1,0 +1,1091 @@
+//! Redis mode: the node's multiplexer, on its own thread (`shardcast-broker`) running a glommio
+//! executor that is not a shard.
+//!
+//! It holds the node's two Redis connections: one subscriber connection (SUBSCRIBE and the
+//! pushes it brings) and one pipelined command connection (PUBLISH, presence, the node lease),
+//! speaking RESP through `redis-protocol`. It talks to the shards only through the bounded
+//! queues of [`crate::bus`], is woken by them once per batch, and wakes each shard once per batch.
+//!
+//! - Interest is refcounted: Redis sees one SUBSCRIBE per node per channel, sent when the first
+//!   shard gains a subscriber and withdrawn (UNSUBSCRIBE) when the last shard loses its last one.
+//!   Subscribe replies to clients wait for Redis's confirmation, so nothing published after a
+//!   client's subscribe reply can be missed.
+//! - Every publication goes through Redis, publisher → Redis → every node; one connection per
+//!   direction keeps the order of one publisher's publications to one channel.
+//! - When Redis fails, client connections stay; publishes and presence answer a temporary error;
+//!   the multiplexer reconnects with capped exponential backoff and jitter and resubscribes
+//!   every channel in one command.
+//! - Names: `PREFIX:ch:{CHANNEL}` (pub/sub), `PREFIX:presence:{CHANNEL}` (hash),
+//!   `PREFIX:user:{USER}` (personal channel), `PREFIX:node:UID` (lease) and `PREFIX:nodes`
+//!   (zset of leases by expiry). The `{...}` hash tag keeps a channel's keys in one cluster slot.
+
+use super::Broker;
+use crate::bus::{
+    BrokerError, BrokerInbox, BrokerReply, BusStats, Part, Query, ReplyTo, ShardCommand, ShardLink,
+    ToBroker, ToShard,
+};
+use crate::config::Config;
+use crate::protocol::reply::{self, ClientInfo};
+use crate::shard::NodeInfo;
+use crate::ws::{FrameBuf, OP_TEXT};
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::net::TcpStream;
+use redis_protocol::resp2::decode::decode_bytes_mut;
+use redis_protocol::resp2::encode::extend_encode_borrowed;
+use redis_protocol::resp2::types::{BorrowedFrame, BytesFrame};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where Redis is, parsed from `redis://[user:password@]host:port[/db]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: u32,
+}
+
+impl RedisTarget {
+    /// Parses a Redis URL; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<RedisTarget, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("is not a URL ({e})"))?;
+        if url.scheme() != "redis" {
+            return Err("must start with redis:// (TLS is not supported)".into());
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or("has no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let db = match url.path().trim_start_matches('/') {
+            "" => 0,
+            p => p
+                .parse()
+                .map_err(|_| format!("has a bad database number `{p}`"))?,
+        };
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_default()
+        };
+        Ok(RedisTarget {
+            host,
+            port: url.port().unwrap_or(6379),
+            username: Some(decode(url.username())).filter(|u| !u.is_empty()),
+            password: url.password().map(decode),
+            db,
+        })
+    }
+}
+
+/// Lua: the presence entries of a channel whose owning node still holds its lease; entries of
+/// dead nodes are removed on the way. KEYS: presence hash, lease zset. ARGV: now (ms).
+const PRESENCE_SCRIPT: &str = r#"
+local live = {}
+for _, uid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf')) do live[uid] = true end
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local sep = string.find(v, '|', 1, true)
+  if sep and live[string.sub(v, 1, sep - 1)] then
+    table.insert(out, string.sub(v, sep + 1))
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return out
+"#;
+
+/// Lua: the registry entries of every live node, dropping lapsed leases. KEYS: lease zset.
+/// ARGV: now (ms), node key prefix.
+const NODES_SCRIPT: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+local out = {}
+for _, uid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local v = redis.call('GET', ARGV[2] .. uid)
+  if v then table.insert(out, v) end
+end
+return out
+"#;
+
+/// The Redis broker.
+pub struct RedisBroker {
+    cfg: Arc<Config>,
+    node: Arc<NodeInfo>,
+    stats: Arc<BusStats>,
+    target: RedisTarget,
+    /// CPU to pin the multiplexer to.
+    cpu: Option<usize>,
+}
+
+impl RedisBroker {
+    pub fn new(
+        cfg: Arc<Config>,
+        node: Arc<NodeInfo>,
+        stats: Arc<BusStats>,
+        cpu: Option<usize>,
+    ) -> Result<RedisBroker, String> {
+        let target = RedisTarget::parse(&cfg.redis)?;
+        Ok(RedisBroker {
+            cfg,
+            node,
+            stats,
+            target,
+            cpu,
+        })
+    }
+}
+
+impl Broker for RedisBroker {
+    fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>) {
+        let placement = match self.cpu {
+            Some(cpu) => glommio::Placement::Fixed(cpu),
+            None => glommio::Placement::Unbound,
+        };
+        let executor = glommio::LocalExecutorBuilder::new(placement)
+            .name("shardcast-broker")
+            .io_memory(256 * 1024)
+            .make();
+        let executor = match executor {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the Redis multiplexer");
+                return;
+            }
+        };
+        executor.run(async move {
+            let mux = Rc::new(Mux::new(*self, shards));
+            mux.run(inbox).await;
+        });
+    }
+}
+
+/// What a command reply is for (replies come back in command order).
+enum Waiter {
+    Ignore,
+    Publish(ReplyTo),
+    Presence(ReplyTo),
+    Nodes(ReplyTo),
+}
+
+/// A gather over this node's shards.
+struct Gathering {
+    target: GatherTarget,
+    remaining: usize,
+    merged: Part,
+}
+
+enum GatherTarget {
+    Shard(ReplyTo),
+    /// The lease refresh wants the node's counts.
+    Lease,
+}
+
+/// The live connections' write ends (None while Redis is down).
+struct Link {
+    cmd: LocalSender<Vec<u8>>,
+    sub: LocalSender<Vec<u8>>,
+}
+
+struct Mux {
+    cfg: Arc<Config>,
+    node: Arc<NodeInfo>,
+    stats: Arc<BusStats>,
+    target: RedisTarget,
+    prefix: String,
+    shards: Vec<ShardLink>,
+    /// Channel → mask of shards with local subscribers.
+    interest: RefCell<HashMap<Arc<str>, u64>>,
+    /// User → mask of shards holding their connections.
+    users: RefCell<HashMap<Arc<str>, u64>>,
+    /// Channels whose SUBSCRIBE is sent but not confirmed yet.
+    confirming: RefCell<HashMap<Arc<str>, ()>>,
+    link: RefCell<Option<Link>>,
+    waiters: RefCell<VecDeque<Waiter>>,
+    /// Commands encoded during the current batch.
+    cmd_out: RefCell<Vec<u8>>,
+    sub_out: RefCell<Vec<u8>>,
+    gathers: RefCell<HashMap<u64, Gathering>>,
+    next_gather: Cell<u64>,
+}
+
+/// Appends one RESP command.
+fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+    let frames: Vec<BorrowedFrame<'_>> =
+        args.iter().map(|a| BorrowedFrame::BulkString(a)).collect();
+    let mut buf = BytesMut::new();
+    extend_encode_borrowed(&mut buf, &BorrowedFrame::Array(&frames), false)
+        .expect("encoding into a growable buffer");
+    out.extend_from_slice(&buf);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Control messages on a user's personal channel.
+#[derive(serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Control {
+    Disconnect {
+        client: Option<String>,
+        code: u16,
+        reason: String,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+}
+
+impl Mux {
+    fn new(b: RedisBroker, shards: Vec<ShardLink>) -> Mux {
+        Mux {
+            prefix: b.cfg.redis_options.prefix.clone(),
+            cfg: b.cfg,
+            node: b.node,
+            stats: b.stats,
+            target: b.target,
+            shards,
+            interest: RefCell::default(),
+            users: RefCell::default(),
+            confirming: RefCell::default(),
+            link: RefCell::new(None),
+            waiters: RefCell::default(),
+            cmd_out: RefCell::default(),
+            sub_out: RefCell::default(),
+            gathers: RefCell::default(),
+            next_gather: Cell::new(1),
+        }
+    }
+
+    fn channel_key(&self, channel: &str) -> String {
+        format!("{}:ch:{{{}}}", self.prefix, channel)
+    }
+    fn presence_key(&self, channel: &str) -> String {
+        format!("{}:presence:{{{}}}", self.prefix, channel)
+    }
+    fn user_key(&self, user: &str) -> String {
+        format!("{}:user:{{{}}}", self.prefix, user)
+    }
+    fn node_key_prefix(&self) -> String {
+        format!("{}:node:", self.prefix)
+    }
+    fn nodes_key(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    fn is_up(&self) -> bool {
+        self.link.borrow().is_some()
+    }
+
+    fn reply(&self, to: ReplyTo, reply: BrokerReply) {
+        if let Some(link) = self.shards.get(to.shard) {
+            link.send(ToShard::Reply {
+                token: to.token,
+                reply,
+            });
+        }
+    }
+
+    /// Queues a command on the command connection with what its reply is for.
+    fn command(&self, args: &[&[u8]], waiter: Waiter) {
+        encode(&mut self.cmd_out.borrow_mut(), args);
+        self.waiters.borrow_mut().push_back(waiter);
+    }
+
+    fn sub_command(&self, args: &[&[u8]]) {
+        encode(&mut self.sub_out.borrow_mut(), args);
+    }
+
+    /// Hands the batch's encoded commands to the connection writers.
+    fn flush(&self) {
+        let link = self.link.borrow();
+        let Some(link) = link.as_ref() else {
+            self.cmd_out.borrow_mut().clear();
+            self.sub_out.borrow_mut().clear();
+            return;
+        };
+        let cmd = std::mem::take(&mut *self.cmd_out.borrow_mut());
+        if !cmd.is_empty() {
+            let _ = link.cmd.try_send(cmd);
+        }
+        let sub = std::mem::take(&mut *self.sub_out.borrow_mut());
+        if !sub.is_empty() {
+            let _ = link.sub.try_send(sub);
+        }
+    }
+
+    async fn run(self: Rc<Self>, inbox: BrokerInbox) {
+        let (notified, wake) = inbox
+            .wake
+            .expect("the Redis broker is created with wake-ups");
+        // SAFETY: one end of a socketpair we own.
+        let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(wake.into_raw_fd()) };
+        let rx = inbox.rx;
+        let me = self.clone();
+        glommio::spawn_local(async move { me.connection_loop().await }).detach();
+        let me = self.clone();
+        glommio::spawn_local(async move { me.lease_loop().await }).detach();
+        let mut bytes = [0u8; 64];
+        loop {
+            notified.store(false, Ordering::SeqCst);
+            let mut n = 0u32;
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => self.handle(msg),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        tracing::debug!("every shard is gone: multiplexer stops");
+                        return;
+                    }
+                }
+                n += 1;
+                if n % 512 == 0 {
+                    self.flush();
+                    glommio::yield_if_needed().await;
+                }
+            }
+            self.flush();
+            match wake.read(&mut bytes).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn handle(&self, msg: ToBroker) {
+        match msg {
+            ToBroker::Subscribe { shard, channel } => {
+                let first = {
+                    let mut interest = self.interest.borrow_mut();
+                    let mask = interest.entry(channel.clone()).or_insert(0);
+                    let first = *mask == 0;
+                    *mask |= 1 << shard;
+                    first
+                };
+                if first && self.is_up() {
+                    self.sub_command(&[b"SUBSCRIBE", self.channel_key(&channel).as_bytes()]);
+                    self.confirming.borrow_mut().insert(channel, ());
+                } else if !self.confirming.borrow().contains_key(&channel) {
+                    // Already subscribed, or Redis is down and the channel is resubscribed with
+                    // everything else on reconnect.
+                    self.shards[shard].send(ToShard::Subscribed { channel });
+                }
+            }
+            ToBroker::Unsubscribe { shard, channel } => {
+                let last = {
+                    let mut interest = self.interest.borrow_mut();
+                    match interest.get_mut(&channel) {
+                        Some(mask) => {
+                            *mask &= !(1 << shard);
+                            if *mask == 0 {
+                                interest.remove(&channel);
+                                true
+                            } else {
+                                false
+                            }
+                        }
+                        None => false,
+                    }
+                };
+                if last {
+                    self.confirming.borrow_mut().remove(&channel);
+                    if self.is_up() {
+                        self.sub_command(&[b"UNSUBSCRIBE", self.channel_key(&channel).as_bytes()]);
+                    }
+                }
+            }
+            ToBroker::Publish {
+                channel,
+                data,
+                info,
+                reply,
+            } => {
+                if !self.is_up() {
+                    self.reply(reply, BrokerReply::Published(Err(BrokerError::Unavailable)));
+                    return;
+                }
+                self.stats.publications.fetch_add(1, Ordering::Relaxed);
+                // The payload is the complete push, so receiving nodes only add a frame header.
+                let mut payload = Vec::with_capacity(channel.len() + data.get().len() + 48);
+                reply::publication(&mut payload, &channel, &data, info.as_ref());
+                self.command(
+                    &[b"PUBLISH", self.channel_key(&channel).as_bytes(), &payload],
+                    Waiter::Publish(reply),
+                );
+            }
+            ToBroker::Gather { query, reply } => self.gather(query, GatherTarget::Shard(reply)),
+            ToBroker::Part { gather, part } => self.part(gather, part),
+            ToBroker::Command(cmd) => {
+                let (user, control) = match cmd.clone() {
+                    ShardCommand::Disconnect {
+                        user,
+                        client,
+                        code,
+                        reason,
+                    } => (
+                        user,
+                        Control::Disconnect {
+                            client: client.map(|c| c.to_string()),
+                            code,
+                            reason: reason.to_string(),
+                        },
+                    ),
+                    ShardCommand::Unsubscribe { user, channel } => (
+                        user,
+                        Control::Unsubscribe {
+                            channel: channel.to_string(),
+                        },
+                    ),
+                };
+                if self.is_up() {
+                    let body = serde_json::to_vec(&control).expect("control message");
+                    self.command(
+                        &[b"PUBLISH", self.user_key(&user).as_bytes(), &body],
+                        Waiter::Ignore,
+                    );
+                } else {
+                    // Redis down: at least this node's connections get it.
+                    tracing::warn!(%user, "Redis down: user command applied on this node only");
+                    for link in &self.shards {
+                        link.send(ToShard::Command(cmd.clone()));
+                    }
+                }
+            }
+            ToBroker::PresenceAdd { channel, info } => {
+                if !self.is_up() {
+                    return;
+                }
+                let mut value = self.node.uid.clone().into_bytes();
+                value.push(b'|');
+                serde_json::to_writer(&mut value, &info).expect("client info");
+                let key = self.presence_key(&channel);
+                let ttl = self.cfg.redis_options.presence_ttl_secs.to_string();
+                self.command(
+                    &[b"HSET", key.as_bytes(), info.client.as_bytes(), &value],
+                    Waiter::Ignore,
+                );
+                self.command(&[b"EXPIRE", key.as_bytes(), ttl.as_bytes()], Waiter::Ignore);
+            }
+            ToBroker::PresenceRemove { channel, client } => {
+                if self.is_up() {
+                    let key = self.presence_key(&channel);
+                    self.command(
+                        &[b"HDEL", key.as_bytes(), client.as_bytes()],
+                        Waiter::Ignore,
+                    );
+                }
+            }
+            ToBroker::UserInterest { shard, user, on } => {
+                let (first, last) = {
+                    let mut users = self.users.borrow_mut();
+                    let mask = users.entry(user.clone()).or_insert(0);
+                    let before = *mask;
+                    if on {
+                        *mask |= 1 << shard;
+                    } else {
+                        *mask &= !(1 << shard);
+                    }
+                    let after = *mask;
+                    if after == 0 {
+                        users.remove(&user);
+                    }
+                    (before == 0 && after != 0, before != 0 && after == 0)
+                };
+                if self.is_up() && first {
+                    self.sub_command(&[b"SUBSCRIBE", self.user_key(&user).as_bytes()]);
+                } else if self.is_up() && last {
+                    self.sub_command(&[b"UNSUBSCRIBE", self.user_key(&user).as_bytes()]);
+                }
+            }
+        }
+    }
+
+    fn gather(&self, query: Query, target: GatherTarget) {
+        match (&query, &target) {
+            (Query::Presence(channel), GatherTarget::Shard(reply)) => {
+                if !self.is_up() {
+                    self.reply(*reply, BrokerReply::Failed(BrokerError::Unavailable));
+                    return;
+                }
+                let now = now_ms().to_string();
+                self.command(
+                    &[
+                        b"EVAL",
+                        PRESENCE_SCRIPT.as_bytes(),
+                        b"2",
+                        self.presence_key(channel).as_bytes(),
+                        self.nodes_key().as_bytes(),
+                        now.as_bytes(),
+                    ],
+                    Waiter::Presence(*reply),
+                );
+            }
+            (Query::Nodes, GatherTarget::Shard(reply)) => {
+                if !self.is_up() {
+                    self.reply(*reply, BrokerReply::Gathered(Part::Nodes(Vec::new())));
+                    return;
+                }
+                let now = now_ms().to_string();
+                self.command(
+                    &[
+                        b"EVAL",
+                        NODES_SCRIPT.as_bytes(),
+                        b"1",
+                        self.nodes_key().as_bytes(),
+                        now.as_bytes(),
+                        self.node_key_prefix().as_bytes(),
+                    ],
+                    Waiter::Nodes(*reply),
+                );
+            }
+            _ => {
+                // Channels and stats are this node's: ask every local shard.
+                let id = self.next_gather.get();
+                self.next_gather.set(id + 1);
+                let merged = match &query {
+                    Query::Channels(_) => Part::Channels(Vec::new()),
+                    _ => Part::Stats {
+                        connections: 0,
+                        subscriptions: 0,
+                        users: Vec::new(),
+                    },
+                };
+                self.gathers.borrow_mut().insert(
+                    id,
+                    Gathering {
+                        target,
+                        remaining: self.shards.len(),
+                        merged,
+                    },
+                );
+                for link in &self.shards {
+                    link.send(ToShard::Collect {
+                        gather: id,
+                        query: query.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn part(&self, gather: u64, part: Part) {
+        let done = {
+            let mut gathers = self.gathers.borrow_mut();
+            let Some(g) = gathers.get_mut(&gather) else {
+                return;
+            };
+            super::memory::merge(&mut g.merged, part);
+            g.remaining -= 1;
+            if g.remaining > 0 {
+                return;
+            }
+            gathers.remove(&gather).expect("present")
+        };
+        let merged = super::memory::finish(done.merged);
+        match done.target {
+            GatherTarget::Shard(reply) => self.reply(reply, BrokerReply::Gathered(merged)),
+            GatherTarget::Lease => self.write_lease(merged),
+        }
+    }
+
+    /// Writes this node's registry entry (its lease).
+    fn write_lease(&self, stats: Part) {
+        let Part::Stats {
+            connections,
+            subscriptions,
+            users,
+        } = stats
+        else {
+            return;
+        };
+        if !self.is_up() {
+            return;
+        }
+        let ttl_ms = self.cfg.redis_options.lease_ttl_secs as u64 * 1000;
+        let entry = json!({
+            "uid": self.node.uid,
+            "name": self.node.name,
+            "address": self.node.address,
+            "version": crate::conn::session::VERSION,
+            "num_clients": connections,
+            "num_users": users.len(),
+            "num_subs": subscriptions,
+            "num_channels": self.interest.borrow().len(),
+            "uptime": self.node.started.elapsed().as_secs(),
+            "shards": self.shards.len(),
+            "broker": "redis",
+        })
+        .to_string();
+        let key = format!("{}{}", self.node_key_prefix(), self.node.uid);
+        let ttl = ttl_ms.to_string();
+        let expiry = (now_ms() + ttl_ms).to_string();
+        self.command(
+            &[
+                b"SET",
+                key.as_bytes(),
+                entry.as_bytes(),
+                b"PX",
+                ttl.as_bytes(),
+            ],
+            Waiter::Ignore,
+        );
+        self.command(
+            &[
+                b"ZADD",
+                self.nodes_key().as_bytes(),
+                expiry.as_bytes(),
+                self.node.uid.as_bytes(),
+            ],
+            Waiter::Ignore,
+        );
+        self.flush();
+    }
+
+    async fn lease_loop(self: Rc<Self>) {
+        let every = Duration::from_secs(self.cfg.redis_options.lease_refresh_secs as u64);
+        loop {
+            if self.is_up() {
+                self.gather(Query::Stats, GatherTarget::Lease);
+            }
+            glommio::timer::sleep(every).await;
+        }
+    }
+
+    /// Connects, serves, and reconnects with capped exponential backoff and jitter, forever.
+    async fn connection_loop(self: Rc<Self>) {
+        let opts = &self.cfg.redis_options;
+        let mut attempt: u32 = 0;
+        let mut first = true;
+        loop {
+            match self.connect_pair().await {
+                Ok((cmd, sub)) => {
+                    attempt = 0;
+                    if !first {
+                        self.node.redis_reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    first = false;
+                    tracing::info!(host = %self.target.host, port = self.target.port, "Redis link up");
+                    self.serve(cmd, sub).await;
+                    tracing::warn!(
+                        "Redis link down; client connections stay, publishes fail until it is back"
+                    );
+                }
+                Err(e) => {
+                    if attempt == 0 || attempt % 20 == 0 {
+                        tracing::warn!(error = %e, attempt, "cannot reach Redis");
+                    }
+                }
+            }
+            self.node.redis_state.store(2, Ordering::Relaxed);
+            let base = (opts.backoff_initial_ms as u64)
+                .saturating_mul(1 << attempt.min(16))
+                .min(opts.backoff_max_ms as u64);
+            // Full jitter in [base/2, base]: nodes that lost Redis together do not return together.
+            let delay = base / 2 + fastrand::u64(0..=base / 2);
+            attempt = attempt.saturating_add(1);
+            glommio::timer::sleep(Duration::from_millis(delay)).await;
+        }
+    }
+
+    /// Opens one connection and runs AUTH, SELECT and CLIENT SETNAME on it.
+    async fn connect_one(&self, role: &str) -> Result<(TcpStream, BytesMut), String> {
+        let addr = (self.target.host.as_str(), self.target.port);
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+            .map_err(|e| format!("cannot resolve {}: {e}", self.target.host))?
+            .next()
+            .ok_or("no address")?;
+        let timeout = Duration::from_millis(self.cfg.redis_options.connect_timeout_ms as u64);
+        let mut stream = TcpStream::connect_timeout(addr, timeout)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let mut hello = Vec::new();
+        let mut expected = 0;
+        if let Some(password) = &self.target.password {
+            match &self.target.username {
+                Some(user) => encode(&mut hello, &[b"AUTH", user.as_bytes(), password.as_bytes()]),
+                None => encode(&mut hello, &[b"AUTH", password.as_bytes()]),
+            }
+            expected += 1;
+        }
+        if self.target.db != 0 {
+            encode(
+                &mut hello,
+                &[b"SELECT", self.target.db.to_string().as_bytes()],
+            );
+            expected += 1;
+        }
+        let name = format!("shardcast-{}-{role}", self.node.uid);
+        encode(&mut hello, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
+        expected += 1;
+        stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut seen = 0;
+        while seen < expected {
+            match next_frame(&mut stream, &mut buf).await? {
+                BytesFrame::Error(e) => return Err(format!("Redis refused the handshake: {e}")),
+                _ => seen += 1,
+            }
+        }
+        Ok((stream, buf))
+    }
+
+    async fn connect_pair(&self) -> Result<((TcpStream, BytesMut), (TcpStream, BytesMut)), String> {
+        let cmd = self.connect_one("cmd").await?;
+        let sub = self.connect_one("sub").await?;
+        Ok((cmd, sub))
+    }
+
+    /// Runs both connections until either fails.
+    async fn serve(self: &Rc<Self>, cmd: (TcpStream, BytesMut), sub: (TcpStream, BytesMut)) {
+        let (cmd_stream, cmd_buf) = cmd;
+        let (sub_stream, sub_buf) = sub;
+        let (cmd_read, mut cmd_write) = futures_lite::io::split(cmd_stream);
+        let (sub_read, mut sub_write) = futures_lite::io::split(sub_stream);
+        let (cmd_tx, cmd_rx) = local_channel::new_unbounded::<Vec<u8>>();
+        let (sub_tx, sub_rx) = local_channel::new_unbounded::<Vec<u8>>();
+        let cmd_writer = glommio::spawn_local(async move {
+            while let Some(chunk) = cmd_rx.recv().await {
+                if cmd_write.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let sub_writer = glommio::spawn_local(async move {
+            while let Some(chunk) = sub_rx.recv().await {
+                if sub_write.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Resubscribe everything in one command, then announce ourselves.
+        {
+            let interest = self.interest.borrow();
+            let users = self.users.borrow();
+            if !interest.is_empty() || !users.is_empty() {
+                let names: Vec<String> = interest
+                    .keys()
+                    .map(|c| self.channel_key(c))
+                    .chain(users.keys().map(|u| self.user_key(u)))
+                    .collect();
+                let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+                args.extend(names.iter().map(|n| n.as_bytes()));
+                encode(&mut self.sub_out.borrow_mut(), &args);
+            }
+            self.confirming.borrow_mut().clear();
+        }
+        *self.link.borrow_mut() = Some(Link {
+            cmd: cmd_tx,
+            sub: sub_tx,
+        });
+        self.node.redis_state.store(1, Ordering::Relaxed);
+        self.gather(Query::Stats, GatherTarget::Lease);
+        self.flush();
+
+        let me = self.clone();
+        let cmd_reader = async move { me.read_replies(cmd_read, cmd_buf).await };
+        let me = self.clone();
+        let sub_reader = async move { me.read_pushes(sub_read, sub_buf).await };
+        let reason = futures_lite::future::or(cmd_reader, sub_reader).await;
+        tracing::warn!(%reason, "Redis connection lost");
+
+        // Down: drop the writers, fail whatever waits for a reply.
+        *self.link.borrow_mut() = None;
+        self.node.redis_state.store(2, Ordering::Relaxed);
+        cmd_writer.cancel().await;
+        sub_writer.cancel().await;
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for w in waiters {
+            match w {
+                Waiter::Ignore => {}
+                Waiter::Publish(to) => {
+                    self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)))
+                }
+                Waiter::Presence(to) => {
+                    self.reply(to, BrokerReply::Failed(BrokerError::Unavailable))
+                }
+                Waiter::Nodes(to) => self.reply(to, BrokerReply::Gathered(Part::Nodes(Vec::new()))),
+            }
+        }
+        // Channels waiting for SUBSCRIBE confirmation are confirmed now; they are resubscribed
+        // with the rest on reconnect.
+        let confirming: Vec<Arc<str>> = self
+            .confirming
+            .borrow_mut()
+            .drain()
+            .map(|(c, _)| c)
+            .collect();
+        for channel in confirming {
+            self.confirm(&channel);
+        }
+    }
+
+    /// Tells every shard with interest in `channel` that its subscription is in place.
+    fn confirm(&self, channel: &Arc<str>) {
+        let mask = self.interest.borrow().get(channel).copied().unwrap_or(0);
+        for (i, link) in self.shards.iter().enumerate() {
+            if mask & (1 << i) != 0 {
+                link.send(ToShard::Subscribed {
+                    channel: channel.clone(),
+                });
+            }
+        }
+    }
+
+    async fn read_replies(
+        &self,
+        mut stream: futures_lite::io::ReadHalf<TcpStream>,
+        mut buf: BytesMut,
+    ) -> String {
+        loop {
+            let frame = match next_frame(&mut stream, &mut buf).await {
+                Ok(f) => f,
+                Err(e) => return e,
+            };
+            let Some(waiter) = self.waiters.borrow_mut().pop_front() else {
+                return "reply without a command".into();
+            };
+            match (waiter, frame) {
+                (Waiter::Ignore, BytesFrame::Error(e)) => {
+                    tracing::warn!(error = %e, "Redis command failed")
+                }
+                (Waiter::Ignore, _) => {}
+                (Waiter::Publish(to), BytesFrame::Error(e)) => {
+                    tracing::warn!(error = %e, "PUBLISH failed");
+                    self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)));
+                }
+                (Waiter::Publish(to), _) => self.reply(to, BrokerReply::Published(Ok(()))),
+                (Waiter::Presence(to), BytesFrame::Array(items)) => {
+                    let list: Vec<ClientInfo> = items
+                        .iter()
+                        .filter_map(|f| match f {
+                            BytesFrame::BulkString(b) => serde_json::from_slice(b).ok(),
+                            _ => None,
+                        })
+                        .collect();
+                    self.reply(to, BrokerReply::Gathered(Part::Presence(list)));
+                }
+                (Waiter::Presence(to), other) => {
+                    tracing::warn!(reply = ?other, "presence script failed");
+                    self.reply(to, BrokerReply::Failed(BrokerError::Unavailable));
+                }
+                (Waiter::Nodes(to), BytesFrame::Array(items)) => {
+                    let list: Vec<Value> = items
+                        .iter()
+                        .filter_map(|f| match f {
+                            BytesFrame::BulkString(b) => serde_json::from_slice(b).ok(),
+                            _ => None,
+                        })
+                        .collect();
+                    self.reply(to, BrokerReply::Gathered(Part::Nodes(list)));
+                }
+                (Waiter::Nodes(to), other) => {
+                    tracing::warn!(reply = ?other, "nodes script failed");
+                    self.reply(to, BrokerReply::Gathered(Part::Nodes(Vec::new())));
+                }
+            }
+        }
+    }
+
+    async fn read_pushes(
+        &self,
+        mut stream: futures_lite::io::ReadHalf<TcpStream>,
+        mut buf: BytesMut,
+    ) -> String {
+        loop {
+            let frame = match next_frame(&mut stream, &mut buf).await {
+                Ok(f) => f,
+                Err(e) => return e,
+            };
+            let BytesFrame::Array(items) = frame else {
+                if let BytesFrame::Error(e) = frame {
+                    tracing::warn!(error = %e, "Redis refused a subscription command");
+                }
+                continue;
+            };
+            let bulk = |i: usize| match items.get(i) {
+                Some(BytesFrame::BulkString(b)) | Some(BytesFrame::SimpleString(b)) => {
+                    Some(b.clone())
+                }
+                _ => None,
+            };
+            let (Some(kind), Some(name)) = (bulk(0), bulk(1)) else {
+                continue;
+            };
+            match &kind[..] {
+                b"message" => {
+                    if let Some(payload) = bulk(2) {
+                        self.deliver(&name, payload);
+                    }
+                }
+                b"subscribe" => {
+                    if let Some(channel) = self.app_channel(&name) {
+                        let channel: Arc<str> = Arc::from(channel);
+                        if self.confirming.borrow_mut().remove(&channel).is_some() {
+                            self.confirm(&channel);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// `PREFIX:ch:{CHANNEL}` → `CHANNEL`.
+    fn app_channel<'a>(&self, name: &'a [u8]) -> Option<&'a str> {
+        let name = std::str::from_utf8(name).ok()?;
+        name.strip_prefix(&self.prefix)?
+            .strip_prefix(":ch:{")?
+            .strip_suffix('}')
+    }
+
+    fn deliver(&self, name: &[u8], payload: Bytes) {
+        if let Some(channel) = self.app_channel(name) {
+            let Some(&mask) = self.interest.borrow().get(channel) else {
+                return;
+            };
+            let mut frame = FrameBuf::with_capacity(payload.len());
+            frame.payload().extend_from_slice(&payload);
+            let frame = frame.finish(OP_TEXT);
+            let channel: Arc<str> = Arc::from(channel);
+            for (i, link) in self.shards.iter().enumerate() {
+                if mask & (1 << i) != 0 {
+                    link.send(ToShard::Publication {
+                        channel: channel.clone(),
+                        frame: frame.clone(),
+                    });
+                }
+            }
+            return;
+        }
+        // A user's personal channel: a control message for their connections.
+        let user = std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| n.strip_prefix(&self.prefix))
+            .and_then(|n| n.strip_prefix(":user:{"))
+            .and_then(|n| n.strip_suffix('}'));
+        let Some(user) = user else {
+            return;
+        };
+        let Ok(control) = serde_json::from_slice::<Control>(&payload) else {
+            tracing::warn!(%user, "unreadable control message ignored");
+            return;
+        };
+        let user: Arc<str> = Arc::from(user);
+        let cmd = match control {
+            Control::Disconnect {
+                client,
+                code,
+                reason,
+            } => ShardCommand::Disconnect {
+                user: user.clone(),
+                client: client.map(Arc::from),
+                code,
+                reason: reason.into(),
+            },
+            Control::Unsubscribe { channel } => ShardCommand::Unsubscribe {
+                user: user.clone(),
+                channel: channel.into(),
+            },
+        };
+        let mask = self.users.borrow().get(&user).copied().unwrap_or(0);
+        for (i, link) in self.shards.iter().enumerate() {
+            if mask & (1 << i) != 0 {
+                link.send(ToShard::Command(cmd.clone()));
+            }
+        }
+    }
+}
+
+/// Reads until one RESP frame is complete.
+async fn next_frame<R: futures_lite::AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut BytesMut,
+) -> Result<BytesFrame, String> {
+    loop {
+        match decode_bytes_mut(buf) {
+            Ok(Some((frame, _, _))) => return Ok(frame),
+            Ok(None) => {}
+            Err(e) => return Err(format!("bad RESP from Redis: {e:?}")),
+        }
+        let len = buf.len();
+        buf.resize(len + 16 * 1024, 0);
+        match stream.read(&mut buf[len..]).await {
+            Ok(0) => {
+                buf.truncate(len);
+                return Err("Redis closed the connection".into());
+            }
+            Ok(n) => buf.truncate(len + n),
+            Err(e) => {
+                buf.truncate(len);
+                return Err(format!("read from Redis: {e}"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = RedisTarget::parse("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6380, 2));
+        assert_eq!((t.username, t.password), (None, None));
+        let t = RedisTarget::parse("redis://user:p%40ss@redis.local").unwrap();
+        assert_eq!(t.port, 6379);
+        assert_eq!(t.username.as_deref(), Some("user"));
+        assert_eq!(t.password.as_deref(), Some("p@ss"));
+        let t = RedisTarget::parse("redis://:secret@[::1]:7000").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.password.as_deref()),
+            ("::1", Some("secret"))
+        );
+        assert!(RedisTarget::parse("rediss://h:1").is_err());
+        assert!(RedisTarget::parse("redis://h:1/x").is_err());
+        assert!(RedisTarget::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn resp_encoding() {
+        let mut out = Vec::new();
+        encode(&mut out, &[b"PUBLISH", b"a", b"{\"x\":1}"]);
+        assert_eq!(
+            out,
+            b"*3\r\n$7\r\nPUBLISH\r\n$1\r\na\r\n$7\r\n{\"x\":1}\r\n"
+        );
+    }
+
+    #[test]
+    fn control_messages_round_trip() {
+        let c = Control::Disconnect {
+            client: None,
+            code: 4000,
+            reason: "x".into(),
+        };
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(matches!(
+            serde_json::from_str::<Control>(&text).unwrap(),
+            Control::Disconnect { code: 4000, .. }
+        ));
+    }
+}
