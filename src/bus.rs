@@ -38,6 +38,8 @@ pub enum Query {
     Channels(Option<Arc<str>>),
     /// Connection, subscription and user counts.
     Stats,
+    /// Every presence entry of the shard, for re-announcing after Redis lost them.
+    PresenceAll,
     /// Every live node of the cluster as the registry holds it (answered by the broker itself;
     /// empty in standalone mode).
     Nodes,
@@ -55,6 +57,8 @@ pub enum Part {
     },
     /// Node registry entries (JSON objects).
     Nodes(Vec<serde_json::Value>),
+    /// (channel, client) presence entries.
+    PresenceAll(Vec<(Arc<str>, ClientInfo)>),
 }
 
 /// A command every shard applies to its own connections.

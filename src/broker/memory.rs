@@ -111,6 +111,7 @@ impl State {
                         users: Vec::new(),
                     },
                     Query::Nodes => Part::Nodes(Vec::new()),
+                    Query::PresenceAll => Part::PresenceAll(Vec::new()),
                 };
                 self.gathers.insert(
                     id,
@@ -168,6 +169,7 @@ pub(crate) fn merge(into: &mut Part, part: Part) {
     match (into, part) {
         (Part::Presence(a), Part::Presence(b)) => a.extend(b),
         (Part::Channels(a), Part::Channels(b)) => a.extend(b),
+        (Part::PresenceAll(a), Part::PresenceAll(b)) => a.extend(b),
         (
             Part::Stats {
                 connections,

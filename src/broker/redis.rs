@@ -193,6 +193,8 @@ enum GatherTarget {
     Shard(ReplyTo),
     /// The lease refresh wants the node's counts.
     Lease,
+    /// After a reconnect: write every local presence entry again (Redis may have lost them).
+    Reannounce,
 }
 
 /// The live connections' write ends (None while Redis is down).
@@ -562,6 +564,7 @@ impl Mux {
                 self.next_gather.set(id + 1);
                 let merged = match &query {
                     Query::Channels(_) => Part::Channels(Vec::new()),
+                    Query::PresenceAll => Part::PresenceAll(Vec::new()),
                     _ => Part::Stats {
                         connections: 0,
                         subscriptions: 0,
@@ -603,6 +606,14 @@ impl Mux {
         match done.target {
             GatherTarget::Shard(reply) => self.reply(reply, BrokerReply::Gathered(merged)),
             GatherTarget::Lease => self.write_lease(merged),
+            GatherTarget::Reannounce => {
+                if let Part::PresenceAll(entries) = merged {
+                    for (channel, info) in entries {
+                        self.handle(ToBroker::PresenceAdd { channel, info });
+                    }
+                    self.flush();
+                }
+            }
         }
     }
 
@@ -798,6 +809,7 @@ impl Mux {
         });
         self.node.redis_state.store(1, Ordering::Relaxed);
         self.gather(Query::Stats, GatherTarget::Lease);
+        self.gather(Query::PresenceAll, GatherTarget::Reannounce);
         self.flush();
 
         let me = self.clone();

@@ -461,6 +461,29 @@ impl Shard {
                     .collect(),
             ),
             Query::Nodes => Part::Nodes(Vec::new()),
+            Query::PresenceAll => {
+                let conns = self.conns.borrow();
+                let mut all = Vec::new();
+                for ch in index.channels() {
+                    if !self
+                        .cfg
+                        .namespace_of(&ch.name)
+                        .is_some_and(|ns| ns.presence)
+                    {
+                        continue;
+                    }
+                    let name: Arc<str> = Arc::from(&*ch.name);
+                    for info in ch
+                        .subscribers
+                        .iter()
+                        .filter_map(|k| conns.get(*k))
+                        .filter_map(|c| c.client_info())
+                    {
+                        all.push((name.clone(), info));
+                    }
+                }
+                Part::PresenceAll(all)
+            }
             Query::Stats => Part::Stats {
                 connections: self.conns.borrow().len() as u64,
                 subscriptions: index.subscriptions(),

@@ -95,6 +95,7 @@ fn redis_killed_and_restarted_mid_stream() {
     let b = Server::start(&cfg, &[]);
     let (mut sub, _) = Client::connected(&b, "reader");
     assert!(sub.command("subscribe", json!({"channel": "news"}))["subscribe"].is_object());
+    assert!(sub.command("subscribe", json!({"channel": "chat:room"}))["subscribe"].is_object());
     for i in 0..20 {
         assert_eq!(
             api(a.addr, "publish", &json!({"channel": "news", "data": i})).1,
