@@ -28,6 +28,7 @@ cargo bench --bench density -- [options]
   --settle-ms MS    settle time before each measurement (default 3000)
   --deadline S      hard overall deadline in seconds (default 120)
   --server-args S   extra server arguments (whitespace separated)
+  --no-bench-config do not pass --config with the [namespaces.bench] section
   --server-log      server stderr to our stderr (default: a log file under target/)
 env SHARDCAST_BIN overrides the server binary.";
 
@@ -133,7 +134,7 @@ fn main() {
     let server = Server::start(
         "density",
         shards,
-        &args.server_args(),
+        &args.server_args("density"),
         args.has("server-log"),
     );
     println!("# server: {}", server.describe());
@@ -194,6 +195,14 @@ fn main() {
         "density user-slope: (RSS({}) - RSS({})) / {} = {:.0} B/conn user-space",
         s2.conns, s1.conns, dn as u64, user_slope
     );
+    let rss_step = d(s1.server_rss, s2.server_rss).unsigned_abs();
+    if rss_step < 8 << 20 {
+        println!(
+            "# WARNING: RSS moved only {:.2} MiB between N/4 and N: at this size allocator \
+             reservations dominate and the slope is noise; use more connections (default: fd limit)",
+            mib(rss_step as f64)
+        );
+    }
 
     // --- kernel ---------------------------------------------------------
     // Both ends of every connection live on this machine and each end holds
@@ -219,6 +228,29 @@ fn main() {
         "# kernel division: each connection has 2 local sockets (bench client end + server end) holding \
          the same objects, so kernel Δ / (2 x conns) = one server-side socket; a server with remote clients pays one"
     );
+    // The ends are not quite symmetric: io_kiocb (an in-flight io_uring
+    // request) exists only on the server end, eventpoll_epi mostly on the
+    // bench end (our epoll). Server end = common + io = (K - epi + io) / 2.
+    let slab_d = |k: &str| {
+        d(
+            s1.slabs.get(k).copied().unwrap_or(0),
+            s2.slabs.get(k).copied().unwrap_or(0),
+        )
+    };
+    let (epi, io) = (slab_d("eventpoll_epi"), slab_d("io_kiocb"));
+    let k_server = if s1.slabs.is_empty() {
+        k_slope
+    } else {
+        ((s2.kernel() - s1.kernel()) - epi + io) as f64 / (2.0 * dn)
+    };
+    println!(
+        "density kernel-server-socket: {k_server:.0} B/socket = (ΔK - Δeventpoll_epi + Δio_kiocb) / (2 x {2}); \
+         eventpoll_epi {0:+.0} B/conn belongs to the bench end (epoll), io_kiocb {1:+.0} B/conn to the server end (io_uring)",
+        epi as f64 / dn,
+        io as f64 / dn,
+        dn as u64
+    );
+    let k_slope = k_server;
     if !s1.slabs.is_empty() {
         let mut per: Vec<(String, f64)> = s2
             .slabs
@@ -256,7 +288,7 @@ fn main() {
     let user_p = base.server_rss as f64 + user_slope * PROJECT_CONNS;
     let kern_p = k_slope * PROJECT_CONNS;
     println!(
-        "density projection@500000: user {:.0} MiB (baseline {:.1} MiB + {:.0} B/conn slope) + kernel {:.0} MiB ({:.0} B/socket) = {:.0} MiB, {:.0} B/conn all-in",
+        "density projection@500000: user {:.0} MiB (baseline {:.1} MiB + {:.0} B/conn slope) + kernel {:.0} MiB ({:.0} B/server socket) = {:.0} MiB, {:.0} B/conn all-in",
         mib(user_p),
         mib(base.server_rss as f64),
         user_slope,

@@ -3,11 +3,13 @@
 //! per delivery.
 //!
 //! Phase 1: fixed rate (default 100 msg/s for 10 s).
-//! Phase 2: ramp (rate x2 per step, 2 s per step) with open-loop publishers
+//! Phase 2: ramp (rate x1.5 per step, 2 s per step) with open-loop publishers
 //! over 1–4 keep-alive HTTP connections (bounded window of outstanding
-//! requests); stops at the first step that is not sustained (loss, reorder,
-//! disconnect, publish errors, publisher below 95 % of target, or p99 over the
-//! limit) or when the step/time budget runs out.
+//! requests). A step is sustained when there is no loss, reorder, disconnect
+//! or publish error, the publishers reached 95 % of the target rate and p99 is
+//! under the limit. The ramp stops at the first step with loss/reorder/
+//! disconnect/errors or below 95 % of the target rate (saturation), or when
+//! the step/time budget runs out.
 //!
 //! The server runs with `--shards 1` (executor pinned to core 0) and every
 //! bench thread is pinned to the last core.
@@ -30,11 +32,11 @@ cargo bench --bench fanout -- [options]
   --rate R           fixed-rate phase, publications/s (default 100)
   --secs S           fixed-rate phase duration (default 10)
   --ramp-start R     first ramp step rate (default 2 x --rate)
-  --ramp-factor F    rate multiplier per step (default 2)
+  --ramp-factor F    rate multiplier per step (default 1.5)
   --step-secs S      ramp step duration (default 2)
   --max-steps N      ramp steps at most (default 10)
   --http-conns N     keep-alive publish connections in the ramp, 1..4 (default 2)
-  --pipeline W       outstanding requests per HTTP connection (default 1 = no pipelining)
+  --pipeline W       outstanding (pipelined) requests per HTTP connection (default 4)
   --p99-limit-ms MS  a ramp step with p99 above this is not sustained (default 50)
   --drain-ms MS      wait for late deliveries after each step (default 3000)
   --payload B        approximate size of the published JSON data (default 64)
@@ -44,6 +46,7 @@ cargo bench --bench fanout -- [options]
   --skip-fixed / --skip-ramp
   --deadline S       hard overall deadline in seconds (default 120)
   --server-args S    extra server arguments (whitespace separated)
+  --no-bench-config  do not pass --config with the [namespaces.bench] section
   --server-log       server stderr to our stderr (default: a log file under target/)
 env SHARDCAST_BIN overrides the server binary.";
 
@@ -151,8 +154,10 @@ impl LineHandler for Subs {
     }
 }
 
+/// One publish stream. A fresh keep-alive connection is opened for every step
+/// (the server closes idle HTTP connections after its handshake timeout).
 struct Publisher {
-    http: HttpClient,
+    http: Option<HttpClient>,
     stream: usize,
     seq: u64,
 }
@@ -187,6 +192,11 @@ fn publish_loop(
     payload: usize,
 ) -> PubResult {
     let mut r = PubResult::default();
+    let Some(mut http) = p.http.take() else {
+        r.errors += 1;
+        r.first_error = Some("no HTTP connection".into());
+        return r;
+    };
     let start = Instant::now();
     let end = start + dur;
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -204,7 +214,7 @@ fn publish_loop(
         let more = due < end;
         if more && outstanding < window && now >= due {
             let b = body(p.stream, p.seq, step, payload);
-            if let Err(e) = p.http.send("POST", "/api/publish", &b) {
+            if let Err(e) = http.send("POST", "/api/publish", &b) {
                 fail(&mut r, format!("send: {e}"));
                 break;
             }
@@ -215,12 +225,18 @@ fn publish_loop(
         }
         if outstanding > 0 {
             // Window full, not yet due, or finishing: collect a response.
-            match p.http.recv() {
+            match http.recv() {
                 Ok((200, body)) if body.windows(8).any(|w| w == b"\"result\"") => r.ok += 1,
-                Ok((code, body)) => fail(
-                    &mut r,
-                    format!("HTTP {code}: {}", String::from_utf8_lossy(&body)),
-                ),
+                Ok((code, body)) => {
+                    fail(
+                        &mut r,
+                        format!("HTTP {code}: {}", String::from_utf8_lossy(&body).trim()),
+                    );
+                    if window == 1 {
+                        // Not published: reuse the seq so subscribers see no gap.
+                        p.seq -= 1;
+                    }
+                }
                 Err(e) => {
                     fail(&mut r, format!("recv: {e}"));
                     break;
@@ -254,6 +270,8 @@ struct StepReport {
     server_cpu: f64,
     server_sched: f64,
     client_util: f64,
+    foreign_util: f64,
+    irq_cpu: f64,
     client_cores: usize,
     closed: usize,
     drained: bool,
@@ -261,6 +279,15 @@ struct StepReport {
 }
 
 impl StepReport {
+    fn clone_summary(&self) -> StepReport {
+        StepReport {
+            name: self.name.clone(),
+            stats: self.stats.clone(),
+            first_error: self.first_error.clone(),
+            ..*self
+        }
+    }
+
     fn missing(&self) -> u64 {
         self.expected.saturating_sub(self.stats.delivered)
     }
@@ -271,8 +298,8 @@ impl StepReport {
         println!(
             "fanout {}: {subs} subs x {:.0} msg/s target: published {} ({:.1} msg/s, {} errors), \
              deliveries {}/{} = {:.0} deliveries/s, lost {} (gaps {}), reorder {}, disconnects {}; \
-             server CPU {:.3} s = {:.3} µs/delivery = {:.3} CPU-s per 1M deliveries (schedstat {:.3} µs/delivery); \
-             latency p50 {} p99 {} max {}; client CPU {:.0}% of its core(s)",
+             server CPU {:.3} s = {:.3} µs/delivery = {:.3} CPU-s per 1M deliveries (schedstat {:.3} µs/delivery; plus machine softirq {:.3} µs/delivery, unattributed); \
+             latency p50 {} p99 {} max {}; client CPU {:.0}%, other processes {:.0}% of a core",
             self.name,
             self.target_rate,
             self.published,
@@ -289,13 +316,22 @@ impl StepReport {
             self.server_cpu / del * 1e6,
             self.server_cpu / del * 1e6,
             self.server_sched / del * 1e6,
+            self.irq_cpu / del * 1e6,
             fmt_ns(h.quantile(0.50)),
             fmt_ns(h.quantile(0.99)),
             fmt_ns(h.max),
-            self.client_util * 100.0
+            self.client_util * 100.0,
+            self.foreign_util * 100.0
         );
         if let Some(e) = &self.first_error {
             println!("# {}: first publish error: {e}", self.name);
+        }
+        if self.foreign_util > 0.1 {
+            println!(
+                "# {}: WARNING: other processes used {:.0}% of a CPU during this step (machine busy); numbers are perturbed",
+                self.name,
+                self.foreign_util * 100.0
+            );
         }
         if self.client_util > 0.9 * self.client_cores as f64 {
             println!(
@@ -310,6 +346,16 @@ impl StepReport {
                 self.name
             );
         }
+    }
+
+    /// Loss, reorder or disconnects: a correctness failure of the server (gaps
+    /// are excused only when some publishes failed, since with pipelining a
+    /// failed publish leaves a hole in its stream's seq sequence).
+    fn broken(&self) -> bool {
+        self.missing() > 0
+            || self.stats.reorder > 0
+            || self.closed > 0
+            || (self.stats.gaps > 0 && self.pub_errors == 0)
     }
 
     fn sustained(&self, p99_limit_ns: u64) -> Result<(), String> {
@@ -363,11 +409,18 @@ fn run_step(
     rate: f64,
     dur: Duration,
 ) -> StepReport {
+    for p in pubs.iter_mut() {
+        match HttpClient::connect(ctx.server.addr) {
+            Ok(h) => p.http = Some(h),
+            Err(e) => fatal(&format!("HTTP connect: {e}")),
+        }
+    }
     let closed0 = (ctx.closed)();
     let subs_live = ctx.subs - closed0;
     let cpu0 = cpu_secs(ctx.server.pid);
     let sch0 = sched_ns(ctx.server.pid);
     let self0 = self_cpu_secs();
+    let sys0 = system_cpu_secs();
     let t0_ns = unix_ns();
     let t0 = Instant::now();
     let n = pubs.len();
@@ -396,7 +449,11 @@ fn run_step(
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_secs(ctx.server.pid) - cpu0;
     let sch = (sched_ns(ctx.server.pid).saturating_sub(sch0)) as f64 / 1e9;
-    let client_util = (self_cpu_secs() - self0) / wall;
+    let client_cpu = self_cpu_secs() - self0;
+    let client_util = client_cpu / wall;
+    let sys1 = system_cpu_secs();
+    let foreign_util = ((sys1.0 - sys0.0) - cpu - client_cpu).max(0.0) / wall;
+    let irq_cpu = sys1.1 - sys0.1;
     let mut stats = StepStats::default();
     for s in ctx.shared {
         let st = s.steps[step].lock().unwrap();
@@ -419,6 +476,8 @@ fn run_step(
         server_cpu: cpu,
         server_sched: sch,
         client_util,
+        foreign_util,
+        irq_cpu,
         client_cores: ctx.client_cores,
         closed: (ctx.closed)() - closed0,
         drained,
@@ -447,11 +506,11 @@ fn main() {
     let rate: f64 = args.get("rate", 100.0);
     let secs: f64 = args.get("secs", 10.0);
     let ramp_start: f64 = args.get("ramp-start", rate * 2.0);
-    let ramp_factor: f64 = args.get("ramp-factor", 2.0);
+    let ramp_factor: f64 = args.get("ramp-factor", 1.5);
     let step_secs: f64 = args.get("step-secs", 2.0);
     let max_steps: usize = args.get("max-steps", 10usize).min(MAX_STEPS - 1);
     let http_conns: usize = args.get("http-conns", 2usize).clamp(1, MAX_STREAMS - 1);
-    let window: usize = args.get("pipeline", 1usize).max(1);
+    let window: usize = args.get("pipeline", 4usize).max(1);
     let p99_limit = Duration::from_secs_f64(args.get("p99-limit-ms", 50.0) / 1e3);
     let drain = Duration::from_millis(args.get("drain-ms", 3000u64));
     let payload: usize = args.get("payload", 64usize);
@@ -487,7 +546,7 @@ fn main() {
     let server = Server::start(
         "fanout",
         shards,
-        &args.server_args(),
+        &args.server_args("fanout"),
         args.has("server-log"),
     );
     println!("# server: {}", server.describe());
@@ -569,15 +628,13 @@ fn main() {
     );
 
     let mut pub0 = vec![Publisher {
-        http: HttpClient::connect(server.addr)
-            .unwrap_or_else(|e| fatal(&format!("HTTP connect: {e}"))),
+        http: None,
         stream: 0,
         seq: 0,
     }];
     let mut ramp_pubs: Vec<Publisher> = (1..=http_conns)
         .map(|s| Publisher {
-            http: HttpClient::connect(server.addr)
-                .unwrap_or_else(|e| fatal(&format!("HTTP connect: {e}"))),
+            http: None,
             stream: s,
             seq: 0,
         })
@@ -607,13 +664,14 @@ fn main() {
         );
         r.print(subs);
         if let Err(why) = r.sustained(u64::MAX) {
-            println!("# fixed-rate phase FAILED: {why}");
-            failed = true;
+            println!("# fixed-rate phase not sustained: {why}");
         }
+        failed |= r.broken();
     }
 
     if !args.has("skip-ramp") {
         let mut best: Option<StepReport> = None;
+        let mut peak: Option<StepReport> = None;
         let mut r_rate = ramp_start;
         let mut stop_reason = format!("{max_steps} steps done");
         for step in 1..=max_steps {
@@ -632,14 +690,27 @@ fn main() {
                 Duration::from_secs_f64(step_secs),
             );
             r.print(subs);
-            match r.sustained(p99_limit.as_nanos() as u64) {
+            failed |= r.broken();
+            let clean = !r.broken() && r.pub_errors == 0;
+            let verdict = r.sustained(p99_limit.as_nanos() as u64);
+            let better = |b: &Option<StepReport>| {
+                b.as_ref()
+                    .is_none_or(|b| r.deliveries_per_s > b.deliveries_per_s)
+            };
+            if clean && better(&peak) {
+                peak = Some(r.clone_summary());
+            }
+            // Keep ramping past a latency-only miss (latency on a shared 2-core
+            // box is noisy); stop on loss/disconnects/errors or saturation.
+            let saturated = r.pub_rate < 0.95 * r.target_rate;
+            match verdict {
                 Ok(()) => best = Some(r),
                 Err(why) => {
-                    stop_reason = format!("step {step} at {r_rate:.0} msg/s not sustained: {why}");
-                    if r.missing() > 0 || r.stats.gaps > 0 || r.stats.reorder > 0 || r.closed > 0 {
-                        failed = true;
+                    if !clean || saturated {
+                        stop_reason = format!("stopped at step {step} ({r_rate:.0} msg/s): {why}");
+                        break;
                     }
-                    break;
+                    println!("# {}: not sustained ({why}); continuing the ramp", r.name);
                 }
             }
             r_rate *= ramp_factor;
@@ -657,6 +728,17 @@ fn main() {
                 b.name
             ),
             None => println!("fanout max-sustained: none of the ramp steps was sustained [{stop_reason}]"),
+        }
+        if let Some(p) = peak {
+            println!(
+                "fanout peak-delivered: {:.0} msg/s x {subs} subs = {:.0} deliveries/s with no loss/reorder/disconnect (p99 {}, publisher offered {:.0} of {:.0} msg/s; {})",
+                p.pub_rate,
+                p.deliveries_per_s,
+                fmt_ns(p.stats.hist.quantile(0.99)),
+                p.pub_rate,
+                p.target_rate,
+                p.name
+            );
         }
     }
 

@@ -71,12 +71,44 @@ impl Args {
         }
     }
 
-    /// Extra server arguments: `--server-args "--foo 1 --bar"` (split on whitespace).
-    pub fn server_args(&self) -> Vec<String> {
-        self.str("server-args")
-            .map(|s| s.split_whitespace().map(str::to_string).collect())
-            .unwrap_or_default()
+    /// Extra server arguments: `--config <bench config>` (unless
+    /// `--no-bench-config`), then `--server-args "--foo 1 --bar"` split on
+    /// whitespace.
+    pub fn server_args(&self, name: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        if !self.has("no-bench-config") {
+            v.push("--config".to_string());
+            v.push(write_bench_config(name).display().to_string());
+        }
+        if let Some(s) = self.str("server-args") {
+            v.extend(s.split_whitespace().map(str::to_string));
+        }
+        v
     }
+}
+
+/// Scratch directory for logs and config files (inside target/).
+pub fn scratch_dir() -> PathBuf {
+    let dir = PathBuf::from(
+        option_env!("CARGO_TARGET_TMPDIR")
+            .map(str::to_string)
+            .unwrap_or_else(|| std::env::temp_dir().display().to_string()),
+    );
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// The server only accepts channels of configured namespaces, and namespaces
+/// come from its TOML config, so the benches declare `bench` (for
+/// `bench:<n>`) with default options in a small config file.
+fn write_bench_config(name: &str) -> PathBuf {
+    let path = scratch_dir().join(format!("shardcast-bench-{name}.toml"));
+    let text = "# written by benches/common/mod.rs: the bench channels are bench:<n>\n\
+                [namespaces.bench]\n";
+    if let Err(e) = std::fs::write(&path, text) {
+        fatal(&format!("cannot write {}: {e}", path.display()));
+    }
+    path
 }
 
 pub fn fatal(msg: &str) -> ! {
@@ -148,6 +180,7 @@ pub struct Server {
     pub pid: i32,
     pub addr: SocketAddr,
     pub bin: PathBuf,
+    pub cmdline: String,
     pub log: Option<PathBuf>,
 }
 
@@ -202,13 +235,7 @@ impl Server {
             cmd.stderr(Stdio::inherit());
             None
         } else {
-            let dir = PathBuf::from(
-                option_env!("CARGO_TARGET_TMPDIR")
-                    .map(str::to_string)
-                    .unwrap_or_else(|| std::env::temp_dir().display().to_string()),
-            );
-            let _ = std::fs::create_dir_all(&dir);
-            let path = dir.join(format!("shardcast-bench-{name}.log"));
+            let path = scratch_dir().join(format!("shardcast-bench-{name}.log"));
             match std::fs::File::create(&path) {
                 Ok(f) => {
                     cmd.stderr(Stdio::from(f));
@@ -259,11 +286,13 @@ impl Server {
                 }
             })
             .expect("spawn stdout thread");
+        let cmdline = format!("{cmd:?}").replace('"', "");
         let mut server = Server {
             child,
             pid,
             addr: "0.0.0.0:0".parse().unwrap(),
             bin,
+            cmdline,
             log,
         };
         match rx.recv_timeout(Duration::from_secs(20)) {
@@ -297,7 +326,7 @@ impl Server {
     pub fn describe(&self) -> String {
         format!(
             "{} pid={} addr={}{}",
-            self.bin.display(),
+            self.cmdline,
             self.pid,
             self.addr,
             self.log
@@ -418,6 +447,27 @@ pub fn sched_ns(pid: i32) -> u64 {
         }
     }
     total
+}
+
+/// Machine-wide CPU seconds from the /proc/stat "cpu" line, all CPUs:
+/// `(task time, irq time)` with task = user + nice + system + steal and
+/// irq = irq + softirq. With IRQ time accounting (this kernel has it) softirq
+/// work, e.g. loopback TCP receive processing done while a process sends, is
+/// in the irq bucket and not in any process's utime+stime.
+pub fn system_cpu_secs() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = s.lines().next().unwrap_or("");
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let g = |i: usize| f.get(i).copied().unwrap_or(0);
+    let tck = clk_tck() as f64;
+    (
+        (g(0) + g(1) + g(2) + g(7)) as f64 / tck,
+        (g(5) + g(6)) as f64 / tck,
+    )
 }
 
 /// `(thread name, tid, Cpus_allowed_list)` for every thread of `pid`.
