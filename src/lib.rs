@@ -30,3 +30,47 @@ pub mod node;
 pub mod protocol;
 pub mod shard;
 pub mod ws;
+
+/// Test support: a global allocator that counts the bytes live per thread, so tests can measure
+/// what one idle connection costs on its shard's heap.
+#[cfg(test)]
+pub(crate) mod alloc_count {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        static LIVE: Cell<isize> = const { Cell::new(0) };
+        static BLOCKS: Cell<isize> = const { Cell::new(0) };
+    }
+
+    fn add(bytes: isize, blocks: isize) {
+        let _ = LIVE.try_with(|c| c.set(c.get() + bytes));
+        let _ = BLOCKS.try_with(|c| c.set(c.get() + blocks));
+    }
+
+    // SAFETY: forwards to the system allocator; only counts.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            add(layout.size() as isize, 1);
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            add(-(layout.size() as isize), -1);
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            add(new_size as isize - layout.size() as isize, 0);
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    /// (bytes, blocks) live on this thread.
+    pub fn live() -> (isize, isize) {
+        (LIVE.with(|c| c.get()), BLOCKS.with(|c| c.get()))
+    }
+}

@@ -344,10 +344,7 @@ mod size_tests {
                 let (tx, _rx) = crate::bus::broker_queue(1, false).unwrap();
                 let shard = Shard::new(0, Arc::new(cfg), node, tx);
                 let stream_size = std::mem::size_of_val(&stream);
-                let ws = connection::run(shard.clone(), stream, Vec::new());
-                let ws_size = std::mem::size_of_val(&ws);
-                drop(ws);
-                let stream = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let ws_size = std::mem::size_of::<connection::WsTask>();
                 let fut = serve(shard, stream);
                 (std::mem::size_of_val(&fut), stream_size, ws_size)
             })

@@ -15,7 +15,7 @@ use crate::bus::{
     BrokerReply, Part, Query, ReplyTo, ShardCommand, ShardId, ShardInbox, ToBroker, ToShard,
 };
 use crate::config::Config;
-use crate::conn::session::{Ack, ChanId, Deferred, Host, Identity};
+use crate::conn::session::{Ack, ChanId, ClientId, Deferred, Host, Identity};
 use crate::conn::ConnKey;
 use crate::protocol::reply::{self, ClientInfo, PresenceStats};
 use crate::protocol::token::TokenVerifier;
@@ -211,7 +211,10 @@ pub struct Shard {
     pub scratch: RefCell<Vec<u8>>,
     /// Shared write-coalescing buffer.
     pub cork: RefCell<Vec<u8>>,
-    users: RefCell<HashMap<Rc<str>, HashSet<ConnKey>>>,
+    /// Connections per signed-in user (anonymous ones are not tracked: nothing targets them).
+    users: RefCell<HashMap<Rc<str>, smallvec::SmallVec<[ConnKey; 1]>>>,
+    /// The one shared name of every anonymous user.
+    anonymous: Rc<str>,
     client_seq: Cell<u64>,
     pub counters: Counters,
     pub decoder: ws::Decoder,
@@ -249,6 +252,7 @@ impl Shard {
             scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
             cork: RefCell::new(Vec::with_capacity(CORK_BYTES)),
             users: RefCell::default(),
+            anonymous: Rc::from(""),
             client_seq: Cell::new(0),
             counters: Counters::default(),
             redis_mode: !cfg_redis.is_empty(),
@@ -508,7 +512,7 @@ impl Shard {
             } => {
                 for conn in self.user_conns(&user) {
                     if let Some(client) = &client {
-                        if conn.client_id().as_deref() != Some(&**client) {
+                        if conn.client_id().map(|c| c.to_string()).as_deref() != Some(&**client) {
                             continue;
                         }
                     }
@@ -558,7 +562,9 @@ impl Shard {
     fn forget_user(&self, user: &Rc<str>, key: ConnKey) {
         let mut users = self.users.borrow_mut();
         if let Some(set) = users.get_mut(user) {
-            set.remove(&key);
+            if let Some(pos) = set.iter().position(|k| *k == key) {
+                set.swap_remove(pos);
+            }
             if set.is_empty() {
                 users.remove(user);
                 drop(users);
@@ -638,30 +644,27 @@ impl Host for ShardHost<'_> {
     fn unix_now(&self) -> u64 {
         unix_now()
     }
-    fn new_client_id(&mut self) -> Rc<str> {
+    fn new_client_id(&mut self) -> ClientId {
         let seq = self.shard.client_seq.get() + 1;
         self.shard.client_seq.set(seq);
-        let n = self.shard.node.nonce;
-        let id = ((self.shard.id as u64) << 48) | seq;
-        // UUID-shaped (version 4 / variant bits set) so clients that expect one are content.
-        format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            (n >> 32) as u32,
-            (n >> 16) as u16,
-            (n & 0xfff) as u16,
-            (id >> 48) as u16 & 0xfff,
-            id & 0xffff_ffff_ffff
-        )
-        .into()
+        ClientId {
+            node: self.shard.node.nonce,
+            seq: ((self.shard.id as u64) << 48) | seq,
+        }
     }
     fn register_user(&mut self, user: &str) -> Rc<str> {
+        if user.is_empty() {
+            return self.shard.anonymous.clone();
+        }
         let mut users = self.shard.users.borrow_mut();
         let name = match users.get_key_value(user) {
             Some((k, _)) => k.clone(),
             None => Rc::from(user),
         };
         let set = users.entry(name.clone()).or_default();
-        set.insert(self.key);
+        if !set.contains(&self.key) {
+            set.push(self.key);
+        }
         let first = set.len() == 1;
         drop(users);
         if first && self.shard.redis_mode && !name.is_empty() {
@@ -785,7 +788,7 @@ impl Host for ShardHost<'_> {
         } else {
             ToBroker::PresenceRemove {
                 channel,
-                client: Arc::from(&*who.client),
+                client: Arc::from(who.client.to_string()),
             }
         };
         self.shard.send_broker_must(msg);
