@@ -530,7 +530,7 @@ mod heap_tests {
                     let stream = listener.accept().await.unwrap();
                     glommio::spawn_local(crate::http::serve(shard.clone(), stream)).detach();
                     if i == 0 {
-                        while shard.conns.borrow().len() < 1 {
+                        while shard.conns.borrow().is_empty() {
                             glommio::timer::sleep(Duration::from_millis(5)).await;
                         }
                         glommio::timer::sleep(Duration::from_millis(50)).await;
