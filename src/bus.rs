@@ -146,6 +146,10 @@ pub enum ToShard {
     Subscribed {
         channel: Arc<str>,
     },
+    /// The broker could not subscribe (Redis down): waiting subscribers get a temporary error.
+    SubscribeFailed {
+        channel: Arc<str>,
+    },
 }
 
 /// Counters shared by the broker and the shards (relaxed atomics; read by `/api/info` and logs).

@@ -160,10 +160,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(shards);
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
-        let placement = if cfg.pin_shards && !cpus.is_empty() {
-            glommio::Placement::Fixed(cpus[id % cpus.len()])
-        } else {
-            glommio::Placement::Unbound
+        let cpu = (cfg.pin_shards && !cpus.is_empty()).then(|| cpus[id % cpus.len()]);
+        let placement = match cpu {
+            Some(c) => glommio::Placement::Fixed(c),
+            None => glommio::Placement::Unbound,
         };
         let parts = ShardParts {
             id,
@@ -172,6 +172,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             to_broker: to_broker.clone(),
             inbox,
             listener,
+            cpu,
             ready: ready_tx.clone(),
             stop: stop.clone(),
         };
@@ -195,6 +196,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         "redis"
     };
+    if !cfg.redis.is_empty() {
+        // Give the multiplexer its first connection attempt before clients arrive, so early
+        // subscribes do not fail only because the link is still coming up.
+        let wait = Duration::from_millis(cfg.redis_options.connect_timeout_ms as u64 * 2 + 500);
+        let deadline = std::time::Instant::now() + wait;
+        while node.redis_state.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     tracing::info!(%addr, shards, nofile, broker = broker_kind, "shardcast ready");
     let mut out = std::io::stdout().lock();
     writeln!(out, "READY {addr}")?;

@@ -382,12 +382,15 @@ impl Mux {
                     *mask |= 1 << shard;
                     first
                 };
-                if first && self.is_up() {
+                if !self.is_up() {
+                    // A subscription acknowledged now would silently miss what other nodes
+                    // publish: refuse it (temporary error; the SDK retries). The shard rolls
+                    // back and withdraws its interest.
+                    self.shards[shard].send(ToShard::SubscribeFailed { channel });
+                } else if first {
                     self.sub_command(&[b"SUBSCRIBE", self.channel_key(&channel).as_bytes()]);
                     self.confirming.borrow_mut().insert(channel, ());
                 } else if !self.confirming.borrow().contains_key(&channel) {
-                    // Already subscribed, or Redis is down and the channel is resubscribed with
-                    // everything else on reconnect.
                     self.shards[shard].send(ToShard::Subscribed { channel });
                 }
             }
@@ -837,8 +840,7 @@ impl Mux {
                 Waiter::Nodes(to) => self.reply(to, BrokerReply::Gathered(Part::Nodes(Vec::new()))),
             }
         }
-        // Channels waiting for SUBSCRIBE confirmation are confirmed now; they are resubscribed
-        // with the rest on reconnect.
+        // Subscriptions still waiting for Redis's confirmation fail (temporary error).
         let confirming: Vec<Arc<str>> = self
             .confirming
             .borrow_mut()
@@ -846,7 +848,14 @@ impl Mux {
             .map(|(c, _)| c)
             .collect();
         for channel in confirming {
-            self.confirm(&channel);
+            let mask = self.interest.borrow().get(&channel).copied().unwrap_or(0);
+            for (i, link) in self.shards.iter().enumerate() {
+                if mask & (1 << i) != 0 {
+                    link.send(ToShard::SubscribeFailed {
+                        channel: channel.clone(),
+                    });
+                }
+            }
         }
     }
 

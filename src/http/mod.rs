@@ -10,6 +10,7 @@ pub mod api;
 use crate::shard::{connection, Shard};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -154,10 +155,17 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 let early = buf.split_off(head.len);
                 drop(buf);
                 if let Some(stream) = upgrade(&shard, stream, &head).await {
-                    // The WebSocket phase is a task of its own, so that what the HTTP phase
-                    // needed (head buffer, timers, API futures) is freed: an idle connection
-                    // costs only `connection::run`'s future.
-                    glommio::spawn_local(connection::run(shard, stream, early)).detach();
+                    // The WebSocket phase leaves glommio's socket type (and this task): the
+                    // shard services the socket on readiness from its epoll set, so an idle
+                    // connection holds no task, no future and no armed glommio source.
+                    // SAFETY: dup(2) of a socket we own; the copy is handed to the shard.
+                    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+                    drop(stream);
+                    if fd < 0 {
+                        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
+                    connection::start(&shard, fd, early);
                 }
                 return;
             }
@@ -326,9 +334,9 @@ mod size_tests {
     use crate::shard::NodeInfo;
     use std::sync::Arc;
 
-    /// An idle WebSocket connection is one glommio task whose future is `connection::run`'s state
-    /// machine: its size is paid per connection, so it is pinned here (DESIGN §3). The HTTP
-    /// phase's future lives only until the upgrade.
+    /// An idle WebSocket connection is a `Connection` in its shard's table: its size is paid per
+    /// connection, so it is pinned here (DESIGN §3). The HTTP phase's future lives only until
+    /// the upgrade.
     #[test]
     fn per_connection_future_stays_small() {
         let sizes = glommio::LocalExecutorBuilder::default()
@@ -342,9 +350,9 @@ mod size_tests {
                 };
                 let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
                 let (tx, _rx) = crate::bus::broker_queue(1, false).unwrap();
-                let shard = Shard::new(0, Arc::new(cfg), node, tx);
+                let shard = Shard::new(0, Arc::new(cfg), node, tx, None);
                 let stream_size = std::mem::size_of_val(&stream);
-                let ws_size = std::mem::size_of::<connection::WsTask>();
+                let ws_size = std::mem::size_of::<connection::Connection>();
                 let fut = serve(shard, stream);
                 (std::mem::size_of_val(&fut), stream_size, ws_size)
             })
@@ -352,7 +360,7 @@ mod size_tests {
             .join()
             .unwrap();
         eprintln!(
-            "serve (HTTP phase) future {} bytes, TcpStream {} bytes, WebSocket phase future {} bytes",
+            "serve (HTTP phase) future {} bytes, TcpStream {} bytes, WebSocket Connection {} bytes",
             sizes.0, sizes.1, sizes.2
         );
         assert!(

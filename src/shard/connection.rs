@@ -1,12 +1,13 @@
-//! The WebSocket phase of one connection: a thin pump around plain state.
+//! The WebSocket phase of one connection: plain state, serviced by its shard on readiness.
 //!
-//! One task per connection polls one future ([`pump`]) that writes the outbox (coalesced into
-//! the shard's cork buffer, one `send` for every queued frame) and reads into the shard's
-//! scratch buffer, decoding and answering in place. While idle the connection holds no buffer:
-//! its outbox is empty, its decoder state is `None`, and it waits on the socket's readiness.
-//! Fan-out, deferred replies and timers reach it through [`Connection::push`] and a wake-up.
+//! An upgraded connection is a [`Connection`] in the shard's table and its socket in the
+//! shard's epoll set ([`super::poller`]); no task, no future and no buffer wait for it. When the
+//! socket is readable the shard reads into its scratch buffer and decodes and answers in place
+//! ([`service`]); frames to send (fan-out, replies, pings) are queued as shared `Bytes` in the
+//! outbox and written by [`flush`], every queued frame in one `send` through the shard's cork
+//! buffer. A write that would block leaves the rest queued until the socket's writable edge.
 
-use super::{bump, Shard, ShardHost, CORK_BYTES};
+use super::{bump, poller, Shard, ShardHost, CORK_BYTES};
 use crate::conn::outbox::{Outbox, Push};
 use crate::conn::session::Session;
 use crate::conn::ConnKey;
@@ -14,21 +15,18 @@ use crate::protocol::reply::{self, ClientInfo};
 use crate::protocol::Disconnect;
 use crate::ws::{self, Event, Flow, FrameBuf, Partial, OP_PONG, OP_TEXT};
 use bytes::Bytes;
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 use std::cell::RefCell;
-use std::os::fd::AsRawFd;
-use std::pin::Pin;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, Waker};
 #[cfg(test)]
 use std::time::Duration;
 
 /// Seconds a connection may take to answer our close frame before it is dropped.
 const CLOSE_TIMEOUT_SECS: u32 = 3;
-/// Reads handled in one poll before yielding to other tasks of the shard.
-const READS_PER_POLL: u32 = 8;
+/// Reads of one connection per readiness event before the others get their turn; the rest is
+/// read on the next round (edge-triggered readiness does not repeat).
+const READS_PER_ROUND: u32 = 8;
 
 /// The server ping: an empty JSON object in a text frame.
 static PING_FRAME: [u8; 4] = [0x81, 0x02, b'{', b'}'];
@@ -57,19 +55,25 @@ pub struct ConnState {
     awaiting_pong: bool,
     /// Tick the connection token expires at; 0 = never.
     expires_at: u32,
+    /// A write would block: wait for the writable edge before writing again.
+    blocked: bool,
+    /// Queued in the shard's dirty list (to be flushed at the end of the batch).
+    dirty: bool,
 }
 
-/// One WebSocket connection, owned by its shard's table and its task.
+/// One WebSocket connection, owned by its shard's table.
 pub struct Connection {
     pub key: ConnKey,
+    /// The socket; closed by [`teardown`].
+    fd: RawFd,
     pub state: RefCell<ConnState>,
-    waker: RefCell<Option<Waker>>,
 }
 
 impl Connection {
-    fn new(key: ConnKey, now: u32) -> Connection {
+    fn new(key: ConnKey, fd: RawFd, now: u32) -> Connection {
         Connection {
             key,
+            fd,
             state: RefCell::new(ConnState {
                 session: Session::default(),
                 outbox: Outbox::default(),
@@ -79,14 +83,18 @@ impl Connection {
                 last_ping: now,
                 awaiting_pong: false,
                 expires_at: 0,
+                blocked: false,
+                dirty: false,
             }),
-            waker: RefCell::new(None),
         }
     }
 
-    fn wake(&self) {
-        if let Some(w) = self.waker.borrow().as_ref() {
-            w.wake_by_ref();
+    /// Puts the connection on the shard's list of connections to flush after this batch.
+    fn wake(&self, shard: &Shard) {
+        let mut st = self.state.borrow_mut();
+        if !st.dirty {
+            st.dirty = true;
+            shard.dirty.borrow_mut().push(self.key);
         }
     }
 
@@ -103,20 +111,20 @@ impl Connection {
             let d = Disconnect::Slow;
             queue_close(&mut st, d.code(), d.reason());
             drop(st);
-            self.wake();
+            self.wake(shard);
         } else if was_empty {
             drop(st);
-            self.wake();
+            self.wake(shard);
         }
     }
 
     /// Closes with a code and reason (server-initiated).
-    pub fn close_with(&self, _shard: &Shard, code: u16, reason: &str) {
+    pub fn close_with(&self, shard: &Shard, code: u16, reason: &str) {
         let mut st = self.state.borrow_mut();
         if st.phase == Phase::Open {
             queue_close(&mut st, code, reason);
             drop(st);
-            self.wake();
+            self.wake(shard);
         }
     }
 
@@ -141,6 +149,14 @@ impl Connection {
         let mut f = FrameBuf::with_capacity(64 + channel.len());
         reply::unsubscribe_push(f.payload(), channel, 2000, "server unsubscribe");
         self.push(shard, f.finish(OP_TEXT));
+    }
+
+    /// Forgets channel `chan` in the session (the caller updates the index).
+    pub fn drop_subscription(&self, chan: crate::conn::session::ChanId) {
+        let mut st = self.state.borrow_mut();
+        if let Some(pos) = st.session.subs.iter().position(|&c| c == chan) {
+            st.session.subs.swap_remove(pos);
+        }
     }
 
     /// The client id, once connected.
@@ -171,7 +187,7 @@ impl Connection {
             Phase::Closing | Phase::Closed => {
                 st.phase = Phase::Abort;
                 drop(st);
-                self.wake();
+                self.wake(shard);
                 return;
             }
             Phase::Open => {}
@@ -206,7 +222,7 @@ impl Connection {
         }
         self.arm(shard, &mut st);
         drop(st);
-        self.wake();
+        self.wake(shard);
     }
 
     /// Arms the wheel for the next thing due.
@@ -239,135 +255,170 @@ fn queue_close(st: &mut ConnState, code: u16, reason: &str) {
     st.phase = Phase::Closing;
 }
 
-/// Starts the WebSocket phase of an upgraded connection; the returned future runs it until it
-/// ends. `early` holds bytes the client sent right after its request head.
-///
-/// The future is a plain struct (the shard, the connection, the socket) rather than an `async`
-/// block: it is what every idle connection pays for, so it holds nothing else.
-pub fn run(shard: Rc<Shard>, stream: TcpStream, mut early: Vec<u8>) -> WsTask {
+/// Starts the WebSocket phase of an upgraded socket `fd` (ours now). `early` holds bytes the
+/// client sent right after its request head.
+pub fn start(shard: &Shard, fd: RawFd, mut early: Vec<u8>) {
     let now = shard.tick_now();
     let conn = shard
         .conns
         .borrow_mut()
-        .insert_with(|key| Rc::new(Connection::new(key, now)));
+        .insert_with(|key| Rc::new(Connection::new(key, fd, now)));
     bump(&shard.counters.ws_opened);
     {
         let mut st = conn.state.borrow_mut();
-        conn.arm(&shard, &mut st);
+        conn.arm(shard, &mut st);
     }
     if !early.is_empty() {
-        process(&shard, &conn, &mut early);
+        process(shard, &conn, &mut early);
     }
-    WsTask {
-        shard,
-        conn,
-        stream,
+    let token = poller::token(conn.key.slot, conn.key.generation);
+    if let Err(e) = shard.poller.add(fd, token) {
+        tracing::warn!(error = %e, "cannot watch an upgraded socket");
+        teardown(shard, &conn);
     }
+    // The first (writable) edge flushes the connect replies to early commands, if any.
 }
 
-/// The task of one WebSocket connection.
-pub struct WsTask {
-    shard: Rc<Shard>,
-    conn: Rc<Connection>,
-    stream: TcpStream,
-}
-
-impl std::future::Future for WsTask {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        pump(&this.shard, &this.conn, &mut this.stream, cx)
+/// Handles a readiness event of a connection.
+pub fn service(shard: &Shard, conn: &Rc<Connection>, events: u32) {
+    if events & poller::WRITABLE != 0 {
+        conn.state.borrow_mut().blocked = false;
+    }
+    if !flush(shard, conn) {
+        return;
+    }
+    if events & (poller::READABLE | poller::HANGUP) != 0 {
+        read(shard, conn);
     }
 }
 
-impl Drop for WsTask {
-    /// Teardown, whether the connection ended or its task was dropped: leave every channel,
-    /// forget the user, free the slot.
-    fn drop(&mut self) {
-        let (shard, conn) = (&self.shard, &self.conn);
-        {
-            let mut st = conn.state.borrow_mut();
-            let st = &mut *st;
-            let mut expires = st.expires_at;
-            let mut host = ShardHost {
-                shard,
-                key: conn.key,
-                expires_at: &mut expires,
+/// Reads what the socket has (up to a round's budget) and answers it. Ends the connection on
+/// EOF or error.
+pub fn read(shard: &Shard, conn: &Rc<Connection>) {
+    for _ in 0..READS_PER_ROUND {
+        let n = {
+            let mut scratch = shard.scratch.borrow_mut();
+            // SAFETY: recv into a buffer we own, on a socket we own.
+            let n = unsafe {
+                libc::recv(
+                    conn.fd,
+                    scratch.as_mut_ptr().cast(),
+                    scratch.len(),
+                    libc::MSG_DONTWAIT,
+                )
             };
-            st.session.leave_all(&mut host);
-            if let Some(ident) = st.session.identity.as_ref() {
-                shard.forget_user(&ident.user, conn.key);
+            if n > 0 {
+                process(shard, conn, &mut scratch[..n as usize]);
             }
-            st.outbox.clear();
-            st.partial = None;
-            st.phase = Phase::Abort;
+            n
+        };
+        if n == 0 {
+            teardown(shard, conn); // the peer closed
+            return;
         }
-        shard.conns.borrow_mut().remove(conn.key);
-        *conn.waker.borrow_mut() = None;
-        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                flush(shard, conn);
+                return;
+            }
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                teardown(shard, conn);
+                return;
+            }
+        }
+        if !flush(shard, conn) {
+            return;
+        }
+    }
+    // Budget spent with data possibly left: read again after the others had their turn.
+    shard.again.borrow_mut().push(conn.key);
+}
+
+/// Writes what is queued, every frame in one `send` where possible. Returns false when the
+/// connection ended (write error, or its close completed badly).
+pub fn flush(shard: &Shard, conn: &Rc<Connection>) -> bool {
+    let mut st = conn.state.borrow_mut();
+    st.dirty = false;
+    if st.phase == Phase::Abort {
+        drop(st);
+        teardown(shard, conn);
+        return false;
+    }
+    while !st.outbox.is_empty() && !st.blocked {
+        let sent = if let Some(frame) = st.outbox.single() {
+            send(conn.fd, frame)
+        } else {
+            let mut cork = shard.cork.borrow_mut();
+            cork.clear();
+            st.outbox.fill(&mut cork, CORK_BYTES);
+            send(conn.fd, &cork)
+        };
+        match sent {
+            Ok(n) => st.outbox.consume(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => st.blocked = true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                drop(st);
+                teardown(shard, conn);
+                return false;
+            }
+        }
+    }
+    if st.phase == Phase::Closing && st.outbox.is_empty() {
+        // Close frame written: half-close and wait (bounded) for the peer's EOF.
+        // SAFETY: shutdown(2) on a socket we own.
+        unsafe { libc::shutdown(conn.fd, libc::SHUT_WR) };
+        st.phase = Phase::Closed;
+        conn.arm(shard, &mut st);
+    }
+    true
+}
+
+fn send(fd: RawFd, bytes: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: send from a buffer we own on a socket we own.
+    let n = unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
-/// One poll of a connection: write what is queued, then read and handle what arrived.
-fn pump(
-    shard: &Shard,
-    conn: &Connection,
-    stream: &mut TcpStream,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    let mut reads = 0;
-    loop {
-        // 1. Write everything queued, in as few syscalls as possible.
-        {
-            let mut st = conn.state.borrow_mut();
-            if st.phase == Phase::Abort {
-                return Poll::Ready(());
-            }
-            while !st.outbox.is_empty() {
-                let polled = if let Some(frame) = st.outbox.single().cloned() {
-                    Pin::new(&mut *stream).poll_write(cx, &frame)
-                } else {
-                    let mut cork = shard.cork.borrow_mut();
-                    cork.clear();
-                    st.outbox.fill(&mut cork, CORK_BYTES);
-                    Pin::new(&mut *stream).poll_write(cx, &cork)
-                };
-                match polled {
-                    Poll::Ready(Ok(n)) if n > 0 => st.outbox.consume(n),
-                    Poll::Ready(_) => return Poll::Ready(()), // write error or closed
-                    Poll::Pending => break,
-                }
-            }
-            if st.phase == Phase::Closing && st.outbox.is_empty() {
-                // Close frame written: half-close and wait (bounded) for the peer's EOF.
-                // SAFETY: shutdown(2) on a socket fd we own.
-                unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
-                st.phase = Phase::Closed;
-                conn.arm(shard, &mut st);
-            }
-        }
-        // 2. Read into the shard's scratch buffer.
-        if reads >= READS_PER_POLL {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        let mut scratch = shard.scratch.borrow_mut();
-        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-            Poll::Ready(Ok(n)) => {
-                reads += 1;
-                process(shard, conn, &mut scratch[..n]);
-            }
-            Poll::Pending => {
-                let mut w = conn.waker.borrow_mut();
-                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *w = Some(cx.waker().clone());
-                }
-                return Poll::Pending;
-            }
-        }
+/// Ends a connection: leave every channel, forget the user, free the slot, close the socket
+/// (which also removes it from the epoll set). Safe to call twice.
+pub fn teardown(shard: &Shard, conn: &Rc<Connection>) {
+    if shard.conns.borrow().get(conn.key).is_none() {
+        return;
     }
+    {
+        let mut st = conn.state.borrow_mut();
+        let st = &mut *st;
+        let mut expires = st.expires_at;
+        let mut host = ShardHost {
+            shard,
+            key: conn.key,
+            expires_at: &mut expires,
+        };
+        st.session.leave_all(&mut host);
+        if let Some(ident) = st.session.identity.as_ref() {
+            shard.forget_user(&ident.user, conn.key);
+        }
+        st.outbox.clear();
+        st.partial = None;
+        st.phase = Phase::Abort;
+    }
+    shard.conns.borrow_mut().remove(conn.key);
+    // SAFETY: the fd is ours and closed once (the table entry is gone).
+    unsafe { libc::close(conn.fd) };
+    shard.node.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Decodes and answers bytes read from the client.
@@ -504,7 +555,8 @@ mod heap_tests {
                 };
                 let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
                 let (tx, _rx) = crate::bus::broker_queue(1 << 16, false).unwrap();
-                let shard = Shard::new(0, Arc::new(cfg), node, tx);
+                let shard = Shard::new(0, Arc::new(cfg), node, tx, None);
+                crate::shard::spawn_io(&shard);
                 // Clients on another thread: their allocations are not counted here.
                 let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
                 let client = std::thread::spawn(move || {
@@ -551,11 +603,10 @@ mod heap_tests {
             .join()
             .unwrap();
         eprintln!(
-            "idle subscribed connection: {} heap bytes in {:.1} blocks on its shard (Connection {} B, WsTask {} B, Session {} B)",
+            "idle subscribed connection: {} heap bytes in {:.1} blocks on its shard (Connection {} B, Session {} B)",
             result.0,
             result.1,
             std::mem::size_of::<Connection>(),
-            std::mem::size_of::<WsTask>(),
             std::mem::size_of::<Session>()
         );
         assert!(

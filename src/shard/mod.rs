@@ -8,6 +8,7 @@
 
 pub mod connection;
 pub mod index;
+pub mod poller;
 pub mod timer;
 
 use crate::bus::BrokerTx;
@@ -218,6 +219,14 @@ pub struct Shard {
     client_seq: Cell<u64>,
     pub counters: Counters,
     pub decoder: ws::Decoder,
+    /// The epoll set of the shard's WebSocket sockets.
+    pub poller: poller::Poller,
+    /// Its relay's queue, until the I/O task takes it.
+    ready: RefCell<Option<poller::ReadyInbox>>,
+    /// Connections with frames queued since the last flush (flushed at the end of each batch).
+    pub dirty: RefCell<Vec<ConnKey>>,
+    /// Connections that may have more to read (their read budget ran out).
+    pub again: RefCell<Vec<ConnKey>>,
     /// Redis mode: subscriptions wait for the broker's confirmation, presence and users are
     /// announced to the broker.
     redis_mode: bool,
@@ -230,7 +239,10 @@ impl Shard {
         cfg: Arc<Config>,
         node: Arc<NodeInfo>,
         to_broker: BrokerTx,
+        cpu: Option<usize>,
     ) -> Rc<Shard> {
+        let (poller, ready) = poller::Poller::start(id, cpu, cfg.limits.shard_queue_capacity)
+            .expect("cannot create the shard's epoll set");
         let verifier =
             (!cfg.token_hmac_secret.is_empty()).then(|| TokenVerifier::new(&cfg.token_hmac_secret));
         let cfg_redis = cfg.redis.clone();
@@ -255,9 +267,29 @@ impl Shard {
             anonymous: Rc::from(""),
             client_seq: Cell::new(0),
             counters: Counters::default(),
+            poller,
+            ready: RefCell::new(Some(ready)),
+            dirty: RefCell::default(),
+            again: RefCell::default(),
             redis_mode: !cfg_redis.is_empty(),
             started: Instant::now(),
         })
+    }
+
+    /// Writes out every connection that got frames during this batch.
+    pub fn flush_dirty(&self) {
+        loop {
+            let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+            if dirty.is_empty() {
+                return;
+            }
+            for key in dirty {
+                let conn = self.conns.borrow().get(key).cloned();
+                if let Some(conn) = conn {
+                    connection::flush(self, &conn);
+                }
+            }
+        }
     }
 
     /// Seconds since the shard started (the timer wheel's clock).
@@ -387,6 +419,27 @@ impl Shard {
                 }
             }
             ToShard::Command(cmd) => self.command(cmd),
+            ToShard::SubscribeFailed { channel } => {
+                let (chan, waiting) = {
+                    let mut index = self.index.borrow_mut();
+                    let Some(chan) = index.id_of(&channel) else {
+                        return;
+                    };
+                    let ch = index.get_mut(chan).expect("interned");
+                    (chan, std::mem::take(&mut ch.waiting))
+                };
+                for (key, id) in waiting {
+                    let conn = self.conns.borrow().get(key).cloned();
+                    let Some(conn) = conn else {
+                        continue;
+                    };
+                    conn.drop_subscription(chan);
+                    self.unsubscribe_key(chan, key);
+                    let mut f = FrameBuf::with_capacity(96);
+                    reply::error(f.payload(), id, ErrorCode::Internal, true);
+                    conn.push(self, f.finish(OP_TEXT));
+                }
+            }
             ToShard::Subscribed { channel } => {
                 let waiting = {
                     let mut index = self.index.borrow_mut();
@@ -547,6 +600,7 @@ impl Shard {
                 conn.on_timer(self, now);
             }
         }
+        self.flush_dirty();
     }
 
     /// Converts a Unix expiry time to a wheel tick (0 = never).
@@ -804,6 +858,8 @@ pub struct ShardParts {
     pub inbox: ShardInbox,
     /// The bound, listening socket of this shard (SO_REUSEPORT).
     pub listener: socket2::Socket,
+    /// The core the shard is pinned to, if any (its poll relay goes there too).
+    pub cpu: Option<usize>,
     /// Told once the accept loop runs.
     pub ready: std::sync::mpsc::Sender<ShardId>,
     /// Set by the node to stop the shard.
@@ -819,10 +875,11 @@ pub async fn run(parts: ShardParts) {
         to_broker,
         inbox,
         listener,
+        cpu,
         ready,
         stop,
     } = parts;
-    let shard = Shard::new(id, cfg, node, to_broker);
+    let shard = Shard::new(id, cfg, node, to_broker, cpu);
     // SAFETY: the fd is a bound, listening TCP socket we own; ownership moves to glommio.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
 
@@ -835,6 +892,7 @@ pub async fn run(parts: ShardParts) {
     let inbox_task =
         glommio::spawn_local_into(async move { inbox_loop(s, inbox).await }, inbox_queue)
             .expect("task queue exists");
+    spawn_io(&shard);
 
     let s = shard.clone();
     let stop_ticks = stop.clone();
@@ -887,6 +945,7 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
             }
         }
         shard.flush_backlog();
+        shard.flush_dirty();
         match wake.read(&mut bytes).await {
             Ok(0) | Err(_) => {
                 // The broker is gone: close every connection and end the shard.
@@ -905,6 +964,59 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
     }
 }
 
+/// Starts the task that services the shard's sockets on readiness.
+pub fn spawn_io(shard: &Rc<Shard>) {
+    let Some(inbox) = shard.ready.borrow_mut().take() else {
+        return;
+    };
+    let s = shard.clone();
+    glommio::spawn_local(async move { io_loop(s, inbox).await }).detach();
+}
+
+/// Services ready connections, in batches, whenever the poll relay wakes us.
+async fn io_loop(shard: Rc<Shard>, inbox: poller::ReadyInbox) {
+    // SAFETY: one end of a socketpair we own.
+    let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(inbox.wake.into_raw_fd()) };
+    let mut bytes = [0u8; 64];
+    loop {
+        inbox.notified.store(false, Ordering::SeqCst);
+        let again = std::mem::take(&mut *shard.again.borrow_mut());
+        for key in again {
+            let conn = shard.conns.borrow().get(key).cloned();
+            if let Some(conn) = conn {
+                connection::read(&shard, &conn);
+            }
+        }
+        let mut n = 0u32;
+        while let Ok((token, events)) = inbox.rx.try_recv() {
+            let (slot, generation) = poller::untoken(token);
+            let conn = shard
+                .conns
+                .borrow()
+                .get(ConnKey { slot, generation })
+                .cloned();
+            if let Some(conn) = conn {
+                connection::service(&shard, &conn, events);
+            }
+            n += 1;
+            if n % 256 == 0 {
+                shard.flush_dirty();
+                glommio::yield_if_needed().await;
+            }
+        }
+        shard.flush_dirty();
+        if !shard.again.borrow().is_empty() {
+            // More to read: let the shard's other tasks run, then continue without waiting.
+            futures_lite::future::yield_now().await;
+            continue;
+        }
+        match wake.read(&mut bytes).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -917,7 +1029,7 @@ mod tests {
             insecure: true,
             ..Config::default()
         };
-        (Shard::new(0, Arc::new(cfg), node, tx), rx)
+        (Shard::new(0, Arc::new(cfg), node, tx, None), rx)
     }
 
     fn unsub(ch: &str) -> ToBroker {

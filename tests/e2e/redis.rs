@@ -135,6 +135,10 @@ fn redis_killed_and_restarted_mid_stream() {
         sub.command("ping", json!({}))["ping"].is_object(),
         "client connection survived"
     );
+    // A subscription that cannot reach Redis is refused (temporary), not silently half-made.
+    let r = sub.command("subscribe", json!({"channel": "fresh"}));
+    assert_eq!(r["error"]["code"], 100, "{r}");
+    assert_eq!(r["error"]["temporary"], true);
     redis.restart();
     // The multiplexer reconnects and resubscribes; delivery resumes without the client doing
     // anything.
@@ -147,6 +151,8 @@ fn redis_killed_and_restarted_mid_stream() {
         .1 == json!({"result": {}})
     });
     let first = sub.push(Duration::from_secs(5)).expect("delivery resumed");
+    let r = sub.command("subscribe", json!({"channel": "fresh"}));
+    assert!(r["subscribe"].is_object(), "subscribe works again: {r}");
     assert_eq!(first["push"]["pub"]["data"], "back");
     while sub.push(Duration::from_millis(200)).is_some() {} // further "back" probes
     for i in 100..120 {
