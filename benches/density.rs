@@ -228,9 +228,10 @@ fn main() {
         "# kernel division: each connection has 2 local sockets (bench client end + server end) holding \
          the same objects, so kernel Δ / (2 x conns) = one server-side socket; a server with remote clients pays one"
     );
-    // The ends are not quite symmetric: io_kiocb (an in-flight io_uring
-    // request) exists only on the server end, eventpoll_epi mostly on the
-    // bench end (our epoll). Server end = common + io = (K - epi + io) / 2.
+    // Both ends hold the same objects, an epoll registration included (the server watches its
+    // WebSocket sockets with epoll, the bench its client sockets). The one asymmetric item is
+    // io_kiocb (an in-flight io_uring request), which only the server end can hold:
+    // server end = (K - io) / 2 + io = (K + io) / 2.
     let slab_d = |k: &str| {
         d(
             s1.slabs.get(k).copied().unwrap_or(0),
@@ -241,11 +242,11 @@ fn main() {
     let k_server = if s1.slabs.is_empty() {
         k_slope
     } else {
-        ((s2.kernel() - s1.kernel()) - epi + io) as f64 / (2.0 * dn)
+        ((s2.kernel() - s1.kernel()) + io) as f64 / (2.0 * dn)
     };
     println!(
-        "density kernel-server-socket: {k_server:.0} B/socket = (ΔK - Δeventpoll_epi + Δio_kiocb) / (2 x {2}); \
-         eventpoll_epi {0:+.0} B/conn belongs to the bench end (epoll), io_kiocb {1:+.0} B/conn to the server end (io_uring)",
+        "density kernel-server-socket: {k_server:.0} B/socket = (ΔK + Δio_kiocb) / (2 x {2}); \
+         eventpoll_epi {0:+.0} B/conn (one epoll entry on each end), io_kiocb {1:+.0} B/conn on the server end (io_uring)",
         epi as f64 / dn,
         io as f64 / dn,
         dn as u64
