@@ -7,14 +7,15 @@
 //! # Layout (where to start reading)
 //! - [`node`]: boot and teardown order: listeners, broker thread, one shard per core, `READY`.
 //! - [`shard`]: one glommio executor per core owning its listener, connections, channel index
-//!   ([`shard::index`]), timer wheel ([`shard::timer`]) and broker inbox. The WebSocket phase of a
-//!   connection is [`shard::connection`].
+//!   ([`shard::index`]), timer wheel ([`shard::timer`]), broker inbox and epoll set
+//!   ([`shard::poller`]). The WebSocket phase of a connection is [`shard::connection`]: plain
+//!   state serviced on readiness, no task per connection.
 //! - [`http`]: the request head that decides upgrade, API ([`http::api`]) or health check.
 //! - [`conn`]: one connection's plain state: [`conn::session`] (the protocol, no I/O) and
 //!   [`conn::outbox`] (bounded queue of shared frames).
 //! - [`ws`]: RFC 6455 framing over shared buffers; [`protocol`]: commands, replies, codes, tokens.
-//! - [`bus`]: the only types that cross threads; [`broker`]: the broker interface and its
-//!   in-memory implementation.
+//! - [`bus`]: the only types that cross threads; [`broker`]: the broker interface, its
+//!   in-memory implementation and the Redis multiplexer ([`broker::redis`]).
 //! - [`config`]: every knob with unit, default and reason.
 //!
 //! Dependencies point one way: node → shard → (http, conn) → protocol, with bus, config, ws and
