@@ -20,6 +20,8 @@ pub enum Push {
 pub struct Outbox {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    /// The front frame is partly written: its rest must go out before anything else.
+    front_started: bool,
 }
 
 impl Outbox {
@@ -48,10 +50,27 @@ impl Outbox {
         self.bytes
     }
 
-    /// Drops everything queued (before a close frame replaces it) and frees the queue's memory.
+    /// Drops everything queued and frees the queue's memory (the connection is gone).
     pub fn clear(&mut self) {
         self.frames = VecDeque::new();
         self.bytes = 0;
+        self.front_started = false;
+    }
+
+    /// Drops every frame not yet started (before a close frame replaces them), keeping the rest
+    /// of a partly written one so the peer still sees whole frames.
+    pub fn drop_unstarted(&mut self) {
+        let keep = if self.front_started {
+            self.frames.pop_front()
+        } else {
+            None
+        };
+        self.clear();
+        if let Some(rest) = keep {
+            self.bytes = rest.len();
+            self.frames.push_back(rest);
+            self.front_started = true;
+        }
     }
 
     /// The front frame, when it is the only one (written without copying).
@@ -83,8 +102,10 @@ impl Outbox {
             if front.len() <= n {
                 n -= front.len();
                 self.frames.pop_front();
+                self.front_started = false;
             } else {
                 front.advance(n);
+                self.front_started = true;
                 n = 0;
             }
         }
@@ -113,5 +134,20 @@ mod tests {
         o.consume(2);
         assert!(o.is_empty());
         assert_eq!(o.frames.capacity(), 0, "no memory held while idle");
+    }
+
+    #[test]
+    fn dropping_keeps_a_partly_written_frame() {
+        let mut o = Outbox::default();
+        o.push(Bytes::from_static(b"abcd"), 100);
+        o.push(Bytes::from_static(b"efgh"), 100);
+        o.drop_unstarted();
+        assert!(o.is_empty(), "nothing started: everything dropped");
+        o.push(Bytes::from_static(b"abcd"), 100);
+        o.push(Bytes::from_static(b"efgh"), 100);
+        o.consume(1);
+        o.drop_unstarted();
+        assert_eq!(o.single().unwrap().as_ref(), b"bcd");
+        assert_eq!(o.len_bytes(), 3);
     }
 }

@@ -110,6 +110,7 @@ impl Connection {
             bump(&shard.counters.slow_disconnects);
             let d = Disconnect::Slow;
             queue_close(&mut st, d.code(), d.reason());
+            self.arm(shard, &mut st); // the close timeout now applies
             drop(st);
             self.wake(shard);
         } else if was_empty {
@@ -123,6 +124,7 @@ impl Connection {
         let mut st = self.state.borrow_mut();
         if st.phase == Phase::Open {
             queue_close(&mut st, code, reason);
+            self.arm(shard, &mut st);
             drop(st);
             self.wake(shard);
         }
@@ -249,7 +251,7 @@ impl Connection {
 
 fn queue_close(st: &mut ConnState, code: u16, reason: &str) {
     if code == Disconnect::Slow.code() {
-        st.outbox.clear();
+        st.outbox.drop_unstarted();
     }
     st.outbox.push_unbounded(ws::close_frame(code, reason));
     st.phase = Phase::Closing;

@@ -296,3 +296,53 @@ fn expired_connection_is_closed_unless_refreshed() {
         3500
     );
 }
+
+#[test]
+fn slow_consumer_is_closed_while_others_receive_everything() {
+    let cfg = format!("{BASE_CONFIG}\n[limits]\nmax_outbox_bytes = 262144\n");
+    let cfg = cfg.replace("shards = 2", "shards = 1");
+    let server = Server::start(&cfg, &[]);
+    let (mut slow, _) = Client::connected(&server, "slow");
+    let (mut fast, _) = Client::connected(&server, "fast");
+    slow.command("subscribe", json!({"channel": "news"}));
+    fast.command("subscribe", json!({"channel": "news"}));
+    // The slow client stops reading; 200 publications of 32 KB (6.4 MB) go out.
+    let big = "x".repeat(32 * 1024);
+    let fast_reader = std::thread::spawn(move || {
+        let mut got = 0;
+        while got < 200 {
+            let p = fast
+                .push(Duration::from_secs(20))
+                .expect("fast client starved");
+            assert_eq!(p["push"]["pub"]["data"]["n"], got);
+            got += 1;
+        }
+    });
+    for i in 0..200 {
+        let (status, body) = api(
+            server.addr,
+            "publish",
+            &json!({"channel": "news", "data": {"n": i, "pad": big}}),
+        );
+        assert_eq!((status, &body), (200, &json!({"result": {}})));
+    }
+    fast_reader
+        .join()
+        .expect("the fast client got all 200 in order");
+    // The slow one finds, after what was already in its socket, a 3008 close.
+    let closed = slow
+        .closed(Duration::from_secs(20))
+        .expect("slow client closed");
+    assert_eq!(
+        closed,
+        Closed {
+            code: 3008,
+            reason: "slow".into()
+        }
+    );
+    // Both slots are released (the slow one at the latest after the close timeout).
+    eventually(Duration::from_secs(6), "both connections released", || {
+        let (_, info) = api(server.addr, "info", &json!({}));
+        info["result"]["nodes"][0]["num_clients"] == 0
+    });
+}
