@@ -14,8 +14,16 @@
 //! The server runs with `--shards 1` (executor pinned to core 0) and every
 //! bench thread is pinned to the last core.
 //!
+//! `--redis` (output lines `fanout-redis ...`): the bench starts its own
+//! `redis-server` on a free loopback port and two nodes A and B with
+//! `--redis redis://127.0.0.1:P`, puts half of the subscribers on each node and
+//! publishes through A's HTTP API only, so half of the deliveries cross nodes
+//! through Redis (in Redis mode every publication goes publisher node → Redis →
+//! every node, A's own subscribers included). Same phases and figures, plus
+//! latency per node and CPU per delivery of both nodes and of redis-server.
+//!
 //! Run: `cargo bench --bench fanout [-- --subs 1000 --rate 100 --secs 10 ...]`,
-//! `--help` for all options.
+//! `cargo bench --bench fanout -- --redis`, `--help` for all options.
 
 mod common;
 
@@ -48,7 +56,12 @@ cargo bench --bench fanout -- [options]
   --server-args S    extra server arguments (whitespace separated)
   --no-bench-config  do not pass --config with the [namespaces.bench] section
   --server-log       server stderr to our stderr (default: a log file under target/)
-env SHARDCAST_BIN overrides the server binary.";
+  --redis            Redis mode: start a private redis-server (free loopback port, no
+                     persistence) and two nodes A and B with --redis (--shards each),
+                     half of the subscribers on A, half on B, publish through A only;
+                     output lines start with `fanout-redis ` and add latency for A vs B
+                     and CPU per delivery of both nodes and of redis-server
+env SHARDCAST_BIN overrides the server binary, REDIS_SERVER the redis-server binary.";
 
 /// Stream 0 = fixed-rate publisher, 1..=4 = ramp publishers (one per HTTP
 /// connection); each stream has its own gap-free seq sequence.
@@ -60,7 +73,10 @@ struct StepStats {
     delivered: u64,
     gaps: u64,
     reorder: u64,
+    /// All deliveries; filled when the readers' stats are merged.
     hist: Hist,
+    /// Per node (0 = A, the node published to; 1 = B); the readers record here.
+    node_hist: [Hist; 2],
     last_ns: u64,
 }
 
@@ -82,6 +98,8 @@ impl Shared {
 
 struct Subs {
     next: Vec<[u64; MAX_STREAMS]>,
+    /// Reader-local connection index → node (0 = A, 1 = B); missing = 0.
+    node: Vec<u8>,
     shared: Arc<Shared>,
     pending: [u64; MAX_STEPS],
     first_malformed: Option<String>,
@@ -138,7 +156,8 @@ impl LineHandler for Subs {
             std::cmp::Ordering::Less => st.reorder += 1,
         }
         st.delivered += 1;
-        st.hist.record(now.saturating_sub(t));
+        let node = self.node.get(conn).copied().unwrap_or(0) as usize;
+        st.node_hist[node].record(now.saturating_sub(t));
         st.last_ns = st.last_ns.max(now);
         drop(st);
         self.pending[p] += 1;

@@ -121,17 +121,49 @@ pub fn fatal(msg: &str) -> ! {
 // Safety nets: hard deadline, panic hook, SIGINT/SIGTERM, parent-death signal
 // ---------------------------------------------------------------------------
 
-/// PID of the running server child (0 = none). Used by every "get out now"
-/// path; the normal path is the `Drop` of [`Server`].
-static SERVER_PID: AtomicI32 = AtomicI32::new(0);
+/// PIDs of the running children (servers, redis-server; 0 = free slot). Used
+/// by every "get out now" path; the normal path is the `Drop` of [`Server`] /
+/// [`RedisServer`]. A fixed array of atomics so the signal handler can walk it.
+const MAX_CHILDREN: usize = 8;
+static CHILD_PIDS: [AtomicI32; MAX_CHILDREN] = [const { AtomicI32::new(0) }; MAX_CHILDREN];
 
+/// Records a child PID for the safety nets; returns its slot.
+fn register_child(pid: i32) -> usize {
+    for (i, slot) in CHILD_PIDS.iter().enumerate() {
+        if slot
+            .compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return i;
+        }
+    }
+    // SAFETY: plain syscalls on the child we just spawned.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    fatal("too many bench children")
+}
+
+/// Takes the child out of the registry; true if it was still there (i.e. no
+/// safety net has killed and reaped it yet), in which case the caller must
+/// kill and reap it.
+fn unregister_child(slot: usize, pid: i32) -> bool {
+    CHILD_PIDS[slot]
+        .compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
+}
+
+/// Kills and reaps every registered child (async-signal-safe).
 pub fn kill_server_now() {
-    let pid = SERVER_PID.swap(0, Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: plain syscalls on a PID we spawned and have not reaped yet.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
+    for slot in &CHILD_PIDS {
+        let pid = slot.swap(0, Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: plain syscalls on a PID we spawned and have not reaped yet.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
         }
     }
 }
@@ -145,7 +177,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
 
 /// Installs the overall deadline watchdog, a panic hook (the bench profile has
 /// `panic = "abort"`, so `Drop` guards do not run on panic) and SIGINT/SIGTERM
-/// handlers. All of them kill and reap the server child by PID.
+/// handlers. All of them kill and reap every child (servers, redis-server) by PID.
 pub fn install_safety_nets(deadline: Duration) {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -177,6 +209,7 @@ pub fn install_safety_nets(deadline: Duration) {
 
 pub struct Server {
     child: Child,
+    slot: usize,
     pub pid: i32,
     pub addr: SocketAddr,
     pub bin: PathBuf,
@@ -247,27 +280,13 @@ impl Server {
                 }
             }
         };
-        let ncpu = online_cpus();
-        // SAFETY: only async-signal-safe syscalls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Die with the bench even if it is SIGKILLed.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                // Do not inherit the bench's CPU pinning.
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                for c in 0..ncpu {
-                    libc::CPU_SET(c, &mut set);
-                }
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-                Ok(())
-            });
-        }
+        child_setup(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => fatal(&format!("cannot start {}: {e}", bin.display())),
         };
         let pid = child.id() as i32;
-        SERVER_PID.store(pid, Ordering::SeqCst);
+        let slot = register_child(pid);
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel::<String>();
         thread::Builder::new()
@@ -289,6 +308,7 @@ impl Server {
         let cmdline = format!("{cmd:?}").replace('"', "");
         let mut server = Server {
             child,
+            slot,
             pid,
             addr: "0.0.0.0:0".parse().unwrap(),
             bin,
@@ -304,7 +324,10 @@ impl Server {
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 thread::sleep(Duration::from_millis(100));
                 let st = server.child.try_wait();
-                SERVER_PID.store(0, Ordering::SeqCst);
+                if matches!(st, Ok(Some(_))) {
+                    // Reaped: its PID must not be killed any more.
+                    unregister_child(server.slot, server.pid);
+                }
                 fatal(&format!(
                     "server closed stdout without READY (exit: {st:?}); binary {}{}",
                     server.bin.display(),
@@ -340,10 +363,162 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Kill by PID and reap. Only if the safety nets have not done it already.
-        if SERVER_PID
-            .compare_exchange(self.pid, 0, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
+        if unregister_child(self.slot, self.pid) {
+            // SAFETY: plain syscall on our own un-reaped child.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Makes a child die with the bench (PR_SET_PDEATHSIG, even if the bench is
+/// SIGKILLed) and not inherit the bench's CPU pinning.
+fn child_setup(cmd: &mut Command) {
+    let ncpu = online_cpus();
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for c in 0..ncpu {
+                libc::CPU_SET(c, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// redis-server child
+// ---------------------------------------------------------------------------
+
+/// A private `redis-server` on an ephemeral loopback port, without
+/// persistence. Killed and reaped by PID on drop and by every safety net.
+pub struct RedisServer {
+    child: Child,
+    slot: usize,
+    pub pid: i32,
+    pub port: u16,
+    pub cmdline: String,
+    pub log: PathBuf,
+}
+
+/// A port that was free a moment ago (bind 127.0.0.1:0, read it, close).
+fn free_port() -> io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `PING` → `+PONG` on a fresh connection.
+fn redis_ping(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got == b"+PONG\r\n"
+}
+
+impl RedisServer {
+    /// Starts `redis-server --port P --bind 127.0.0.1 --save '' --appendonly no`
+    /// (binary: `$REDIS_SERVER`, else `redis-server` from PATH) on a free port
+    /// and waits (up to 10 s) until it answers PING. Retries with another port
+    /// if the picked one was taken in between.
+    pub fn start(name: &str) -> RedisServer {
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_string());
+        let log = scratch_dir().join(format!("redis-bench-{name}.log"));
+        let mut last_err = String::new();
+        for _attempt in 0..3 {
+            let port = match free_port() {
+                Ok(p) => p,
+                Err(e) => fatal(&format!("cannot find a free port: {e}")),
+            };
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .current_dir(scratch_dir())
+                .stdin(Stdio::null());
+            match std::fs::File::create(&log).and_then(|f| Ok((f.try_clone()?, f))) {
+                Ok((out, err)) => {
+                    cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err));
+                }
+                Err(_) => {
+                    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+                }
+            }
+            child_setup(&mut cmd);
+            let child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => fatal(&format!("cannot start {bin}: {e}")),
+            };
+            let pid = child.id() as i32;
+            let slot = register_child(pid);
+            let mut r = RedisServer {
+                child,
+                slot,
+                pid,
+                port,
+                cmdline: format!("{bin} --port {port} --bind 127.0.0.1 --save '' --appendonly no"),
+                log: log.clone(),
+            };
+            let mut exited = None;
+            let up = wait_until(Duration::from_secs(10), || {
+                if let Ok(Some(st)) = r.child.try_wait() {
+                    exited = Some(st);
+                    return true;
+                }
+                redis_ping(port)
+            });
+            match (up, exited) {
+                (true, None) => return r,
+                (_, Some(st)) => {
+                    // Reaped already: take it out of the registry, try again.
+                    unregister_child(r.slot, r.pid);
+                    drop(r);
+                    last_err = format!("{bin} exited ({st}) on port {port}");
+                }
+                (false, None) => {
+                    drop(r);
+                    last_err = format!("{bin} did not answer PING on port {port} within 10 s");
+                }
+            }
+        }
+        fatal(&format!("{last_err}; log {}", log.display()))
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} pid={} log={}",
+            self.cmdline,
+            self.pid,
+            self.log.display()
+        )
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if unregister_child(self.slot, self.pid) {
             // SAFETY: plain syscall on our own un-reaped child.
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
             let _ = self.child.wait();

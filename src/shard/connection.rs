@@ -418,6 +418,7 @@ pub fn teardown(shard: &Shard, conn: &Rc<Connection>) {
         st.phase = Phase::Abort;
     }
     shard.conns.borrow_mut().remove(conn.key);
+    shard.poller.remove(conn.fd);
     // SAFETY: the fd is ours and closed once (the table entry is gone).
     unsafe { libc::close(conn.fd) };
     shard.node.connections.fetch_sub(1, Ordering::Relaxed);

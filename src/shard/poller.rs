@@ -92,6 +92,16 @@ impl Poller {
     }
 }
 
+impl Poller {
+    /// Stops watching `fd`. Closing the fd alone is not enough while another reference to the
+    /// socket exists (an io_uring poll left from the HTTP phase holds one until it completes).
+    pub fn remove(&self, fd: RawFd) {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: valid epoll fd; an fd that is not registered just fails with ENOENT.
+        unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) };
+    }
+}
+
 /// The relay thread: kernel readiness → the shard's queue, one wake-up per batch.
 fn relay(epfd: OwnedFd, tx: Sender<(u64, u32)>, notified: Arc<AtomicBool>, wake: UnixStream) {
     let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; BATCH];
