@@ -286,8 +286,15 @@ struct StepReport {
     expected: u64,
     stats: StepStats,
     deliveries_per_s: f64,
+    /// CPU of the server process(es): in Redis mode the sum over both nodes.
     server_cpu: f64,
     server_sched: f64,
+    /// Redis mode only (else false / zeros): subscribers and CPU per node
+    /// (A, B) and redis-server's CPU.
+    redis_mode: bool,
+    node_subs: [usize; 2],
+    node_cpu: [f64; 2],
+    redis_cpu: f64,
     client_util: f64,
     foreign_util: f64,
     irq_cpu: f64,
@@ -314,34 +321,38 @@ impl StepReport {
     fn print(&self, subs: usize) {
         let del = self.stats.delivered.max(1) as f64;
         let h = &self.stats.hist;
-        println!(
-            "fanout {}: {subs} subs x {:.0} msg/s target: published {} ({:.1} msg/s, {} errors), \
-             deliveries {}/{} = {:.0} deliveries/s, lost {} (gaps {}), reorder {}, disconnects {}; \
-             server CPU {:.3} s = {:.3} µs/delivery = {:.3} CPU-s per 1M deliveries (schedstat {:.3} µs/delivery; plus machine softirq {:.3} µs/delivery, unattributed); \
-             latency p50 {} p99 {} max {}; client CPU {:.0}%, other processes {:.0}% of a core",
-            self.name,
-            self.target_rate,
-            self.published,
-            self.pub_rate,
-            self.pub_errors,
-            self.stats.delivered,
-            self.expected,
-            self.deliveries_per_s,
-            self.missing(),
-            self.stats.gaps,
-            self.stats.reorder,
-            self.closed,
-            self.server_cpu,
-            self.server_cpu / del * 1e6,
-            self.server_cpu / del * 1e6,
-            self.server_sched / del * 1e6,
-            self.irq_cpu / del * 1e6,
-            fmt_ns(h.quantile(0.50)),
-            fmt_ns(h.quantile(0.99)),
-            fmt_ns(h.max),
-            self.client_util * 100.0,
-            self.foreign_util * 100.0
-        );
+        if self.redis_mode {
+            self.print_redis(subs);
+        } else {
+            println!(
+                "fanout {}: {subs} subs x {:.0} msg/s target: published {} ({:.1} msg/s, {} errors), \
+                 deliveries {}/{} = {:.0} deliveries/s, lost {} (gaps {}), reorder {}, disconnects {}; \
+                 server CPU {:.3} s = {:.3} µs/delivery = {:.3} CPU-s per 1M deliveries (schedstat {:.3} µs/delivery; plus machine softirq {:.3} µs/delivery, unattributed); \
+                 latency p50 {} p99 {} max {}; client CPU {:.0}%, other processes {:.0}% of a core",
+                self.name,
+                self.target_rate,
+                self.published,
+                self.pub_rate,
+                self.pub_errors,
+                self.stats.delivered,
+                self.expected,
+                self.deliveries_per_s,
+                self.missing(),
+                self.stats.gaps,
+                self.stats.reorder,
+                self.closed,
+                self.server_cpu,
+                self.server_cpu / del * 1e6,
+                self.server_cpu / del * 1e6,
+                self.server_sched / del * 1e6,
+                self.irq_cpu / del * 1e6,
+                fmt_ns(h.quantile(0.50)),
+                fmt_ns(h.quantile(0.99)),
+                fmt_ns(h.max),
+                self.client_util * 100.0,
+                self.foreign_util * 100.0
+            );
+        }
         if let Some(e) = &self.first_error {
             println!("# {}: first publish error: {e}", self.name);
         }
@@ -365,6 +376,63 @@ impl StepReport {
                 self.name
             );
         }
+    }
+
+    /// The `fanout-redis` line: same figures as the standalone line, plus
+    /// latency per node and CPU of both nodes and of redis-server.
+    fn print_redis(&self, subs: usize) {
+        let del = self.stats.delivered.max(1) as f64;
+        let us = |cpu: f64| cpu / del * 1e6;
+        let h = &self.stats.hist;
+        let node = |i: usize| {
+            let h = &self.stats.node_hist[i];
+            format!(
+                "p50 {} p99 {} max {}, {} deliveries",
+                fmt_ns(h.quantile(0.50)),
+                fmt_ns(h.quantile(0.99)),
+                fmt_ns(h.max),
+                h.n
+            )
+        };
+        println!(
+            "fanout-redis {}: {subs} subs ({} on A, {} on B) x {:.0} msg/s target, published to A: published {} ({:.1} msg/s, {} errors), \
+             deliveries {}/{} = {:.0} deliveries/s, latency p50 {} p99 {} max {} (A: {}; B: {}), \
+             nodes CPU {:.3} s = {:.3} µs/delivery (A {:.3} s, B {:.3} s; schedstat {:.3} µs/delivery), \
+             redis CPU {:.3} s = {:.3} µs/delivery ({:.1} µs/publication), nodes+redis {:.3} µs/delivery \
+             (plus machine softirq {:.3} µs/delivery, unattributed), \
+             lost {} (gaps {}), reorder {}, disconnects {}; client CPU {:.0}%, other processes {:.0}% of a core",
+            self.name,
+            self.node_subs[0],
+            self.node_subs[1],
+            self.target_rate,
+            self.published,
+            self.pub_rate,
+            self.pub_errors,
+            self.stats.delivered,
+            self.expected,
+            self.deliveries_per_s,
+            fmt_ns(h.quantile(0.50)),
+            fmt_ns(h.quantile(0.99)),
+            fmt_ns(h.max),
+            node(0),
+            node(1),
+            self.server_cpu,
+            us(self.server_cpu),
+            self.node_cpu[0],
+            self.node_cpu[1],
+            us(self.server_sched),
+            self.redis_cpu,
+            us(self.redis_cpu),
+            self.redis_cpu / self.published.max(1) as f64 * 1e6,
+            us(self.server_cpu + self.redis_cpu),
+            us(self.irq_cpu),
+            self.missing(),
+            self.stats.gaps,
+            self.stats.reorder,
+            self.closed,
+            self.client_util * 100.0,
+            self.foreign_util * 100.0
+        );
     }
 
     /// Loss, reorder or disconnects: a correctness failure of the server (gaps
