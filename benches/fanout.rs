@@ -295,6 +295,9 @@ struct StepReport {
     node_subs: [usize; 2],
     node_cpu: [f64; 2],
     redis_cpu: f64,
+    /// redis-server from schedstat (ns resolution; its utime+stime is only a
+    /// few clock ticks per step).
+    redis_sched: f64,
     client_util: f64,
     foreign_util: f64,
     irq_cpu: f64,
@@ -395,10 +398,10 @@ impl StepReport {
             )
         };
         println!(
-            "fanout-redis {}: {subs} subs ({} on A, {} on B) x {:.0} msg/s target, published to A: published {} ({:.1} msg/s, {} errors), \
+            "fanout-redis {}: {subs} subs ({} on A, {} on B) x {:.0} msg/s target via A: published {} ({:.1} msg/s, {} errors), \
              deliveries {}/{} = {:.0} deliveries/s, latency p50 {} p99 {} max {} (A: {}; B: {}), \
              nodes CPU {:.3} s = {:.3} µs/delivery (A {:.3} s, B {:.3} s; schedstat {:.3} µs/delivery), \
-             redis CPU {:.3} s = {:.3} µs/delivery ({:.1} µs/publication), nodes+redis {:.3} µs/delivery \
+             redis CPU {:.3} s = {:.3} µs/delivery ({:.1} µs/publication; schedstat {:.3} µs/delivery), nodes+redis {:.3} µs/delivery \
              (plus machine softirq {:.3} µs/delivery, unattributed), \
              lost {} (gaps {}), reorder {}, disconnects {}; client CPU {:.0}%, other processes {:.0}% of a core",
             self.name,
@@ -424,6 +427,7 @@ impl StepReport {
             self.redis_cpu,
             us(self.redis_cpu),
             self.redis_cpu / self.published.max(1) as f64 * 1e6,
+            us(self.redis_sched),
             us(self.server_cpu + self.redis_cpu),
             us(self.irq_cpu),
             self.missing(),
@@ -478,7 +482,13 @@ impl StepReport {
 }
 
 struct Ctx<'a> {
-    server: &'a Server,
+    /// Where the publishers POST (node A in Redis mode).
+    publish_to: std::net::SocketAddr,
+    /// Server processes whose CPU is counted (A, then B in Redis mode).
+    node_pids: Vec<i32>,
+    /// redis-server (Redis mode only).
+    redis_pid: Option<i32>,
+    node_subs: [usize; 2],
     shared: &'a [Arc<Shared>],
     closed: &'a dyn Fn() -> usize,
     subs: usize,
@@ -497,15 +507,27 @@ fn run_step(
     dur: Duration,
 ) -> StepReport {
     for p in pubs.iter_mut() {
-        match HttpClient::connect(ctx.server.addr) {
+        match HttpClient::connect(ctx.publish_to) {
             Ok(h) => p.http = Some(h),
             Err(e) => fatal(&format!("HTTP connect: {e}")),
         }
     }
     let closed0 = (ctx.closed)();
     let subs_live = ctx.subs - closed0;
-    let cpu0 = cpu_secs(ctx.server.pid);
-    let sch0 = sched_ns(ctx.server.pid);
+    let node_cpu = || -> [f64; 2] {
+        let mut c = [0.0; 2];
+        for (i, &pid) in ctx.node_pids.iter().take(2).enumerate() {
+            c[i] = cpu_secs(pid);
+        }
+        c
+    };
+    let node_sched = || -> u64 { ctx.node_pids.iter().map(|&p| sched_ns(p)).sum() };
+    let redis_cpu = || ctx.redis_pid.map(cpu_secs).unwrap_or(0.0);
+    let redis_sched = || ctx.redis_pid.map(sched_ns).unwrap_or(0);
+    let cpu0 = node_cpu();
+    let sch0 = node_sched();
+    let rcpu0 = redis_cpu();
+    let rsch0 = redis_sched();
     let self0 = self_cpu_secs();
     let sys0 = system_cpu_secs();
     let t0_ns = unix_ns();
@@ -534,12 +556,16 @@ fn run_step(
     // A little extra so duplicates/late extras would be seen too.
     thread::sleep(Duration::from_millis(20));
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_secs(ctx.server.pid) - cpu0;
-    let sch = (sched_ns(ctx.server.pid).saturating_sub(sch0)) as f64 / 1e9;
+    let cpu1 = node_cpu();
+    let node_cpu = [cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]];
+    let cpu = node_cpu[0] + node_cpu[1];
+    let sch = (node_sched().saturating_sub(sch0)) as f64 / 1e9;
+    let rcpu = redis_cpu() - rcpu0;
+    let rsch = (redis_sched().saturating_sub(rsch0)) as f64 / 1e9;
     let client_cpu = self_cpu_secs() - self0;
     let client_util = client_cpu / wall;
     let sys1 = system_cpu_secs();
-    let foreign_util = ((sys1.0 - sys0.0) - cpu - client_cpu).max(0.0) / wall;
+    let foreign_util = ((sys1.0 - sys0.0) - cpu - rcpu - client_cpu).max(0.0) / wall;
     let irq_cpu = sys1.1 - sys0.1;
     let mut stats = StepStats::default();
     for s in ctx.shared {
@@ -547,7 +573,10 @@ fn run_step(
         stats.delivered += st.delivered;
         stats.gaps += st.gaps;
         stats.reorder += st.reorder;
-        stats.hist.merge(&st.hist);
+        for (i, h) in st.node_hist.iter().enumerate() {
+            stats.hist.merge(h);
+            stats.node_hist[i].merge(h);
+        }
         stats.last_ns = stats.last_ns.max(st.last_ns);
     }
     let span = (stats.last_ns.saturating_sub(t0_ns) as f64 / 1e9).max(1e-9);
@@ -562,6 +591,11 @@ fn run_step(
         stats,
         server_cpu: cpu,
         server_sched: sch,
+        redis_mode: ctx.redis_pid.is_some(),
+        node_subs: ctx.node_subs,
+        node_cpu,
+        redis_cpu: rcpu,
+        redis_sched: rsch,
         client_util,
         foreign_util,
         irq_cpu,
@@ -618,25 +652,70 @@ fn main() {
     if rate <= 0.0 || secs <= 0.0 || ramp_start <= 0.0 || ramp_factor <= 1.0 || step_secs <= 0.0 {
         fatal("rates and durations must be > 0 and --ramp-factor > 1");
     }
+    let redis_mode = args.has("redis");
+    let tag = if redis_mode { "fanout-redis" } else { "fanout" };
+    if redis_mode && subs < 2 {
+        fatal("--redis needs --subs >= 2 (half on each node)");
+    }
+    // Subscribers per node: A (published to) gets the odd one.
+    let node_subs = if redis_mode {
+        [subs - subs / 2, subs / 2]
+    } else {
+        [subs, 0]
+    };
 
-    println!(
-        "# fanout: subs={subs} shards={shards} fixed={rate} msg/s x {secs} s, ramp from {ramp_start} msg/s x{ramp_factor} per {step_secs} s step (max {max_steps} steps, p99 limit {} ms), http_conns={http_conns} pipeline={window} payload~{payload} B readers={readers}",
-        p99_limit.as_millis()
-    );
+    if redis_mode {
+        println!(
+            "# fanout-redis: subs={subs} ({} on A, {} on B) nodes=2 x shards={shards}, publishing through A only, fixed={rate} msg/s x {secs} s, ramp from {ramp_start} msg/s x{ramp_factor} per {step_secs} s step (max {max_steps} steps, p99 limit {} ms), http_conns={http_conns} pipeline={window} payload~{payload} B readers={readers}",
+            node_subs[0],
+            node_subs[1],
+            p99_limit.as_millis()
+        );
+    } else {
+        println!(
+            "# fanout: subs={subs} shards={shards} fixed={rate} msg/s x {secs} s, ramp from {ramp_start} msg/s x{ramp_factor} per {step_secs} s step (max {max_steps} steps, p99 limit {} ms), http_conns={http_conns} pipeline={window} payload~{payload} B readers={readers}",
+            p99_limit.as_millis()
+        );
+    }
     println!(
         "# reference (design doc): kernel floor ~2.5-2.7 µs CPU per send() of one frame; \
          uWebSockets.js 2.65 CPU-s per 1M deliveries at 1000 subs x 100 msg/s"
     );
 
-    // Spawn the server before pinning ourselves (it also resets its own
-    // affinity in pre_exec), then pin every bench thread to the client CPUs.
-    let server = Server::start(
-        "fanout",
-        shards,
-        &args.server_args("fanout"),
-        args.has("server-log"),
-    );
-    println!("# server: {}", server.describe());
+    // Spawn the server(s) (and redis-server) before pinning ourselves (they
+    // also reset their own affinity in pre_exec), then pin every bench thread
+    // to the client CPUs.
+    let redis = redis_mode.then(|| RedisServer::start("fanout"));
+    let mut servers: Vec<Server> = Vec::new();
+    match &redis {
+        None => servers.push(Server::start(
+            "fanout",
+            shards,
+            &args.server_args("fanout"),
+            args.has("server-log"),
+        )),
+        Some(r) => {
+            println!("# redis-server: {}", r.describe());
+            let mut extra = args.server_args("fanout-redis");
+            extra.extend(["--redis".to_string(), r.url()]);
+            for name in ["a", "b"] {
+                servers.push(Server::start(
+                    &format!("fanout-redis-{name}"),
+                    shards,
+                    &extra,
+                    args.has("server-log"),
+                ));
+            }
+        }
+    }
+    for (i, server) in servers.iter().enumerate() {
+        if redis_mode {
+            let name = ["A", "B"][i];
+            println!("# node {name}: {}", server.describe());
+        } else {
+            println!("# server: {}", server.describe());
+        }
+    }
     if let Err(e) = pin_all_threads(&client_cpus) {
         fatal(&format!("sched_setaffinity({client_cpus:?}): {e}"));
     }
@@ -647,32 +726,61 @@ fn main() {
         );
     }
 
-    // Subscribers.
+    // Subscribers: all on the server, or node_subs[0] on A and node_subs[1]
+    // on B (connection indexes 0.. on A, then the rest on B).
     let t0 = Instant::now();
-    let conns = match connect_many(
-        server.addr,
-        0,
-        subs,
-        4,
-        n_src,
-        Arc::new(|_| "bench:0".to_string()),
-    ) {
-        Ok(c) => c,
-        Err(e) => fatal(&format!("connecting subscribers: {e}")),
-    };
-    println!(
-        "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s (spread by SO_REUSEPORT over {shards} shard(s); per-shard placement is not visible to the client)",
-        t0.elapsed().as_secs_f64()
-    );
+    let mut node_conns = Vec::new();
+    let mut first = 0;
+    for (server, &count) in servers.iter().zip(&node_subs) {
+        match connect_many(
+            server.addr,
+            first,
+            count,
+            4,
+            n_src,
+            Arc::new(|_| "bench:0".to_string()),
+        ) {
+            Ok(c) => node_conns.push(c),
+            Err(e) => fatal(&format!("connecting subscribers to {}: {e}", server.addr)),
+        }
+        first += count;
+    }
+    if redis_mode {
+        println!(
+            "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s: {} on node A {}, {} on node B {} (spread by SO_REUSEPORT over {shards} shard(s) each)",
+            t0.elapsed().as_secs_f64(),
+            node_subs[0],
+            servers[0].addr,
+            node_subs[1],
+            servers[1].addr
+        );
+    } else {
+        println!(
+            "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s (spread by SO_REUSEPORT over {shards} shard(s); per-shard placement is not visible to the client)",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    // Round-robin over the readers, node A's connections first in each
+    // reader's batch, so the reader-local index tells the node.
+    let mut per: Vec<Vec<_>> = (0..readers).map(|_| Vec::new()).collect();
+    let mut per_node: Vec<Vec<u8>> = (0..readers).map(|_| Vec::new()).collect();
+    for (node, conns) in node_conns.into_iter().enumerate() {
+        for (i, c) in conns.into_iter().enumerate() {
+            per[i % readers].push(c);
+            per_node[i % readers].push(node as u8);
+        }
+    }
     let shared: Vec<Arc<Shared>> = (0..readers).map(|_| Arc::new(Shared::new())).collect();
     let rdrs: Vec<Reader<Subs>> = shared
         .iter()
+        .zip(per_node)
         .enumerate()
-        .map(|(i, sh)| {
+        .map(|(i, (sh, node))| {
             Reader::spawn(
                 &format!("reader{i}"),
                 Subs {
                     next: Vec::new(),
+                    node,
                     shared: sh.clone(),
                     pending: [0; MAX_STEPS],
                     first_malformed: None,
@@ -680,10 +788,6 @@ fn main() {
             )
         })
         .collect();
-    let mut per: Vec<Vec<_>> = (0..readers).map(|_| Vec::new()).collect();
-    for (i, c) in conns.into_iter().enumerate() {
-        per[i % readers].push(c);
-    }
     for (r, batch) in rdrs.iter().zip(per) {
         let _ = r.add.send(batch);
     }
@@ -698,21 +802,41 @@ fn main() {
     }
 
     // Pinning report.
-    let server_threads: Vec<String> = thread_affinities(server.pid)
-        .into_iter()
-        .map(|(name, tid, cpus)| format!("{name}/{tid}:{cpus}"))
-        .collect();
+    let threads_of = |pid: i32| -> String {
+        thread_affinities(pid)
+            .into_iter()
+            .map(|(name, tid, cpus)| format!("{name}/{tid}:{cpus}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
     let bench_threads: Vec<String> = thread_affinities(me)
         .into_iter()
         .map(|(name, _, cpus)| format!("{name}:{cpus}"))
         .collect();
-    println!(
-        "# pinning: {ncpu} CPUs; server --shards {shards} threads [{}]; bench threads pinned to CPU {client_cpus:?} via sched_setaffinity [{}]",
-        server_threads.join(" "),
-        bench_threads.join(" ")
-    );
+    match &redis {
+        None => println!(
+            "# pinning: {ncpu} CPUs; server --shards {shards} threads [{}]; bench threads pinned to CPU {client_cpus:?} via sched_setaffinity [{}]",
+            threads_of(servers[0].pid),
+            bench_threads.join(" ")
+        ),
+        Some(r) => {
+            println!(
+                "# pinning: {ncpu} CPUs; node A --shards {shards} threads [{}]; node B --shards {shards} threads [{}]; redis-server threads [{}]; bench threads pinned to CPU {client_cpus:?} via sched_setaffinity [{}]",
+                threads_of(servers[0].pid),
+                threads_of(servers[1].pid),
+                threads_of(r.pid),
+                bench_threads.join(" ")
+            );
+            println!(
+                "# note: {ncpu} CPUs for two nodes (each: shard executor(s) pinned from core 0, Redis multiplexer thread on the next core when one is spare), redis-server and the bench; they share cores, so absolute figures are pessimistic and the comparison with the standalone run (`fanout` lines) is the point"
+            );
+            println!(
+                "# note: in Redis mode every publication goes node A -> Redis -> both nodes, so A's own subscribers also pay the Redis round trip; B's extra latency over A is the cross-node part"
+            );
+        }
+    }
 
     let mut pub0 = vec![Publisher {
         http: None,
@@ -729,7 +853,10 @@ fn main() {
     let live: Vec<Arc<ReaderLive>> = rdrs.iter().map(|r| r.live.clone()).collect();
     let closed = move || -> usize { live.iter().map(|l| l.closed.load(Ordering::Relaxed)).sum() };
     let ctx = Ctx {
-        server: &server,
+        publish_to: servers[0].addr,
+        node_pids: servers.iter().map(|s| s.pid).collect(),
+        redis_pid: redis.as_ref().map(|r| r.pid),
+        node_subs,
         shared: &shared,
         closed: &closed,
         subs,
@@ -803,6 +930,33 @@ fn main() {
             r_rate *= ramp_factor;
         }
         match best {
+            Some(b) if redis_mode => {
+                let del = b.stats.delivered.max(1) as f64;
+                let node = |i: usize| {
+                    let h = &b.stats.node_hist[i];
+                    format!(
+                        "p50 {} p99 {}",
+                        fmt_ns(h.quantile(0.5)),
+                        fmt_ns(h.quantile(0.99))
+                    )
+                };
+                println!(
+                    "fanout-redis max-sustained: {:.0} msg/s x {subs} subs ({} on A, {} on B) = {:.0} deliveries/s, nodes CPU {:.3} µs/delivery, redis CPU {:.3} µs/delivery, nodes+redis {:.3} µs/delivery, latency p50 {} p99 {} max {} (A: {}; B: {}) [{}: {stop_reason}]",
+                    b.pub_rate,
+                    b.node_subs[0],
+                    b.node_subs[1],
+                    b.deliveries_per_s,
+                    b.server_cpu / del * 1e6,
+                    b.redis_cpu / del * 1e6,
+                    (b.server_cpu + b.redis_cpu) / del * 1e6,
+                    fmt_ns(b.stats.hist.quantile(0.5)),
+                    fmt_ns(b.stats.hist.quantile(0.99)),
+                    fmt_ns(b.stats.hist.max),
+                    node(0),
+                    node(1),
+                    b.name
+                );
+            }
             Some(b) => println!(
                 "fanout max-sustained: {:.0} msg/s x {subs} subs = {:.0} deliveries/s, server {:.3} µs/delivery ({:.3} CPU-s per 1M), latency p50 {} p99 {} max {} [{}: {stop_reason}]",
                 b.pub_rate,
@@ -814,11 +968,11 @@ fn main() {
                 fmt_ns(b.stats.hist.max),
                 b.name
             ),
-            None => println!("fanout max-sustained: none of the ramp steps was sustained [{stop_reason}]"),
+            None => println!("{tag} max-sustained: none of the ramp steps was sustained [{stop_reason}]"),
         }
         if let Some(p) = peak {
             println!(
-                "fanout peak-delivered: {:.0} msg/s x {subs} subs = {:.0} deliveries/s with no loss/reorder/disconnect (p99 {}, publisher offered {:.0} of {:.0} msg/s; {})",
+                "{tag} peak-delivered: {:.0} msg/s x {subs} subs = {:.0} deliveries/s with no loss/reorder/disconnect (p99 {}, publisher offered {:.0} of {:.0} msg/s; {})",
                 p.pub_rate,
                 p.deliveries_per_s,
                 fmt_ns(p.stats.hist.quantile(0.99)),
@@ -829,8 +983,18 @@ fn main() {
         }
     }
 
-    let mut server = server;
-    let alive = server.alive();
+    let mut servers = servers;
+    let mut redis = redis;
+    let alive_nodes: Vec<bool> = servers.iter_mut().map(|s| s.alive()).collect();
+    let redis_alive = redis.as_mut().map(|r| r.alive());
+    let alive = alive_nodes.iter().all(|&a| a) && redis_alive != Some(false);
+    let alive_text = match redis_alive {
+        None => format!("server alive {alive}"),
+        Some(r) => format!(
+            "node A alive {}, node B alive {}, redis-server alive {r}",
+            alive_nodes[0], alive_nodes[1]
+        ),
+    };
     let mut total_closed = 0;
     let mut pings = 0;
     let mut errors = vec![];
@@ -850,7 +1014,7 @@ fn main() {
         .map(|s| s.malformed.load(Ordering::Relaxed))
         .sum();
     println!(
-        "# end: subscribers closed by server {total_closed}, pings answered {pings}, unexpected lines {malformed}{}; server alive {alive}; elapsed {:.1} s",
+        "# end: subscribers closed by server {total_closed}, pings answered {pings}, unexpected lines {malformed}{}; {alive_text}; elapsed {:.1} s",
         errors
             .first()
             .map(|e| format!(" (first: {e})"))
@@ -859,7 +1023,9 @@ fn main() {
     );
     drop(pub0);
     drop(ramp_pubs);
-    drop(server);
+    // Nodes first, then the Redis they use; each is killed and reaped by PID.
+    drop(servers);
+    drop(redis);
     if failed || !alive || total_closed > 0 {
         std::process::exit(1);
     }
