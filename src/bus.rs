@@ -54,6 +54,8 @@ pub enum Part {
         connections: u64,
         subscriptions: u64,
         users: Vec<Arc<str>>,
+        /// Shard counters by name (summed over shards by the merge).
+        counters: Vec<(&'static str, u64)>,
     },
     /// Node registry entries (JSON objects).
     Nodes(Vec<serde_json::Value>),

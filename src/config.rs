@@ -61,6 +61,9 @@ pub struct Config {
     /// Seconds a connection may stay after its token's `exp` before it is closed with 3005, so
     /// that the SDK's refresh (sent when the announced `ttl` runs out) has time to arrive.
     pub client_expired_close_delay_secs: u32,
+    /// Path of a WebSocket echo endpoint for conformance runs (Autobahn); empty = off. Never
+    /// enable it in production: it echoes whatever it gets.
+    pub conformance_echo_path: String,
     /// Client heartbeats.
     pub ping: PingConfig,
     /// Bounds on every buffer and queue.
@@ -85,6 +88,7 @@ impl Default for Config {
             insecure: false,
             name: String::new(),
             client_expired_close_delay_secs: 25,
+            conformance_echo_path: String::new(),
             ping: PingConfig::default(),
             limits: Limits::default(),
             default_namespace: NamespaceOptions::default(),
@@ -177,6 +181,13 @@ pub struct Limits {
     pub handshake_timeout_secs: u32,
     /// Messages the shards → broker queue holds. Full: the command gets a temporary error 100.
     pub broker_queue_capacity: usize,
+    /// Commands per second a connection may send on average (token bucket refill rate).
+    /// Over it: error 111 "too many requests".
+    pub command_rate_per_sec: u32,
+    /// Commands a connection may send in a burst (token bucket size).
+    pub command_burst: u32,
+    /// Refused commands in a row before the connection is closed with 3013 (persistent abuse).
+    pub max_refused_commands: u32,
     /// Messages each broker → shard queue holds. Full: the broker waits (backpressure), so a
     /// full broker queue then turns publishes into temporary errors instead of losing them.
     pub shard_queue_capacity: usize,
@@ -194,6 +205,9 @@ impl Default for Limits {
             max_connections: 1_000_000,
             handshake_timeout_secs: 10,
             broker_queue_capacity: 65_536,
+            command_rate_per_sec: 50,
+            command_burst: 100,
+            max_refused_commands: 50,
             shard_queue_capacity: 65_536,
         }
     }
@@ -307,7 +321,16 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        let positive: [(&str, usize); 9] = [
+        let positive: [(&str, usize); 12] = [
+            (
+                "limits.command_rate_per_sec",
+                l.command_rate_per_sec as usize,
+            ),
+            ("limits.command_burst", l.command_burst as usize),
+            (
+                "limits.max_refused_commands",
+                l.max_refused_commands as usize,
+            ),
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_request_head_bytes", l.max_request_head_bytes),
             ("limits.max_api_body_bytes", l.max_api_body_bytes),

@@ -109,6 +109,7 @@ impl State {
                         connections: 0,
                         subscriptions: 0,
                         users: Vec::new(),
+                        counters: Vec::new(),
                     },
                     Query::Nodes => Part::Nodes(Vec::new()),
                     Query::PresenceAll => Part::PresenceAll(Vec::new()),
@@ -175,16 +176,24 @@ pub(crate) fn merge(into: &mut Part, part: Part) {
                 connections,
                 subscriptions,
                 users,
+                counters,
             },
             Part::Stats {
                 connections: c,
                 subscriptions: s,
                 users: u,
+                counters: k,
             },
         ) => {
             *connections += c;
             *subscriptions += s;
             users.extend(u);
+            for (name, v) in k {
+                match counters.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, sum)) => *sum += v,
+                    None => counters.push((name, v)),
+                }
+            }
         }
         _ => tracing::error!("gather part of the wrong kind ignored"),
     }
@@ -204,6 +213,7 @@ pub(crate) fn finish(part: Part) -> Part {
             connections,
             subscriptions,
             mut users,
+            counters,
         } => {
             users.sort_unstable();
             users.dedup();
@@ -211,6 +221,7 @@ pub(crate) fn finish(part: Part) -> Part {
                 connections,
                 subscriptions,
                 users,
+                counters,
             }
         }
         other => other,

@@ -572,6 +572,7 @@ impl Mux {
                         connections: 0,
                         subscriptions: 0,
                         users: Vec::new(),
+                        counters: Vec::new(),
                     },
                 };
                 self.gathers.borrow_mut().insert(
@@ -626,6 +627,7 @@ impl Mux {
             connections,
             subscriptions,
             users,
+            ..
         } = stats
         else {
             return;

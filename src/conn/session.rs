@@ -69,6 +69,18 @@ pub trait Host {
     fn set_expiry(&mut self, unix_secs: u64);
     /// The client joined or left a channel whose namespace keeps presence.
     fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool);
+    /// Takes one token from the connection's command bucket; false when it is empty.
+    fn allow_command(&mut self) -> bool;
+    /// Counts a refusal by a limit (for the node's counters).
+    fn refused(&mut self, what: Refusal);
+}
+
+/// Limits a command can run into, for counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    ChannelLimit,
+    ChannelName,
+    RateLimited,
 }
 
 /// A client id: unique across nodes (a random node prefix, the shard, a sequence number) and
@@ -109,6 +121,8 @@ pub struct Session {
     pub identity: Option<Box<Identity>>,
     /// Channels subscribed, interned by the shard (inline for the common one or two).
     pub subs: smallvec::SmallVec<[ChanId; 2]>,
+    /// Commands refused by the rate limit since the last accepted one.
+    pub refused_in_a_row: u32,
 }
 
 impl Session {
@@ -151,7 +165,24 @@ impl Session {
         line: &str,
         out: &mut Vec<u8>,
     ) -> Result<(), Disconnect> {
-        let (id, request) = match parse_line(line) {
+        let parsed = parse_line(line);
+        if !matches!(parsed, Ok(Line::Pong)) && !host.allow_command() {
+            host.refused(Refusal::RateLimited);
+            self.refused_in_a_row = self.refused_in_a_row.saturating_add(1);
+            if self.refused_in_a_row >= host.config().limits.max_refused_commands {
+                return Err(Disconnect::TooManyRequests);
+            }
+            if let Ok(Line::Command { id, .. } | Line::Invalid { id, .. }) = parsed {
+                if id != 0 {
+                    reply::error(out, id, ErrorCode::TooManyRequests, true);
+                }
+            }
+            return Ok(());
+        }
+        if !matches!(parsed, Ok(Line::Pong)) {
+            self.refused_in_a_row = 0;
+        }
+        let (id, request) = match parsed {
             Err(_) => return Err(Disconnect::BadRequest),
             Ok(Line::Pong) => return Ok(()),
             Ok(Line::Invalid { id, error }) => {
@@ -345,6 +376,7 @@ impl Session {
     ) -> Result<Ack, (ErrorCode, bool)> {
         let cfg = host.config();
         if channel.is_empty() || channel.len() > cfg.limits.max_channel_name_bytes {
+            host.refused(Refusal::ChannelName);
             return Err((ErrorCode::BadRequest, false));
         }
         let ns = namespace(host, channel).map_err(|e| (e, false))?;
@@ -352,6 +384,7 @@ impl Session {
             return Err((ErrorCode::AlreadySubscribed, false));
         }
         if self.subs.len() >= cfg.limits.max_channels_per_connection {
+            host.refused(Refusal::ChannelLimit);
             return Err((ErrorCode::LimitExceeded, false));
         }
         let ident = self.identity.as_ref().expect("connected");
@@ -477,6 +510,8 @@ mod tests {
         broker_full: bool,
         expiry: u64,
         presence_log: Vec<(String, String, bool)>,
+        tokens: u32,
+        refusals: Vec<Refusal>,
     }
 
     impl FakeHost {
@@ -496,6 +531,8 @@ mod tests {
                 broker_full: false,
                 expiry: 0,
                 presence_log: Vec::new(),
+                tokens: u32::MAX,
+                refusals: Vec::new(),
             }
         }
     }
@@ -557,6 +594,16 @@ mod tests {
         fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool) {
             self.presence_log
                 .push((channel.to_string(), who.user.to_string(), joined));
+        }
+        fn allow_command(&mut self) -> bool {
+            if self.tokens == 0 {
+                return false;
+            }
+            self.tokens -= 1;
+            true
+        }
+        fn refused(&mut self, what: Refusal) {
+            self.refusals.push(what);
         }
     }
 
@@ -895,6 +942,47 @@ mod tests {
                 ("chat:1", false),
                 ("chat:2", false)
             ]
+        );
+    }
+
+    #[test]
+    fn rate_limit_answers_111_then_disconnects_persistent_abuse() {
+        let mut h = FakeHost::new(&format!("{CFG}[limits]\nmax_refused_commands = 3\n"));
+        let mut s = connected(&mut h);
+        h.tokens = 1;
+        let (r, replies) = send(
+            &mut s,
+            &mut h,
+            "{\"id\":2,\"ping\":{}}\n{}\n{\"id\":3,\"ping\":{}}",
+        );
+        r.unwrap();
+        assert!(replies[0]["ping"].is_object());
+        assert_eq!(
+            replies[1]["error"]["code"], 111,
+            "pongs do not spend tokens"
+        );
+        assert_eq!(replies[1]["error"]["temporary"], true);
+        h.tokens = 1;
+        let (r, _) = send(&mut s, &mut h, r#"{"id":4,"ping":{}}"#);
+        r.unwrap();
+        assert_eq!(
+            s.refused_in_a_row, 0,
+            "an accepted command resets the count"
+        );
+        let (r, _) = send(
+            &mut s,
+            &mut h,
+            "{\"id\":5,\"ping\":{}}\n{\"id\":6,\"ping\":{}}",
+        );
+        r.unwrap();
+        let (r, _) = send(&mut s, &mut h, r#"{"id":7,"ping":{}}"#);
+        assert_eq!(r.unwrap_err(), Disconnect::TooManyRequests);
+        assert_eq!(
+            h.refusals
+                .iter()
+                .filter(|r| **r == Refusal::RateLimited)
+                .count(),
+            4
         );
     }
 }

@@ -305,6 +305,7 @@ async fn info(shard: &Shard) -> Value {
             connections,
             subscriptions,
             users,
+            counters,
         }),
         Ok(Part::Channels(chans)),
     ) = (stats, channels)
@@ -325,6 +326,10 @@ async fn info(shard: &Shard) -> Value {
         "shards": shard.cfg.shard_count(),
         "broker": if shard.cfg.redis.is_empty() { "memory" } else { "redis" },
         "redis": node.redis_link_json(),
+        "counters": counters
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<serde_json::Map<String, Value>>(),
     });
     // Other live nodes come from the registry (Redis mode); ours is the fresh local entry.
     let mut nodes = match gather(shard, Query::Nodes).await {

@@ -151,7 +151,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             .set(shard.counters.http_requests.get() + 1);
         let path = head.path.split('?').next().unwrap_or("").to_string();
         match (head.method.as_str(), path.as_str()) {
-            (_, "/connection/websocket") => {
+            (_, p)
+                if p == "/connection/websocket"
+                    || (!shard.cfg.conformance_echo_path.is_empty()
+                        && p == shard.cfg.conformance_echo_path) =>
+            {
+                let echo = p != "/connection/websocket";
                 let early = buf.split_off(head.len);
                 drop(buf);
                 if let Some(stream) = upgrade(&shard, stream, &head).await {
@@ -165,7 +170,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                         shard.node.connections.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }
-                    connection::start(&shard, fd, early);
+                    connection::start(&shard, fd, early, echo);
                 }
                 return;
             }

@@ -7,7 +7,7 @@
 //! outbox and written by [`flush`], every queued frame in one `send` through the shard's cork
 //! buffer. A write that would block leaves the rest queued until the socket's writable edge.
 
-use super::{bump, poller, Shard, ShardHost, CORK_BYTES};
+use super::{bump, poller, Bucket, Shard, ShardHost, CORK_BYTES};
 use crate::conn::outbox::{Outbox, Push};
 use crate::conn::session::Session;
 use crate::conn::ConnKey;
@@ -59,6 +59,10 @@ pub struct ConnState {
     blocked: bool,
     /// Queued in the shard's dirty list (to be flushed at the end of the batch).
     dirty: bool,
+    /// Conformance echo endpoint: messages are echoed, no protocol session.
+    echo: bool,
+    /// Command rate limit.
+    bucket: Bucket,
 }
 
 /// One WebSocket connection, owned by its shard's table.
@@ -70,7 +74,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn new(key: ConnKey, fd: RawFd, now: u32) -> Connection {
+    fn new(key: ConnKey, fd: RawFd, now: u32, echo: bool, bucket: Bucket) -> Connection {
         Connection {
             key,
             fd,
@@ -85,6 +89,8 @@ impl Connection {
                 expires_at: 0,
                 blocked: false,
                 dirty: false,
+                echo,
+                bucket,
             }),
         }
     }
@@ -194,6 +200,12 @@ impl Connection {
             }
             Phase::Open => {}
         }
+        if st.echo {
+            // Conformance endpoint: no protocol heartbeats and no stale timeout.
+            st.last_ping = now;
+            self.arm(shard, &mut st);
+            return;
+        }
         let connected = st.session.is_connected();
         if !connected && now >= st.last_ping + shard.cfg.limits.handshake_timeout_secs {
             // Upgraded but never sent connect: stale.
@@ -259,12 +271,13 @@ fn queue_close(st: &mut ConnState, code: u16, reason: &str) {
 
 /// Starts the WebSocket phase of an upgraded socket `fd` (ours now). `early` holds bytes the
 /// client sent right after its request head.
-pub fn start(shard: &Shard, fd: RawFd, mut early: Vec<u8>) {
+pub fn start(shard: &Shard, fd: RawFd, mut early: Vec<u8>, echo: bool) {
     let now = shard.tick_now();
+    let bucket = Bucket::full(&shard.cfg, shard.now_ms());
     let conn = shard
         .conns
         .borrow_mut()
-        .insert_with(|key| Rc::new(Connection::new(key, fd, now)));
+        .insert_with(|key| Rc::new(Connection::new(key, fd, now, echo, bucket)));
     bump(&shard.counters.ws_opened);
     {
         let mut st = conn.state.borrow_mut();
@@ -408,6 +421,7 @@ pub fn teardown(shard: &Shard, conn: &Rc<Connection>) {
             shard,
             key: conn.key,
             expires_at: &mut expires,
+            bucket: None,
         };
         st.session.leave_all(&mut host);
         if let Some(ident) = st.session.identity.as_ref() {
@@ -437,16 +451,28 @@ fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
     let mut overflow = false;
     let expires_before = st.expires_at;
     let connected_before = st.session.is_connected();
+    let echo = st.echo;
     let ConnState {
         session,
         outbox,
         awaiting_pong,
         expires_at,
+        bucket,
         ..
     } = st;
     let result = shard
         .decoder
         .feed(&mut partial, input, &mut |event| match event {
+            Event::Message { payload, text } if echo => {
+                let mut f = FrameBuf::with_capacity(payload.len());
+                f.payload().extend_from_slice(payload);
+                let op = if text { OP_TEXT } else { ws::OP_BINARY };
+                if outbox.push(f.finish(op), max_outbox) == Push::Overflow {
+                    overflow = true;
+                    return Flow::Stop;
+                }
+                Flow::Continue
+            }
             Event::Message { payload, .. } => {
                 *awaiting_pong = false;
                 let Ok(text) = std::str::from_utf8(payload) else {
@@ -461,6 +487,7 @@ fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
                     shard,
                     key: conn.key,
                     expires_at: &mut *expires_at,
+                    bucket: Some(&mut *bucket),
                 };
                 let outcome = session.handle_message(&mut host, text, frame.payload());
                 if frame.payload_len() > 0

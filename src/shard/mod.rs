@@ -16,7 +16,7 @@ use crate::bus::{
     BrokerReply, Part, Query, ReplyTo, ShardCommand, ShardId, ShardInbox, ToBroker, ToShard,
 };
 use crate::config::Config;
-use crate::conn::session::{Ack, ChanId, ClientId, Deferred, Host, Identity};
+use crate::conn::session::{Ack, ChanId, ClientId, Deferred, Host, Identity, Refusal};
 use crate::conn::ConnKey;
 use crate::protocol::reply::{self, ClientInfo, PresenceStats};
 use crate::protocol::token::TokenVerifier;
@@ -107,6 +107,32 @@ pub struct Counters {
     pub broker_queue_full: Cell<u64>,
     /// Frames queued to connections by fan-out.
     pub deliveries: Cell<u64>,
+    /// Commands refused by the per-connection rate limit (error 111).
+    pub rate_limited: Cell<u64>,
+    /// Subscribes refused by `limits.max_channels_per_connection` (error 106).
+    pub channel_limit_refusals: Cell<u64>,
+    /// Subscribes refused by `limits.max_channel_name_bytes` (error 107).
+    pub channel_name_refusals: Cell<u64>,
+}
+
+impl Counters {
+    /// Name → value, for `/api/info`.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("accepted", self.accepted.get()),
+            ("ws_opened", self.ws_opened.get()),
+            ("http_requests", self.http_requests.get()),
+            ("slow_disconnects", self.slow_disconnects.get()),
+            ("no_pong_disconnects", self.no_pong_disconnects.get()),
+            ("protocol_violations", self.protocol_violations.get()),
+            ("refused_full", self.refused_full.get()),
+            ("broker_queue_full", self.broker_queue_full.get()),
+            ("deliveries", self.deliveries.get()),
+            ("rate_limited", self.rate_limited.get()),
+            ("channel_limit_refusals", self.channel_limit_refusals.get()),
+            ("channel_name_refusals", self.channel_name_refusals.get()),
+        ]
+    }
 }
 
 fn bump(c: &Cell<u64>) {
@@ -290,6 +316,11 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Milliseconds since the shard started (wraps after 49 days; compared with wrapping_sub).
+    pub fn now_ms(&self) -> u32 {
+        self.started.elapsed().as_millis() as u32
     }
 
     /// Seconds since the shard started (the timer wheel's clock).
@@ -542,6 +573,7 @@ impl Shard {
                 Part::PresenceAll(all)
             }
             Query::Stats => Part::Stats {
+                counters: self.counters.snapshot(),
                 connections: self.conns.borrow().len() as u64,
                 subscriptions: index.subscriptions(),
                 users: self
@@ -680,12 +712,44 @@ pub fn presence_stats(list: &[ClientInfo]) -> PresenceStats {
     }
 }
 
+/// A connection's command token bucket (`limits.command_rate_per_sec`, `command_burst`).
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    tokens: f32,
+    last_ms: u32,
+}
+
+impl Bucket {
+    pub fn full(cfg: &Config, now_ms: u32) -> Bucket {
+        Bucket {
+            tokens: cfg.limits.command_burst as f32,
+            last_ms: now_ms,
+        }
+    }
+
+    /// Refills for the time passed, then takes one token if there is one.
+    pub fn take(&mut self, cfg: &Config, now_ms: u32) -> bool {
+        let elapsed = now_ms.wrapping_sub(self.last_ms) as f32;
+        self.last_ms = now_ms;
+        let rate = cfg.limits.command_rate_per_sec as f32 / 1000.0;
+        self.tokens = (self.tokens + elapsed * rate).min(cfg.limits.command_burst as f32);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The session's view of its shard, for one connection.
 pub struct ShardHost<'a> {
     pub shard: &'a Shard,
     pub key: ConnKey,
     /// The connection's expiry tick, updated by refresh.
     pub expires_at: &'a mut u32,
+    /// The connection's command bucket (`None` while tearing down).
+    pub bucket: Option<&'a mut Bucket>,
 }
 
 impl Host for ShardHost<'_> {
@@ -824,6 +888,20 @@ impl Host for ShardHost<'_> {
     }
     fn set_expiry(&mut self, unix_secs: u64) {
         *self.expires_at = self.shard.expiry_tick(unix_secs);
+    }
+    fn allow_command(&mut self) -> bool {
+        match self.bucket.as_deref_mut() {
+            Some(b) => b.take(&self.shard.cfg, self.shard.now_ms()),
+            None => true,
+        }
+    }
+    fn refused(&mut self, what: Refusal) {
+        let c = &self.shard.counters;
+        bump(match what {
+            Refusal::ChannelLimit => &c.channel_limit_refusals,
+            Refusal::ChannelName => &c.channel_name_refusals,
+            Refusal::RateLimited => &c.rate_limited,
+        });
     }
     fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool) {
         if !self.shard.redis_mode {
