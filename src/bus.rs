@@ -117,6 +117,8 @@ pub enum ToBroker {
     PresenceAdd { channel: Arc<str>, info: ClientInfo },
     /// A client left a presence channel.
     PresenceRemove { channel: Arc<str>, client: Arc<str> },
+    /// The node is draining: leave the cluster registry now.
+    Leave,
     /// The shard's first (`on`) or last (`!on`) connection of a user (personal channel).
     UserInterest {
         shard: ShardId,

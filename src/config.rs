@@ -64,6 +64,8 @@ pub struct Config {
     /// Path of a WebSocket echo endpoint for conformance runs (Autobahn); empty = off. Never
     /// enable it in production: it echoes whatever it gets.
     pub conformance_echo_path: String,
+    /// Graceful shutdown on SIGTERM/SIGINT.
+    pub drain: DrainConfig,
     /// Client heartbeats.
     pub ping: PingConfig,
     /// Bounds on every buffer and queue.
@@ -89,6 +91,7 @@ impl Default for Config {
             name: String::new(),
             client_expired_close_delay_secs: 25,
             conformance_echo_path: String::new(),
+            drain: DrainConfig::default(),
             ping: PingConfig::default(),
             limits: Limits::default(),
             default_namespace: NamespaceOptions::default(),
@@ -133,6 +136,32 @@ impl Default for RedisOptions {
             backoff_initial_ms: 100,
             backoff_max_ms: 5000,
             cpu: -1,
+        }
+    }
+}
+
+/// The shutdown protocol: `/healthz` fails first, listeners close after `listener_grace_secs`,
+/// connections are told to reconnect (3001) in paced, shuffled batches over `window_secs`, and
+/// the process exits once they are gone or at `deadline_secs` at the latest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Seconds between `/healthz` turning 503 and the listeners closing, so load balancers see
+    /// the 503 (new upgrades are refused with 503 meanwhile).
+    pub listener_grace_secs: u32,
+    /// Seconds over which connections are told to reconnect, so they do not all land on the
+    /// other nodes at once.
+    pub window_secs: u32,
+    /// Seconds after the signal at which whatever is left is closed and the process exits.
+    pub deadline_secs: u32,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            listener_grace_secs: 2,
+            window_secs: 10,
+            deadline_secs: 30,
         }
     }
 }
@@ -306,6 +335,12 @@ impl Config {
             return Err(invalid(
                 "token_hmac_secret",
                 "is required unless `insecure` is set (clients could not authenticate)",
+            ));
+        }
+        if self.drain.listener_grace_secs + self.drain.window_secs >= self.drain.deadline_secs {
+            return Err(invalid(
+                "drain.deadline_secs",
+                "must exceed drain.listener_grace_secs + drain.window_secs",
             ));
         }
         if self.ping.interval_secs == 0 {

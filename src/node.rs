@@ -184,6 +184,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot start shard {id}: {e}"))?;
         handles.push(handle);
     }
+    // Kept to tell the broker to leave the registry when draining.
+    let leave_tx = to_broker.clone();
     drop(to_broker);
     drop(ready_tx);
     for _ in 0..shards {
@@ -213,11 +215,59 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     drop(out);
 
     let sig = wait_for_signal(&sigset);
-    tracing::info!(signal = sig, "stopping");
-    node.draining.store(true, Ordering::SeqCst);
+    drain(&cfg, &node, &leave_tx, &sigset, sig);
     stop.store(true, Ordering::SeqCst);
-    // Graceful drain (paced reconnect advice) belongs to the drain issue; for now the process
-    // exits right away, and clients reconnect on their own.
     let _ = (handles, broker_thread);
     Ok(())
+}
+
+/// The shutdown protocol, from the node's side (the shards pace their connections, see
+/// `shard::Drain`): `/healthz` and new upgrades answer 503 at once, the node leaves the Redis
+/// registry, and we wait until every connection is gone, a second signal comes, or the
+/// deadline passes.
+fn drain(
+    cfg: &Config,
+    node: &NodeInfo,
+    leave_tx: &bus::BrokerTx,
+    sigset: &libc::sigset_t,
+    sig: i32,
+) {
+    let started = std::time::Instant::now();
+    let deadline = Duration::from_secs(cfg.drain.deadline_secs as u64);
+    tracing::info!(
+        signal = sig,
+        connections = node.connections.load(Ordering::Relaxed),
+        window_secs = cfg.drain.window_secs,
+        deadline_secs = cfg.drain.deadline_secs,
+        "draining: /healthz answers 503, clients are told to reconnect"
+    );
+    node.draining.store(true, Ordering::SeqCst);
+    let _ = leave_tx.try_send(bus::ToBroker::Leave);
+    loop {
+        if node.connections.load(Ordering::Relaxed) == 0 {
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
+            return;
+        }
+        if started.elapsed() >= deadline {
+            tracing::warn!(
+                left = node.connections.load(Ordering::Relaxed),
+                "drain deadline: closing what is left"
+            );
+            return;
+        }
+        let wait = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        // SAFETY: sigtimedwait on the set blocked in every thread.
+        let got = unsafe { libc::sigtimedwait(sigset, std::ptr::null_mut(), &wait) };
+        if got > 0 {
+            tracing::warn!(
+                signal = got,
+                left = node.connections.load(Ordering::Relaxed),
+                "second signal: closing what is left"
+            );
+            return;
+        }
+    }
 }

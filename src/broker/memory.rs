@@ -144,6 +144,7 @@ impl State {
             ToBroker::Command(cmd) => self.broadcast(cmd),
             // Standalone: presence is read from the shards and user commands go to every shard.
             ToBroker::PresenceAdd { .. }
+            | ToBroker::Leave
             | ToBroker::PresenceRemove { .. }
             | ToBroker::UserInterest { .. } => {}
         }

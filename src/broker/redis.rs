@@ -223,6 +223,8 @@ struct Mux {
     sub_out: RefCell<Vec<u8>>,
     gathers: RefCell<HashMap<u64, Gathering>>,
     next_gather: Cell<u64>,
+    /// Draining: no more lease refreshes.
+    leaving: Cell<bool>,
 }
 
 /// Appends one RESP command.
@@ -274,6 +276,7 @@ impl Mux {
             sub_out: RefCell::default(),
             gathers: RefCell::default(),
             next_gather: Cell::new(1),
+            leaving: Cell::new(false),
         }
     }
 
@@ -489,6 +492,22 @@ impl Mux {
                 );
                 self.command(&[b"EXPIRE", key.as_bytes(), ttl.as_bytes()], Waiter::Ignore);
             }
+            ToBroker::Leave => {
+                self.leaving.set(true);
+                if self.is_up() {
+                    let key = format!("{}{}", self.node_key_prefix(), self.node.uid);
+                    self.command(&[b"DEL", key.as_bytes()], Waiter::Ignore);
+                    self.command(
+                        &[
+                            b"ZREM",
+                            self.nodes_key().as_bytes(),
+                            self.node.uid.as_bytes(),
+                        ],
+                        Waiter::Ignore,
+                    );
+                }
+                tracing::info!("left the node registry");
+            }
             ToBroker::PresenceRemove { channel, client } => {
                 if self.is_up() {
                     let key = self.presence_key(&channel);
@@ -632,7 +651,7 @@ impl Mux {
         else {
             return;
         };
-        if !self.is_up() {
+        if !self.is_up() || self.leaving.get() {
             return;
         }
         let ttl_ms = self.cfg.redis_options.lease_ttl_secs as u64 * 1000;

@@ -978,16 +978,6 @@ pub async fn run(parts: ShardParts) {
     spawn_io(&shard);
 
     let s = shard.clone();
-    let stop_ticks = stop.clone();
-    glommio::spawn_local(async move {
-        while !stop_ticks.load(Ordering::Relaxed) {
-            glommio::timer::sleep(Duration::from_secs(1)).await;
-            s.tick();
-        }
-    })
-    .detach();
-
-    let s = shard.clone();
     let accept = glommio::spawn_local(async move {
         loop {
             match listener.accept().await {
@@ -1005,10 +995,76 @@ pub async fn run(parts: ShardParts) {
         }
     })
     .detach();
+
+    // The one-second sweep: timers, and the drain once the node stops.
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        let mut drain: Option<Drain> = None;
+        let mut accept = Some(accept);
+        while !stop.load(Ordering::Relaxed) {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            s.tick();
+            if drain.is_none() && s.node.draining.load(Ordering::Relaxed) {
+                drain = Some(Drain::start(&s));
+            }
+            if let Some(d) = drain.as_mut() {
+                if d.ticks == s.cfg.drain.listener_grace_secs {
+                    if let Some(a) = accept.take() {
+                        a.cancel(); // drops the listener: new connections are refused
+                        tracing::debug!(shard = s.id, "listener closed");
+                    }
+                }
+                d.step(&s);
+            }
+        }
+    })
+    .detach();
     let _ = ready.send(id);
     inbox_task.await;
-    accept.cancel();
     tracing::debug!(shard = id, "shard stopped");
+}
+
+/// One shard's part of the shutdown: tell connections to reconnect in paced, shuffled batches.
+struct Drain {
+    /// Ticks since the drain started.
+    ticks: u32,
+    /// Connections still to be told, in random order.
+    queue: Vec<ConnKey>,
+    /// How many per tick.
+    per_tick: usize,
+}
+
+impl Drain {
+    fn start(shard: &Shard) -> Drain {
+        let mut queue: Vec<ConnKey> = shard.conns.borrow().all().iter().map(|c| c.key).collect();
+        fastrand::shuffle(&mut queue);
+        let window = shard.cfg.drain.window_secs.max(1) as usize;
+        let per_tick = queue.len().div_ceil(window).max(1);
+        tracing::info!(shard = shard.id, connections = queue.len(), "draining");
+        Drain {
+            ticks: 0,
+            queue,
+            per_tick,
+        }
+    }
+
+    fn step(&mut self, shard: &Shard) {
+        self.ticks += 1;
+        if self.ticks <= shard.cfg.drain.listener_grace_secs || self.queue.is_empty() {
+            return;
+        }
+        // Jitter the batch size (±25%) so nodes draining together do not pulse in step.
+        let jitter = fastrand::usize(0..=self.per_tick / 2);
+        let n = (self.per_tick * 3 / 4 + jitter).clamp(1, self.queue.len());
+        let d = Disconnect::Shutdown;
+        for key in self.queue.drain(..n) {
+            let conn = shard.conns.borrow().get(key).cloned();
+            if let Some(conn) = conn {
+                conn.close_with(shard, d.code(), d.reason());
+            }
+        }
+        shard.flush_dirty();
+    }
 }
 
 /// Drains the broker queue whenever the broker wakes us, in batches.

@@ -3,6 +3,7 @@
 //! One test binary so that it links once.
 
 mod conformance;
+mod drain;
 mod harness;
 mod http_api;
 mod protocol;

@@ -314,3 +314,31 @@ fn auth_and_select() {
             || b.stderr.lock().unwrap().contains("invalid")
     );
 }
+
+#[test]
+fn draining_node_leaves_the_registry_at_once() {
+    let redis = Redis::start(&[]);
+    let a = Server::start(&node_config(&redis, ""), &[]);
+    let b = Server::start(
+        &node_config(
+            &redis,
+            "[drain]\nlistener_grace_secs = 1\nwindow_secs = 1\ndeadline_secs = 5\n",
+        ),
+        &[],
+    );
+    let nodes = |addr| {
+        api(addr, "info", &json!({})).1["result"]["nodes"]
+            .as_array()
+            .map(|n| n.len())
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(5), "both nodes registered", || {
+        nodes(a.addr) == 2
+    });
+    // SAFETY: signalling a child process we started.
+    unsafe { libc::kill(b.child.id() as i32, libc::SIGTERM) };
+    // Well before the 10 s lease would lapse.
+    eventually(Duration::from_secs(2), "B left the registry", || {
+        nodes(a.addr) == 1
+    });
+}
