@@ -517,3 +517,68 @@ mod tests {
         assert_eq!(&c[..], &[0x88, 6, 0x0b, 0xc0, b's', b'l', b'o', b'w']);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MAX: usize = 4096;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes, cut at arbitrary points: never a panic, and the per-connection
+        /// state never holds more than one message's worth (plus one read).
+        #[test]
+        fn decoder_never_panics_and_stays_bounded(
+            data in proptest::collection::vec(any::<u8>(), 0..20_000),
+            cuts in proptest::collection::vec(1usize..3000, 1..20),
+        ) {
+            let dec = Decoder { max_message_bytes: MAX };
+            let mut partial = None;
+            let mut rest = &data[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                let mut chunk = rest[..n].to_vec();
+                rest = &rest[n..];
+                i += 1;
+                let r = dec.feed(&mut partial, &mut chunk, &mut |e| {
+                    if let Event::Message { payload, .. } = e {
+                        assert!(payload.len() <= MAX);
+                    }
+                    Flow::Continue
+                });
+                if let Some(p) = partial.as_ref() {
+                    // A frame tail (≤ header + MAX) plus the reassembled message (≤ MAX), each
+                    // possibly grown by one read before it is judged.
+                    prop_assert!(p.tail.len() <= 14 + MAX + 3000);
+                    prop_assert!(p.message.len() <= MAX);
+                }
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+
+        /// Valid frames of any length up to the limit decode to exactly their payload.
+        #[test]
+        fn valid_frames_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..MAX), mask in any::<[u8; 4]>()) {
+            let frame = client_frame(OP_BINARY, true, &payload, mask);
+            let mut partial = None;
+            let mut got = Vec::new();
+            let mut bytes = frame.clone();
+            Decoder { max_message_bytes: MAX }
+                .feed(&mut partial, &mut bytes, &mut |e| {
+                    if let Event::Message { payload, .. } = e {
+                        got.push(payload.to_vec());
+                    }
+                    Flow::Continue
+                })
+                .unwrap();
+            prop_assert_eq!(got, vec![payload]);
+            prop_assert!(partial.is_none());
+        }
+    }
+}

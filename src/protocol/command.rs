@@ -276,3 +276,30 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Arbitrary text never makes the command parser panic.
+        #[test]
+        fn arbitrary_text_never_panics(line in ".{0,400}") {
+            let _ = parse_line(&line);
+        }
+
+        /// Arbitrary JSON-ish objects with known method names never panic either.
+        #[test]
+        fn json_shaped_commands_never_panic(
+            id in any::<i64>(),
+            method in prop::sample::select(vec!["connect", "subscribe", "unsubscribe", "publish", "presence", "presence_stats", "history", "ping", "send", "rpc", "refresh", "sub_refresh", "nope"]),
+            body in "[\\[\\]{}\":,a-z0-9 ]{0,80}",
+        ) {
+            let line = format!("{{\"id\":{id},\"{method}\":{body}}}");
+            let _ = parse_line(&line);
+        }
+    }
+}

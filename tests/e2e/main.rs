@@ -2,6 +2,7 @@
 //! (tungstenite) and by the official `centrifuge` JS SDK (tests/interop).
 //! One test binary so that it links once.
 
+mod abuse;
 mod conformance;
 mod drain;
 mod harness;
