@@ -63,6 +63,24 @@ pub enum Part {
     PresenceAll(Vec<(Arc<str>, ClientInfo)>),
 }
 
+impl Part {
+    /// The empty answer of the kind `query` expects, to merge shard parts into.
+    pub fn empty_for(query: &Query) -> Part {
+        match query {
+            Query::Presence(_) => Part::Presence(Vec::new()),
+            Query::Channels(_) => Part::Channels(Vec::new()),
+            Query::Stats => Part::Stats {
+                connections: 0,
+                subscriptions: 0,
+                users: Vec::new(),
+                counters: Vec::new(),
+            },
+            Query::Nodes => Part::Nodes(Vec::new()),
+            Query::PresenceAll => Part::PresenceAll(Vec::new()),
+        }
+    }
+}
+
 /// A command every shard applies to its own connections.
 #[derive(Debug, Clone)]
 pub enum ShardCommand {

@@ -102,18 +102,7 @@ impl State {
             ToBroker::Gather { query, reply } => {
                 let id = self.next_gather;
                 self.next_gather += 1;
-                let merged = match &query {
-                    Query::Presence(_) => Part::Presence(Vec::new()),
-                    Query::Channels(_) => Part::Channels(Vec::new()),
-                    Query::Stats => Part::Stats {
-                        connections: 0,
-                        subscriptions: 0,
-                        users: Vec::new(),
-                        counters: Vec::new(),
-                    },
-                    Query::Nodes => Part::Nodes(Vec::new()),
-                    Query::PresenceAll => Part::PresenceAll(Vec::new()),
-                };
+                let merged = Part::empty_for(&query);
                 self.gathers.insert(
                     id,
                     Gathering {

@@ -584,16 +584,7 @@ impl Mux {
                 // Channels and stats are this node's: ask every local shard.
                 let id = self.next_gather.get();
                 self.next_gather.set(id + 1);
-                let merged = match &query {
-                    Query::Channels(_) => Part::Channels(Vec::new()),
-                    Query::PresenceAll => Part::PresenceAll(Vec::new()),
-                    _ => Part::Stats {
-                        connections: 0,
-                        subscriptions: 0,
-                        users: Vec::new(),
-                        counters: Vec::new(),
-                    },
-                };
+                let merged = Part::empty_for(&query);
                 self.gathers.borrow_mut().insert(
                     id,
                     Gathering {
@@ -916,13 +907,7 @@ impl Mux {
                 }
                 (Waiter::Publish(to), _) => self.reply(to, BrokerReply::Published(Ok(()))),
                 (Waiter::Presence(to), BytesFrame::Array(items)) => {
-                    let list: Vec<ClientInfo> = items
-                        .iter()
-                        .filter_map(|f| match f {
-                            BytesFrame::BulkString(b) => serde_json::from_slice(b).ok(),
-                            _ => None,
-                        })
-                        .collect();
+                    let list: Vec<ClientInfo> = json_items(&items);
                     self.reply(to, BrokerReply::Gathered(Part::Presence(list)));
                 }
                 (Waiter::Presence(to), other) => {
@@ -930,13 +915,7 @@ impl Mux {
                     self.reply(to, BrokerReply::Failed(BrokerError::Unavailable));
                 }
                 (Waiter::Nodes(to), BytesFrame::Array(items)) => {
-                    let list: Vec<Value> = items
-                        .iter()
-                        .filter_map(|f| match f {
-                            BytesFrame::BulkString(b) => serde_json::from_slice(b).ok(),
-                            _ => None,
-                        })
-                        .collect();
+                    let list: Vec<Value> = json_items(&items);
                     self.reply(to, BrokerReply::Gathered(Part::Nodes(list)));
                 }
                 (Waiter::Nodes(to), other) => {
@@ -1055,6 +1034,17 @@ impl Mux {
             }
         }
     }
+}
+
+/// The JSON documents in a script's array reply (entries that do not parse are skipped).
+fn json_items<T: serde::de::DeserializeOwned>(items: &[BytesFrame]) -> Vec<T> {
+    items
+        .iter()
+        .filter_map(|f| match f {
+            BytesFrame::BulkString(b) => serde_json::from_slice(b).ok(),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Reads until one RESP frame is complete.
