@@ -242,9 +242,17 @@ fn drain(
         "draining: /healthz answers 503, clients are told to reconnect"
     );
     node.draining.store(true, Ordering::SeqCst);
-    let _ = leave_tx.try_send(bus::ToBroker::Leave);
+    if cfg.redis.is_empty() {
+        node.left_registry.store(true, Ordering::SeqCst);
+    }
+    if leave_tx.try_send(bus::ToBroker::Leave).is_err() {
+        node.left_registry.store(true, Ordering::SeqCst); // broker gone or full: the lease lapses
+    }
+    // The registry removal gets a moment to reach Redis before an empty node exits.
+    let leave_wait = Duration::from_secs(1);
     loop {
-        if node.connections.load(Ordering::Relaxed) == 0 {
+        let left = node.left_registry.load(Ordering::SeqCst) || started.elapsed() >= leave_wait;
+        if node.connections.load(Ordering::Relaxed) == 0 && left {
             tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
             return;
         }

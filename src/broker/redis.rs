@@ -177,6 +177,8 @@ impl Broker for RedisBroker {
 /// What a command reply is for (replies come back in command order).
 enum Waiter {
     Ignore,
+    /// The registry entry is removed: the draining node may exit.
+    Left,
     Publish(ReplyTo),
     Presence(ReplyTo),
     Nodes(ReplyTo),
@@ -503,10 +505,12 @@ impl Mux {
                             self.nodes_key().as_bytes(),
                             self.node.uid.as_bytes(),
                         ],
-                        Waiter::Ignore,
+                        Waiter::Left,
                     );
+                } else {
+                    self.node.left_registry.store(true, Ordering::SeqCst);
                 }
-                tracing::info!("left the node registry");
+                tracing::info!("leaving the node registry");
             }
             ToBroker::PresenceRemove { channel, client } => {
                 if self.is_up() {
@@ -843,6 +847,7 @@ impl Mux {
         for w in waiters {
             match w {
                 Waiter::Ignore => {}
+                Waiter::Left => self.node.left_registry.store(true, Ordering::SeqCst),
                 Waiter::Publish(to) => {
                     self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)))
                 }
@@ -901,6 +906,7 @@ impl Mux {
                     tracing::warn!(error = %e, "Redis command failed")
                 }
                 (Waiter::Ignore, _) => {}
+                (Waiter::Left, _) => self.node.left_registry.store(true, Ordering::SeqCst),
                 (Waiter::Publish(to), BytesFrame::Error(e)) => {
                     tracing::warn!(error = %e, "PUBLISH failed");
                     self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)));

@@ -57,6 +57,8 @@ pub struct NodeInfo {
     pub redis_state: std::sync::atomic::AtomicU8,
     /// Times the Redis link was re-established.
     pub redis_reconnects: std::sync::atomic::AtomicU64,
+    /// Draining: the node's registry entry is gone (Redis confirmed, or there is none).
+    pub left_registry: AtomicBool,
 }
 
 impl NodeInfo {
@@ -72,6 +74,7 @@ impl NodeInfo {
             draining: AtomicBool::new(false),
             redis_state: Default::default(),
             redis_reconnects: Default::default(),
+            left_registry: AtomicBool::new(false),
         }
     }
 
