@@ -802,24 +802,12 @@ fn main() {
     }
 
     // Pinning report.
-    let threads_of = |pid: i32| -> String {
-        thread_affinities(pid)
-            .into_iter()
-            .map(|(name, tid, cpus)| format!("{name}/{tid}:{cpus}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
-    let bench_threads: Vec<String> = thread_affinities(me)
-        .into_iter()
-        .map(|(name, _, cpus)| format!("{name}:{cpus}"))
-        .collect();
+    let bench_threads = own_thread_affinities();
     match &redis {
         None => println!(
             "# pinning: {ncpu} CPUs; server --shards {shards} threads [{}]; bench threads pinned to CPU {client_cpus:?} via sched_setaffinity [{}]",
             threads_of(servers[0].pid),
-            bench_threads.join(" ")
+            bench_threads
         ),
         Some(r) => {
             println!(
@@ -827,7 +815,7 @@ fn main() {
                 threads_of(servers[0].pid),
                 threads_of(servers[1].pid),
                 threads_of(r.pid),
-                bench_threads.join(" ")
+                bench_threads
             );
             println!(
                 "# note: {ncpu} CPUs for two nodes (each: shard executor(s) pinned from core 0, Redis multiplexer thread on the next core when one is spare), redis-server and the bench; they share cores, so absolute figures are pessimistic and the comparison with the standalone run (`fanout` lines) is the point"

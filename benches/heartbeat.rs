@@ -650,23 +650,11 @@ fn main() {
         n as f64 / conn_secs,
         live.pongs.load(Ordering::Relaxed)
     );
-    let threads_of = |pid: i32| -> String {
-        thread_affinities(pid)
-            .into_iter()
-            .map(|(name, tid, cpus)| format!("{name}/{tid}:{cpus}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
-    let bench_threads: Vec<String> = thread_affinities(me)
-        .into_iter()
-        .map(|(name, _, cpus)| format!("{name}:{cpus}"))
-        .collect();
+    let bench_threads = own_thread_affinities();
     println!(
         "# pinning: {ncpu} CPUs; server --shards {shards} threads [{}]; bench threads pinned to CPU {client_cpus:?} [{}]",
         threads_of(server.pid),
-        bench_threads.join(" ")
+        bench_threads
     );
     thread::sleep(settle);
 

@@ -1647,3 +1647,23 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// `name/tid:cpus` for every thread of `pid`, for the pinning report.
+pub fn threads_of(pid: i32) -> String {
+    thread_affinities(pid)
+        .into_iter()
+        .map(|(name, tid, cpus)| format!("{name}/{tid}:{cpus}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `name:cpus` for every thread of this process.
+pub fn own_thread_affinities() -> String {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    thread_affinities(me)
+        .into_iter()
+        .map(|(name, _, cpus)| format!("{name}:{cpus}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
