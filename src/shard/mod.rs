@@ -2,9 +2,11 @@
 //! index, its timer wheel and its broker inbox. Inside, everything is `Rc`/`RefCell`; nothing is
 //! shared with other shards except the messages of [`crate::bus`].
 //!
-//! Tasks of a shard: the accept loop, one task per connection, the broker inbox (in a
-//! latency-sensitive queue, woken through a socketpair byte once per batch) and the one-second
-//! timer sweep. None of them blocks, and no `RefCell` borrow is held across an `.await`.
+//! Tasks of a shard: the accept loop, one task per connection while it is in its HTTP phase
+//! (request head, API call, upgrade), the I/O loop that services upgraded WebSocket sockets from
+//! the shard's epoll set ([`poller`]), the broker inbox, and the one-second sweep (timer wheel,
+//! drain). The I/O loop and the inbox are woken through a socketpair byte at most once per
+//! batch. None of them blocks, and no `RefCell` borrow is held across an `.await`.
 
 pub mod connection;
 pub mod index;
