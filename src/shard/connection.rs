@@ -540,8 +540,16 @@ fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
     }
     let just_connected = !connected_before && st.session.is_connected();
     if just_connected {
-        // Pings are counted from the connect; the pre-connect deadline no longer applies.
-        st.last_ping = shard.tick_now();
+        // Pings are counted from the connect; the pre-connect deadline no longer applies. The
+        // first ping comes up to a fifth of the interval early, at random, so that connections
+        // made in the same second (a reconnect wave) do not ping in the same tick forever.
+        let spread = shard.cfg.ping.interval_secs / 5;
+        let early = if spread > 0 {
+            fastrand::u32(0..=spread)
+        } else {
+            0
+        };
+        st.last_ping = shard.tick_now().saturating_sub(early);
     }
     if just_connected || st.expires_at != expires_before || st.phase != Phase::Open {
         conn.arm(shard, st);
