@@ -44,3 +44,29 @@ fn official_js_sdk_interop() {
     assert_eq!(count("# todo "), 0, "SDK tests marked todo:\n{stdout}");
     assert!(count("# pass ") >= 12, "too few SDK tests ran:\n{stdout}");
 }
+
+#[test]
+fn official_python_sdk_interop() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join("target/interop-py/bin/python");
+    assert!(
+        python.exists(),
+        "the Python SDK is not installed: run `python3 -m venv target/interop-py && target/interop-py/bin/pip install -r tests/interop/python/requirements.txt` (the README's test command does)"
+    );
+    let server = Server::start(BASE_CONFIG, &[]);
+    let out = Command::new(&python)
+        .arg(root.join("tests/interop/python/sdk_test.py"))
+        .env("SHARDCAST_WS", server.ws_url())
+        .env("SHARDCAST_HTTP", server.http_url())
+        .env("SHARDCAST_API_KEY", API_KEY)
+        .env("SHARDCAST_SECRET", SECRET)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "Python SDK tests failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("7 passed, 0 failed"), "{stdout}");
+}
