@@ -6,7 +6,7 @@
 //! printed only once every shard accepts.
 
 use crate::broker::{memory::MemoryBroker, redis::RedisBroker, Broker};
-use crate::bus::{self, BusStats, ShardId};
+use crate::bus::{self, ShardId};
 use crate::config::Config;
 use crate::shard::{self, NodeInfo, ShardParts};
 use anyhow::Context;
@@ -122,7 +122,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         addr.to_string(),
         random_u64(),
     ));
-    let stats = Arc::new(BusStats::default());
+    let stats = node.bus.clone();
     let (to_broker, broker_inbox) =
         bus::broker_queue(cfg.limits.broker_queue_capacity, !cfg.redis.is_empty())?;
     let mut links = Vec::with_capacity(shards);

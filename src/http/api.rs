@@ -329,6 +329,10 @@ async fn info(shard: &Shard) -> Value {
         "counters": counters
             .into_iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
+            .chain([
+                ("publications".to_string(), json!(node.bus.publications.load(std::sync::atomic::Ordering::Relaxed))),
+                ("shard_queue_waits".to_string(), json!(node.bus.shard_queue_waits.load(std::sync::atomic::Ordering::Relaxed))),
+            ])
             .collect::<serde_json::Map<String, Value>>(),
     });
     // Other live nodes come from the registry (Redis mode); ours is the fresh local entry.

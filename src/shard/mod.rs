@@ -61,6 +61,8 @@ pub struct NodeInfo {
     pub redis_reconnects: std::sync::atomic::AtomicU64,
     /// Draining: the node's registry entry is gone (Redis confirmed, or there is none).
     pub left_registry: AtomicBool,
+    /// Counters of the queues between shards and broker.
+    pub bus: Arc<crate::bus::BusStats>,
 }
 
 impl NodeInfo {
@@ -77,6 +79,7 @@ impl NodeInfo {
             redis_state: Default::default(),
             redis_reconnects: Default::default(),
             left_registry: AtomicBool::new(false),
+            bus: Arc::default(),
         }
     }
 

@@ -161,6 +161,12 @@ fn info_channels_disconnect_and_unsubscribe() {
         a.push(Duration::from_secs(5)).unwrap()["push"]["pub"]["data"],
         2
     );
+    // Counters: two publications (one to news, one broadcast), two WebSocket upgrades.
+    let (_, info) = api(server.addr, "info", &json!({}));
+    let counters = &info["result"]["nodes"][0]["counters"];
+    assert_eq!(counters["publications"], 2, "{info}");
+    assert!(counters["deliveries"].as_u64().unwrap() >= 2, "{info}");
+    assert_eq!(counters["ws_opened"], 2, "{info}");
 }
 
 #[test]
