@@ -111,12 +111,7 @@ impl State {
                         merged,
                     },
                 );
-                for link in &self.shards {
-                    link.send(ToShard::Collect {
-                        gather: id,
-                        query: query.clone(),
-                    });
-                }
+                super::scatter(&self.shards, id, &query);
             }
             ToBroker::Part { gather, part } => {
                 let Some(g) = self.gathers.get_mut(&gather) else {

@@ -16,6 +16,16 @@ pub trait Broker: Send + 'static {
     fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>);
 }
 
+/// Asks every shard for its part of gather `id`.
+pub(crate) fn scatter(shards: &[ShardLink], id: u64, query: &crate::bus::Query) {
+    for link in shards {
+        link.send(crate::bus::ToShard::Collect {
+            gather: id,
+            query: query.clone(),
+        });
+    }
+}
+
 /// A simple `*` glob (the `pattern` of `/api/channels`): `*` matches any run of characters.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let parts: Vec<&str> = pattern.split('*').collect();

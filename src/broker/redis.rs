@@ -597,12 +597,7 @@ impl Mux {
                         merged,
                     },
                 );
-                for link in &self.shards {
-                    link.send(ToShard::Collect {
-                        gather: id,
-                        query: query.clone(),
-                    });
-                }
+                super::scatter(&self.shards, id, &query);
             }
         }
     }
