@@ -213,6 +213,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     writeln!(out, "READY {addr}")?;
     out.flush()?;
     drop(out);
+    // systemd (Type=notify): ready once every shard accepts. A no-op outside systemd.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("listening on {addr}, {shards} shards")),
+    ]);
 
     let sig = wait_for_signal(&sigset);
     drain(&cfg, &node, &leave_tx, &sigset, sig);
@@ -242,6 +247,10 @@ fn drain(
         "draining: /healthz answers 503, clients are told to reconnect"
     );
     node.draining.store(true, Ordering::SeqCst);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
     if cfg.redis.is_empty() {
         node.left_registry.store(true, Ordering::SeqCst);
     }

@@ -37,6 +37,11 @@ pub struct Server {
 impl Server {
     /// Starts the binary with `config` (TOML text) plus extra flags, and waits for READY.
     pub fn start(config: &str, extra: &[&str]) -> Server {
+        Self::start_with_env(config, extra, &[])
+    }
+
+    /// Like `start`, with extra environment variables.
+    pub fn start_with_env(config: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("shardcast.toml");
         std::fs::write(&path, config).expect("write config");
@@ -44,6 +49,7 @@ impl Server {
             .arg("--config")
             .arg(&path)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

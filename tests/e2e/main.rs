@@ -4,6 +4,7 @@
 
 mod abuse;
 mod conformance;
+mod deploy;
 mod drain;
 mod harness;
 mod http_api;
