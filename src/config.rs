@@ -58,6 +58,8 @@ pub struct Config {
     pub insecure: bool,
     /// Name of this node in `/api/info` (default: the host name).
     pub name: String,
+    /// Log format on stderr: `text` or `json` (one object per line).
+    pub log_format: LogFormat,
     /// Seconds a connection may stay after its token's `exp` before it is closed with 3005, so
     /// that the SDK's refresh (sent when the announced `ttl` runs out) has time to arrive.
     pub client_expired_close_delay_secs: u32,
@@ -89,6 +91,7 @@ impl Default for Config {
             api_key: String::new(),
             insecure: false,
             name: String::new(),
+            log_format: LogFormat::Text,
             client_expired_close_delay_secs: 25,
             conformance_echo_path: String::new(),
             drain: DrainConfig::default(),
@@ -98,6 +101,14 @@ impl Default for Config {
             namespaces: BTreeMap::new(),
         }
     }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// How a node uses Redis (only read in Redis mode).

@@ -1,7 +1,7 @@
 //! The binary edge: allocator, command line → [`Config`], logging, run, exit code.
 
 use clap::{Args, Parser, Subcommand};
-use shardcast::config::Config;
+use shardcast::config::{Config, LogFormat};
 use shardcast::protocol::token::{sign_connect, ConnectClaims};
 use std::path::PathBuf;
 
@@ -41,6 +41,9 @@ struct RunArgs {
     /// DEVELOPMENT ONLY: allow anonymous connect, subscribe, publish and presence everywhere.
     #[arg(long)]
     insecure: bool,
+    /// Log format on stderr: text or json.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,20 +85,34 @@ fn load(run: &RunArgs) -> anyhow::Result<Config> {
     if run.insecure {
         cfg.insecure = true;
     }
+    if let Some(f) = run.log_format {
+        cfg.log_format = f;
+    }
     Ok(cfg)
 }
 
-fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
+/// Logs go to stderr (journald picks them up under systemd), as text or one JSON object per
+/// line. Level policy: info for lifecycle, warn for degraded states, debug per connection;
+/// `RUST_LOG` overrides (e.g. `RUST_LOG=shardcast=debug`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => load(&cli.run).and_then(shardcast::node::run),
+        None => load(&cli.run).and_then(|cfg| {
+            init_logging(cfg.log_format);
+            shardcast::node::run(cfg)
+        }),
         Some(Command::Gentoken {
             user,
             ttl,

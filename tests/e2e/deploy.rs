@@ -47,3 +47,20 @@ fn notifies_systemd_when_ready_and_when_stopping() {
     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let server = Server::start(BASE_CONFIG, &["--log-format", "json"]);
+    let _ = Client::connected(&server, "x");
+    let logs = server.stderr.lock().unwrap().clone();
+    assert!(!logs.is_empty());
+    for line in logs.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(logs.contains("shardcast ready"));
+}
