@@ -60,6 +60,9 @@ pub struct Config {
     pub name: String,
     /// Log format on stderr: `text` or `json` (one object per line).
     pub log_format: LogFormat,
+    /// Internal address for `/metrics` (Prometheus), `/status` and `/status.json`; empty = off.
+    /// Keep it off the public network.
+    pub metrics_listen: String,
     /// Seconds a connection may stay after its token's `exp` before it is closed with 3005, so
     /// that the SDK's refresh (sent when the announced `ttl` runs out) has time to arrive.
     pub client_expired_close_delay_secs: u32,
@@ -92,6 +95,7 @@ impl Default for Config {
             insecure: false,
             name: String::new(),
             log_format: LogFormat::Text,
+            metrics_listen: "127.0.0.1:9101".into(),
             client_expired_close_delay_secs: 25,
             conformance_echo_path: String::new(),
             drain: DrainConfig::default(),

@@ -27,6 +27,7 @@ pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod shard;

@@ -116,12 +116,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         listeners.push(bind_listener(addr, cfg.backlog)?);
     }
 
-    let node = Arc::new(NodeInfo::new(
-        format!("{:016x}", random_u64()),
-        cfg.node_name(),
-        addr.to_string(),
-        random_u64(),
-    ));
+    let node = Arc::new(
+        NodeInfo::new(
+            format!("{:016x}", random_u64()),
+            cfg.node_name(),
+            addr.to_string(),
+            random_u64(),
+        )
+        .with_shards(shards),
+    );
     let stats = node.bus.clone();
     let (to_broker, broker_inbox) =
         bus::broker_queue(cfg.limits.broker_queue_capacity, !cfg.redis.is_empty())?;
@@ -209,6 +212,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     tracing::info!(%addr, shards, nofile, broker = broker_kind, "shardcast ready");
+    node.rss_baseline
+        .store(crate::metrics::rss_bytes(), Ordering::Relaxed);
+    if let Some(m) = crate::metrics::start(&cfg.metrics_listen, node.clone()) {
+        tracing::info!(metrics = %m, "metrics and status page listening");
+        let _ = node.metrics_addr.set(m.to_string());
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "READY {addr}")?;
     out.flush()?;

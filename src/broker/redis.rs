@@ -177,6 +177,8 @@ impl Broker for RedisBroker {
 /// What a command reply is for (replies come back in command order).
 enum Waiter {
     Ignore,
+    /// The registry's node list, kept for the status page.
+    NodesCache,
     /// The registry entry is removed: the draining node may exit.
     Left,
     Publish(ReplyTo),
@@ -681,6 +683,18 @@ impl Mux {
             ],
             Waiter::Ignore,
         );
+        let now = now_ms().to_string();
+        self.command(
+            &[
+                b"EVAL",
+                NODES_SCRIPT.as_bytes(),
+                b"1",
+                self.nodes_key().as_bytes(),
+                now.as_bytes(),
+                self.node_key_prefix().as_bytes(),
+            ],
+            Waiter::NodesCache,
+        );
         self.flush();
     }
 
@@ -841,7 +855,7 @@ impl Mux {
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
         for w in waiters {
             match w {
-                Waiter::Ignore => {}
+                Waiter::Ignore | Waiter::NodesCache => {}
                 Waiter::Left => self.node.left_registry.store(true, Ordering::SeqCst),
                 Waiter::Publish(to) => {
                     self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)))
@@ -901,6 +915,12 @@ impl Mux {
                     tracing::warn!(error = %e, "Redis command failed")
                 }
                 (Waiter::Ignore, _) => {}
+                (Waiter::NodesCache, BytesFrame::Array(items)) => {
+                    if let Ok(mut c) = self.node.cluster.lock() {
+                        *c = json_items(&items);
+                    }
+                }
+                (Waiter::NodesCache, _) => {}
                 (Waiter::Left, _) => self.node.left_registry.store(true, Ordering::SeqCst),
                 (Waiter::Publish(to), BytesFrame::Error(e)) => {
                     tracing::warn!(error = %e, "PUBLISH failed");

@@ -326,6 +326,7 @@ async fn info(shard: &Shard) -> Value {
         "shards": shard.cfg.shard_count(),
         "broker": if shard.cfg.redis.is_empty() { "memory" } else { "redis" },
         "redis": node.redis_link_json(),
+        "metrics": node.metrics_addr.get(),
         "counters": counters
             .into_iter()
             .map(|(k, v)| (k.to_string(), json!(v)))

@@ -370,7 +370,12 @@ pub fn flush(shard: &Shard, conn: &Rc<Connection>) -> bool {
             send(conn.fd, &cork)
         };
         match sent {
-            Ok(n) => st.outbox.consume(n),
+            Ok(n) => {
+                st.outbox.consume(n);
+                let c = &shard.counters;
+                c.bytes_out.set(c.bytes_out.get() + n as u64);
+                bump(&c.writes);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => st.blocked = true,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => {
@@ -474,6 +479,7 @@ fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
                 Flow::Continue
             }
             Event::Message { payload, .. } => {
+                bump(&shard.counters.messages_in);
                 *awaiting_pong = false;
                 let Ok(text) = std::str::from_utf8(payload) else {
                     close = Some((

@@ -63,6 +63,14 @@ pub struct NodeInfo {
     pub left_registry: AtomicBool,
     /// Counters of the queues between shards and broker.
     pub bus: Arc<crate::bus::BusStats>,
+    /// Each shard's figures as of its last tick (read by the metrics listener).
+    pub shard_snapshots: Vec<std::sync::Mutex<crate::metrics::ShardSnapshot>>,
+    /// RSS right after start-up, bytes (for bytes per connection).
+    pub rss_baseline: std::sync::atomic::AtomicU64,
+    /// The cluster's registry entries as of the multiplexer's last lease refresh.
+    pub cluster: std::sync::Mutex<Vec<serde_json::Value>>,
+    /// Where the metrics listener is, once bound.
+    pub metrics_addr: std::sync::OnceLock<String>,
 }
 
 impl NodeInfo {
@@ -80,7 +88,17 @@ impl NodeInfo {
             redis_reconnects: Default::default(),
             left_registry: AtomicBool::new(false),
             bus: Arc::default(),
+            shard_snapshots: Vec::new(),
+            rss_baseline: Default::default(),
+            cluster: Default::default(),
+            metrics_addr: Default::default(),
         }
+    }
+
+    /// Room for `n` shards' snapshots.
+    pub fn with_shards(mut self, n: usize) -> NodeInfo {
+        self.shard_snapshots = (0..n).map(|_| Default::default()).collect();
+        self
     }
 
     /// The Redis link as `/api/info` shows it.
@@ -121,6 +139,12 @@ pub struct Counters {
     pub channel_limit_refusals: Cell<u64>,
     /// Subscribes refused by `limits.max_channel_name_bytes` (error 107).
     pub channel_name_refusals: Cell<u64>,
+    /// WebSocket messages received from clients.
+    pub messages_in: Cell<u64>,
+    /// Bytes written to WebSocket clients.
+    pub bytes_out: Cell<u64>,
+    /// send(2) calls to WebSocket clients (each carries every frame queued at the time).
+    pub writes: Cell<u64>,
 }
 
 impl Counters {
@@ -139,6 +163,9 @@ impl Counters {
             ("rate_limited", self.rate_limited.get()),
             ("channel_limit_refusals", self.channel_limit_refusals.get()),
             ("channel_name_refusals", self.channel_name_refusals.get()),
+            ("messages_in", self.messages_in.get()),
+            ("bytes_out", self.bytes_out.get()),
+            ("writes", self.writes.get()),
         ]
     }
 }
@@ -261,6 +288,8 @@ pub struct Shard {
     pub dirty: RefCell<Vec<ConnKey>>,
     /// Connections that may have more to read (their read budget ran out).
     pub again: RefCell<Vec<ConnKey>>,
+    /// A handle on the broker inbox, to report its depth.
+    inbox_probe: RefCell<Option<crossbeam_channel::Receiver<ToShard>>>,
     /// Redis mode: subscriptions wait for the broker's confirmation, presence and users are
     /// announced to the broker.
     redis_mode: bool,
@@ -305,9 +334,34 @@ impl Shard {
             ready: RefCell::new(Some(ready)),
             dirty: RefCell::default(),
             again: RefCell::default(),
+            inbox_probe: RefCell::default(),
             redis_mode: !cfg_redis.is_empty(),
             started: Instant::now(),
         })
+    }
+
+    /// Publishes this shard's figures for the metrics listener (once a second: the hot path
+    /// only bumps plain cells).
+    fn publish_snapshot(&self) {
+        let Some(slot) = self.node.shard_snapshots.get(self.id) else {
+            return;
+        };
+        let index = self.index.borrow();
+        let snap = crate::metrics::ShardSnapshot {
+            connections: self.conns.borrow().len() as u64,
+            subscriptions: index.subscriptions(),
+            channels: index.len() as u64,
+            inbox_depth: self
+                .inbox_probe
+                .borrow()
+                .as_ref()
+                .map(|r| r.len() as u64)
+                .unwrap_or(0),
+            counters: self.counters.snapshot(),
+        };
+        if let Ok(mut s) = slot.lock() {
+            *s = snap;
+        }
     }
 
     /// Writes out every connection that got frames during this batch.
@@ -631,6 +685,7 @@ impl Shard {
 
     /// One second passed: fire due connection timers.
     fn tick(&self) {
+        self.publish_snapshot();
         self.flush_backlog();
         let due = self.wheel.borrow_mut().advance();
         let now = self.tick_now();
@@ -966,6 +1021,7 @@ pub async fn run(parts: ShardParts) {
         stop,
     } = parts;
     let shard = Shard::new(id, cfg, node, to_broker, cpu);
+    *shard.inbox_probe.borrow_mut() = Some(inbox.rx.clone());
     // SAFETY: the fd is a bound, listening TCP socket we own; ownership moves to glommio.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
 

@@ -64,3 +64,63 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(logs.contains("shardcast ready"));
 }
+
+fn metrics_addr(server: &Server) -> std::net::SocketAddr {
+    let (_, info) = api(server.addr, "info", &serde_json::json!({}));
+    info["result"]["nodes"][0]["metrics"]
+        .as_str()
+        .expect("metrics address in /api/info")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn prometheus_metrics_and_status_json() {
+    let server = Server::start(BASE_CONFIG, &[]);
+    let m = metrics_addr(&server);
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let (mut c, _) = Client::connected(&server, &format!("m{i}"));
+        c.command("subscribe", serde_json::json!({"channel": "news"}));
+        clients.push(c);
+    }
+    api(
+        server.addr,
+        "publish",
+        &serde_json::json!({"channel": "news", "data": 1}),
+    );
+    // Shards publish their figures once a second.
+    let sum = |text: &str, metric: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    eventually(Duration::from_secs(5), "metrics show 3 connections", || {
+        let (status, body) = http(m, "GET /metrics HTTP/1.1\r\n\r\n");
+        status == 200
+            && sum(&body, "shardcast_connections") == 3
+            && sum(&body, "shardcast_subscriptions") == 3
+            && sum(&body, "shardcast_deliveries_total") >= 3
+    });
+    let (_, body) = http(m, "GET /metrics HTTP/1.1\r\n\r\n");
+    for name in [
+        "shardcast_slow_disconnects_total",
+        "shardcast_bytes_out_total",
+        "shardcast_broker_inbox_depth",
+        "shardcast_redis_link_state",
+        "shardcast_bytes_per_connection",
+        "shardcast_publications_total",
+    ] {
+        assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+    let (status, body) = http(m, "GET /status.json HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["connections"], 3, "{v}");
+    assert_eq!(v["shards"].as_array().unwrap().len(), 2);
+    let (status, body) = http(m, "GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(body.contains("<html"), "{body}");
+    assert_eq!(http(m, "GET /nope HTTP/1.1\r\n\r\n").0, 404);
+}

@@ -21,6 +21,7 @@ listen = "127.0.0.1:0"
 shards = 2
 token_hmac_secret = "test-secret"
 api_key = "test-api-key"
+metrics_listen = "127.0.0.1:0"
 [namespaces.chat]
 allow_publish_for_client = true
 presence = true

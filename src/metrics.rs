@@ -1,0 +1,279 @@
+//! The internal listener (`metrics_listen`, loopback by default): Prometheus metrics at
+//! `/metrics`, a live status page at `/status` and its data at `/status.json`.
+//!
+//! Runs on its own small thread (`shardcast-metrics`) with blocking sockets: it serves a few
+//! scrapes a minute and must never touch a shard. Shards count in plain cells on their hot path
+//! and publish a snapshot here once a second ([`ShardSnapshot`]); the multiplexer publishes the
+//! cluster's node list the same way.
+
+use crate::shard::NodeInfo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What one shard published at its last tick.
+#[derive(Debug, Default, Clone)]
+pub struct ShardSnapshot {
+    pub connections: u64,
+    pub subscriptions: u64,
+    pub channels: u64,
+    /// Messages waiting in the shard's broker inbox.
+    pub inbox_depth: u64,
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+/// The status page (self-contained: no build step, no external resources).
+const STATUS_HTML: &str = include_str!("status.html");
+
+/// Starts the internal listener; returns the bound address, or `None` (logged) if it could
+/// not bind. Never fatal: the node serves clients without it.
+pub fn start(listen: &str, node: Arc<NodeInfo>) -> Option<SocketAddr> {
+    if listen.is_empty() {
+        return None;
+    }
+    let listener = match TcpListener::bind(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%listen, error = %e, "metrics listener not started");
+            return None;
+        }
+    };
+    let addr = listener.local_addr().ok()?;
+    let spawned = std::thread::Builder::new()
+        .name("shardcast-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = serve(stream, &node);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "metrics thread not started");
+        return None;
+    }
+    Some(addr)
+}
+
+/// One request per connection (`Connection: close`), bounded in size and time.
+fn serve(mut stream: TcpStream, node: &NodeInfo) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    let path = loop {
+        let n = stream.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => break req.path.unwrap_or("/").to_string(),
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            _ => return respond(&mut stream, 400, "text/plain", b"bad request\n"),
+        }
+    };
+    match path.split('?').next().unwrap_or("") {
+        "/metrics" => respond(
+            &mut stream,
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            prometheus(node).as_bytes(),
+        ),
+        "/status" | "/" => respond(
+            &mut stream,
+            200,
+            "text/html; charset=utf-8",
+            STATUS_HTML.as_bytes(),
+        ),
+        "/status.json" => respond(
+            &mut stream,
+            200,
+            "application/json",
+            status(node).to_string().as_bytes(),
+        ),
+        _ => respond(&mut stream, 404, "text/plain", b"not found\n"),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        _ => "Not Found",
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(body)
+}
+
+/// Resident set size of this process, bytes.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+fn snapshots(node: &NodeInfo) -> Vec<ShardSnapshot> {
+    node.shard_snapshots
+        .iter()
+        .map(|m| m.lock().map(|s| s.clone()).unwrap_or_default())
+        .collect()
+}
+
+/// User-space bytes per connection: RSS above the node's start-up baseline, divided by the
+/// connections held (0 when none).
+fn bytes_per_connection(node: &NodeInfo, connections: u64) -> u64 {
+    let above = rss_bytes().saturating_sub(node.rss_baseline.load(Ordering::Relaxed));
+    above.checked_div(connections).unwrap_or(0)
+}
+
+type ShardLabel = Vec<(String, String)>;
+
+fn prometheus(node: &NodeInfo) -> String {
+    let mut registry = Registry::with_prefix("shardcast");
+    let shards = snapshots(node);
+    let gauge =
+        |registry: &mut Registry, name: &str, help: &str, f: &dyn Fn(&ShardSnapshot) -> u64| {
+            let family = Family::<ShardLabel, Gauge>::default();
+            for (i, s) in shards.iter().enumerate() {
+                family
+                    .get_or_create(&vec![("shard".into(), i.to_string())])
+                    .set(f(s) as i64);
+            }
+            registry.register(name, help, family);
+        };
+    gauge(
+        &mut registry,
+        "connections",
+        "WebSocket connections held",
+        &|s| s.connections,
+    );
+    gauge(
+        &mut registry,
+        "subscriptions",
+        "Subscriptions (connection x channel)",
+        &|s| s.subscriptions,
+    );
+    gauge(
+        &mut registry,
+        "channels",
+        "Channels with local subscribers",
+        &|s| s.channels,
+    );
+    gauge(
+        &mut registry,
+        "broker_inbox_depth",
+        "Messages waiting in the shard's broker inbox",
+        &|s| s.inbox_depth,
+    );
+    // Every shard counter, labelled by shard (drops and disconnects by reason among them).
+    let mut names: Vec<&'static str> = Vec::new();
+    for s in &shards {
+        for (n, _) in &s.counters {
+            if !names.contains(n) {
+                names.push(n);
+            }
+        }
+    }
+    for name in names {
+        let family = Family::<ShardLabel, Counter<u64, AtomicU64>>::default();
+        for (i, s) in shards.iter().enumerate() {
+            let v = s
+                .counters
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+                .unwrap_or(0);
+            family
+                .get_or_create(&vec![("shard".into(), i.to_string())])
+                .inc_by(v);
+        }
+        registry.register(name, format!("Shard counter {name}"), family);
+    }
+    let bus = &node.bus;
+    let c = Counter::<u64, AtomicU64>::default();
+    c.inc_by(bus.publications.load(Ordering::Relaxed));
+    registry.register("publications", "Publications accepted by the broker", c);
+    let c = Counter::<u64, AtomicU64>::default();
+    c.inc_by(bus.shard_queue_waits.load(Ordering::Relaxed));
+    registry.register(
+        "shard_queue_waits",
+        "Times the broker waited on a full shard queue",
+        c,
+    );
+    let g = Gauge::<i64>::default();
+    g.set(node.redis_state.load(Ordering::Relaxed) as i64);
+    registry.register(
+        "redis_link_state",
+        "Redis link: 0 standalone, 1 connected, 2 down",
+        g,
+    );
+    let c = Counter::<u64, AtomicU64>::default();
+    c.inc_by(node.redis_reconnects.load(Ordering::Relaxed));
+    registry.register(
+        "redis_reconnects",
+        "Times the Redis link was re-established",
+        c,
+    );
+    let total: u64 = shards.iter().map(|s| s.connections).sum();
+    let g = Gauge::<i64>::default();
+    g.set(rss_bytes() as i64);
+    registry.register(
+        "resident_memory_bytes",
+        "Resident set size of the process",
+        g,
+    );
+    let g = Gauge::<i64>::default();
+    g.set(bytes_per_connection(node, total) as i64);
+    registry.register(
+        "bytes_per_connection",
+        "User-space bytes per connection (RSS above start-up, divided by connections)",
+        g,
+    );
+    let mut out = String::new();
+    let _ = encode(&mut out, &registry);
+    out
+}
+
+fn status(node: &NodeInfo) -> Value {
+    let shards = snapshots(node);
+    let total: u64 = shards.iter().map(|s| s.connections).sum();
+    let cluster = node.cluster.lock().map(|c| c.clone()).unwrap_or_default();
+    json!({
+        "node": {
+            "uid": node.uid,
+            "name": node.name,
+            "address": node.address,
+            "uptime": node.started.elapsed().as_secs(),
+            "redis": node.redis_link_json(),
+            "draining": node.draining.load(Ordering::Relaxed),
+        },
+        "time_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        "connections": total,
+        "rss_bytes": rss_bytes(),
+        "bytes_per_connection": bytes_per_connection(node, total),
+        "shards": shards.iter().enumerate().map(|(i, s)| json!({
+            "shard": i,
+            "connections": s.connections,
+            "subscriptions": s.subscriptions,
+            "channels": s.channels,
+            "inbox_depth": s.inbox_depth,
+            "counters": s.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<String, Value>>(),
+        })).collect::<Vec<_>>(),
+        "nodes": cluster,
+    })
+}
