@@ -26,6 +26,7 @@ pub mod broker;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod doctor;
 pub mod http;
 pub mod metrics;
 pub mod node;

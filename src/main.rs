@@ -60,6 +60,9 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         channels: Vec<String>,
     },
+    /// Check this box against the kernel profile and the config; print fixes and the capacity.
+    /// Exits 0 when the box is ready, 1 otherwise.
+    Doctor,
 }
 
 fn load(run: &RunArgs) -> anyhow::Result<Config> {
@@ -118,6 +121,10 @@ fn main() -> std::process::ExitCode {
             ttl,
             channels,
         }) => gentoken(&cli.run, user, ttl, channels),
+        Some(Command::Doctor) => match load(&cli.run) {
+            Ok(cfg) => return std::process::ExitCode::from(shardcast::doctor::run(&cfg)),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -124,3 +124,54 @@ fn prometheus_metrics_and_status_json() {
     assert!(body.contains("<html"), "{body}");
     assert_eq!(http(m, "GET /nope HTTP/1.1\r\n\r\n").0, 404);
 }
+
+#[test]
+fn doctor_reports_findings_fixes_and_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, BASE_CONFIG).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .arg("doctor")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for check in [
+        "RLIMIT_NOFILE",
+        "fs.nr_open",
+        "somaxconn",
+        "tcp_mem",
+        "RLIMIT_MEMLOCK",
+        "io_uring",
+        "cores vs shards",
+    ] {
+        assert!(text.contains(check), "{check} not checked:\n{text}");
+    }
+    let problems = text
+        .lines()
+        .filter(|l| l.starts_with("WARN") || l.starts_with("FAIL"))
+        .count();
+    let fixes = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("fix: "))
+        .count();
+    assert_eq!(problems, fixes, "every finding has its fix:\n{text}");
+    assert_eq!(
+        out.status.success(),
+        problems == 0,
+        "exit status says whether the box is ready:\n{text}"
+    );
+    let capacity: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("capacity: about "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("a capacity line");
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit on a local struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert!(capacity > 0 && capacity <= lim.rlim_max, "{capacity}");
+}
