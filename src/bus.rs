@@ -195,6 +195,16 @@ pub struct BrokerTx {
 }
 
 impl BrokerTx {
+    /// Messages waiting in the queue.
+    pub fn len(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Whether the queue is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tx.is_empty()
+    }
+
     /// Queues without blocking.
     pub fn try_send(&self, msg: ToBroker) -> Result<(), crossbeam_channel::TrySendError<ToBroker>> {
         self.tx.try_send(msg)?;

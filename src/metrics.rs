@@ -216,6 +216,13 @@ fn prometheus(node: &NodeInfo) -> String {
         c,
     );
     let g = Gauge::<i64>::default();
+    g.set(node.broker_queue.get().map(|q| q.len() as i64).unwrap_or(0));
+    registry.register(
+        "broker_queue_depth",
+        "Messages waiting in the shards-to-broker queue",
+        g,
+    );
+    let g = Gauge::<i64>::default();
     g.set(node.redis_state.load(Ordering::Relaxed) as i64);
     registry.register(
         "redis_link_state",

@@ -187,8 +187,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot start shard {id}: {e}"))?;
         handles.push(handle);
     }
-    // Kept to tell the broker to leave the registry when draining.
+    // Kept to tell the broker to leave the registry when draining, and for the queue's depth.
     let leave_tx = to_broker.clone();
+    let _ = node.broker_queue.set(to_broker.clone());
     drop(to_broker);
     drop(ready_tx);
     for _ in 0..shards {

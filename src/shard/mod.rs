@@ -71,6 +71,8 @@ pub struct NodeInfo {
     pub cluster: std::sync::Mutex<Vec<serde_json::Value>>,
     /// Where the metrics listener is, once bound.
     pub metrics_addr: std::sync::OnceLock<String>,
+    /// The shards → broker queue, for its depth.
+    pub broker_queue: std::sync::OnceLock<crate::bus::BrokerTx>,
 }
 
 impl NodeInfo {
@@ -92,6 +94,7 @@ impl NodeInfo {
             rss_baseline: Default::default(),
             cluster: Default::default(),
             metrics_addr: Default::default(),
+            broker_queue: Default::default(),
         }
     }
 

@@ -108,6 +108,7 @@ fn prometheus_metrics_and_status_json() {
         "shardcast_slow_disconnects_total",
         "shardcast_bytes_out_total",
         "shardcast_broker_inbox_depth",
+        "shardcast_broker_queue_depth",
         "shardcast_redis_link_state",
         "shardcast_bytes_per_connection",
         "shardcast_publications_total",
