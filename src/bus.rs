@@ -188,7 +188,7 @@ pub struct BusStats {
 /// The shards' handle on the broker queue. A broker that runs an event loop (the Redis
 /// multiplexer) gets a wake-up byte at most once per batch, like the shards do; the memory
 /// broker blocks on the queue itself and needs none.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct BrokerTx {
     tx: Sender<ToBroker>,
     wake: Option<(Arc<AtomicBool>, Arc<UnixStream>)>,
