@@ -11,3 +11,4 @@ mod http_api;
 mod protocol;
 mod redis;
 mod sdk;
+mod status_page;
