@@ -573,18 +573,7 @@ impl Mux {
                     self.reply(*reply, BrokerReply::Gathered(Part::Nodes(Vec::new())));
                     return;
                 }
-                let now = now_ms().to_string();
-                self.command(
-                    &[
-                        b"EVAL",
-                        NODES_SCRIPT.as_bytes(),
-                        b"1",
-                        self.nodes_key().as_bytes(),
-                        now.as_bytes(),
-                        self.node_key_prefix().as_bytes(),
-                    ],
-                    Waiter::Nodes(*reply),
-                );
+                self.eval_nodes(Waiter::Nodes(*reply));
             }
             _ => {
                 // Channels and stats are this node's: ask every local shard.
@@ -683,6 +672,12 @@ impl Mux {
             ],
             Waiter::Ignore,
         );
+        self.eval_nodes(Waiter::NodesCache);
+        self.flush();
+    }
+
+    /// Reads the registry's live nodes (dropping lapsed leases) for `waiter`.
+    fn eval_nodes(&self, waiter: Waiter) {
         let now = now_ms().to_string();
         self.command(
             &[
@@ -693,9 +688,8 @@ impl Mux {
                 now.as_bytes(),
                 self.node_key_prefix().as_bytes(),
             ],
-            Waiter::NodesCache,
+            waiter,
         );
-        self.flush();
     }
 
     async fn lease_loop(self: Rc<Self>) {
