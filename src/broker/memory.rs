@@ -35,7 +35,7 @@ struct Gathering {
 struct State {
     shards: Vec<ShardLink>,
     /// Channel → mask of shards with local subscribers.
-    interest: HashMap<Arc<str>, u64>,
+    interest: super::Interest<Arc<str>>,
     gathers: HashMap<u64, Gathering>,
     next_gather: u64,
     stats: Arc<BusStats>,
@@ -46,7 +46,7 @@ impl Broker for MemoryBroker {
         let inbox = inbox.rx;
         let mut state = State {
             shards,
-            interest: HashMap::new(),
+            interest: Default::default(),
             gathers: HashMap::new(),
             next_gather: 1,
             stats: self.stats,
@@ -63,15 +63,10 @@ impl State {
     fn handle(&mut self, msg: ToBroker) {
         match msg {
             ToBroker::Subscribe { shard, channel } => {
-                *self.interest.entry(channel).or_insert(0) |= 1 << shard;
+                self.interest.add(channel, shard);
             }
             ToBroker::Unsubscribe { shard, channel } => {
-                if let Some(mask) = self.interest.get_mut(&channel) {
-                    *mask &= !(1 << shard);
-                    if *mask == 0 {
-                        self.interest.remove(&channel);
-                    }
-                }
+                self.interest.remove(&channel, shard);
             }
             ToBroker::Publish {
                 channel,
@@ -80,18 +75,15 @@ impl State {
                 reply,
             } => {
                 self.stats.publications.fetch_add(1, Ordering::Relaxed);
-                if let Some(&mask) = self.interest.get(&channel) {
+                let mask = self.interest.mask(&channel);
+                if mask != 0 {
                     let mut frame = FrameBuf::with_capacity(channel.len() + data.get().len() + 48);
                     reply::publication(frame.payload(), &channel, &data, info.as_ref());
                     let frame = frame.finish(OP_TEXT);
-                    for (i, link) in self.shards.iter().enumerate() {
-                        if mask & (1 << i) != 0 {
-                            link.send(ToShard::Publication {
-                                channel: channel.clone(),
-                                frame: frame.clone(),
-                            });
-                        }
-                    }
+                    super::send_to(&self.shards, mask, || ToShard::Publication {
+                        channel: channel.clone(),
+                        frame: frame.clone(),
+                    });
                 }
                 self.reply(reply, BrokerReply::Published(Ok(())));
             }
@@ -231,7 +223,7 @@ mod tests {
         (
             State {
                 shards: links,
-                interest: HashMap::new(),
+                interest: Default::default(),
                 gathers: HashMap::new(),
                 next_gather: 1,
                 stats,

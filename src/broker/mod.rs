@@ -16,6 +16,78 @@ pub trait Broker: Send + 'static {
     fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>);
 }
 
+/// Which shards want something (a channel, a user), as a mask per key. Reports only the
+/// transitions that matter upstream: the first shard in, the last shard out.
+#[derive(Debug)]
+pub(crate) struct Interest<K> {
+    masks: std::collections::HashMap<K, u64>,
+}
+
+impl<K> Default for Interest<K> {
+    fn default() -> Self {
+        Interest {
+            masks: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Interest<K> {
+    /// Adds `shard`; true when the key had no shard before.
+    pub fn add(&mut self, key: K, shard: usize) -> bool {
+        let mask = self.masks.entry(key).or_insert(0);
+        let first = *mask == 0;
+        *mask |= 1 << shard;
+        first
+    }
+
+    /// Removes `shard`; true when that was the key's last shard.
+    pub fn remove<Q>(&mut self, key: &Q, shard: usize) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let Some(mask) = self.masks.get_mut(key) else {
+            return false;
+        };
+        *mask &= !(1 << shard);
+        if *mask != 0 {
+            return false;
+        }
+        self.masks.remove(key);
+        true
+    }
+
+    /// The shards interested in `key` (0 = none).
+    pub fn mask<Q>(&self, key: &Q) -> u64
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.masks.get(key).copied().unwrap_or(0)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.masks.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.masks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.masks.is_empty()
+    }
+}
+
+/// Sends a message built by `make` to every shard in `mask`.
+pub(crate) fn send_to(shards: &[ShardLink], mask: u64, make: impl Fn() -> crate::bus::ToShard) {
+    for (i, link) in shards.iter().enumerate() {
+        if mask & (1 << i) != 0 {
+            link.send(make());
+        }
+    }
+}
+
 /// Asks every shard for its part of gather `id`.
 pub(crate) fn scatter(shards: &[ShardLink], id: u64, query: &crate::bus::Query) {
     for link in shards {
@@ -48,6 +120,18 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn interest_reports_first_and_last() {
+        let mut i = super::Interest::<String>::default();
+        assert!(i.add("a".into(), 0));
+        assert!(!i.add("a".into(), 3));
+        assert_eq!(i.mask("a"), 0b1001);
+        assert!(!i.remove("a", 0));
+        assert!(!i.remove("b", 0), "unknown keys are not a transition");
+        assert!(i.remove("a", 3));
+        assert!(i.is_empty());
+    }
+
     #[test]
     fn glob() {
         use super::glob_match as g;

@@ -215,9 +215,9 @@ struct Mux {
     prefix: String,
     shards: Vec<ShardLink>,
     /// Channel → mask of shards with local subscribers.
-    interest: RefCell<HashMap<Arc<str>, u64>>,
+    interest: RefCell<super::Interest<Arc<str>>>,
     /// User → mask of shards holding their connections.
-    users: RefCell<HashMap<Arc<str>, u64>>,
+    users: RefCell<super::Interest<Arc<str>>>,
     /// Channels whose SUBSCRIBE is sent but not confirmed yet.
     confirming: RefCell<HashMap<Arc<str>, ()>>,
     link: RefCell<Option<Link>>,
@@ -382,13 +382,7 @@ impl Mux {
     fn handle(&self, msg: ToBroker) {
         match msg {
             ToBroker::Subscribe { shard, channel } => {
-                let first = {
-                    let mut interest = self.interest.borrow_mut();
-                    let mask = interest.entry(channel.clone()).or_insert(0);
-                    let first = *mask == 0;
-                    *mask |= 1 << shard;
-                    first
-                };
+                let first = self.interest.borrow_mut().add(channel.clone(), shard);
                 if !self.is_up() {
                     // A subscription acknowledged now would silently miss what other nodes
                     // publish: refuse it (temporary error; the SDK retries). The shard rolls
@@ -402,21 +396,7 @@ impl Mux {
                 }
             }
             ToBroker::Unsubscribe { shard, channel } => {
-                let last = {
-                    let mut interest = self.interest.borrow_mut();
-                    match interest.get_mut(&channel) {
-                        Some(mask) => {
-                            *mask &= !(1 << shard);
-                            if *mask == 0 {
-                                interest.remove(&channel);
-                                true
-                            } else {
-                                false
-                            }
-                        }
-                        None => false,
-                    }
-                };
+                let last = self.interest.borrow_mut().remove(&channel, shard);
                 if last {
                     self.confirming.borrow_mut().remove(&channel);
                     if self.is_up() {
@@ -524,20 +504,10 @@ impl Mux {
                 }
             }
             ToBroker::UserInterest { shard, user, on } => {
-                let (first, last) = {
-                    let mut users = self.users.borrow_mut();
-                    let mask = users.entry(user.clone()).or_insert(0);
-                    let before = *mask;
-                    if on {
-                        *mask |= 1 << shard;
-                    } else {
-                        *mask &= !(1 << shard);
-                    }
-                    let after = *mask;
-                    if after == 0 {
-                        users.remove(&user);
-                    }
-                    (before == 0 && after != 0, before != 0 && after == 0)
+                let (first, last) = if on {
+                    (self.users.borrow_mut().add(user.clone(), shard), false)
+                } else {
+                    (false, self.users.borrow_mut().remove(&user, shard))
                 };
                 if self.is_up() && first {
                     self.sub_command(&[b"SUBSCRIBE", self.user_key(&user).as_bytes()]);
@@ -868,27 +838,19 @@ impl Mux {
             .map(|(c, _)| c)
             .collect();
         for channel in confirming {
-            let mask = self.interest.borrow().get(&channel).copied().unwrap_or(0);
-            for (i, link) in self.shards.iter().enumerate() {
-                if mask & (1 << i) != 0 {
-                    link.send(ToShard::SubscribeFailed {
-                        channel: channel.clone(),
-                    });
-                }
-            }
+            let mask = self.interest.borrow().mask(&channel);
+            super::send_to(&self.shards, mask, || ToShard::SubscribeFailed {
+                channel: channel.clone(),
+            });
         }
     }
 
     /// Tells every shard with interest in `channel` that its subscription is in place.
     fn confirm(&self, channel: &Arc<str>) {
-        let mask = self.interest.borrow().get(channel).copied().unwrap_or(0);
-        for (i, link) in self.shards.iter().enumerate() {
-            if mask & (1 << i) != 0 {
-                link.send(ToShard::Subscribed {
-                    channel: channel.clone(),
-                });
-            }
-        }
+        let mask = self.interest.borrow().mask(channel);
+        super::send_to(&self.shards, mask, || ToShard::Subscribed {
+            channel: channel.clone(),
+        });
     }
 
     async fn read_replies(
@@ -995,21 +957,18 @@ impl Mux {
 
     fn deliver(&self, name: &[u8], payload: Bytes) {
         if let Some(channel) = self.app_channel(name) {
-            let Some(&mask) = self.interest.borrow().get(channel) else {
+            let mask = self.interest.borrow().mask(channel);
+            if mask == 0 {
                 return;
-            };
+            }
             let mut frame = FrameBuf::with_capacity(payload.len());
             frame.payload().extend_from_slice(&payload);
             let frame = frame.finish(OP_TEXT);
             let channel: Arc<str> = Arc::from(channel);
-            for (i, link) in self.shards.iter().enumerate() {
-                if mask & (1 << i) != 0 {
-                    link.send(ToShard::Publication {
-                        channel: channel.clone(),
-                        frame: frame.clone(),
-                    });
-                }
-            }
+            super::send_to(&self.shards, mask, || ToShard::Publication {
+                channel: channel.clone(),
+                frame: frame.clone(),
+            });
             return;
         }
         // A user's personal channel: a control message for their connections.
@@ -1042,12 +1001,8 @@ impl Mux {
                 channel: channel.into(),
             },
         };
-        let mask = self.users.borrow().get(&user).copied().unwrap_or(0);
-        for (i, link) in self.shards.iter().enumerate() {
-            if mask & (1 << i) != 0 {
-                link.send(ToShard::Command(cmd.clone()));
-            }
-        }
+        let mask = self.users.borrow().mask(&user);
+        super::send_to(&self.shards, mask, || ToShard::Command(cmd.clone()));
     }
 }
 
