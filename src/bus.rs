@@ -95,18 +95,66 @@ pub enum ShardCommand {
     Unsubscribe { user: Arc<str>, channel: Arc<str> },
 }
 
-/// Why the broker could not do something; sent back as a temporary error.
+/// Why the broker could not do something.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum BrokerError {
+    /// Redis is down or refused: a temporary error.
     #[error("broker unavailable")]
     Unavailable,
+    /// A history read named a position of another epoch (112 unrecoverable position).
+    #[error("unrecoverable position")]
+    Unrecoverable,
+}
+
+/// A position in a channel's stream: the offset of a publication, in an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPos {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
+/// A history read (client `history`, `/api/history`).
+#[derive(Debug, Clone)]
+pub struct HistoryQuery {
+    /// Publications wanted: 0 = none (position only), negative = all retained.
+    pub limit: i64,
+    /// Only publications after this position (before it with `reverse`).
+    pub since: Option<StreamPos>,
+    /// Newest first.
+    pub reverse: bool,
+}
+
+/// A page of history: publication JSON objects (`{"data":..,"offset":N}`) and the stream's
+/// current position.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub pubs: Vec<Bytes>,
+    pub epoch: Arc<str>,
+    pub offset: u64,
+}
+
+/// The broker's answer to a subscriber of a history channel: its position, and what it
+/// missed when it asked to recover. Sent on the shard's queue after every publication at or
+/// below `top` and before every later one, so the subscriber, added on receipt, gets the
+/// rest live: nothing twice, nothing missing.
+#[derive(Debug, Clone)]
+pub struct PositionAnswer {
+    pub epoch: Arc<str>,
+    pub top: u64,
+    /// Recovery asked for and complete (`pubs` is everything after the client's offset).
+    pub recovered: bool,
+    pub pubs: Vec<Bytes>,
 }
 
 /// The broker's answer to a request that carried a [`ReplyTo`].
 #[derive(Debug)]
 pub enum BrokerReply {
-    Published(Result<(), BrokerError>),
+    /// A publish went out; its stream position when the channel keeps history.
+    Published(Result<Option<StreamPos>, BrokerError>),
     Gathered(Part),
+    History(Result<HistoryPage, BrokerError>),
+    /// A request without a result (history removal) is done.
+    Done,
     /// The request could not be served (Redis down): a temporary error.
     Failed(BrokerError),
 }
@@ -122,9 +170,27 @@ pub enum ToBroker {
     Publish {
         channel: Arc<str>,
         data: Box<RawValue>,
-        info: Option<ClientInfo>,
+        info: Option<Box<ClientInfo>>,
+        /// Suppress a repeat of this key within the idempotency window.
+        idempotency_key: Option<Box<str>>,
         reply: ReplyTo,
     },
+    /// A subscriber of a history channel needs its position (and, with `since`, what it
+    /// missed); answered with [`ToShard::Position`] under `token`.
+    Position {
+        shard: ShardId,
+        token: u64,
+        channel: Arc<str>,
+        since: Option<StreamPos>,
+    },
+    /// Read a channel's history.
+    History {
+        channel: Arc<str>,
+        query: HistoryQuery,
+        reply: ReplyTo,
+    },
+    /// Drop a channel's history (its position stays, so offsets go on).
+    HistoryRemove { channel: Arc<str>, reply: ReplyTo },
     /// Ask every shard, merge, answer `reply`.
     Gather { query: Query, reply: ReplyTo },
     /// One shard's part of gather `gather`.
@@ -148,10 +214,24 @@ pub enum ToBroker {
 /// Broker → shard.
 #[derive(Debug)]
 pub enum ToShard {
-    /// A publication, already a complete WebSocket frame shared by every recipient.
+    /// A publication, already a complete WebSocket frame shared by every recipient. In a
+    /// history channel it carries its offset (0 otherwise) and the stream's epoch.
     Publication {
         channel: Arc<str>,
         frame: Bytes,
+        offset: u64,
+        epoch: Option<Arc<str>>,
+    },
+    /// The answer to a [`ToBroker::Position`] request.
+    Position {
+        token: u64,
+        channel: Arc<str>,
+        answer: Result<PositionAnswer, BrokerError>,
+    },
+    /// The node lost publications of `channel` it cannot repair (or its epoch changed): every
+    /// local subscriber must recover (unsubscribe push 2500, the SDK resubscribes).
+    Insufficient {
+        channel: Arc<str>,
     },
     /// Answer `query` with a `ToBroker::Part` for `gather`.
     Collect {
@@ -183,6 +263,39 @@ pub struct BusStats {
     pub shard_queue_waits: AtomicU64,
     /// Publications the broker accepted.
     pub publications: AtomicU64,
+    /// Publishes answered from an earlier one with the same idempotency key (not published).
+    pub idempotent_repeats: AtomicU64,
+    /// Idempotency keys forgotten before their window because the table was full.
+    pub idempotency_evictions: AtomicU64,
+    /// Reads of a channel's Redis stream (recovery, gap repair, first position).
+    pub stream_reads: AtomicU64,
+    /// Recoveries answered from the multiplexer's recent-publication cache (no Redis read).
+    pub recoveries_from_cache: AtomicU64,
+    /// Publications a node had missed on its live path and delivered from the stream.
+    pub repaired_publications: AtomicU64,
+    /// Times a channel's local subscribers were told to recover (gap not repairable, epoch
+    /// changed, or the hold during a repair overflowed).
+    pub insufficient_state: AtomicU64,
+    /// Repairs abandoned because more than `max_held_publications` arrived meanwhile.
+    pub repair_overflows: AtomicU64,
+}
+
+impl BusStats {
+    /// The counters by name, for `/api/info` and metrics.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("shard_queue_waits", get(&self.shard_queue_waits)),
+            ("publications", get(&self.publications)),
+            ("idempotent_repeats", get(&self.idempotent_repeats)),
+            ("idempotency_evictions", get(&self.idempotency_evictions)),
+            ("stream_reads", get(&self.stream_reads)),
+            ("recoveries_from_cache", get(&self.recoveries_from_cache)),
+            ("repaired_publications", get(&self.repaired_publications)),
+            ("insufficient_state", get(&self.insufficient_state)),
+            ("repair_overflows", get(&self.repair_overflows)),
+        ]
+    }
 }
 
 /// The shards' handle on the broker queue. A broker that runs an event loop (the Redis

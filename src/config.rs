@@ -138,6 +138,14 @@ pub struct RedisOptions {
     /// CPU to pin the multiplexer to; -1 = the first CPU no shard uses, unpinned if none is
     /// free.
     pub cpu: i32,
+    /// Seconds the multiplexer keeps a channel's recent publications in memory after a
+    /// recovery read them from Redis, so a reconnect storm costs one stream read per channel
+    /// per node. At most `history_size` publications per channel; 0 = no cache.
+    pub recovery_cache_secs: u32,
+    /// Live publications of one channel held while its stream is being read (gap repair,
+    /// recovery), so they go out after the repaired range in order. Over it, the channel's
+    /// subscribers are told to recover (insufficient state, counted as `repair_overflows`).
+    pub max_held_publications: usize,
 }
 
 impl Default for RedisOptions {
@@ -151,6 +159,8 @@ impl Default for RedisOptions {
             backoff_initial_ms: 100,
             backoff_max_ms: 5000,
             cpu: -1,
+            recovery_cache_secs: 30,
+            max_held_publications: 10_000,
         }
     }
 }
@@ -235,6 +245,12 @@ pub struct Limits {
     /// Messages each broker → shard queue holds. Full: the broker waits (backpressure), so a
     /// full broker queue then turns publishes into temporary errors instead of losing them.
     pub shard_queue_capacity: usize,
+    /// Seconds an `/api/publish` `idempotency_key` is remembered: a repeat within the window
+    /// is answered with the first publication's result and not published again.
+    pub idempotency_window_secs: u32,
+    /// Idempotency keys the standalone broker remembers at most; when full the oldest is
+    /// forgotten early (counted as `idempotency_evictions`). Redis expires its keys itself.
+    pub max_idempotency_keys: usize,
 }
 
 impl Default for Limits {
@@ -253,6 +269,8 @@ impl Default for Limits {
             command_burst: 100,
             max_refused_commands: 50,
             shard_queue_capacity: 65_536,
+            idempotency_window_secs: 300,
+            max_idempotency_keys: 100_000,
         }
     }
 }
@@ -269,6 +287,28 @@ pub struct NamespaceOptions {
     pub presence: bool,
     /// Any connected client may query presence; otherwise only subscribers of the channel.
     pub allow_presence_for_client: bool,
+    /// Publications kept per channel for history and recovery; 0 = no history (publications
+    /// carry no offset). Bounded: the oldest are trimmed (Redis: `MAXLEN ~`, so a few more may
+    /// stay until the next trim).
+    pub history_size: u32,
+    /// Seconds a channel's history lives after its last publication (Redis key TTL).
+    pub history_ttl_secs: u32,
+    /// Seconds a channel's stream position (epoch and top offset) outlives its history. While
+    /// it lives offsets continue and the epoch stays; once it is gone the next publication
+    /// starts a new epoch, and every older position is unrecoverable.
+    pub history_meta_ttl_secs: u32,
+    /// Subscribers may recover what they missed (`recover` + offset + epoch on subscribe);
+    /// needs `history_size` > 0.
+    pub recover: bool,
+    /// Any connected client may read history; otherwise only subscribers of the channel.
+    pub allow_history_for_client: bool,
+}
+
+impl NamespaceOptions {
+    /// Whether channels of this namespace keep a history (and so carry offsets).
+    pub fn has_history(&self) -> bool {
+        self.history_size > 0
+    }
 }
 
 impl Default for NamespaceOptions {
@@ -278,6 +318,11 @@ impl Default for NamespaceOptions {
             allow_publish_for_client: false,
             presence: false,
             allow_presence_for_client: false,
+            history_size: 0,
+            history_ttl_secs: 300,
+            history_meta_ttl_secs: 30 * 24 * 3600,
+            recover: false,
+            allow_history_for_client: false,
         }
     }
 }
@@ -344,6 +389,44 @@ impl Config {
             return Err(invalid(
                 "redis_options",
                 "connect_timeout_ms and presence_ttl_secs must be at least 1",
+            ));
+        }
+        if r.max_held_publications == 0 {
+            return Err(invalid(
+                "redis_options.max_held_publications",
+                "must be at least 1",
+            ));
+        }
+        let namespaces =
+            std::iter::once(("default_namespace".to_string(), &self.default_namespace)).chain(
+                self.namespaces
+                    .iter()
+                    .map(|(n, o)| (format!("namespaces.{n}"), o)),
+            );
+        for (key, ns) in namespaces {
+            if ns.recover && !ns.has_history() {
+                return Err(invalid(
+                    &format!("{key}.recover"),
+                    "needs history_size above 0",
+                ));
+            }
+            if ns.has_history() && (ns.history_ttl_secs == 0 || ns.history_size > 1_000_000) {
+                return Err(invalid(
+                    &format!("{key}.history_size"),
+                    "needs history_ttl_secs above 0 and at most 1000000 publications",
+                ));
+            }
+            if ns.has_history() && ns.history_meta_ttl_secs < ns.history_ttl_secs {
+                return Err(invalid(
+                    &format!("{key}.history_meta_ttl_secs"),
+                    "must be at least history_ttl_secs",
+                ));
+            }
+        }
+        if self.limits.idempotency_window_secs == 0 || self.limits.max_idempotency_keys == 0 {
+            return Err(invalid(
+                "limits.idempotency_window_secs",
+                "idempotency_window_secs and max_idempotency_keys must be at least 1",
             ));
         }
         if !self.insecure && self.token_hmac_secret.is_empty() {

@@ -205,16 +205,11 @@ fn prometheus(node: &NodeInfo) -> String {
         registry.register(name, format!("Shard counter {name}"), family);
     }
     let bus = &node.bus;
-    let c = Counter::<u64, AtomicU64>::default();
-    c.inc_by(bus.publications.load(Ordering::Relaxed));
-    registry.register("publications", "Publications accepted by the broker", c);
-    let c = Counter::<u64, AtomicU64>::default();
-    c.inc_by(bus.shard_queue_waits.load(Ordering::Relaxed));
-    registry.register(
-        "shard_queue_waits",
-        "Times the broker waited on a full shard queue",
-        c,
-    );
+    for (name, value) in bus.counters() {
+        let c = Counter::<u64, AtomicU64>::default();
+        c.inc_by(value);
+        registry.register(name, format!("Broker counter {name} (see /api/info)"), c);
+    }
     let g = Gauge::<i64>::default();
     g.set(node.broker_queue.get().map(|q| q.len() as i64).unwrap_or(0));
     registry.register(

@@ -142,7 +142,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .map(|c| c.id)
         .collect();
     let broker: Box<dyn Broker> = if cfg.redis.is_empty() {
-        Box::new(MemoryBroker::new(stats.clone()))
+        Box::new(MemoryBroker::new(cfg.clone(), stats.clone()))
     } else {
         // Pin the multiplexer to a core no shard uses, when there is one to spare.
         let cpu = match cfg.redis_options.cpu {

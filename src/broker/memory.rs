@@ -3,25 +3,77 @@
 //! One thread serialises every publication of the node, so subscribers on every shard see one
 //! order per channel. It blocks on its inbox when idle (0% CPU) and drains in batches.
 
+use super::history::Stream;
 use super::Broker;
 use crate::bus::{
-    BrokerInbox, BrokerReply, BusStats, Part, Query, ReplyTo, ShardCommand, ShardLink, ToBroker,
-    ToShard,
+    BrokerInbox, BrokerReply, BusStats, Part, PositionAnswer, Query, ReplyTo, ShardCommand,
+    ShardLink, StreamPos, ToBroker, ToShard,
 };
+use crate::config::Config;
 use crate::protocol::reply;
 use crate::ws::{FrameBuf, OP_TEXT};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The in-process broker.
 pub struct MemoryBroker {
+    cfg: Arc<Config>,
     stats: Arc<BusStats>,
 }
 
 impl MemoryBroker {
-    pub fn new(stats: Arc<BusStats>) -> Self {
-        MemoryBroker { stats }
+    pub fn new(cfg: Arc<Config>, stats: Arc<BusStats>) -> Self {
+        MemoryBroker { cfg, stats }
+    }
+}
+
+/// An idempotency key: the channel and the key.
+type IdemKey = (Arc<str>, Box<str>);
+
+/// Publish results remembered by idempotency key, oldest first (one window for all, so
+/// insertion order is expiry order).
+#[derive(Default)]
+struct Idempotency {
+    results: HashMap<IdemKey, Option<StreamPos>>,
+    order: VecDeque<(Instant, IdemKey)>,
+}
+
+impl Idempotency {
+    fn get(&self, channel: &Arc<str>, key: &str) -> Option<&Option<StreamPos>> {
+        self.results.get(&(channel.clone(), Box::from(key)))
+    }
+
+    /// Remembers a result; returns how many keys were forgotten early to stay within `max`.
+    fn insert(
+        &mut self,
+        channel: Arc<str>,
+        key: Box<str>,
+        pos: Option<StreamPos>,
+        now: Instant,
+        max: usize,
+    ) -> u64 {
+        let mut evicted = 0;
+        while self.order.len() >= max {
+            if let Some((_, k)) = self.order.pop_front() {
+                self.results.remove(&k);
+                evicted += 1;
+            }
+        }
+        self.results.insert((channel.clone(), key.clone()), pos);
+        self.order.push_back((now, (channel, key)));
+        evicted
+    }
+
+    fn expire(&mut self, window: Duration, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
+            if now.saturating_duration_since(*at) < window {
+                break;
+            }
+            let (_, k) = self.order.pop_front().expect("front exists");
+            self.results.remove(&k);
+        }
     }
 }
 
@@ -33,7 +85,11 @@ struct Gathering {
 }
 
 struct State {
+    cfg: Arc<Config>,
     shards: Vec<ShardLink>,
+    /// History channels' streams (created on first publish or position read).
+    streams: HashMap<Arc<str>, Stream>,
+    idempotency: Idempotency,
     /// Channel → mask of shards with local subscribers.
     interest: super::Interest<Arc<str>>,
     gathers: HashMap<u64, Gathering>,
@@ -44,22 +100,72 @@ struct State {
 impl Broker for MemoryBroker {
     fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>) {
         let inbox = inbox.rx;
-        let mut state = State {
-            shards,
-            interest: Default::default(),
-            gathers: HashMap::new(),
-            next_gather: 1,
-            stats: self.stats,
-        };
-        // Blocks while idle; returns when every shard has dropped its sender (shutdown).
-        while let Ok(msg) = inbox.recv() {
-            state.handle(msg);
+        let mut state = State::new(self.cfg, shards, self.stats);
+        let sweep_every = Duration::from_secs(1);
+        let mut last_sweep = Instant::now();
+        // Blocks while idle (waking once a second to expire history); returns when every
+        // shard has dropped its sender (shutdown).
+        loop {
+            match inbox.recv_timeout(sweep_every) {
+                Ok(msg) => state.handle(msg),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now.duration_since(last_sweep) >= sweep_every {
+                last_sweep = now;
+                state.sweep(now);
+            }
         }
         tracing::debug!("memory broker stopped");
     }
 }
 
 impl State {
+    fn new(cfg: Arc<Config>, shards: Vec<ShardLink>, stats: Arc<BusStats>) -> State {
+        State {
+            cfg,
+            shards,
+            streams: HashMap::new(),
+            idempotency: Idempotency::default(),
+            interest: Default::default(),
+            gathers: HashMap::new(),
+            next_gather: 1,
+            stats,
+        }
+    }
+
+    /// Expires history and idempotency keys.
+    fn sweep(&mut self, now: Instant) {
+        let cfg = self.cfg.clone();
+        let interest = &self.interest;
+        self.streams.retain(|channel, stream| {
+            let Some(ns) = cfg.namespace_of(channel) else {
+                return false;
+            };
+            let ttl = Duration::from_secs(ns.history_ttl_secs as u64);
+            let meta = Duration::from_secs(ns.history_meta_ttl_secs as u64);
+            // A position nobody holds and nothing was published to is not worth keeping.
+            let unused = stream.top == 0 && interest.mask(channel) == 0;
+            stream.expire(ttl, meta, now) && !unused
+        });
+        let window = Duration::from_secs(cfg.limits.idempotency_window_secs as u64);
+        self.idempotency.expire(window, now);
+    }
+
+    /// The stream of a history channel, created with a new epoch when it has none.
+    fn stream(&mut self, channel: &Arc<str>) -> Option<&mut Stream> {
+        let ns = self.cfg.namespace_of(channel)?;
+        if !ns.has_history() {
+            return None;
+        }
+        Some(
+            self.streams
+                .entry(channel.clone())
+                .or_insert_with(|| Stream::new(Instant::now())),
+        )
+    }
+
     fn handle(&mut self, msg: ToBroker) {
         match msg {
             ToBroker::Subscribe { shard, channel } => {
@@ -72,20 +178,125 @@ impl State {
                 channel,
                 data,
                 info,
+                idempotency_key,
                 reply,
             } => {
+                if let Some(key) = &idempotency_key {
+                    if let Some(prev) = self.idempotency.get(&channel, key) {
+                        self.stats
+                            .idempotent_repeats
+                            .fetch_add(1, Ordering::Relaxed);
+                        let prev = prev.clone();
+                        self.reply(reply, BrokerReply::Published(Ok(prev)));
+                        return;
+                    }
+                }
                 self.stats.publications.fetch_add(1, Ordering::Relaxed);
                 let mask = self.interest.mask(&channel);
-                if mask != 0 {
-                    let mut frame = FrameBuf::with_capacity(channel.len() + data.get().len() + 48);
-                    reply::publication(frame.payload(), &channel, &data, info.as_ref());
-                    let frame = frame.finish(OP_TEXT);
-                    super::send_to(&self.shards, mask, || ToShard::Publication {
-                        channel: channel.clone(),
-                        frame: frame.clone(),
+                let now = Instant::now();
+                let size = self
+                    .cfg
+                    .namespace_of(&channel)
+                    .map_or(0, |ns| ns.history_size as usize);
+                let pos = match self.stream(&channel) {
+                    Some(stream) => {
+                        let offset = stream.next_offset();
+                        let mut p = Vec::with_capacity(data.get().len() + 64);
+                        reply::pub_open(&mut p, &data, info.as_deref());
+                        p.extend_from_slice(reply::OFFSET_FIELD);
+                        p.extend_from_slice(offset.to_string().as_bytes());
+                        p.push(b'}');
+                        let publication = bytes::Bytes::from(p);
+                        stream.push(publication.clone(), size, now);
+                        let epoch = stream.epoch.clone();
+                        if mask != 0 {
+                            let mut frame =
+                                FrameBuf::with_capacity(channel.len() + publication.len() + 32);
+                            reply::push_prefix(frame.payload(), &channel);
+                            frame.payload().extend_from_slice(&publication);
+                            frame.payload().extend_from_slice(&reply::PUSH_SUFFIX[1..]);
+                            let frame = frame.finish(OP_TEXT);
+                            super::send_to(&self.shards, mask, || ToShard::Publication {
+                                channel: channel.clone(),
+                                frame: frame.clone(),
+                                offset,
+                                epoch: Some(epoch.clone()),
+                            });
+                        }
+                        Some(StreamPos { offset, epoch })
+                    }
+                    None => {
+                        if mask != 0 {
+                            let mut frame =
+                                FrameBuf::with_capacity(channel.len() + data.get().len() + 48);
+                            reply::publication(frame.payload(), &channel, &data, info.as_deref());
+                            let frame = frame.finish(OP_TEXT);
+                            super::send_to(&self.shards, mask, || ToShard::Publication {
+                                channel: channel.clone(),
+                                frame: frame.clone(),
+                                offset: 0,
+                                epoch: None,
+                            });
+                        }
+                        None
+                    }
+                };
+                if let Some(key) = idempotency_key {
+                    let max = self.cfg.limits.max_idempotency_keys;
+                    let evicted = self.idempotency.insert(channel, key, pos.clone(), now, max);
+                    self.stats
+                        .idempotency_evictions
+                        .fetch_add(evicted, Ordering::Relaxed);
+                }
+                self.reply(reply, BrokerReply::Published(Ok(pos)));
+            }
+            ToBroker::Position {
+                shard,
+                token,
+                channel,
+                since,
+            } => {
+                let answer = match self.stream(&channel) {
+                    Some(stream) => {
+                        let recovered = since.as_ref().and_then(|s| stream.recover(s));
+                        Ok(PositionAnswer {
+                            epoch: stream.epoch.clone(),
+                            top: stream.top,
+                            recovered: recovered.is_some(),
+                            pubs: recovered.unwrap_or_default(),
+                        })
+                    }
+                    None => Err(crate::bus::BrokerError::Unavailable),
+                };
+                if let Some(link) = self.shards.get(shard) {
+                    link.send(ToShard::Position {
+                        token,
+                        channel,
+                        answer,
                     });
                 }
-                self.reply(reply, BrokerReply::Published(Ok(())));
+            }
+            ToBroker::History {
+                channel,
+                query,
+                reply,
+            } => {
+                let page = match self.stream(&channel) {
+                    Some(stream) => super::history::page(stream.entries(), &stream.epoch, &query)
+                        .map(|pubs| crate::bus::HistoryPage {
+                            pubs,
+                            epoch: stream.epoch.clone(),
+                            offset: stream.top,
+                        }),
+                    None => Err(crate::bus::BrokerError::Unavailable),
+                };
+                self.reply(reply, BrokerReply::History(page));
+            }
+            ToBroker::HistoryRemove { channel, reply } => {
+                if let Some(stream) = self.stream(&channel) {
+                    stream.clear();
+                }
+                self.reply(reply, BrokerReply::Done);
             }
             ToBroker::Gather {
                 query: Query::Nodes,
@@ -220,16 +431,11 @@ mod tests {
             links.push(l);
             inboxes.push(i);
         }
-        (
-            State {
-                shards: links,
-                interest: Default::default(),
-                gathers: HashMap::new(),
-                next_gather: 1,
-                stats,
-            },
-            inboxes,
+        let cfg = Config::from_toml(
+            "insecure = true\n[namespaces.h]\nhistory_size = 3\nrecover = true\n",
         )
+        .unwrap();
+        (State::new(Arc::new(cfg), links, stats), inboxes)
     }
 
     fn publish(s: &mut State, channel: &str, token: u64) {
@@ -237,6 +443,7 @@ mod tests {
             channel: channel.into(),
             data: RawValue::from_string("{\"n\":1}".into()).unwrap(),
             info: None,
+            idempotency_key: None,
             reply: ReplyTo { shard: 0, token },
         });
     }

@@ -6,8 +6,10 @@
 //! scatters queries to the shards and merges their parts. [`memory::MemoryBroker`] does this in
 //! process (standalone mode); the Redis multiplexer will do it through Redis.
 
+pub mod history;
 pub mod memory;
 pub mod redis;
+pub mod tracker;
 
 use crate::bus::{BrokerInbox, ShardLink};
 

@@ -15,14 +15,22 @@
 //! - When Redis fails, client connections stay; publishes and presence answer a temporary error;
 //!   the multiplexer reconnects with capped exponential backoff and jitter and resubscribes
 //!   every channel in one command.
-//! - Names: `PREFIX:ch:{CHANNEL}` (pub/sub), `PREFIX:presence:{CHANNEL}` (hash),
-//!   `PREFIX:user:{USER}` (personal channel), `PREFIX:node:UID` (lease) and `PREFIX:nodes`
-//!   (zset of leases by expiry). The `{...}` hash tag keeps a channel's keys in one cluster slot.
+//! - History channels publish through one Lua script (run with EVALSHA, reloaded after
+//!   NOSCRIPT) that takes the next offset, appends to the channel's stream (XADD, MAXLEN ~),
+//!   refreshes the TTLs and PUBLISHes `OFFSET:EPOCH:PUSH`, so the live path and the history never
+//!   disagree. The node tracks each channel's last offset and repairs gaps from the stream
+//!   ([`super::tracker`]).
+//! - Names: `PREFIX:ch:{CHANNEL}` (pub/sub), `PREFIX:stream:{CHANNEL}` (history),
+//!   `PREFIX:meta:{CHANNEL}` (hash: epoch `e`, top offset `s`), `PREFIX:idem:{CHANNEL}:KEY`
+//!   (idempotent publish results), `PREFIX:presence:{CHANNEL}` (hash), `PREFIX:user:{USER}`
+//!   (personal channel), `PREFIX:node:UID` (lease) and `PREFIX:nodes` (zset of leases by
+//!   expiry). The `{...}` hash tag keeps a channel's keys in one cluster slot.
 
+use super::tracker::{Action, Live, PosReq, ReadResult, Tracker};
 use super::Broker;
 use crate::bus::{
-    BrokerError, BrokerInbox, BrokerReply, BusStats, Part, Query, ReplyTo, ShardCommand, ShardLink,
-    ToBroker, ToShard,
+    BrokerError, BrokerInbox, BrokerReply, BusStats, HistoryPage, HistoryQuery, Part, Query,
+    ReplyTo, ShardCommand, ShardLink, StreamPos, ToBroker, ToShard,
 };
 use crate::config::Config;
 use crate::protocol::reply::{self, ClientInfo};
@@ -122,6 +130,92 @@ end
 return out
 "#;
 
+/// Lua: publish into a channel. KEYS: stream, meta, idempotency key. ARGV: pub/sub channel,
+/// open publication object, push prefix, history size (0 = no history), history TTL, meta TTL,
+/// a new epoch (used if the channel has none), idempotency window secs (0 = no key).
+/// Returns {repeated 0|1, "OFFSET:EPOCH" or ""}.
+const PUBLISH_SCRIPT: &str = r#"
+if ARGV[8] ~= '0' then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then return {1, prev} end
+end
+local result = ''
+if ARGV[4] == '0' then
+  redis.call('PUBLISH', ARGV[1], ARGV[3] .. ARGV[2] .. '}}}')
+else
+  local epoch = redis.call('HGET', KEYS[2], 'e')
+  if not epoch then
+    epoch = ARGV[7]
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[2], 'e', epoch)
+  end
+  local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
+  local pub = ARGV[2] .. ',"offset":' .. offset .. '}'
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], offset .. '-0', 'd', pub)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  redis.call('PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[3] .. pub .. '}}')
+  result = offset .. ':' .. epoch
+end
+if ARGV[8] ~= '0' then redis.call('SET', KEYS[3], result, 'EX', ARGV[8]) end
+return {0, result}
+"#;
+
+/// Lua: a channel's position and a page of its stream, within the retained window (the last
+/// `size` offsets: `MAXLEN ~` may keep a few more, which never count). KEYS: stream, meta.
+/// ARGV: since offset (-1 = none), limit (0 = none, -1 = all), reverse '1', history size,
+/// a new epoch (used if the channel has none), meta TTL. Returns {epoch, top, id, pub, ...}.
+const READ_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch)
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+local top = tonumber(redis.call('HGET', KEYS[2], 's') or '0')
+local out = {epoch, top}
+local limit = tonumber(ARGV[2])
+local size = tonumber(ARGV[4])
+if limit == 0 or top == 0 then return out end
+if limit < 0 or limit > size then limit = size end
+local floor = top - size + 1
+if floor < 1 then floor = 1 end
+local since = tonumber(ARGV[1])
+local entries
+if ARGV[3] == '1' then
+  local hi = top
+  if since >= 0 then hi = since - 1 end
+  if hi < floor then return out end
+  entries = redis.call('XREVRANGE', KEYS[1], hi .. '-0', floor .. '-0', 'COUNT', limit)
+else
+  local lo = floor
+  if since >= 0 and since + 1 > lo then lo = since + 1 end
+  if lo > top then return out end
+  entries = redis.call('XRANGE', KEYS[1], lo .. '-0', '+', 'COUNT', limit)
+end
+for _, e in ipairs(entries) do
+  table.insert(out, e[1])
+  table.insert(out, e[2][2])
+end
+return out
+"#;
+
+/// A Lua script, run by its SHA1 (EVALSHA) once loaded.
+struct Script {
+    text: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(text: &'static str) -> Script {
+        use sha1::Digest;
+        let digest = sha1::Sha1::digest(text.as_bytes());
+        let sha = digest.iter().map(|b| format!("{b:02x}")).collect();
+        Script { text, sha }
+    }
+}
+
 /// The Redis broker.
 pub struct RedisBroker {
     cfg: Arc<Config>,
@@ -177,6 +271,16 @@ impl Broker for RedisBroker {
 /// What a command reply is for (replies come back in command order).
 enum Waiter {
     Ignore,
+    /// A stream read for the tracker.
+    Read {
+        channel: Arc<str>,
+        gen: u64,
+        since: Option<u64>,
+    },
+    /// A history page for a client or the API; `since` epoch to check.
+    History(ReplyTo, Option<Arc<str>>),
+    /// A request answered with `Done` once Redis did it.
+    Done(ReplyTo),
     /// The registry's node list, kept for the status page.
     NodesCache,
     /// The registry entry is removed: the draining node may exit.
@@ -221,7 +325,12 @@ struct Mux {
     /// Channels whose SUBSCRIBE is sent but not confirmed yet.
     confirming: RefCell<HashMap<Arc<str>, ()>>,
     link: RefCell<Option<Link>>,
-    waiters: RefCell<VecDeque<Waiter>>,
+    /// What each command in flight is for, with the encoded command when it runs a script
+    /// (sent again after NOSCRIPT).
+    waiters: RefCell<VecDeque<(Waiter, Option<Vec<u8>>)>>,
+    /// History channels' positions and repairs.
+    tracker: RefCell<Tracker>,
+    scripts: [Script; 4],
     /// Commands encoded during the current batch.
     cmd_out: RefCell<Vec<u8>>,
     sub_out: RefCell<Vec<u8>>,
@@ -264,8 +373,10 @@ enum Control {
 
 impl Mux {
     fn new(b: RedisBroker, shards: Vec<ShardLink>) -> Mux {
+        let tracker = RefCell::new(Tracker::new(b.cfg.clone(), b.stats.clone()));
         Mux {
             prefix: b.cfg.redis_options.prefix.clone(),
+            tracker,
             cfg: b.cfg,
             node: b.node,
             stats: b.stats,
@@ -276,6 +387,12 @@ impl Mux {
             confirming: RefCell::default(),
             link: RefCell::new(None),
             waiters: RefCell::default(),
+            scripts: [
+                Script::new(PUBLISH_SCRIPT),
+                Script::new(READ_SCRIPT),
+                Script::new(PRESENCE_SCRIPT),
+                Script::new(NODES_SCRIPT),
+            ],
             cmd_out: RefCell::default(),
             sub_out: RefCell::default(),
             gathers: RefCell::default(),
@@ -286,6 +403,15 @@ impl Mux {
 
     fn channel_key(&self, channel: &str) -> String {
         format!("{}:ch:{{{}}}", self.prefix, channel)
+    }
+    fn stream_key(&self, channel: &str) -> String {
+        format!("{}:stream:{{{}}}", self.prefix, channel)
+    }
+    fn meta_key(&self, channel: &str) -> String {
+        format!("{}:meta:{{{}}}", self.prefix, channel)
+    }
+    fn idempotency_key(&self, channel: &str, key: &str) -> String {
+        format!("{}:idem:{{{}}}:{}", self.prefix, channel, key)
     }
     fn presence_key(&self, channel: &str) -> String {
         format!("{}:presence:{{{}}}", self.prefix, channel)
@@ -316,7 +442,138 @@ impl Mux {
     /// Queues a command on the command connection with what its reply is for.
     fn command(&self, args: &[&[u8]], waiter: Waiter) {
         encode(&mut self.cmd_out.borrow_mut(), args);
-        self.waiters.borrow_mut().push_back(waiter);
+        self.waiters.borrow_mut().push_back((waiter, None));
+    }
+
+    /// Runs script `which` (EVALSHA) with `keys` and `args`.
+    fn eval(&self, which: usize, keys: &[&[u8]], args: &[&[u8]], waiter: Waiter) {
+        let nkeys = keys.len().to_string();
+        let mut all: Vec<&[u8]> = Vec::with_capacity(3 + keys.len() + args.len());
+        all.extend([
+            b"EVALSHA".as_slice(),
+            self.scripts[which].sha.as_bytes(),
+            nkeys.as_bytes(),
+        ]);
+        all.extend_from_slice(keys);
+        all.extend_from_slice(args);
+        let mut cmd = Vec::new();
+        encode(&mut cmd, &all);
+        self.cmd_out.borrow_mut().extend_from_slice(&cmd);
+        self.waiters.borrow_mut().push_back((waiter, Some(cmd)));
+    }
+
+    /// Loads every script (on connect, and again after NOSCRIPT: Redis lost its cache).
+    fn load_scripts(&self) {
+        for script in &self.scripts {
+            self.command(
+                &[b"SCRIPT", b"LOAD", script.text.as_bytes()],
+                Waiter::Ignore,
+            );
+        }
+    }
+
+    /// Carries out what the tracker decided.
+    fn apply(&self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Read {
+                    channel,
+                    gen,
+                    since,
+                } => self.read_stream(channel, gen, since),
+                Action::Forward { channel, live } => {
+                    let mask = self.interest.borrow().mask(&*channel);
+                    let epoch = live.epoch.clone();
+                    super::send_to(&self.shards, mask, || ToShard::Publication {
+                        channel: channel.clone(),
+                        frame: live.frame.clone(),
+                        offset: live.offset,
+                        epoch: Some(epoch.clone()),
+                    });
+                }
+                Action::Answer {
+                    shard,
+                    token,
+                    channel,
+                    answer,
+                } => {
+                    if let Some(link) = self.shards.get(shard) {
+                        link.send(ToShard::Position {
+                            token,
+                            channel,
+                            answer,
+                        });
+                    }
+                }
+                Action::Insufficient { channel } => {
+                    tracing::warn!(%channel, "publications lost beyond repair: subscribers told to recover");
+                    let mask = self.interest.borrow().mask(&*channel);
+                    super::send_to(&self.shards, mask, || ToShard::Insufficient {
+                        channel: channel.clone(),
+                    });
+                }
+                Action::Confirm { channel } => self.confirm(&channel),
+            }
+        }
+    }
+
+    /// Reads a tracked channel's position, and its entries after `since`.
+    fn read_stream(&self, channel: Arc<str>, gen: u64, since: Option<u64>) {
+        if !self.is_up() {
+            let mut out = Vec::new();
+            self.tracker
+                .borrow_mut()
+                .read_failed(&channel, gen, &mut out);
+            self.apply(out);
+            return;
+        }
+        self.stats.stream_reads.fetch_add(1, Ordering::Relaxed);
+        let query = HistoryQuery {
+            limit: if since.is_some() { -1 } else { 0 },
+            since: None,
+            reverse: false,
+        };
+        self.eval_read(
+            &channel,
+            &query,
+            since,
+            Waiter::Read {
+                channel: channel.clone(),
+                gen,
+                since,
+            },
+        );
+    }
+
+    /// Runs the read script for `channel`: position, and a page as `query` and `since` ask.
+    fn eval_read(&self, channel: &str, query: &HistoryQuery, since: Option<u64>, waiter: Waiter) {
+        let Some(ns) = self.cfg.namespace_of(channel) else {
+            return;
+        };
+        let since = since
+            .or(query.since.as_ref().map(|s| s.offset))
+            .map_or("-1".to_string(), |s| s.to_string());
+        let limit = query.limit.to_string();
+        let size = ns.history_size.to_string();
+        let epoch = super::history::new_epoch();
+        let meta_ttl = ns.history_meta_ttl_secs.to_string();
+        let reverse: &[u8] = if query.reverse { b"1" } else { b"0" };
+        self.eval(
+            1,
+            &[
+                self.stream_key(channel).as_bytes(),
+                self.meta_key(channel).as_bytes(),
+            ],
+            &[
+                since.as_bytes(),
+                limit.as_bytes(),
+                reverse,
+                size.as_bytes(),
+                epoch.as_bytes(),
+                meta_ttl.as_bytes(),
+            ],
+            waiter,
+        );
     }
 
     fn sub_command(&self, args: &[&[u8]]) {
@@ -390,6 +647,9 @@ impl Mux {
                     self.shards[shard].send(ToShard::SubscribeFailed { channel });
                 } else if first {
                     self.sub_command(&[b"SUBSCRIBE", self.channel_key(&channel).as_bytes()]);
+                    if self.tracker.borrow().is_history(&channel) {
+                        self.tracker.borrow_mut().created(&channel);
+                    }
                     self.confirming.borrow_mut().insert(channel, ());
                 } else if !self.confirming.borrow().contains_key(&channel) {
                     self.shards[shard].send(ToShard::Subscribed { channel });
@@ -399,6 +659,9 @@ impl Mux {
                 let last = self.interest.borrow_mut().remove(&channel, shard);
                 if last {
                     self.confirming.borrow_mut().remove(&channel);
+                    let mut out = Vec::new();
+                    self.tracker.borrow_mut().removed(&channel, &mut out);
+                    self.apply(out);
                     if self.is_up() {
                         self.sub_command(&[b"UNSUBSCRIBE", self.channel_key(&channel).as_bytes()]);
                     }
@@ -408,6 +671,7 @@ impl Mux {
                 channel,
                 data,
                 info,
+                idempotency_key,
                 reply,
             } => {
                 if !self.is_up() {
@@ -415,12 +679,54 @@ impl Mux {
                     return;
                 }
                 self.stats.publications.fetch_add(1, Ordering::Relaxed);
+                let ns = self.cfg.namespace_of(&channel);
+                if ns.is_some_and(|ns| ns.has_history()) || idempotency_key.is_some() {
+                    self.eval_publish(&channel, &data, info.as_deref(), idempotency_key, reply);
+                    return;
+                }
                 // The payload is the complete push, so receiving nodes only add a frame header.
                 let mut payload = Vec::with_capacity(channel.len() + data.get().len() + 48);
-                reply::publication(&mut payload, &channel, &data, info.as_ref());
+                reply::publication(&mut payload, &channel, &data, info.as_deref());
                 self.command(
                     &[b"PUBLISH", self.channel_key(&channel).as_bytes(), &payload],
                     Waiter::Publish(reply),
+                );
+            }
+            ToBroker::Position {
+                shard,
+                token,
+                channel,
+                since,
+            } => {
+                let mut out = Vec::new();
+                let req = PosReq {
+                    shard,
+                    token,
+                    since,
+                };
+                self.tracker.borrow_mut().position(&channel, req, &mut out);
+                self.apply(out);
+            }
+            ToBroker::History {
+                channel,
+                query,
+                reply,
+            } => {
+                if !self.is_up() {
+                    self.reply(reply, BrokerReply::History(Err(BrokerError::Unavailable)));
+                    return;
+                }
+                let since_epoch = query.since.as_ref().map(|s| s.epoch.clone());
+                self.eval_read(&channel, &query, None, Waiter::History(reply, since_epoch));
+            }
+            ToBroker::HistoryRemove { channel, reply } => {
+                if !self.is_up() {
+                    self.reply(reply, BrokerReply::Failed(BrokerError::Unavailable));
+                    return;
+                }
+                self.command(
+                    &[b"DEL", self.stream_key(&channel).as_bytes()],
+                    Waiter::Done(reply),
                 );
             }
             ToBroker::Gather { query, reply } => self.gather(query, GatherTarget::Shard(reply)),
@@ -526,15 +832,13 @@ impl Mux {
                     return;
                 }
                 let now = now_ms().to_string();
-                self.command(
+                self.eval(
+                    2,
                     &[
-                        b"EVAL",
-                        PRESENCE_SCRIPT.as_bytes(),
-                        b"2",
                         self.presence_key(channel).as_bytes(),
                         self.nodes_key().as_bytes(),
-                        now.as_bytes(),
                     ],
+                    &[now.as_bytes()],
                     Waiter::Presence(*reply),
                 );
             }
@@ -649,16 +953,56 @@ impl Mux {
     /// Reads the registry's live nodes (dropping lapsed leases) for `waiter`.
     fn eval_nodes(&self, waiter: Waiter) {
         let now = now_ms().to_string();
-        self.command(
-            &[
-                b"EVAL",
-                NODES_SCRIPT.as_bytes(),
-                b"1",
-                self.nodes_key().as_bytes(),
-                now.as_bytes(),
-                self.node_key_prefix().as_bytes(),
-            ],
+        self.eval(
+            3,
+            &[self.nodes_key().as_bytes()],
+            &[now.as_bytes(), self.node_key_prefix().as_bytes()],
             waiter,
+        );
+    }
+
+    /// Publishes through the publish script (history channels, idempotency keys).
+    fn eval_publish(
+        &self,
+        channel: &str,
+        data: &serde_json::value::RawValue,
+        info: Option<&ClientInfo>,
+        idempotency_key: Option<Box<str>>,
+        reply: ReplyTo,
+    ) {
+        let ns = self.cfg.namespace_of(channel);
+        let mut publication = Vec::with_capacity(data.get().len() + 64);
+        reply::pub_open(&mut publication, data, info);
+        let mut prefix = Vec::with_capacity(channel.len() + 32);
+        reply::push_prefix(&mut prefix, channel);
+        let size = ns.map_or(0, |ns| ns.history_size).to_string();
+        let ttl = ns.map_or(0, |ns| ns.history_ttl_secs).to_string();
+        let meta_ttl = ns.map_or(0, |ns| ns.history_meta_ttl_secs).to_string();
+        let epoch = super::history::new_epoch();
+        let window = if idempotency_key.is_some() {
+            self.cfg.limits.idempotency_window_secs.to_string()
+        } else {
+            "0".to_string()
+        };
+        let idem = self.idempotency_key(channel, idempotency_key.as_deref().unwrap_or(""));
+        self.eval(
+            0,
+            &[
+                self.stream_key(channel).as_bytes(),
+                self.meta_key(channel).as_bytes(),
+                idem.as_bytes(),
+            ],
+            &[
+                self.channel_key(channel).as_bytes(),
+                &publication,
+                &prefix,
+                size.as_bytes(),
+                ttl.as_bytes(),
+                meta_ttl.as_bytes(),
+                epoch.as_bytes(),
+                window.as_bytes(),
+            ],
+            Waiter::Publish(reply),
         );
     }
 
@@ -668,6 +1012,7 @@ impl Mux {
             if self.is_up() {
                 self.gather(Query::Stats, GatherTarget::Lease);
             }
+            self.tracker.borrow_mut().sweep(std::time::Instant::now());
             glommio::timer::sleep(every).await;
         }
     }
@@ -779,7 +1124,9 @@ impl Mux {
                 }
             }
         });
-        // Resubscribe everything in one command, then announce ourselves.
+        // Scripts first (replies in order: nothing can run one before it is loaded), then
+        // resubscribe everything in one command, then announce ourselves.
+        self.load_scripts();
         {
             let interest = self.interest.borrow();
             let users = self.users.borrow();
@@ -817,9 +1164,13 @@ impl Mux {
         cmd_writer.cancel().await;
         sub_writer.cancel().await;
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
-        for w in waiters {
+        for (w, _) in waiters {
             match w {
-                Waiter::Ignore | Waiter::NodesCache => {}
+                Waiter::Ignore | Waiter::NodesCache | Waiter::Read { .. } => {}
+                Waiter::History(to, _) => {
+                    self.reply(to, BrokerReply::History(Err(BrokerError::Unavailable)))
+                }
+                Waiter::Done(to) => self.reply(to, BrokerReply::Failed(BrokerError::Unavailable)),
                 Waiter::Left => self.node.left_registry.store(true, Ordering::SeqCst),
                 Waiter::Publish(to) => {
                     self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)))
@@ -843,6 +1194,11 @@ impl Mux {
                 channel: channel.clone(),
             });
         }
+        // Tracked channels: reads in flight are lost, waiting subscribers get an error; each
+        // channel is read again (repaired) once its SUBSCRIBE is confirmed on the next link.
+        let mut out = Vec::new();
+        self.tracker.borrow_mut().link_down(&mut out);
+        self.apply(out);
     }
 
     /// Tells every shard with interest in `channel` that its subscription is in place.
@@ -863,9 +1219,20 @@ impl Mux {
                 Ok(f) => f,
                 Err(e) => return e,
             };
-            let Some(waiter) = self.waiters.borrow_mut().pop_front() else {
+            let Some((waiter, retry)) = self.waiters.borrow_mut().pop_front() else {
                 return "reply without a command".into();
             };
+            if let (BytesFrame::Error(e), Some(cmd)) = (&frame, &retry) {
+                if e.starts_with("NOSCRIPT") {
+                    // Redis lost its script cache (restart, SCRIPT FLUSH): load and run again.
+                    tracing::info!("Redis lost the scripts: loading them again");
+                    self.load_scripts();
+                    self.cmd_out.borrow_mut().extend_from_slice(cmd);
+                    self.waiters.borrow_mut().push_back((waiter, retry));
+                    self.flush();
+                    continue;
+                }
+            }
             match (waiter, frame) {
                 (Waiter::Ignore, BytesFrame::Error(e)) => {
                     tracing::warn!(error = %e, "Redis command failed")
@@ -882,7 +1249,65 @@ impl Mux {
                     tracing::warn!(error = %e, "PUBLISH failed");
                     self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)));
                 }
-                (Waiter::Publish(to), _) => self.reply(to, BrokerReply::Published(Ok(()))),
+                (Waiter::Publish(to), BytesFrame::Array(items)) => {
+                    // The publish script: {repeated, "OFFSET:EPOCH" or ""}.
+                    if matches!(items.first(), Some(BytesFrame::Integer(1))) {
+                        self.stats
+                            .idempotent_repeats
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    let pos = match items.get(1) {
+                        Some(BytesFrame::BulkString(b)) => parse_position(b),
+                        _ => None,
+                    };
+                    self.reply(to, BrokerReply::Published(Ok(pos)));
+                }
+                (Waiter::Publish(to), _) => self.reply(to, BrokerReply::Published(Ok(None))),
+                (
+                    Waiter::Read {
+                        channel,
+                        gen,
+                        since,
+                    },
+                    frame,
+                ) => {
+                    let mut out = Vec::new();
+                    match parse_read(&frame) {
+                        Some(r) => self
+                            .tracker
+                            .borrow_mut()
+                            .read_done(&channel, gen, since, r, &mut out),
+                        None => {
+                            tracing::warn!(%channel, reply = ?frame, "stream read failed");
+                            self.tracker
+                                .borrow_mut()
+                                .read_failed(&channel, gen, &mut out);
+                        }
+                    }
+                    self.apply(out);
+                }
+                (Waiter::History(to, since_epoch), frame) => {
+                    let page = match parse_read(&frame) {
+                        Some(r) if since_epoch.as_ref().is_some_and(|e| **e != *r.epoch) => {
+                            Err(BrokerError::Unrecoverable)
+                        }
+                        Some(r) => Ok(HistoryPage {
+                            pubs: r.entries.into_iter().map(|(_, p)| p).collect(),
+                            epoch: r.epoch,
+                            offset: r.top,
+                        }),
+                        None => {
+                            tracing::warn!(reply = ?frame, "history read failed");
+                            Err(BrokerError::Unavailable)
+                        }
+                    };
+                    self.reply(to, BrokerReply::History(page));
+                }
+                (Waiter::Done(to), BytesFrame::Error(e)) => {
+                    tracing::warn!(error = %e, "history removal failed");
+                    self.reply(to, BrokerReply::Failed(BrokerError::Unavailable));
+                }
+                (Waiter::Done(to), _) => self.reply(to, BrokerReply::Done),
                 (Waiter::Presence(to), BytesFrame::Array(items)) => {
                     let list: Vec<ClientInfo> = json_items(&items);
                     self.reply(to, BrokerReply::Gathered(Part::Presence(list)));
@@ -937,7 +1362,17 @@ impl Mux {
                 b"subscribe" => {
                     if let Some(channel) = self.app_channel(&name) {
                         let channel: Arc<str> = Arc::from(channel);
-                        if self.confirming.borrow_mut().remove(&channel).is_some() {
+                        let first = self.confirming.borrow_mut().remove(&channel).is_some();
+                        let tracked = self.tracker.borrow().is_history(&channel)
+                            && self.interest.borrow().mask(&*channel) != 0;
+                        if tracked {
+                            // History channel: confirmed to the shards once its position is
+                            // read (first time), or repaired (after a reconnect).
+                            let mut out = Vec::new();
+                            self.tracker.borrow_mut().subscribed(&channel, &mut out);
+                            self.apply(out);
+                            self.flush();
+                        } else if first {
                             self.confirm(&channel);
                         }
                     }
@@ -961,6 +1396,19 @@ impl Mux {
             if mask == 0 {
                 return;
             }
+            if payload.first().is_some_and(|b| b.is_ascii_digit()) {
+                // A history channel's `OFFSET:EPOCH:PUSH`.
+                let Some(live) = parse_live(channel, &payload) else {
+                    tracing::warn!(%channel, "unreadable publication ignored");
+                    return;
+                };
+                let channel: Arc<str> = Arc::from(channel);
+                let mut out = Vec::new();
+                self.tracker.borrow_mut().live(&channel, live, &mut out);
+                self.apply(out);
+                self.flush();
+                return;
+            }
             let mut frame = FrameBuf::with_capacity(payload.len());
             frame.payload().extend_from_slice(&payload);
             let frame = frame.finish(OP_TEXT);
@@ -968,6 +1416,8 @@ impl Mux {
             super::send_to(&self.shards, mask, || ToShard::Publication {
                 channel: channel.clone(),
                 frame: frame.clone(),
+                offset: 0,
+                epoch: None,
             });
             return;
         }
@@ -1004,6 +1454,69 @@ impl Mux {
         let mask = self.users.borrow().mask(&user);
         super::send_to(&self.shards, mask, || ToShard::Command(cmd.clone()));
     }
+}
+
+/// `OFFSET:EPOCH` → a stream position.
+fn parse_position(text: &[u8]) -> Option<StreamPos> {
+    let text = std::str::from_utf8(text).ok()?;
+    let (offset, epoch) = text.split_once(':')?;
+    Some(StreamPos {
+        offset: offset.parse().ok()?,
+        epoch: Arc::from(epoch),
+    })
+}
+
+/// A history channel's pub/sub message `OFFSET:EPOCH:PUSH` → its frame and publication.
+fn parse_live(channel: &str, payload: &Bytes) -> Option<Live> {
+    let first = payload.iter().position(|&b| b == b':')?;
+    let second = first + 1 + payload[first + 1..].iter().position(|&b| b == b':')?;
+    let pos = parse_position(&payload[..second])?;
+    let push = payload.slice(second + 1..);
+    let mut prefix = Vec::with_capacity(channel.len() + 32);
+    reply::push_prefix(&mut prefix, channel);
+    if !push.starts_with(&prefix) || push.len() < prefix.len() + 2 {
+        return None;
+    }
+    let publication = push.slice(prefix.len()..push.len() - 2);
+    let mut frame = FrameBuf::with_capacity(push.len());
+    frame.payload().extend_from_slice(&push);
+    Some(Live {
+        offset: pos.offset,
+        epoch: pos.epoch,
+        frame: frame.finish(OP_TEXT),
+        publication,
+    })
+}
+
+/// The read script's reply `{epoch, top, id, pub, ...}`.
+fn parse_read(frame: &BytesFrame) -> Option<ReadResult> {
+    let BytesFrame::Array(items) = frame else {
+        return None;
+    };
+    let epoch = match items.first()? {
+        BytesFrame::BulkString(b) => Arc::from(std::str::from_utf8(b).ok()?),
+        _ => return None,
+    };
+    let top = match items.get(1)? {
+        BytesFrame::Integer(n) => u64::try_from(*n).ok()?,
+        _ => return None,
+    };
+    let mut entries = Vec::with_capacity(items.len().saturating_sub(2) / 2);
+    for pair in items[2..].chunks(2) {
+        let (BytesFrame::BulkString(id), Some(BytesFrame::BulkString(p))) = (&pair[0], pair.get(1))
+        else {
+            return None;
+        };
+        let id = std::str::from_utf8(id).ok()?;
+        let offset = id.split('-').next()?.parse().ok()?;
+        entries.push((offset, p.clone()));
+    }
+    // Reverse reads come newest first; the tracker wants ascending, pages keep their order.
+    Some(ReadResult {
+        epoch,
+        top,
+        entries,
+    })
 }
 
 /// The JSON documents in a script's array reply (entries that do not parse are skipped).

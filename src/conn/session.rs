@@ -6,8 +6,9 @@
 //! broker (publish acknowledgements, presence) are sent later by the host under the command id.
 //! A session never blocks and never awaits.
 
+use crate::bus::{HistoryQuery, StreamPos};
 use crate::config::{Config, NamespaceOptions};
-use crate::protocol::command::{parse_line, Line, Request};
+use crate::protocol::command::{parse_line, Line, Request, FLAG_REJECT_UNRECOVERED};
 use crate::protocol::reply::{self, ClientInfo};
 use crate::protocol::token::{TokenError, TokenVerifier};
 use crate::protocol::{Disconnect, ErrorCode};
@@ -29,10 +30,25 @@ pub enum Deferred {
 }
 
 /// When a subscribe reply may go out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Ack {
-    Now,
+    /// Reply now, with this result (a history channel's position, when the shard knows it).
+    Now(reply::SubscribeResult),
+    /// The host replies itself once the broker answered.
     Later,
+}
+
+/// What a subscriber asks of a history channel.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// The channel keeps history: the subscriber gets a position.
+    pub history: bool,
+    /// The namespace lets subscribers recover (`recoverable` in the reply).
+    pub recoverable: bool,
+    /// Recover everything after this position.
+    pub since: Option<StreamPos>,
+    /// Fail with 112 instead of subscribing unrecovered.
+    pub reject_unrecovered: bool,
 }
 
 /// What the session needs from its shard. Implemented by the shard for one connection.
@@ -50,7 +66,12 @@ pub trait Host {
     /// `Ack::Later` when the broker has not confirmed the channel yet: the host then sends the
     /// subscribe reply to command `id` itself once it has (so that nothing published after the
     /// reply can be missed).
-    fn subscribe(&mut self, id: u32, channel: &str) -> Result<(ChanId, Ack), ErrorCode>;
+    fn subscribe(
+        &mut self,
+        id: u32,
+        channel: &str,
+        recovery: &Recovery,
+    ) -> Result<(ChanId, Ack), ErrorCode>;
     /// Removes this connection from a channel.
     fn unsubscribe(&mut self, chan: ChanId);
     /// The name of an interned channel.
@@ -65,6 +86,8 @@ pub trait Host {
     ) -> Result<(), ErrorCode>;
     /// Asks every shard; the host replies to `id`.
     fn gather(&mut self, id: u32, kind: Deferred, channel: &str) -> Result<(), ErrorCode>;
+    /// Reads history; the host replies to `id`.
+    fn history(&mut self, id: u32, channel: &str, query: HistoryQuery) -> Result<(), ErrorCode>;
     /// Connection token expiry changed (0 = never): the host arms its timer.
     fn set_expiry(&mut self, unix_secs: u64);
     /// The client joined or left a channel whose namespace keeps presence.
@@ -196,10 +219,13 @@ impl Session {
             (None, _) => Err(Disconnect::BadRequest),
             (Some(_), Request::Connect(_)) => Err(Disconnect::BadRequest),
             (Some(_), Request::Subscribe(s)) => {
-                match self.subscribe(host, id, &s.channel, &s.token) {
-                    Ok(Ack::Now) => {
-                        reply::result(out, id, "subscribe", &reply::SubscribeResult::default())
-                    }
+                let since = s.recover.then(|| StreamPos {
+                    offset: s.offset,
+                    epoch: std::sync::Arc::from(&*s.epoch),
+                });
+                let reject = s.flag & FLAG_REJECT_UNRECOVERED != 0;
+                match self.subscribe(host, id, &s.channel, &s.token, since, reject) {
+                    Ok(Ack::Now(result)) => reply::result(out, id, "subscribe", &result),
                     Ok(Ack::Later) => {}
                     Err((code, temporary)) => reply::error(out, id, code, temporary),
                 }
@@ -246,7 +272,33 @@ impl Session {
                 Ok(())
             }
             (Some(_), Request::Send) if id == 0 => Ok(()),
-            (Some(_), Request::History(_) | Request::Rpc | Request::Send) => {
+            (Some(_), Request::History(h)) => {
+                let query = HistoryQuery {
+                    limit: h.limit,
+                    since: h.since.as_ref().map(|p| StreamPos {
+                        offset: p.offset,
+                        epoch: std::sync::Arc::from(&*p.epoch),
+                    }),
+                    reverse: h.reverse,
+                };
+                let result = match namespace(host, &h.channel) {
+                    Err(e) => Err(e),
+                    Ok(ns) if !ns.has_history() => Err(ErrorCode::NotAvailable),
+                    Ok(ns)
+                        if !host.config().insecure
+                            && !ns.allow_history_for_client
+                            && self.position(host, &h.channel).is_none() =>
+                    {
+                        Err(ErrorCode::PermissionDenied)
+                    }
+                    Ok(_) => host.history(id, &h.channel, query),
+                };
+                if let Err(code) = result {
+                    reply::error(out, id, code, code == ErrorCode::Internal);
+                }
+                Ok(())
+            }
+            (Some(_), Request::Rpc | Request::Send) => {
                 reply::error(out, id, ErrorCode::NotAvailable, false);
                 Ok(())
             }
@@ -288,6 +340,7 @@ impl Session {
                         let result = reply::SubscribeResult {
                             expires: exp > 0,
                             ttl: ttl(exp, host.unix_now()),
+                            ..Default::default()
                         };
                         reply::result(out, id, "sub_refresh", &result);
                     }
@@ -340,7 +393,7 @@ impl Session {
             if self.position(host, channel).is_some() {
                 continue;
             }
-            match host.subscribe(0, channel) {
+            match host.subscribe(0, channel, &Recovery::default()) {
                 Ok((chan, _)) => {
                     self.subs.push(chan);
                     subs.insert(channel.as_str(), reply::SubscribeResult::default());
@@ -373,6 +426,8 @@ impl Session {
         id: u32,
         channel: &str,
         token: &str,
+        since: Option<StreamPos>,
+        reject_unrecovered: bool,
     ) -> Result<Ack, (ErrorCode, bool)> {
         let cfg = host.config();
         if channel.is_empty() || channel.len() > cfg.limits.max_channel_name_bytes {
@@ -392,8 +447,14 @@ impl Session {
             return Err((ErrorCode::PermissionDenied, false));
         }
         let presence = ns.presence;
+        let recovery = Recovery {
+            history: ns.has_history(),
+            recoverable: ns.recover,
+            since: since.filter(|_| ns.recover),
+            reject_unrecovered,
+        };
         let (chan, ack) = host
-            .subscribe(id, channel)
+            .subscribe(id, channel, &recovery)
             .map_err(|e| (e, e == ErrorCode::Internal))?;
         self.subs.push(chan);
         if presence {
@@ -512,6 +573,8 @@ mod tests {
         presence_log: Vec<(String, String, bool)>,
         tokens: u32,
         refusals: Vec<Refusal>,
+        recoveries: Vec<Recovery>,
+        histories: Vec<(u32, String, HistoryQuery)>,
     }
 
     impl FakeHost {
@@ -533,6 +596,8 @@ mod tests {
                 presence_log: Vec::new(),
                 tokens: u32::MAX,
                 refusals: Vec::new(),
+                recoveries: Vec::new(),
+                histories: Vec::new(),
             }
         }
     }
@@ -553,7 +618,13 @@ mod tests {
         fn register_user(&mut self, user: &str) -> Rc<str> {
             user.into()
         }
-        fn subscribe(&mut self, _id: u32, channel: &str) -> Result<(ChanId, Ack), ErrorCode> {
+        fn subscribe(
+            &mut self,
+            _id: u32,
+            channel: &str,
+            recovery: &Recovery,
+        ) -> Result<(ChanId, Ack), ErrorCode> {
+            self.recoveries.push(recovery.clone());
             if self.broker_full {
                 return Err(ErrorCode::Internal);
             }
@@ -565,7 +636,7 @@ mod tests {
                 }
             };
             self.subscribed.push(id);
-            Ok((id, Ack::Now))
+            Ok((id, Ack::Now(Default::default())))
         }
         fn unsubscribe(&mut self, chan: ChanId) {
             self.subscribed.retain(|&c| c != chan);
@@ -586,6 +657,15 @@ mod tests {
         }
         fn gather(&mut self, id: u32, kind: Deferred, channel: &str) -> Result<(), ErrorCode> {
             self.gathered.push((id, kind, channel.into()));
+            Ok(())
+        }
+        fn history(
+            &mut self,
+            id: u32,
+            channel: &str,
+            query: HistoryQuery,
+        ) -> Result<(), ErrorCode> {
+            self.histories.push((id, channel.into(), query));
             Ok(())
         }
         fn set_expiry(&mut self, unix_secs: u64) {
@@ -770,6 +850,43 @@ mod tests {
         assert_eq!(replies[0]["error"]["code"], 100);
         assert_eq!(replies[0]["error"]["temporary"], true);
         assert!(s.position(&h, "other").is_none(), "nothing half-subscribed");
+    }
+
+    #[test]
+    fn recovery_and_history_follow_the_namespace() {
+        let cfg = "token_hmac_secret = \"k\"\n[namespaces.h]\nhistory_size = 10\nrecover = true\n[namespaces.n]\nhistory_size = 10\n";
+        let mut h = FakeHost::new(cfg);
+        let mut s = connected(&mut h);
+        let sub = r#"{"id":2,"subscribe":{"channel":"CH","recover":true,"offset":7,"epoch":"e","flag":3}}"#;
+        for ch in ["h:1", "n:1", "plain"] {
+            let (r, _) = send(&mut s, &mut h, &sub.replace("CH", ch));
+            r.unwrap();
+        }
+        let r = &h.recoveries;
+        assert!(r[0].history && r[0].recoverable && r[0].reject_unrecovered);
+        assert_eq!(
+            r[0].since.as_ref().map(|p| (p.offset, &*p.epoch)),
+            Some((7, "e"))
+        );
+        assert!(
+            r[1].history && !r[1].recoverable && r[1].since.is_none(),
+            "recover off"
+        );
+        assert!(!r[2].history && r[2].since.is_none(), "no history");
+        // history: subscribers may read; others only with allow_history_for_client.
+        let hist = r#"{"id":3,"history":{"channel":"CH","limit":5,"since":{"offset":2,"epoch":"e"},"reverse":true}}"#;
+        let (_, replies) = send(&mut s, &mut h, &hist.replace("CH", "h:1"));
+        assert!(replies.is_empty(), "answered later by the host");
+        let (id, ch, q) = &h.histories[0];
+        assert_eq!((*id, ch.as_str(), q.limit, q.reverse), (3, "h:1", 5, true));
+        assert_eq!(q.since.as_ref().unwrap().offset, 2);
+        let (_, replies) = send(&mut s, &mut h, &hist.replace("CH", "h:2"));
+        assert_eq!(replies[0]["error"]["code"], 103, "not subscribed");
+        let (_, replies) = send(&mut s, &mut h, &hist.replace("CH", "plain"));
+        assert_eq!(
+            replies[0]["error"]["code"], 108,
+            "no history in that namespace"
+        );
     }
 
     #[test]

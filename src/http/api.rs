@@ -6,7 +6,10 @@
 //! needs other shards goes through the broker and waits (bounded) for its answer.
 
 use super::{response, Head};
-use crate::bus::{BrokerReply, Part, Query, ShardCommand, ToBroker};
+use crate::bus::{
+    BrokerError, BrokerReply, HistoryQuery, Part, Query, ShardCommand, StreamPos, ToBroker,
+};
+use crate::protocol::command::HistoryRequest;
 use crate::protocol::{Disconnect, ErrorCode};
 use crate::shard::{presence_result, presence_stats, Shard};
 use futures_lite::AsyncReadExt;
@@ -122,6 +125,10 @@ fn authorized(key: &str, head: &Head) -> bool {
 struct PublishBody {
     channel: String,
     data: Box<RawValue>,
+    /// A repeat with the same key within `limits.idempotency_window_secs` is not published
+    /// again; it gets the first publish's result.
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -175,14 +182,14 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, (u16, Value)> {
 async fn dispatch(shard: &Shard, method: &str, body: &[u8]) -> (u16, Value) {
     let result = match method {
         "publish" => match parse::<PublishBody>(body) {
-            Ok(b) => Ok(publish(shard, &b.channel, b.data).await),
+            Ok(b) => Ok(publish(shard, &b.channel, b.data, b.idempotency_key).await),
             Err(e) => Err(e),
         },
         "broadcast" => match parse::<BroadcastBody>(body) {
             Ok(b) => {
                 let mut responses = Vec::with_capacity(b.channels.len());
                 for ch in &b.channels {
-                    responses.push(publish(shard, ch, b.data.clone()).await);
+                    responses.push(publish(shard, ch, b.data.clone(), None).await);
                 }
                 Ok(json!({"result": {"responses": responses}}))
             }
@@ -240,7 +247,14 @@ async fn dispatch(shard: &Shard, method: &str, body: &[u8]) -> (u16, Value) {
             )),
             Err(e) => Err(e),
         },
-        "history" | "history_remove" => Ok(api_error(ErrorCode::NotAvailable)),
+        "history" => match parse::<HistoryRequest>(body) {
+            Ok(b) => Ok(history(shard, b).await),
+            Err(e) => Err(e),
+        },
+        "history_remove" => match parse::<ChannelBody>(body) {
+            Ok(b) => Ok(history_remove(shard, &b.channel).await),
+            Err(e) => Err(e),
+        },
         _ => Err((
             404,
             json!({"error": {"code": 104, "message": "method not found"}}),
@@ -252,12 +266,31 @@ async fn dispatch(shard: &Shard, method: &str, body: &[u8]) -> (u16, Value) {
     }
 }
 
-async fn publish(shard: &Shard, channel: &str, data: Box<RawValue>) -> Value {
+/// Checks a channel name an API call names: its namespace, or an error reply.
+fn check_channel<'c>(
+    shard: &'c Shard,
+    channel: &str,
+) -> Result<&'c crate::config::NamespaceOptions, Value> {
     if channel.is_empty() || channel.len() > shard.cfg.limits.max_channel_name_bytes {
-        return api_error(ErrorCode::BadRequest);
+        return Err(api_error(ErrorCode::BadRequest));
     }
-    if shard.cfg.namespace_of(channel).is_none() {
-        return api_error(ErrorCode::UnknownChannel);
+    shard
+        .cfg
+        .namespace_of(channel)
+        .ok_or_else(|| api_error(ErrorCode::UnknownChannel))
+}
+
+async fn publish(
+    shard: &Shard,
+    channel: &str,
+    data: Box<RawValue>,
+    idempotency_key: Option<String>,
+) -> Value {
+    if let Err(e) = check_channel(shard, channel) {
+        return e;
+    }
+    if idempotency_key.as_ref().is_some_and(|k| k.len() > 256) {
+        return api_error(ErrorCode::BadRequest);
     }
     let channel: Arc<str> = channel.into();
     let reply = shard
@@ -265,11 +298,76 @@ async fn publish(shard: &Shard, channel: &str, data: Box<RawValue>) -> Value {
             channel,
             data,
             info: None,
+            idempotency_key: idempotency_key.filter(|k| !k.is_empty()).map(Box::from),
             reply,
         })
         .await;
     match reply {
-        Ok(BrokerReply::Published(Ok(()))) => json!({"result": {}}),
+        Ok(BrokerReply::Published(Ok(Some(pos)))) => {
+            json!({"result": {"offset": pos.offset, "epoch": &*pos.epoch}})
+        }
+        Ok(BrokerReply::Published(Ok(None))) => json!({"result": {}}),
+        _ => api_error(ErrorCode::Internal),
+    }
+}
+
+async fn history(shard: &Shard, b: HistoryRequest<'_>) -> Value {
+    match check_channel(shard, &b.channel) {
+        Err(e) => return e,
+        Ok(ns) if !ns.has_history() => return api_error(ErrorCode::NotAvailable),
+        Ok(_) => {}
+    }
+    let query = HistoryQuery {
+        limit: b.limit,
+        since: b.since.map(|p| StreamPos {
+            offset: p.offset,
+            epoch: Arc::from(&*p.epoch),
+        }),
+        reverse: b.reverse,
+    };
+    let channel: Arc<str> = Arc::from(&*b.channel);
+    let reply = shard
+        .request(|reply| ToBroker::History {
+            channel,
+            query,
+            reply,
+        })
+        .await;
+    match reply {
+        Ok(BrokerReply::History(Ok(page))) => {
+            let mut out =
+                Vec::with_capacity(64 + page.pubs.iter().map(|p| p.len() + 1).sum::<usize>());
+            out.extend_from_slice(b"{\"result\":");
+            crate::protocol::reply::with_publications(
+                &mut out,
+                &crate::protocol::reply::HistoryResult {
+                    epoch: &page.epoch,
+                    offset: page.offset,
+                },
+                &page.pubs,
+            );
+            out.push(b'}');
+            serde_json::from_slice(&out).unwrap_or_else(|_| api_error(ErrorCode::Internal))
+        }
+        Ok(BrokerReply::History(Err(BrokerError::Unrecoverable))) => {
+            api_error(ErrorCode::UnrecoverablePosition)
+        }
+        _ => api_error(ErrorCode::Internal),
+    }
+}
+
+async fn history_remove(shard: &Shard, channel: &str) -> Value {
+    match check_channel(shard, channel) {
+        Err(e) => return e,
+        Ok(ns) if !ns.has_history() => return api_error(ErrorCode::NotAvailable),
+        Ok(_) => {}
+    }
+    let channel: Arc<str> = channel.into();
+    match shard
+        .request(|reply| ToBroker::HistoryRemove { channel, reply })
+        .await
+    {
+        Ok(BrokerReply::Done) => json!({"result": {}}),
         _ => api_error(ErrorCode::Internal),
     }
 }
@@ -280,7 +378,7 @@ async fn gather(shard: &Shard, query: Query) -> Result<Part, ErrorCode> {
         .await?
     {
         BrokerReply::Gathered(part) => Ok(part),
-        BrokerReply::Published(_) | BrokerReply::Failed(_) => Err(ErrorCode::Internal),
+        _ => Err(ErrorCode::Internal),
     }
 }
 
@@ -330,10 +428,7 @@ async fn info(shard: &Shard) -> Value {
         "counters": counters
             .into_iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
-            .chain([
-                ("publications".to_string(), json!(node.bus.publications.load(std::sync::atomic::Ordering::Relaxed))),
-                ("shard_queue_waits".to_string(), json!(node.bus.shard_queue_waits.load(std::sync::atomic::Ordering::Relaxed))),
-            ])
+            .chain(node.bus.counters().into_iter().map(|(k, v)| (k.to_string(), json!(v))))
             .collect::<serde_json::Map<String, Value>>(),
     });
     // Other live nodes come from the registry (Redis mode); ours is the fresh local entry.

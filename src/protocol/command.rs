@@ -52,13 +52,52 @@ pub struct ConnectRequest<'a> {
     pub version: Cow<'a, str>,
 }
 
-/// `subscribe` request fields we use (recovery fields arrive with the history issue).
+/// `subscribe` request fields we use.
 #[derive(Debug, Deserialize)]
 pub struct SubscribeRequest<'a> {
     #[serde(borrow)]
     pub channel: Cow<'a, str>,
     #[serde(borrow, default)]
     pub token: Cow<'a, str>,
+    /// Recover what was missed since `offset` in `epoch`.
+    #[serde(default)]
+    pub recover: bool,
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(borrow, default)]
+    pub epoch: Cow<'a, str>,
+    /// Bit flags; [`FLAG_REJECT_UNRECOVERED`] asks for error 112 instead of a subscription
+    /// that could not recover.
+    #[serde(default)]
+    pub flag: u64,
+}
+
+/// Subscribe flag: fail with 112 (unrecoverable position) rather than subscribe unrecovered.
+pub const FLAG_REJECT_UNRECOVERED: u64 = 2;
+
+/// A stream position: `offset` in `epoch`.
+#[derive(Debug, Deserialize, Default, Clone)]
+pub struct StreamPosition<'a> {
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(borrow, default)]
+    pub epoch: Cow<'a, str>,
+}
+
+/// `history` (also the body of `/api/history`).
+#[derive(Debug, Deserialize)]
+pub struct HistoryRequest<'a> {
+    #[serde(borrow)]
+    pub channel: Cow<'a, str>,
+    /// Publications to return: 0 = none (only the stream position), negative = all retained.
+    #[serde(default)]
+    pub limit: i64,
+    /// Only publications after (or, with `reverse`, before) this position.
+    #[serde(borrow, default)]
+    pub since: Option<StreamPosition<'a>>,
+    /// Newest first.
+    #[serde(default)]
+    pub reverse: bool,
 }
 
 /// Requests that only name a channel.
@@ -95,7 +134,7 @@ pub enum Request<'a> {
     Publish(PublishRequest<'a>),
     Presence(ChannelRequest<'a>),
     PresenceStats(ChannelRequest<'a>),
-    History(ChannelRequest<'a>),
+    History(HistoryRequest<'a>),
     Ping,
     Send,
     Rpc,

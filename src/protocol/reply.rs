@@ -44,13 +44,27 @@ pub struct RefreshResult<'a> {
     pub ttl: u32,
 }
 
-/// `subscribe` result (position fields come with history).
-#[derive(Serialize, Default)]
+/// `subscribe` result. Position fields come with history: the stream's `epoch` and the
+/// `offset` the subscription continues from (after a recovery, the client's own offset: the
+/// publications below move it to the top as the SDK delivers them).
+#[derive(Serialize, Default, Debug)]
 pub struct SubscribeResult {
     #[serde(skip_serializing_if = "is_false")]
     pub expires: bool,
     #[serde(skip_serializing_if = "is_zero")]
     pub ttl: u32,
+    #[serde(skip_serializing_if = "is_false")]
+    pub recoverable: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub positioned: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(skip_serializing_if = "is_false")]
+    pub was_recovering: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub recovered: bool,
 }
 
 /// `presence_stats` result, also the API's.
@@ -99,15 +113,79 @@ pub fn error(out: &mut Vec<u8>, id: u32, code: ErrorCode, temporary: bool) {
 
 /// Appends a publication push: `{"push":{"channel":C,"pub":{"data":D[,"info":I]}}}`.
 pub fn publication(out: &mut Vec<u8>, channel: &str, data: &RawValue, info: Option<&ClientInfo>) {
+    push_prefix(out, channel);
+    pub_open(out, data, info);
+    out.extend_from_slice(PUSH_SUFFIX);
+}
+
+/// Appends the start of a publication push, `{"push":{"channel":C,"pub":`; a publication
+/// object and [`PUSH_SUFFIX`] complete it.
+pub fn push_prefix(out: &mut Vec<u8>, channel: &str) {
     out.extend_from_slice(b"{\"push\":{\"channel\":");
     serde_json::to_writer(&mut *out, channel).expect("vec write");
-    out.extend_from_slice(b",\"pub\":{\"data\":");
+    out.extend_from_slice(b",\"pub\":");
+}
+
+/// Closes a publication object and the push around it.
+pub const PUSH_SUFFIX: &[u8] = b"}}}";
+
+/// Appends a publication object without its closing brace: `{"data":D[,"info":I]`. Close it
+/// with `}` or, in a history channel, with `,"offset":N}`.
+pub fn pub_open(out: &mut Vec<u8>, data: &RawValue, info: Option<&ClientInfo>) {
+    out.extend_from_slice(b"{\"data\":");
     out.extend_from_slice(data.get().as_bytes());
     if let Some(info) = info {
         out.extend_from_slice(b",\"info\":");
         serde_json::to_writer(&mut *out, info).expect("vec write");
     }
-    out.extend_from_slice(b"}}}");
+}
+
+/// The text that puts an offset into an open publication object (`pub_open` + this + N + `}`).
+pub const OFFSET_FIELD: &[u8] = b",\"offset\":";
+
+/// Appends `value` serialised, with `"publications":[P,...]` added (raw publication objects).
+pub fn with_publications<T: Serialize>(out: &mut Vec<u8>, value: &T, pubs: &[bytes::Bytes]) {
+    let start = out.len();
+    serde_json::to_writer(&mut *out, value).expect("vec write");
+    if pubs.is_empty() {
+        return;
+    }
+    out.pop(); // the object's closing brace
+    if out.len() > start + 1 {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"publications\":[");
+    for (i, p) in pubs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// Appends `{"id":ID,"METHOD":RESULT}` where RESULT gets raw `publications`.
+pub fn result_with_publications<T: Serialize>(
+    out: &mut Vec<u8>,
+    id: u32,
+    method: &str,
+    value: &T,
+    pubs: &[bytes::Bytes],
+) {
+    out.extend_from_slice(b"{\"id\":");
+    out.extend_from_slice(itoa(id).as_bytes());
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(method.as_bytes());
+    out.extend_from_slice(b"\":");
+    with_publications(out, value, pubs);
+    out.push(b'}');
+}
+
+/// `history` result (publications are added raw).
+#[derive(Serialize, Debug)]
+pub struct HistoryResult<'a> {
+    pub epoch: &'a str,
+    pub offset: u64,
 }
 
 /// Appends an unsubscribe push telling the client the server removed it from a channel.
@@ -156,6 +234,31 @@ mod tests {
         assert_eq!(p["push"]["channel"], "chat:a\"b");
         assert_eq!(p["push"]["pub"]["data"]["n"], 1);
         assert_eq!(p["push"]["pub"]["info"]["user"], "u\"1");
+    }
+
+    #[test]
+    fn publications_are_spliced_raw() {
+        let pubs = [
+            bytes::Bytes::from_static(br#"{"data":1,"offset":4}"#),
+            bytes::Bytes::from_static(br#"{"data":2,"offset":5}"#),
+        ];
+        let mut v = Vec::new();
+        let r = SubscribeResult {
+            recoverable: true,
+            epoch: Some("e".into()),
+            offset: Some(3),
+            ..Default::default()
+        };
+        result_with_publications(&mut v, 2, "subscribe", &r, &pubs);
+        let p: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(p["subscribe"]["publications"][1]["offset"], 5);
+        assert_eq!(p["subscribe"]["epoch"], "e");
+        let mut v = Vec::new();
+        with_publications(&mut v, &Empty {}, &pubs[..1]);
+        assert_eq!(v, br#"{"publications":[{"data":1,"offset":4}]}"#);
+        let mut v = Vec::new();
+        with_publications(&mut v, &Empty {}, &[]);
+        assert_eq!(v, b"{}");
     }
 
     #[test]

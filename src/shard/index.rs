@@ -13,11 +13,38 @@ use std::rc::Rc;
 #[derive(Debug)]
 pub struct Channel {
     pub name: Rc<str>,
+    /// Connections that get the channel's publications.
     pub subscribers: HashSet<ConnKey>,
-    /// The broker confirmed its subscription (Redis SUBSCRIBE done); until then subscribe
-    /// replies wait in `waiting` (connection, command id).
+    /// The broker confirmed its subscription (Redis SUBSCRIBE done).
     pub ready: bool,
-    pub waiting: Vec<(ConnKey, u32)>,
+    /// Subscribers whose reply waits for the broker; they are not in `subscribers` yet, so
+    /// they get no publication before their reply.
+    pub waiting: Vec<Waiting>,
+    /// History channels: the stream position of the last publication this shard received
+    /// (exact, since publications and position answers arrive in one ordered queue).
+    pub position: Option<crate::bus::StreamPos>,
+}
+
+/// A subscriber waiting for the broker.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    pub key: ConnKey,
+    /// The subscribe command's id (0 for a server-side subscription: no reply).
+    pub id: u32,
+    pub want: Want,
+}
+
+/// What a waiting subscriber waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// The broker's subscription (`ready`).
+    Confirm,
+    /// The broker's position answer under `token` (history channels).
+    Position {
+        token: u64,
+        recovering: bool,
+        reject_unrecovered: bool,
+    },
 }
 
 /// Result of adding a subscriber.
@@ -38,23 +65,47 @@ pub struct ChannelIndex {
 }
 
 impl ChannelIndex {
-    /// Adds `key` to `name`; a new channel starts `ready` or waiting for the broker.
+    /// Adds `key` to `name` as a subscriber; a new channel starts `ready` or waiting for the
+    /// broker.
     pub fn add(&mut self, name: &str, key: ConnKey, ready: bool) -> Added {
+        self.add_member(name, key, ready, None)
+    }
+
+    /// Adds `key` to `name` as a waiting subscriber.
+    pub fn add_waiting(&mut self, name: &str, waiting: Waiting, ready: bool) -> Added {
+        self.add_member(name, waiting.key, ready, Some(waiting))
+    }
+
+    fn add_member(
+        &mut self,
+        name: &str,
+        key: ConnKey,
+        ready: bool,
+        waiting: Option<Waiting>,
+    ) -> Added {
         self.subscriptions += 1;
+        let place = |ch: &mut Channel| match waiting {
+            Some(w) => ch.waiting.push(w),
+            None => {
+                ch.subscribers.insert(key);
+            }
+        };
         if let Some(&id) = self.by_name.get(name) {
             let ch = self.slots[id as usize]
                 .as_mut()
                 .expect("interned id is live");
-            ch.subscribers.insert(key);
+            place(ch);
             return Added::More(id);
         }
         let name: Rc<str> = name.into();
-        let channel = Channel {
+        let mut channel = Channel {
             name: name.clone(),
-            subscribers: HashSet::from([key]),
+            subscribers: HashSet::new(),
             ready,
             waiting: Vec::new(),
+            position: None,
         };
+        place(&mut channel);
         let id = match self.free.pop() {
             Some(id) => {
                 self.slots[id as usize] = Some(channel);
@@ -69,21 +120,77 @@ impl ChannelIndex {
         Added::First(id)
     }
 
-    /// Removes `key` from channel `id`; returns the channel name when it was the last one.
+    /// Removes `key` (subscribed or waiting) from channel `id`; returns the channel name
+    /// when it was the last one.
     pub fn remove(&mut self, id: ChanId, key: ConnKey) -> Option<Rc<str>> {
-        let slot = self.slots.get_mut(id as usize)?;
-        let ch = slot.as_mut()?;
+        let ch = self.slots.get_mut(id as usize)?.as_mut()?;
         if !ch.subscribers.remove(&key) {
-            return None;
+            let pos = ch.waiting.iter().position(|w| w.key == key)?;
+            ch.waiting.swap_remove(pos);
         }
         self.subscriptions -= 1;
-        if !ch.subscribers.is_empty() {
+        self.release_if_empty(id)
+    }
+
+    fn release_if_empty(&mut self, id: ChanId) -> Option<Rc<str>> {
+        let slot = self.slots.get_mut(id as usize)?;
+        let ch = slot.as_ref()?;
+        if !ch.subscribers.is_empty() || !ch.waiting.is_empty() {
             return None;
         }
         let ch = slot.take().expect("checked");
         self.by_name.remove(&ch.name);
         self.free.push(id);
         Some(ch.name)
+    }
+
+    /// Moves the waiting subscribers `pick` selects into the subscriber set; returns them.
+    pub fn promote(&mut self, id: ChanId, pick: impl Fn(&Waiting) -> bool) -> Vec<Waiting> {
+        let Some(ch) = self.get_mut(id) else {
+            return Vec::new();
+        };
+        let (picked, rest): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut ch.waiting)
+            .into_iter()
+            .partition(|w| pick(w));
+        ch.waiting = rest;
+        for w in &picked {
+            ch.subscribers.insert(w.key);
+        }
+        picked
+    }
+
+    /// Drops the waiting subscribers `pick` selects (their subscribe failed); returns them and,
+    /// when the channel is left empty, its name (the broker interest to withdraw).
+    pub fn fail(
+        &mut self,
+        id: ChanId,
+        pick: impl Fn(&Waiting) -> bool,
+    ) -> (Vec<Waiting>, Option<Rc<str>>) {
+        let Some(ch) = self.get_mut(id) else {
+            return (Vec::new(), None);
+        };
+        let (picked, rest): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut ch.waiting)
+            .into_iter()
+            .partition(|w| pick(w));
+        ch.waiting = rest;
+        self.subscriptions -= picked.len() as u64;
+        let emptied = if picked.is_empty() {
+            None
+        } else {
+            self.release_if_empty(id)
+        };
+        (picked, emptied)
+    }
+
+    /// Removes every subscriber of channel `id` (waiting ones too); returns them and the name.
+    pub fn clear(&mut self, id: ChanId) -> Option<(Vec<ConnKey>, Rc<str>)> {
+        let ch = self.slots.get_mut(id as usize)?.take()?;
+        let mut keys: Vec<ConnKey> = ch.subscribers.into_iter().collect();
+        keys.extend(ch.waiting.iter().map(|w| w.key));
+        self.subscriptions -= keys.len() as u64;
+        self.by_name.remove(&ch.name);
+        self.free.push(id);
+        Some((keys, ch.name))
     }
 
     pub fn get_mut(&mut self, id: ChanId) -> Option<&mut Channel> {
@@ -147,5 +254,46 @@ mod tests {
         assert_eq!(ix.subscriptions(), 0);
         assert_eq!(ix.add("b", k(3), true), Added::First(a), "slot reused");
         assert_eq!(&*ix.lookup("b").unwrap().name, "b");
+    }
+
+    fn waiting(slot: u32, token: u64) -> Waiting {
+        Waiting {
+            key: k(slot),
+            id: slot,
+            want: Want::Position {
+                token,
+                recovering: true,
+                reject_unrecovered: false,
+            },
+        }
+    }
+
+    #[test]
+    fn waiting_subscribers_get_nothing_until_promoted() {
+        let mut ix = ChannelIndex::default();
+        let Added::First(c) = ix.add_waiting("h", waiting(1, 10), true) else {
+            panic!()
+        };
+        assert_eq!(ix.add_waiting("h", waiting(2, 11), true), Added::More(c));
+        assert!(ix.get(c).unwrap().subscribers.is_empty());
+        assert_eq!(ix.subscriptions(), 2);
+        let got = ix.promote(c, |w| matches!(w.want, Want::Position { token: 11, .. }));
+        assert_eq!(got.len(), 1);
+        assert!(ix.get(c).unwrap().subscribers.contains(&k(2)));
+        // The other one fails: the channel stays (k(2) is in it).
+        let (failed, emptied) = ix.fail(c, |_| true);
+        assert_eq!((failed.len(), emptied), (1, None));
+        assert_eq!(ix.subscriptions(), 1);
+        // A waiting one leaving by disconnect.
+        ix.add_waiting("h", waiting(3, 12), true);
+        assert_eq!(ix.remove(c, k(3)), None);
+        assert_eq!(ix.remove(c, k(2)).as_deref(), Some("h"));
+        assert_eq!(ix.subscriptions(), 0);
+        // Failing the last waiter releases the channel.
+        let Added::First(d) = ix.add_waiting("x", waiting(4, 13), false) else {
+            panic!()
+        };
+        assert_eq!(ix.fail(d, |_| true).1.as_deref(), Some("x"));
+        assert!(ix.is_empty());
     }
 }

@@ -15,10 +15,11 @@ pub mod timer;
 
 use crate::bus::BrokerTx;
 use crate::bus::{
-    BrokerReply, Part, Query, ReplyTo, ShardCommand, ShardId, ShardInbox, ToBroker, ToShard,
+    BrokerError, BrokerReply, HistoryQuery, Part, PositionAnswer, Query, ReplyTo, ShardCommand,
+    ShardId, ShardInbox, StreamPos, ToBroker, ToShard,
 };
 use crate::config::Config;
-use crate::conn::session::{Ack, ChanId, ClientId, Deferred, Host, Identity, Refusal};
+use crate::conn::session::{Ack, ChanId, ClientId, Deferred, Host, Identity, Recovery, Refusal};
 use crate::conn::ConnKey;
 use crate::protocol::reply::{self, ClientInfo, PresenceStats};
 use crate::protocol::token::TokenVerifier;
@@ -29,7 +30,7 @@ use crossbeam_channel::TrySendError;
 use futures_lite::AsyncReadExt;
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpListener;
-use index::{Added, ChannelIndex};
+use index::{Added, ChannelIndex, Waiting, Want};
 use serde_json::value::RawValue;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -148,6 +149,12 @@ pub struct Counters {
     pub bytes_out: Cell<u64>,
     /// send(2) calls to WebSocket clients (each carries every frame queued at the time).
     pub writes: Cell<u64>,
+    /// Subscribes that recovered everything the client missed.
+    pub recoveries: Cell<u64>,
+    /// Subscribes that asked to recover and could not (`recovered: false` or error 112).
+    pub recoveries_failed: Cell<u64>,
+    /// Subscriptions ended with unsubscribe 2500 (insufficient state) so the client recovers.
+    pub insufficient_unsubscribes: Cell<u64>,
 }
 
 impl Counters {
@@ -169,6 +176,12 @@ impl Counters {
             ("messages_in", self.messages_in.get()),
             ("bytes_out", self.bytes_out.get()),
             ("writes", self.writes.get()),
+            ("recoveries", self.recoveries.get()),
+            ("recoveries_failed", self.recoveries_failed.get()),
+            (
+                "insufficient_unsubscribes",
+                self.insufficient_unsubscribes.get(),
+            ),
         ]
     }
 }
@@ -193,6 +206,7 @@ enum Pending {
 enum ClientWait {
     Publish,
     Gather(Deferred),
+    History,
 }
 
 /// Connections of the shard, with generations so stale keys miss.
@@ -486,11 +500,20 @@ impl Shard {
     /// Applies one broker message.
     fn handle(&self, msg: ToShard) {
         match msg {
-            ToShard::Publication { channel, frame } => {
-                let index = self.index.borrow();
-                let Some(ch) = index.lookup(&channel) else {
+            ToShard::Publication {
+                channel,
+                frame,
+                offset,
+                epoch,
+            } => {
+                let mut index = self.index.borrow_mut();
+                let Some(id) = index.id_of(&channel) else {
                     return;
                 };
+                let ch = index.get_mut(id).expect("interned");
+                if let Some(epoch) = epoch {
+                    ch.position = Some(StreamPos { offset, epoch });
+                }
                 let conns = self.conns.borrow();
                 for key in &ch.subscribers {
                     if let Some(c) = conns.get(*key) {
@@ -516,50 +539,188 @@ impl Shard {
             }
             ToShard::Command(cmd) => self.command(cmd),
             ToShard::SubscribeFailed { channel } => {
-                let (chan, waiting) = {
+                self.fail_waiting(&channel, ErrorCode::Internal, |_| true);
+            }
+            ToShard::Subscribed { channel } => {
+                let confirmed = {
                     let mut index = self.index.borrow_mut();
                     let Some(chan) = index.id_of(&channel) else {
                         return;
                     };
-                    let ch = index.get_mut(chan).expect("interned");
-                    (chan, std::mem::take(&mut ch.waiting))
+                    index.get_mut(chan).expect("interned").ready = true;
+                    index.promote(chan, |w| w.want == Want::Confirm)
                 };
-                for (key, id) in waiting {
-                    let conn = self.conns.borrow().get(key).cloned();
-                    let Some(conn) = conn else {
-                        continue;
-                    };
-                    conn.drop_subscription(chan);
-                    self.unsubscribe_key(chan, key);
-                    let mut f = FrameBuf::with_capacity(96);
-                    reply::error(f.payload(), id, ErrorCode::Internal, true);
-                    conn.push(self, f.finish(OP_TEXT));
+                for w in confirmed {
+                    self.reply_subscribed(&w, &reply::SubscribeResult::default(), &[]);
                 }
             }
-            ToShard::Subscribed { channel } => {
-                let waiting = {
-                    let mut index = self.index.borrow_mut();
-                    let Some(id) = index.id_of(&channel) else {
-                        return;
-                    };
-                    let ch = index.get_mut(id).expect("interned");
-                    ch.ready = true;
-                    std::mem::take(&mut ch.waiting)
-                };
-                for (key, id) in waiting {
-                    let conn = self.conns.borrow().get(key).cloned();
-                    if let Some(conn) = conn {
-                        let mut f = FrameBuf::with_capacity(32);
-                        reply::result(
-                            f.payload(),
-                            id,
-                            "subscribe",
-                            &reply::SubscribeResult::default(),
-                        );
-                        conn.push(self, f.finish(OP_TEXT));
-                    }
+            ToShard::Position {
+                token,
+                channel,
+                answer,
+            } => self.position_answer(token, &channel, answer),
+            ToShard::Insufficient { channel } => self.insufficient(&channel),
+        }
+    }
+
+    /// Sends a subscribe reply to a waiting subscriber that is now in.
+    fn reply_subscribed(
+        &self,
+        w: &Waiting,
+        result: &reply::SubscribeResult,
+        pubs: &[bytes::Bytes],
+    ) {
+        if w.id == 0 {
+            return;
+        }
+        let conn = self.conns.borrow().get(w.key).cloned();
+        if let Some(conn) = conn {
+            let len = 96 + pubs.iter().map(|p| p.len() + 1).sum::<usize>();
+            let mut f = FrameBuf::with_capacity(len);
+            reply::result_with_publications(f.payload(), w.id, "subscribe", result, pubs);
+            conn.push(self, f.finish(OP_TEXT));
+        }
+    }
+
+    /// Fails the waiting subscribers of `channel` that `pick` selects with `code`.
+    fn fail_waiting(&self, channel: &str, code: ErrorCode, pick: impl Fn(&Waiting) -> bool) {
+        let (chan, failed, emptied) = {
+            let mut index = self.index.borrow_mut();
+            let Some(chan) = index.id_of(channel) else {
+                return;
+            };
+            let (failed, emptied) = index.fail(chan, pick);
+            (chan, failed, emptied)
+        };
+        if let Some(name) = emptied {
+            self.send_broker_must(ToBroker::Unsubscribe {
+                shard: self.id,
+                channel: Arc::from(&*name),
+            });
+        }
+        for w in failed {
+            let conn = self.conns.borrow().get(w.key).cloned();
+            let Some(conn) = conn else {
+                continue;
+            };
+            conn.drop_subscription(chan);
+            if w.id != 0 {
+                let mut f = FrameBuf::with_capacity(96);
+                reply::error(f.payload(), w.id, code, code == ErrorCode::Internal);
+                conn.push(self, f.finish(OP_TEXT));
+            }
+        }
+    }
+
+    /// The broker's position answer for the subscriber waiting under `token`: it joins the
+    /// channel now, so it gets every publication after `top` live, and the ones it missed in
+    /// its reply.
+    fn position_answer(
+        &self,
+        token: u64,
+        channel: &str,
+        answer: Result<PositionAnswer, BrokerError>,
+    ) {
+        let is_mine = |w: &Waiting| matches!(w.want, Want::Position { token: t, .. } if t == token);
+        let a = match answer {
+            Ok(a) => a,
+            Err(_) => return self.fail_waiting(channel, ErrorCode::Internal, is_mine),
+        };
+        let waiter = {
+            let mut index = self.index.borrow_mut();
+            let Some(chan) = index.id_of(channel) else {
+                return;
+            };
+            let ch = index.get_mut(chan).expect("interned");
+            // Exact: every publication up to `top` came before this answer on the queue.
+            ch.position = Some(StreamPos {
+                offset: a.top,
+                epoch: a.epoch.clone(),
+            });
+            ch.waiting.iter().find(|w| is_mine(w)).cloned()
+        };
+        let Some(waiter) = waiter else {
+            return; // the subscriber left meanwhile
+        };
+        let Want::Position {
+            recovering,
+            reject_unrecovered,
+            ..
+        } = waiter.want
+        else {
+            return;
+        };
+        if recovering && !a.recovered && reject_unrecovered {
+            bump(&self.counters.recoveries_failed);
+            return self.fail_waiting(channel, ErrorCode::UnrecoverablePosition, is_mine);
+        }
+        {
+            let mut index = self.index.borrow_mut();
+            if let Some(chan) = index.id_of(channel) {
+                index.promote(chan, is_mine);
+            }
+        }
+        if recovering {
+            bump(if a.recovered {
+                &self.counters.recoveries
+            } else {
+                &self.counters.recoveries_failed
+            });
+        }
+        let recoverable = self.cfg.namespace_of(channel).is_some_and(|ns| ns.recover);
+        let result = reply::SubscribeResult {
+            recoverable,
+            epoch: Some(a.epoch.to_string()),
+            // After a recovery: the position recovered from; the publications move it to the
+            // top as the client handles them.
+            offset: Some(a.top - a.pubs.len() as u64),
+            was_recovering: recovering,
+            recovered: recovering && a.recovered,
+            ..Default::default()
+        };
+        self.reply_subscribed(&waiter, &result, &a.pubs);
+    }
+
+    /// The node lost publications of `channel` it cannot repair: every local subscriber is
+    /// told to recover (unsubscribe push 2500, the SDKs resubscribe with their position and
+    /// learn whether anything could be recovered).
+    fn insufficient(&self, channel: &str) {
+        let (chan, cleared) = {
+            let mut index = self.index.borrow_mut();
+            let Some(chan) = index.id_of(channel) else {
+                return;
+            };
+            let waiting: Vec<Waiting> = index
+                .get(chan)
+                .map(|ch| ch.waiting.clone())
+                .unwrap_or_default();
+            (chan, index.clear(chan).map(|(keys, _)| (keys, waiting)))
+        };
+        let Some((keys, waiting)) = cleared else {
+            return;
+        };
+        self.send_broker_must(ToBroker::Unsubscribe {
+            shard: self.id,
+            channel: Arc::from(channel),
+        });
+        for key in keys {
+            let conn = self.conns.borrow().get(key).cloned();
+            let Some(conn) = conn else {
+                continue;
+            };
+            conn.drop_subscription(chan);
+            let mut f = FrameBuf::with_capacity(96 + channel.len());
+            match waiting.iter().find(|w| w.key == key) {
+                Some(w) if w.id != 0 => {
+                    reply::error(f.payload(), w.id, ErrorCode::Internal, true);
+                }
+                Some(_) => continue,
+                None => {
+                    bump(&self.counters.insufficient_unsubscribes);
+                    reply::unsubscribe_push(f.payload(), channel, 2500, "insufficient state")
                 }
             }
+            conn.push(self, f.finish(OP_TEXT));
         }
     }
 
@@ -569,7 +730,7 @@ impl Shard {
         };
         let mut f = FrameBuf::with_capacity(64);
         match (kind, reply) {
-            (ClientWait::Publish, BrokerReply::Published(Ok(()))) => {
+            (ClientWait::Publish, BrokerReply::Published(Ok(_))) => {
                 reply::result(f.payload(), id, "publish", &reply::Empty {})
             }
             (ClientWait::Gather(Deferred::Presence), BrokerReply::Gathered(Part::Presence(p))) => {
@@ -579,6 +740,16 @@ impl Shard {
                 ClientWait::Gather(Deferred::PresenceStats),
                 BrokerReply::Gathered(Part::Presence(p)),
             ) => reply::result(f.payload(), id, "presence_stats", &presence_stats(&p)),
+            (ClientWait::History, BrokerReply::History(Ok(page))) => {
+                let result = reply::HistoryResult {
+                    epoch: &page.epoch,
+                    offset: page.offset,
+                };
+                reply::result_with_publications(f.payload(), id, "history", &result, &page.pubs)
+            }
+            (ClientWait::History, BrokerReply::History(Err(BrokerError::Unrecoverable))) => {
+                reply::error(f.payload(), id, ErrorCode::UnrecoverablePosition, false)
+            }
             _ => reply::error(f.payload(), id, ErrorCode::Internal, true),
         }
         conn.push(self, f.finish(OP_TEXT));
@@ -860,36 +1031,93 @@ impl Host for ShardHost<'_> {
         }
         name
     }
-    fn subscribe(&mut self, id: u32, channel: &str) -> Result<(ChanId, Ack), ErrorCode> {
-        let confirm = self.shard.redis_mode;
-        let added = self
-            .shard
-            .index
-            .borrow_mut()
-            .add(channel, self.key, !confirm);
-        let chan = match added {
-            Added::More(chan) => chan,
-            Added::First(chan) => {
-                let msg = ToBroker::Subscribe {
-                    shard: self.shard.id,
-                    channel: Arc::from(channel),
-                };
-                if let Err(e) = self.shard.send_broker(msg) {
-                    // Roll back: nothing half-subscribed.
-                    self.shard.index.borrow_mut().remove(chan, self.key);
-                    return Err(e);
+    fn subscribe(
+        &mut self,
+        id: u32,
+        channel: &str,
+        recovery: &Recovery,
+    ) -> Result<(ChanId, Ack), ErrorCode> {
+        let shard = self.shard;
+        let ready_new = !shard.redis_mode;
+        let (ready, known) = match shard.index.borrow().lookup(channel) {
+            Some(ch) => (ch.ready, ch.position.clone()),
+            None => (ready_new, None),
+        };
+        // How this subscriber joins: at once, or waiting for the broker.
+        let wait = if recovery.history && id != 0 {
+            match (&recovery.since, ready, &known) {
+                // The shard's own position is exact: no broker round trip.
+                (None, true, Some(_)) => None,
+                _ => Some(Want::Position {
+                    token: shard.token(),
+                    recovering: recovery.since.is_some(),
+                    reject_unrecovered: recovery.reject_unrecovered,
+                }),
+            }
+        } else if !ready && id != 0 {
+            Some(Want::Confirm)
+        } else {
+            None
+        };
+        let added = {
+            let mut index = shard.index.borrow_mut();
+            match wait {
+                Some(want) => {
+                    let w = Waiting {
+                        key: self.key,
+                        id,
+                        want,
+                    };
+                    index.add_waiting(channel, w, ready_new)
                 }
-                chan
+                None => index.add(channel, self.key, ready_new),
             }
         };
-        let mut index = self.shard.index.borrow_mut();
-        let ch = index.get_mut(chan).expect("just added");
-        if ch.ready || id == 0 {
-            Ok((chan, Ack::Now))
-        } else {
-            ch.waiting.push((self.key, id));
-            Ok((chan, Ack::Later))
+        let (chan, first) = match added {
+            Added::More(chan) => (chan, false),
+            Added::First(chan) => (chan, true),
+        };
+        let mut msgs = Vec::with_capacity(2);
+        if first {
+            msgs.push(ToBroker::Subscribe {
+                shard: shard.id,
+                channel: Arc::from(channel),
+            });
         }
+        if let Some(Want::Position { token, .. }) = wait {
+            msgs.push(ToBroker::Position {
+                shard: shard.id,
+                token,
+                channel: Arc::from(channel),
+                since: recovery.since.clone(),
+            });
+        }
+        for (i, msg) in msgs.into_iter().enumerate() {
+            if let Err(e) = shard.send_broker(msg) {
+                // Roll back: nothing half-subscribed. A Subscribe already sent is withdrawn.
+                let emptied = shard.index.borrow_mut().remove(chan, self.key);
+                if let (Some(name), true) = (emptied, first && i > 0) {
+                    shard.send_broker_must(ToBroker::Unsubscribe {
+                        shard: shard.id,
+                        channel: Arc::from(&*name),
+                    });
+                }
+                return Err(e);
+            }
+        }
+        if wait.is_some() {
+            return Ok((chan, Ack::Later));
+        }
+        let result = match known.filter(|_| recovery.history) {
+            Some(pos) => reply::SubscribeResult {
+                recoverable: recovery.recoverable,
+                epoch: Some(pos.epoch.to_string()),
+                offset: Some(pos.offset),
+                ..Default::default()
+            },
+            None => reply::SubscribeResult::default(),
+        };
+        Ok((chan, Ack::Now(result)))
     }
     fn unsubscribe(&mut self, chan: ChanId) {
         self.shard.unsubscribe_key(chan, self.key);
@@ -921,7 +1149,8 @@ impl Host for ShardHost<'_> {
         let msg = ToBroker::Publish {
             channel: Arc::from(channel),
             data: data.to_owned(),
-            info: Some(info),
+            info: Some(Box::new(info)),
+            idempotency_key: None,
             reply: ReplyTo {
                 shard: self.shard.id,
                 token,
@@ -943,6 +1172,28 @@ impl Host for ShardHost<'_> {
         );
         let msg = ToBroker::Gather {
             query: Query::Presence(Arc::from(channel)),
+            reply: ReplyTo {
+                shard: self.shard.id,
+                token,
+            },
+        };
+        self.shard.send_broker(msg).inspect_err(|_| {
+            self.shard.pending.borrow_mut().remove(&token);
+        })
+    }
+    fn history(&mut self, id: u32, channel: &str, query: HistoryQuery) -> Result<(), ErrorCode> {
+        let token = self.shard.token();
+        self.shard.pending.borrow_mut().insert(
+            token,
+            Pending::Client {
+                conn: self.key,
+                id,
+                kind: ClientWait::History,
+            },
+        );
+        let msg = ToBroker::History {
+            channel: Arc::from(channel),
+            query,
             reply: ReplyTo {
                 shard: self.shard.id,
                 token,
