@@ -7,6 +7,7 @@ mod conformance;
 mod deploy;
 mod drain;
 mod harness;
+mod history;
 mod http_api;
 mod protocol;
 mod redis;
