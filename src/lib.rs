@@ -15,7 +15,9 @@
 //!   [`conn::outbox`] (bounded queue of shared frames).
 //! - [`ws`]: RFC 6455 framing over shared buffers; [`protocol`]: commands, replies, codes, tokens.
 //! - [`bus`]: the only types that cross threads; [`broker`]: the broker interface, its
-//!   in-memory implementation and the Redis multiplexer ([`broker::redis`]).
+//!   in-memory implementation and the Redis multiplexer ([`broker::redis`]); channel history
+//!   ([`broker::history`]) and the multiplexer's per-channel offsets and gap repair
+//!   ([`broker::tracker`]).
 //! - [`config`]: every knob with unit, default and reason.
 //!
 //! Dependencies point one way: node → shard → (http, conn) → protocol, with bus, config, ws and
