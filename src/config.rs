@@ -599,6 +599,31 @@ mod tests {
     }
 
     #[test]
+    fn history_options_are_checked_and_dev_config_is_valid() {
+        let bad = [
+            ("[namespaces.f]\nrecover = true\n", "namespaces.f.recover"),
+            (
+                "[namespaces.f]\nhistory_size = 5\nhistory_ttl_secs = 0\n",
+                "namespaces.f.history_size",
+            ),
+            (
+                "[default_namespace]\nhistory_size = 5\nhistory_ttl_secs = 60\nhistory_meta_ttl_secs = 10\n",
+                "default_namespace.history_meta_ttl_secs",
+            ),
+        ];
+        for (toml, key) in bad {
+            let c = Config::from_toml(&format!("insecure = true\n{toml}")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let dev =
+            Config::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/dev.toml"))).unwrap();
+        dev.validate().unwrap();
+        let feed = dev.namespace_of("feed:x").unwrap();
+        assert!(feed.has_history() && feed.recover);
+    }
+
+    #[test]
     fn namespaces_resolve() {
         let c = Config::from_toml(
             "insecure = true\n[namespaces.chat]\nallow_publish_for_client = true\npresence = true\n",

@@ -145,9 +145,11 @@ impl State {
             };
             let ttl = Duration::from_secs(ns.history_ttl_secs as u64);
             let meta = Duration::from_secs(ns.history_meta_ttl_secs as u64);
-            // A position nobody holds and nothing was published to is not worth keeping.
-            let unused = stream.top == 0 && interest.mask(channel) == 0;
-            stream.expire(ttl, meta, now) && !unused
+            // A position nobody holds and nothing was published to is not worth keeping; one
+            // that local subscribers hold stays (its epoch must not change under them).
+            let held = interest.mask(channel) != 0;
+            let unused = stream.top == 0 && !held;
+            (stream.expire(ttl, meta, now) || held) && !unused
         });
         let window = Duration::from_secs(cfg.limits.idempotency_window_secs as u64);
         self.idempotency.expire(window, now);
