@@ -10,6 +10,7 @@ mod harness;
 mod history;
 mod http_api;
 mod protocol;
+mod recovery;
 mod redis;
 mod sdk;
 mod status_page;
