@@ -1,0 +1,1437 @@
+//! Reconnect-storm benchmark: N subscribers of a recoverable channel lose their
+//! connections, miss M publications, and all come back at once with a
+//! recovering subscribe (offset + epoch). Measures how long until every one of
+//! them holds its `recovered: true` reply with exactly the M missed
+//! publications in order, and what the storm costs in Redis commands and
+//! stream reads.
+//!
+//! The bench starts its own `redis-server` (free loopback port, no
+//! persistence) and one or two nodes (`--nodes`, default 2) in Redis mode with
+//! a `[namespaces.feed]` section (`history_size`, `history_ttl_secs`,
+//! `recover = true`), then:
+//!
+//! 1. connect: N clients (connect + subscribe to `feed:storm`, or
+//!    `feed:storm-<k>` with `--channels C`) split between the nodes, each
+//!    recording the epoch and offset of its subscribe reply; `--warm W`
+//!    publications are then delivered live to every client (offsets checked);
+//! 2. gone: every client sends a WebSocket close and drops its socket; once the
+//!    nodes report 0 clients and Redis shows no node subscribed to the channels
+//!    (`PUBSUB NUMSUB`), M publications per channel go through node A's
+//!    `/api/publish`;
+//! 3. storm: all N reconnect at once from other source addresses, nonblocking
+//!    connects from one epoll thread, each sending connect + `subscribe` with
+//!    `recover`, its offset and epoch in its first frame. A client is ok when
+//!    its reply says `recovered: true`, `was_recovering: true`, the same epoch,
+//!    its own offset, and carries exactly the M missed publications with
+//!    contiguous offsets and the published data.
+//!
+//! Redis cost: `INFO commandstats` before and after the storm (EVALSHA calls,
+//! XRANGE/XREVRANGE run inside the read script, every command), and the
+//! nodes' `/api/info` counters (`stream_reads`, `recoveries_from_cache`,
+//! `recoveries`, `repaired_publications`). The target is one stream read per
+//! channel per node, not one per client.
+//!
+//! Run: `cargo bench --bench recovery [-- --clients 2000 --nodes 2 --missed 100 ...]`,
+//! `--help` for all options.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::AsRawFd;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "\
+cargo bench --bench recovery -- [options]
+  --clients N        recovering clients (default 2000; at most RLIMIT_NOFILE hard limit - margin)
+  --margin N         file descriptors kept free below the hard limit (default 300)
+  --nodes N          shardcast nodes sharing the Redis, 1 or 2 (default 2); client i uses node i % N
+  --shards N         --shards of each node (default: online CPUs)
+  --channels C       client i subscribes to channel (i / nodes) % C: feed:storm (C = 1) or feed:storm-<k> (default 1)
+  --missed M         publications per channel published while the clients are gone (default 100)
+  --warm W           publications per channel delivered live before the clients leave (default 5)
+  --history-size H   [namespaces.feed] history_size (default: max(1000, 2 x (M + W)))
+  --inflight K       storm: connections being set up at once (default: all N at once)
+  --connect-inflight K  initial connect phase: connections being set up at once (default 256)
+  --launch-batch B   storm: connect() calls issued between two epoll_wait calls (default 256)
+  --attempts A       connection attempts per client before it counts as failed (default 3)
+  --src-addrs N      source addresses per phase (default: 1 per 10K clients, min 2); the initial
+                     connections use 127.0.0.2.., the storm the next N addresses
+  --deadline S       hard overall deadline in seconds (default 120)
+  --server-args S    extra arguments for every node (whitespace separated)
+  --server-log       node stderr to our stderr (default: log files under target/)
+The nodes get --config <target tmp>/shardcast-bench-recovery.toml ([namespaces.feed] with
+history and recover, [ping] interval 600 s, registry lease refresh every 300 s so that none
+falls in the storm window, metrics off) and --redis redis://127.0.0.1:<port>.
+env SHARDCAST_BIN overrides the server binary, REDIS_SERVER the redis-server binary.";
+
+const NODE_NAMES: [&str; 2] = ["A", "B"];
+
+// ---------------------------------------------------------------------------
+// Config, HTTP API, Redis
+// ---------------------------------------------------------------------------
+
+fn write_config(history_size: u64) -> std::path::PathBuf {
+    let path = scratch_dir().join("shardcast-bench-recovery.toml");
+    let text = format!(
+        "# written by benches/recovery.rs: the storm channels are feed:storm[-<k>]\n\
+         metrics_listen = \"\"\n\n\
+         [redis_options]\n\
+         # no lease refresh inside the storm window: its SET, ZADD and EVALSHA would\n\
+         # blur the storm's Redis command count\n\
+         lease_refresh_secs = 300\n\
+         lease_ttl_secs = 900\n\n\
+         [ping]\n\
+         interval_secs = 600\n\
+         pong_timeout_secs = 8\n\n\
+         [namespaces.feed]\n\
+         history_size = {history_size}\n\
+         history_ttl_secs = 600\n\
+         recover = true\n"
+    );
+    if let Err(e) = std::fs::write(&path, text) {
+        fatal(&format!("cannot write {}: {e}", path.display()));
+    }
+    path
+}
+
+/// `POST /api/info` on a fresh connection → `result.nodes[0]` (the node asked).
+fn node_info(addr: SocketAddr) -> Result<Value, String> {
+    let mut http = HttpClient::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let (code, body) = http
+        .request("POST", "/api/info", b"{}")
+        .map_err(|e| format!("/api/info on {addr}: {e}"))?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| format!("/api/info JSON: {e}"))?;
+    match v.pointer("/result/nodes/0") {
+        Some(n) if code == 200 => Ok(n.clone()),
+        _ => Err(format!(
+            "/api/info on {addr}: HTTP {code}: {}",
+            String::from_utf8_lossy(&body)
+        )),
+    }
+}
+
+fn counter(node: &Value, k: &str) -> u64 {
+    node.pointer(&format!("/counters/{k}"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+/// A parsed RESP2 reply.
+#[derive(Debug)]
+enum Resp {
+    Simple,
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Resp>>),
+}
+
+fn resp_line(r: &mut impl io::BufRead) -> io::Result<String> {
+    let mut l = String::new();
+    if r.read_line(&mut l)? == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "redis EOF"));
+    }
+    Ok(l.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn resp_read(r: &mut impl io::BufRead) -> io::Result<Resp> {
+    let l = resp_line(r)?;
+    let bad = || io::Error::other(format!("bad RESP line {l:?}"));
+    let (t, rest) = l.split_at_checked(1).ok_or_else(bad)?;
+    let num = || rest.parse::<i64>().map_err(|_| bad());
+    Ok(match t {
+        "+" => Resp::Simple,
+        "-" => Resp::Error(rest.to_string()),
+        ":" => Resp::Int(num()?),
+        "$" => match num()? {
+            n if n < 0 => Resp::Bulk(None),
+            n => {
+                let mut b = vec![0u8; n as usize + 2];
+                r.read_exact(&mut b)?;
+                b.truncate(n as usize);
+                Resp::Bulk(Some(b))
+            }
+        },
+        "*" => match num()? {
+            n if n < 0 => Resp::Array(None),
+            n => Resp::Array(Some(
+                (0..n).map(|_| resp_read(r)).collect::<io::Result<_>>()?,
+            )),
+        },
+        _ => return Err(bad()),
+    })
+}
+
+/// One command on a fresh connection to the bench's redis-server.
+fn redis_cmd(port: u16, args: &[&str]) -> Result<Resp, String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("redis connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    (&s).write_all(req.as_bytes())
+        .map_err(|e| format!("redis write: {e}"))?;
+    let mut r = io::BufReader::new(&s);
+    match resp_read(&mut r).map_err(|e| format!("redis read: {e}"))? {
+        Resp::Error(e) => Err(format!("redis {args:?}: {e}")),
+        v => Ok(v),
+    }
+}
+
+/// `INFO commandstats` → command name → calls.
+fn commandstats(port: u16) -> Result<BTreeMap<String, u64>, String> {
+    let Resp::Bulk(Some(b)) = redis_cmd(port, &["INFO", "commandstats"])? else {
+        return Err("INFO commandstats: unexpected reply".into());
+    };
+    Ok(String::from_utf8_lossy(&b)
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect())
+}
+
+/// `PUBSUB NUMSUB` of the channels' Redis names: nodes still subscribed.
+fn pubsub_numsub(port: u16, channels: &[String]) -> Result<u64, String> {
+    let names: Vec<String> = channels
+        .iter()
+        .map(|c| format!("shardcast:ch:{{{c}}}"))
+        .collect();
+    let mut args = vec!["PUBSUB", "NUMSUB"];
+    args.extend(names.iter().map(String::as_str));
+    let Resp::Array(Some(v)) = redis_cmd(port, &args)? else {
+        return Err("PUBSUB NUMSUB: unexpected reply".into());
+    };
+    Ok(v.iter()
+        .skip(1)
+        .step_by(2)
+        .map(|x| match x {
+            Resp::Int(n) => *n as u64,
+            _ => 0,
+        })
+        .sum())
+}
+
+/// Publishes `data` (a JSON object text) to `channel` → (offset, epoch).
+fn publish(http: &mut HttpClient, channel: &str, data: &str) -> Result<(u64, String), String> {
+    let body = format!(
+        "{{\"channel\":{},\"data\":{data}}}",
+        serde_json::to_string(channel).unwrap()
+    );
+    let (code, resp) = http
+        .request("POST", "/api/publish", body.as_bytes())
+        .map_err(|e| format!("publish: {e}"))?;
+    let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
+    match (
+        v.pointer("/result/offset").and_then(Value::as_u64),
+        v.pointer("/result/epoch").and_then(Value::as_str),
+    ) {
+        (Some(o), Some(e)) if code == 200 => Ok((o, e.to_string())),
+        _ => Err(format!(
+            "publish to {channel}: HTTP {code}: {}",
+            String::from_utf8_lossy(&resp).trim()
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Nonblocking WebSocket clients driven by one epoll loop
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum St {
+    Idle,
+    Connecting,
+    Handshake,
+    Subscribing,
+    /// Subscribe reply received and verified.
+    Done,
+    Failed,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Plain subscribe: record the position.
+    Initial,
+    /// Recovering subscribe from the recorded position; verify the reply.
+    Recover,
+}
+
+/// Why a client failed (storm phase).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fail {
+    /// `recovered` missing/false.
+    NotRecovered,
+    /// recovered, but the publications (count, offsets, data) or position are wrong.
+    WrongPubs,
+    /// error reply, connection failures, protocol trouble.
+    Error,
+    /// no reply before the phase deadline.
+    Timeout,
+}
+
+struct Client {
+    node: usize,
+    chan: usize,
+    src: Ipv4Addr,
+    stream: Option<TcpStream>,
+    st: St,
+    hbuf: Vec<u8>,
+    key: String,
+    dec: WsDecoder,
+    attempts: u32,
+    /// First connect() of this phase.
+    t_start: Option<Instant>,
+    t_reply: Option<Instant>,
+    epoch: String,
+    /// Last offset this client has (subscribe reply, then publications).
+    offset: u64,
+    fail: Option<(Fail, String)>,
+    gaps: u64,
+    dups: u64,
+    /// Publications pushed after the subscribe reply.
+    pushes: u64,
+    closed_by_server: bool,
+}
+
+impl Client {
+    fn new(node: usize, chan: usize, src: Ipv4Addr) -> Client {
+        Client {
+            node,
+            chan,
+            src,
+            stream: None,
+            st: St::Idle,
+            hbuf: Vec::new(),
+            key: String::new(),
+            dec: WsDecoder::default(),
+            attempts: 0,
+            t_start: None,
+            t_reply: None,
+            epoch: String::new(),
+            offset: 0,
+            fail: None,
+            gaps: 0,
+            dups: 0,
+            pushes: 0,
+            closed_by_server: false,
+        }
+    }
+}
+
+/// Nonblocking connect from `src` (port picked at connect time).
+fn start_connect(dst: SocketAddr, src: Ipv4Addr) -> io::Result<TcpStream> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_nonblocking(true)?;
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd and option pointer/len.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    sock.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+    sock.set_tcp_nodelay(true)?;
+    match sock.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(sock.into())
+}
+
+struct Storm {
+    phase: Phase,
+    ep: i32,
+    dsts: Vec<SocketAddr>,
+    channels: Vec<String>,
+    /// Recover phase: publications each reply must carry; `missed_from` is the
+    /// `m` of the first one.
+    missed: u64,
+    clients: Vec<Client>,
+    next: usize,
+    inflight: usize,
+    max_inflight: usize,
+    /// Connections started between two epoll_wait calls.
+    launch_batch: usize,
+    max_attempts: u32,
+    settled: usize,
+    failed: usize,
+    retries: u64,
+    pings: u64,
+    unexpected: u64,
+    first_unexpected: Option<String>,
+    /// When the last client's first connect() was issued.
+    last_launch: Option<Instant>,
+    buf: Vec<u8>,
+    events: Vec<libc::epoll_event>,
+}
+
+impl Drop for Storm {
+    fn drop(&mut self) {
+        // SAFETY: closing our own epoll fd.
+        unsafe { libc::close(self.ep) };
+    }
+}
+
+impl Storm {
+    fn new(
+        phase: Phase,
+        dsts: Vec<SocketAddr>,
+        channels: Vec<String>,
+        missed: u64,
+        clients: Vec<Client>,
+        max_inflight: usize,
+        max_attempts: u32,
+    ) -> Storm {
+        // SAFETY: plain syscall.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            fatal(&format!("epoll_create1: {}", io::Error::last_os_error()));
+        }
+        Storm {
+            phase,
+            ep,
+            dsts,
+            channels,
+            missed,
+            clients,
+            next: 0,
+            inflight: 0,
+            max_inflight: max_inflight.max(1),
+            launch_batch: 64,
+            max_attempts: max_attempts.max(1),
+            settled: 0,
+            failed: 0,
+            retries: 0,
+            pings: 0,
+            unexpected: 0,
+            first_unexpected: None,
+            last_launch: None,
+            buf: vec![0u8; 256 * 1024],
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+        }
+    }
+
+    /// Starts (another) connection attempt of client `i`.
+    fn begin(&mut self, i: usize) {
+        let now = Instant::now();
+        let c = &mut self.clients[i];
+        c.attempts += 1;
+        c.t_start.get_or_insert(now);
+        c.hbuf.clear();
+        c.dec = WsDecoder::default();
+        c.stream = None;
+        let dst = self.dsts[c.node];
+        match start_connect(dst, c.src) {
+            Ok(s) => {
+                let mut ev = libc::epoll_event {
+                    events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET)
+                        as u32,
+                    u64: ((c.attempts as u64) << 32) | i as u64,
+                };
+                // SAFETY: valid epoll fd, socket fd and event pointer.
+                let rc = unsafe {
+                    libc::epoll_ctl(self.ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev)
+                };
+                if rc != 0 {
+                    let e = io::Error::last_os_error();
+                    return self.lost(i, format!("epoll_ctl: {e}"));
+                }
+                c.stream = Some(s);
+                c.st = St::Connecting;
+            }
+            Err(e) => {
+                let msg = format!("connect {} -> {dst}: {e}", c.src);
+                self.lost(i, msg);
+            }
+        }
+    }
+
+    /// The connection broke before the subscribe reply: retry or fail.
+    fn lost(&mut self, i: usize, msg: String) {
+        let c = &mut self.clients[i];
+        c.stream = None;
+        if c.attempts < self.max_attempts {
+            self.retries += 1;
+            self.begin(i);
+        } else {
+            self.settle_fail(i, Fail::Error, msg);
+        }
+    }
+
+    fn settle_fail(&mut self, i: usize, kind: Fail, msg: String) {
+        let c = &mut self.clients[i];
+        if matches!(c.st, St::Done | St::Failed) {
+            return;
+        }
+        c.stream = None;
+        c.st = St::Failed;
+        c.fail = Some((kind, msg));
+        self.inflight -= 1;
+        self.settled += 1;
+        self.failed += 1;
+    }
+
+    fn settle_ok(&mut self, i: usize) {
+        self.clients[i].st = St::Done;
+        self.inflight -= 1;
+        self.settled += 1;
+    }
+
+    /// Launches up to `batch` new clients within the in-flight limit.
+    fn launch(&mut self, batch: usize) {
+        let mut k = 0;
+        while k < batch && self.next < self.clients.len() && self.inflight < self.max_inflight {
+            let i = self.next;
+            self.next += 1;
+            self.inflight += 1;
+            self.begin(i);
+            k += 1;
+            if self.next == self.clients.len() {
+                self.last_launch = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Runs until `done` holds or `until` passes; returns whether `done` held.
+    fn run(&mut self, until: Instant, done: impl Fn(&Storm) -> bool) -> bool {
+        loop {
+            self.launch(self.launch_batch);
+            if done(self) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            let more = self.next < self.clients.len() && self.inflight < self.max_inflight;
+            let timeout = if more {
+                0
+            } else {
+                (until - now).as_millis().clamp(1, 20) as i32
+            };
+            self.poll(timeout);
+        }
+    }
+
+    /// Fails every client that has no outcome yet.
+    fn time_out(&mut self) {
+        for i in 0..self.clients.len() {
+            let st = self.clients[i].st;
+            if st == St::Idle {
+                self.inflight += 1; // settle_fail counts it down
+            }
+            if !matches!(st, St::Done | St::Failed) {
+                self.settle_fail(
+                    i,
+                    Fail::Timeout,
+                    format!("no subscribe reply (state {st:?})"),
+                );
+            }
+        }
+    }
+
+    fn poll(&mut self, timeout_ms: i32) {
+        // SAFETY: the events buffer is valid for its length.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.ep,
+                self.events.as_mut_ptr(),
+                self.events.len() as i32,
+                timeout_ms,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return;
+            }
+            fatal(&format!("epoll_wait: {e}"));
+        }
+        for k in 0..n as usize {
+            let (tag, fl) = (self.events[k].u64, self.events[k].events);
+            let i = (tag & 0xffff_ffff) as usize;
+            if i >= self.clients.len() || self.clients[i].attempts as u64 != tag >> 32 {
+                continue; // an earlier attempt's socket
+            }
+            self.on_event(i, fl);
+        }
+    }
+
+    fn on_event(&mut self, i: usize, fl: u32) {
+        let err_bits = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
+        if self.clients[i].st == St::Connecting {
+            if fl & (libc::EPOLLOUT as u32 | err_bits) == 0 {
+                return;
+            }
+            let c = &mut self.clients[i];
+            let Some(mut s) = c.stream.as_ref() else {
+                return;
+            };
+            match s.take_error() {
+                Ok(None) if fl & err_bits == 0 => {}
+                Ok(None) => return self.lost(i, "connect: hang-up".into()),
+                Ok(Some(e)) | Err(e) => return self.lost(i, format!("connect: {e}")),
+            }
+            let dst = self.dsts[c.node];
+            c.key = tungstenite::handshake::client::generate_key();
+            let req = format!(
+                "GET /connection/websocket HTTP/1.1\r\nHost: {dst}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                c.key
+            );
+            if let Err(e) = s.write_all(req.as_bytes()) {
+                return self.lost(i, format!("write handshake: {e}"));
+            }
+            c.st = St::Handshake;
+        }
+        if matches!(
+            self.clients[i].st,
+            St::Handshake | St::Subscribing | St::Done
+        ) && fl & (libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32 | err_bits) != 0
+        {
+            self.read_all(i);
+        }
+    }
+
+    fn read_all(&mut self, i: usize) {
+        let mut buf = std::mem::take(&mut self.buf);
+        let attempt = self.clients[i].attempts;
+        loop {
+            let c = &self.clients[i];
+            // Stop if this attempt's socket is gone (failed, retried, closed).
+            if c.attempts != attempt || !matches!(c.st, St::Handshake | St::Subscribing | St::Done)
+            {
+                break;
+            }
+            let Some(mut s) = c.stream.as_ref() else {
+                break;
+            };
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    self.on_eof(i, "EOF".into());
+                    break;
+                }
+                Ok(n) => self.on_bytes(i, &buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.on_eof(i, format!("read: {e}"));
+                    break;
+                }
+            }
+        }
+        self.buf = buf;
+    }
+
+    fn on_eof(&mut self, i: usize, why: String) {
+        let c = &mut self.clients[i];
+        match c.st {
+            St::Done => {
+                c.closed_by_server = true;
+                c.stream = None;
+            }
+            St::Handshake | St::Subscribing => {
+                let st = c.st;
+                self.lost(i, format!("{why} in state {st:?}"));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_bytes(&mut self, i: usize, data: &[u8]) {
+        let now = Instant::now();
+        let mut data = data.to_vec();
+        if self.clients[i].st == St::Handshake {
+            let c = &mut self.clients[i];
+            c.hbuf.extend_from_slice(&data);
+            let Some(end) = c.hbuf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if c.hbuf.len() > 16384 {
+                    self.lost(i, "handshake response too large".into());
+                }
+                return;
+            };
+            let end = end + 4;
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            let parsed = resp.parse(&c.hbuf[..end]).is_ok();
+            let want = tungstenite::handshake::derive_accept_key(c.key.as_bytes());
+            let accept_ok = resp.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("sec-websocket-accept")
+                    && h.value.trim_ascii() == want.as_bytes()
+            });
+            if !parsed || resp.code != Some(101) || !accept_ok {
+                let head = String::from_utf8_lossy(&c.hbuf[..end.min(120)]).to_string();
+                return self.lost(i, format!("bad handshake response: {head:?}"));
+            }
+            data = c.hbuf.split_off(end);
+            c.hbuf.clear();
+            let channel = serde_json::to_string(&self.channels[c.chan]).unwrap();
+            let cmd = match self.phase {
+                Phase::Initial => format!(
+                    "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{channel}}}}}"
+                ),
+                Phase::Recover => format!(
+                    "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{channel},\
+                     \"recover\":true,\"offset\":{},\"epoch\":{}}}}}",
+                    c.offset,
+                    serde_json::to_string(&c.epoch).unwrap()
+                ),
+            };
+            let mut out = Vec::with_capacity(cmd.len() + 16);
+            encode_client_frame(&mut out, 1, cmd.as_bytes());
+            let Some(mut s) = c.stream.as_ref() else {
+                return;
+            };
+            if let Err(e) = s.write_all(&out) {
+                return self.lost(i, format!("write connect/subscribe: {e}"));
+            }
+            c.st = St::Subscribing;
+            if data.is_empty() {
+                return;
+            }
+        }
+        let mut lines: Vec<Vec<u8>> = Vec::new();
+        let mut ctrl_pings: Vec<Vec<u8>> = Vec::new();
+        let mut closed = false;
+        let res = self.clients[i].dec.feed(&data, &mut |ev| match ev {
+            WsEvent::Text(m) => lines.extend(json_lines(m).map(<[u8]>::to_vec)),
+            WsEvent::Ping(p) => ctrl_pings.push(p.to_vec()),
+            WsEvent::Close => closed = true,
+            WsEvent::Other => {}
+        });
+        for p in &ctrl_pings {
+            let mut out = Vec::new();
+            encode_client_frame(&mut out, 0xA, p);
+            if let Some(mut s) = self.clients[i].stream.as_ref() {
+                let _ = s.write_all(&out);
+            }
+        }
+        for l in &lines {
+            self.on_line(i, l, now);
+        }
+        if let Err(e) = res {
+            return self.on_eof(i, format!("protocol: {e}"));
+        }
+        if closed {
+            self.on_eof(i, "close frame".into());
+        }
+    }
+
+    fn note_unexpected(&mut self, i: usize, line: &[u8]) {
+        self.unexpected += 1;
+        if self.first_unexpected.is_none() {
+            self.first_unexpected = Some(format!(
+                "client #{i}: {}",
+                String::from_utf8_lossy(&line[..line.len().min(300)])
+            ));
+        }
+    }
+
+    fn on_line(&mut self, i: usize, line: &[u8], now: Instant) {
+        if is_ping_line(line) {
+            self.pings += 1;
+            let mut out = Vec::new();
+            encode_client_frame(&mut out, 1, b"{}");
+            if let Some(mut s) = self.clients[i].stream.as_ref() {
+                let _ = s.write_all(&out);
+            }
+            return;
+        }
+        let v: Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(_) => return self.note_unexpected(i, line),
+        };
+        if let Some(id) = v.get("id").and_then(Value::as_u64) {
+            if let Some(e) = v.get("error") {
+                return self.settle_fail(i, Fail::Error, format!("error reply to id {id}: {e}"));
+            }
+            match id {
+                1 if v.get("connect").is_some() => {}
+                2 if v.get("subscribe").is_some() && self.clients[i].st == St::Subscribing => {
+                    self.on_subscribed(i, &v["subscribe"], now)
+                }
+                _ => self.note_unexpected(i, line),
+            }
+            return;
+        }
+        let Some(p) = v.pointer("/push/pub") else {
+            return self.note_unexpected(i, line);
+        };
+        let c = &mut self.clients[i];
+        let chan_ok = v.pointer("/push/channel").and_then(Value::as_str)
+            == Some(self.channels[c.chan].as_str());
+        let off = p.get("offset").and_then(Value::as_u64);
+        let (true, Some(off), St::Done) = (chan_ok, off, c.st) else {
+            return self.note_unexpected(i, line);
+        };
+        c.pushes += 1;
+        match off.cmp(&(c.offset + 1)) {
+            std::cmp::Ordering::Equal => c.offset = off,
+            std::cmp::Ordering::Greater => {
+                c.gaps += off - c.offset - 1;
+                c.offset = off;
+            }
+            std::cmp::Ordering::Less => c.dups += 1,
+        }
+    }
+
+    fn on_subscribed(&mut self, i: usize, s: &Value, now: Instant) {
+        let missed = self.missed;
+        let c = &mut self.clients[i];
+        c.t_reply = Some(now);
+        let epoch = s.get("epoch").and_then(Value::as_str).unwrap_or("");
+        let offset = s.get("offset").and_then(Value::as_u64);
+        let flag = |k: &str| s.get(k).and_then(Value::as_bool).unwrap_or(false);
+        match self.phase {
+            Phase::Initial => {
+                let (Some(offset), false, true) = (offset, epoch.is_empty(), flag("recoverable"))
+                else {
+                    return self.settle_fail(
+                        i,
+                        Fail::Error,
+                        format!("subscribe reply without recoverable position: {s}"),
+                    );
+                };
+                c.epoch = epoch.to_string();
+                c.offset = offset;
+                self.settle_ok(i);
+            }
+            Phase::Recover => {
+                let mut probs: Vec<String> = Vec::new();
+                let mut kind = Fail::WrongPubs;
+                if !flag("recovered") {
+                    kind = Fail::NotRecovered;
+                    probs.push("recovered is not true".into());
+                }
+                if !flag("was_recovering") {
+                    probs.push("was_recovering is not true".into());
+                }
+                if epoch != c.epoch {
+                    probs.push(format!("epoch {epoch:?}, expected {:?}", c.epoch));
+                }
+                if offset != Some(c.offset) {
+                    probs.push(format!("offset {offset:?}, expected {}", c.offset));
+                }
+                let empty = Vec::new();
+                let pubs = s
+                    .get("publications")
+                    .and_then(Value::as_array)
+                    .unwrap_or(&empty);
+                if pubs.len() as u64 != missed {
+                    probs.push(format!("{} publications, expected {missed}", pubs.len()));
+                }
+                let mut last = c.offset;
+                for (j, p) in pubs.iter().enumerate() {
+                    let want = c.offset + 1 + j as u64;
+                    let got = p.get("offset").and_then(Value::as_u64);
+                    let m = p.pointer("/data/m").and_then(Value::as_u64);
+                    if got != Some(want) || m != Some(j as u64 + 1) {
+                        probs.push(format!(
+                            "publication #{j}: offset {got:?} m {m:?}, expected offset {want} m {}",
+                            j + 1
+                        ));
+                        break;
+                    }
+                    last = want;
+                }
+                c.offset = last;
+                if probs.is_empty() {
+                    self.settle_ok(i);
+                } else {
+                    let text = format!("{}; reply: {}", probs.join("; "), short(&s.to_string()));
+                    self.settle_fail(i, kind, text);
+                }
+            }
+        }
+    }
+
+    /// Sends a WebSocket close (1000) on every open connection and drops it.
+    fn close_all(&mut self) {
+        let mut frame = Vec::new();
+        encode_client_frame(&mut frame, 0x8, &1000u16.to_be_bytes());
+        for c in &mut self.clients {
+            if let Some(mut s) = c.stream.take() {
+                let _ = s.write_all(&frame);
+            }
+        }
+    }
+}
+
+fn short(s: &str) -> String {
+    if s.len() <= 400 {
+        s.to_string()
+    } else {
+        let mut end = 400;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}... ({} bytes)", &s[..end], s.len())
+    }
+}
+
+/// Source address of client `i` in `phase` (0 = initial, 1 = storm): each
+/// phase has its own `n_src` addresses, so the storm's connections never meet
+/// the first ones' TIME_WAIT ports.
+fn phase_src(phase: usize, i: usize, n_src: usize) -> Ipv4Addr {
+    src_addr(phase * n_src + i % n_src, 2 * n_src)
+}
+
+// ---------------------------------------------------------------------------
+// main
+// ---------------------------------------------------------------------------
+
+struct Snap {
+    nodes: Vec<Value>,
+    cmds: BTreeMap<String, u64>,
+    node_cpu: Vec<f64>,
+    node_sched: Vec<u64>,
+    redis_sched: u64,
+    self_cpu: f64,
+}
+
+/// The storm's Redis commands lie between the two `INFO commandstats`: before
+/// the storm the nodes' `/api/info` (which reads the node registry in Redis)
+/// comes first, after it last, so neither snapshot's own commands count.
+fn take_snap(
+    addrs: &[SocketAddr],
+    node_pids: &[i32],
+    redis_port: u16,
+    redis_pid: i32,
+    after: bool,
+) -> Snap {
+    let infos = || -> Vec<Value> {
+        addrs
+            .iter()
+            .map(|a| node_info(*a).unwrap_or_else(|e| fatal(&e)))
+            .collect()
+    };
+    let stats = || commandstats(redis_port).unwrap_or_else(|e| fatal(&e));
+    let node_cpu = node_pids.iter().map(|&p| cpu_secs(p)).collect();
+    let node_sched = node_pids.iter().map(|&p| sched_ns(p)).collect();
+    let redis_sched = sched_ns(redis_pid);
+    let self_cpu = self_cpu_secs();
+    let (nodes, cmds) = if after {
+        let c = stats();
+        (infos(), c)
+    } else {
+        let n = infos();
+        (n, stats())
+    };
+    Snap {
+        nodes,
+        cmds,
+        node_cpu,
+        node_sched,
+        redis_sched,
+        self_cpu,
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.has("help") {
+        println!("{USAGE}");
+        return;
+    }
+    let deadline_s: u64 = args.get("deadline", 120u64);
+    let deadline = Duration::from_secs(deadline_s);
+    install_safety_nets(deadline);
+    let t_start = Instant::now();
+    let end_by = t_start + deadline - Duration::from_secs(5).min(deadline / 4);
+
+    let hard = raise_nofile();
+    let margin: u64 = args.get("margin", 300u64);
+    let max_clients = hard.saturating_sub(margin) as usize;
+    let mut n: usize = args.get("clients", 2000usize);
+    if n > max_clients {
+        eprintln!(
+            "# --clients {n} exceeds RLIMIT_NOFILE hard limit {hard} - margin {margin}; using {max_clients}"
+        );
+        n = max_clients;
+    }
+    let n_nodes: usize = args.get("nodes", 2usize);
+    if !(1..=2).contains(&n_nodes) {
+        fatal("--nodes must be 1 or 2");
+    }
+    if n < n_nodes {
+        fatal("need at least one client per node");
+    }
+    let ncpu = online_cpus();
+    let shards: usize = args.get("shards", ncpu).max(1);
+    let n_chan: usize = args.get("channels", 1usize).max(1);
+    let missed: u64 = args.get("missed", 100u64);
+    let warm: u64 = args.get("warm", 5u64);
+    let history_size: u64 = args
+        .get("history-size", (2 * (missed + warm)).max(1000))
+        .min(1_000_000);
+    let inflight: usize = args.get("inflight", n).max(1);
+    let connect_inflight: usize = args.get("connect-inflight", 256usize).max(1);
+    let attempts: u32 = args.get("attempts", 3u32).max(1);
+    let launch_batch: usize = args.get("launch-batch", 256usize).max(1);
+    let n_src: usize = args
+        .get("src-addrs", n.div_ceil(10_000).max(2))
+        .clamp(1, 120);
+    let channels: Vec<String> = (0..n_chan)
+        .map(|k| {
+            if n_chan == 1 {
+                "feed:storm".to_string()
+            } else {
+                format!("feed:storm-{k}")
+            }
+        })
+        .collect();
+
+    println!(
+        "# recovery: clients={n} (RLIMIT_NOFILE hard={hard}, margin={margin}) nodes={n_nodes} x shards={shards} \
+         channels={n_chan} missed={missed} warm={warm} history_size={history_size} storm_inflight={inflight} launch_batch={launch_batch} \
+         connect_inflight={connect_inflight} attempts={attempts} src_addrs={n_src}+{n_src} \
+         (initial 127.0.0.2..127.0.0.{}, storm 127.0.0.{}..127.0.0.{}) deadline={deadline_s} s",
+        n_src + 1,
+        n_src + 2,
+        2 * n_src + 1
+    );
+
+    let redis = RedisServer::start("recovery");
+    println!("# redis-server: {}", redis.describe());
+    let mut extra = vec![
+        "--config".to_string(),
+        write_config(history_size).display().to_string(),
+        "--redis".to_string(),
+        redis.url(),
+    ];
+    if let Some(s) = args.str("server-args") {
+        extra.extend(s.split_whitespace().map(str::to_string));
+    }
+    let mut servers: Vec<Server> = (0..n_nodes)
+        .map(|k| {
+            Server::start(
+                &format!("recovery-{}", NODE_NAMES[k].to_lowercase()),
+                shards,
+                &extra,
+                args.has("server-log"),
+            )
+        })
+        .collect();
+    for (k, s) in servers.iter().enumerate() {
+        println!("# node {}: {}", NODE_NAMES[k], s.describe());
+    }
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let node_pids: Vec<i32> = servers.iter().map(|s| s.pid).collect();
+    let per_node: Vec<usize> = (0..n_nodes)
+        .map(|k| (0..n).filter(|i| i % n_nodes == k).count())
+        .collect();
+    let node_text = |v: &[String]| -> String {
+        v.iter()
+            .enumerate()
+            .map(|(k, s)| format!("{} {s}", NODE_NAMES[k]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+
+    // --- 1. connect + subscribe, then warm-up publications ---------------
+    let clients: Vec<Client> = (0..n)
+        .map(|i| Client::new(i % n_nodes, (i / n_nodes) % n_chan, phase_src(0, i, n_src)))
+        .collect();
+    let mut st = Storm::new(
+        Phase::Initial,
+        addrs.clone(),
+        channels.clone(),
+        0,
+        clients,
+        connect_inflight,
+        attempts,
+    );
+    let t0 = Instant::now();
+    let phase_end = (t0 + Duration::from_secs(40)).min(end_by);
+    if !st.run(phase_end, |s| s.settled == s.clients.len()) {
+        st.time_out();
+    }
+    let t_conn = t0.elapsed().as_secs_f64();
+    if st.failed > 0 {
+        let first = st.clients.iter().find_map(|c| c.fail.clone());
+        fatal(&format!(
+            "initial connect: {} of {n} clients failed; first: {first:?}",
+            st.failed
+        ));
+    }
+    let epoch0 = st.clients[0].epoch.clone();
+    let same_epoch = st
+        .clients
+        .iter()
+        .all(|c| c.epoch == st.clients.iter().find(|d| d.chan == c.chan).unwrap().epoch);
+    let mut http = HttpClient::connect(addrs[0]).unwrap_or_else(|e| fatal(&format!("{e}")));
+    let mut top: Vec<(u64, String)> = Vec::new();
+    for ch in &channels {
+        let first = st
+            .clients
+            .iter()
+            .find(|c| &channels[c.chan] == ch)
+            .map(|c| (c.offset, c.epoch.clone()))
+            .unwrap_or_default();
+        top.push(first);
+    }
+    let sub_offset = top[0].0;
+    let tw = Instant::now();
+    for j in 1..=warm {
+        for (k, ch) in channels.iter().enumerate() {
+            let (o, e) =
+                publish(&mut http, ch, &format!("{{\"w\":{j}}}")).unwrap_or_else(|e| fatal(&e));
+            if o != top[k].0 + 1 || e != top[k].1 {
+                println!(
+                    "# WARNING: warm-up publish to {ch} got offset {o} epoch {e}, expected offset {} epoch {}",
+                    top[k].0 + 1,
+                    top[k].1
+                );
+            }
+            top[k] = (o, e);
+        }
+    }
+    let tops: Vec<u64> = top.iter().map(|t| t.0).collect();
+    let warm_ok = st.run(
+        (Instant::now() + Duration::from_secs(10)).min(end_by),
+        |s| s.clients.iter().all(|c| c.offset >= tops[c.chan]),
+    );
+    let t_warm = tw.elapsed().as_secs_f64();
+    let (gaps, dups, closed): (u64, u64, usize) = st.clients.iter().fold((0, 0, 0), |a, c| {
+        (
+            a.0 + c.gaps,
+            a.1 + c.dups,
+            a.2 + c.closed_by_server as usize,
+        )
+    });
+    println!(
+        "recovery connect: {n} clients connected+subscribed ({}) in {t_conn:.2} s ({} retries); \
+         {} epoch {epoch0} offset {}{}; warm-up: {warm} publication(s) per channel delivered live to {} of {n} clients in {t_warm:.2} s \
+         (gaps {gaps}, duplicates {dups}, closed by server {closed})",
+        node_text(&per_node.iter().map(|c| format!("{c}")).collect::<Vec<_>>()),
+        st.retries,
+        channels[0],
+        sub_offset,
+        if same_epoch { "" } else { " (EPOCHS DIFFER between clients of one channel)" },
+        st.clients
+            .iter()
+            .filter(|c| c.offset >= tops[c.chan])
+            .count(),
+    );
+    if !warm_ok || gaps > 0 || dups > 0 || closed > 0 || !same_epoch || st.unexpected > 0 {
+        fatal(&format!(
+            "warm-up phase broken (all delivered {warm_ok}, unexpected lines {}: {:?})",
+            st.unexpected, st.first_unexpected
+        ));
+    }
+    // Every client is now at its channel's top: its recovery position.
+    let positions: Vec<(usize, usize, u64, String)> = st
+        .clients
+        .iter()
+        .map(|c| (c.node, c.chan, c.offset, c.epoch.clone()))
+        .collect();
+
+    // --- 2. all gone; publications missed -----------------------------------
+    let tg = Instant::now();
+    st.close_all();
+    drop(st);
+    let mut last_seen = (0u64, 0u64);
+    let gone = wait_until(
+        Duration::from_secs(15).min(end_by.saturating_duration_since(Instant::now())),
+        || {
+            let clients: u64 = addrs
+                .iter()
+                .map(|a| {
+                    node_info(*a)
+                        .map(|v| v["num_clients"].as_u64().unwrap_or(0))
+                        .unwrap_or(u64::MAX / 4)
+                })
+                .sum();
+            let subs = pubsub_numsub(redis.port, &channels).unwrap_or(u64::MAX / 4);
+            last_seen = (clients, subs);
+            let ok = clients == 0 && subs == 0;
+            if !ok {
+                thread::sleep(Duration::from_millis(50));
+            }
+            ok
+        },
+    );
+    if !gone {
+        fatal(&format!(
+            "after closing every client the nodes still report {} clients and Redis {} channel subscriptions",
+            last_seen.0, last_seen.1
+        ));
+    }
+    let t_gone = tg.elapsed().as_secs_f64();
+    let mut http = HttpClient::connect(addrs[0]).unwrap_or_else(|e| fatal(&format!("{e}")));
+    let tp = Instant::now();
+    for j in 1..=missed {
+        for (k, ch) in channels.iter().enumerate() {
+            let data = format!("{{\"m\":{j},\"c\":{k},\"pad\":\"missed-while-away\"}}");
+            let (o, e) = publish(&mut http, ch, &data).unwrap_or_else(|e| fatal(&e));
+            if o != top[k].0 + 1 || e != top[k].1 {
+                fatal(&format!(
+                    "publish #{j} to {ch}: offset {o} epoch {e}, expected offset {} epoch {}",
+                    top[k].0 + 1,
+                    top[k].1
+                ));
+            }
+            top[k] = (o, e);
+        }
+    }
+    let t_pub = tp.elapsed().as_secs_f64();
+    drop(http);
+    println!(
+        "recovery gone: {n} clients closed (WebSocket close + socket closed); nodes at 0 clients and PUBSUB NUMSUB 0 after {t_gone:.2} s; \
+         {missed} publication(s) per channel published through node A while away in {t_pub:.2} s ({} now at offset {}, epoch {})",
+        channels[0], top[0].0, top[0].1
+    );
+
+    // --- 3. the storm ---------------------------------------------------------
+    let clients: Vec<Client> = positions
+        .iter()
+        .enumerate()
+        .map(|(i, (node, chan, off, ep))| {
+            let mut c = Client::new(*node, *chan, phase_src(1, i, n_src));
+            c.offset = *off;
+            c.epoch = ep.clone();
+            c
+        })
+        .collect();
+    let before = take_snap(&addrs, &node_pids, redis.port, redis.pid, false);
+    let mut st = Storm::new(
+        Phase::Recover,
+        addrs.clone(),
+        channels.clone(),
+        missed,
+        clients,
+        inflight,
+        attempts,
+    );
+    st.launch_batch = launch_batch;
+    let ts = Instant::now();
+    let storm_end = (ts + Duration::from_secs(60)).min(end_by);
+    let all = st.run(storm_end, |s| s.settled == s.clients.len());
+    let t_all = ts.elapsed();
+    if !all {
+        st.time_out();
+    }
+    let t_launch = st
+        .last_launch
+        .map(|t| t.duration_since(ts).as_secs_f64())
+        .unwrap_or(f64::NAN);
+    // Anything arriving late (duplicates, strays) in a short quiet window.
+    let quiet_end = (Instant::now() + Duration::from_millis(300)).min(end_by);
+    st.run(quiet_end, |_| false);
+    let after = take_snap(&addrs, &node_pids, redis.port, redis.pid, true);
+    let storm_wall = ts.elapsed().as_secs_f64();
+
+    let mut h_burst = Hist::new();
+    let mut h_own = Hist::new();
+    let mut fails: BTreeMap<String, usize> = BTreeMap::new();
+    let mut first_fail: Option<String> = None;
+    let (mut extra_pushes, mut closed, mut ok) = (0u64, 0usize, 0usize);
+    for (i, c) in st.clients.iter().enumerate() {
+        extra_pushes += c.pushes;
+        closed += c.closed_by_server as usize;
+        match (&c.fail, c.t_reply) {
+            (None, Some(t)) => {
+                ok += 1;
+                h_burst.record(t.duration_since(ts).as_nanos() as u64);
+                h_own.record(t.duration_since(c.t_start.unwrap_or(ts)).as_nanos() as u64);
+            }
+            (Some((kind, msg)), _) => {
+                *fails.entry(format!("{kind:?}")).or_default() += 1;
+                if first_fail.is_none() {
+                    first_fail = Some(format!(
+                        "client #{i} (node {}, {}, attempts {}): {msg}",
+                        NODE_NAMES[c.node], channels[c.chan], c.attempts
+                    ));
+                }
+            }
+            (None, None) => *fails.entry("NoOutcome".into()).or_default() += 1,
+        }
+    }
+    let failed = n - ok;
+    let fail_text = if fails.is_empty() {
+        "none".to_string()
+    } else {
+        fails
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "recovery storm: {n} clients reconnected at once (connect + recovering subscribe, offset {} epoch {} on {}), \
+         last connect() issued at {t_launch:.3} s; {} in {:.3} s; ok {ok}, failed {failed} ({fail_text}); \
+         retries {}; pushes after the replies {extra_pushes} (expected 0), unexpected lines {}, closed by server {closed}",
+        positions[0].2,
+        positions[0].3,
+        channels[0],
+        if all && ok == n {
+            format!("every client recovered all {missed} missed publications")
+        } else if all {
+            "every client had its reply (NOT all recovered)".to_string()
+        } else {
+            "NOT every client had its reply".to_string()
+        },
+        t_all.as_secs_f64(),
+        st.retries,
+        st.unexpected
+    );
+    if let Some(f) = &first_fail {
+        println!("# first failure: {f}");
+    }
+    if let Some(u) = &st.first_unexpected {
+        println!("# first unexpected line: {u}");
+    }
+    println!(
+        "recovery latency: burst start -> verified recovered reply p50 {} p99 {} max {}; \
+         per client (its own connect() -> reply) p50 {} p99 {} max {} ({} clients)",
+        fmt_ns(h_burst.quantile(0.50)),
+        fmt_ns(h_burst.quantile(0.99)),
+        fmt_ns(h_burst.max),
+        fmt_ns(h_own.quantile(0.50)),
+        fmt_ns(h_own.quantile(0.99)),
+        fmt_ns(h_own.max),
+        h_own.n
+    );
+
+    // Redis commands over the storm (INFO itself excluded).
+    let mut delta: Vec<(String, u64)> = after
+        .cmds
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.cmds.get(k).copied().unwrap_or(0)))
+        .filter(|(k, v)| *v > 0 && k != "info")
+        .collect();
+    delta.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let d = |k: &str| delta.iter().find(|x| x.0 == k).map_or(0, |x| x.1);
+    let total: u64 = delta.iter().map(|x| x.1).sum();
+    let (evalsha, xrange, xrevrange) = (d("evalsha"), d("xrange"), d("xrevrange"));
+    println!(
+        "recovery redis: over the storm ({:.2} s incl. the quiet window): EVALSHA {evalsha}, XRANGE {xrange} + XREVRANGE {xrevrange} (run inside the read script), \
+         {total} commands in all (INFO excluded) = {:.4} commands per recovering client ({:.4} EVALSHA, {:.4} XRANGE per client)",
+        t_all.as_secs_f64() + 0.3,
+        total as f64 / n as f64,
+        evalsha as f64 / n as f64,
+        xrange as f64 / n as f64
+    );
+    println!(
+        "# redis command breakdown (Δcalls): {} (lease refreshes are set to every 300 s, so none should be in here ({} ZADD); the snapshots' /api/info registry reads are outside the window)",
+        delta
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        d("zadd")
+    );
+    let cd = |k: &str| -> Vec<u64> {
+        (0..n_nodes)
+            .map(|j| counter(&after.nodes[j], k).saturating_sub(counter(&before.nodes[j], k)))
+            .collect()
+    };
+    let fmt_nodes = |v: &[u64]| node_text(&v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+    let reads = cd("stream_reads");
+    // Channels with recovering clients on each node: the target is one read each.
+    let node_chans: Vec<u64> = (0..n_nodes)
+        .map(|k| {
+            let mut seen = vec![false; n_chan];
+            for p in positions.iter().filter(|p| p.0 == k) {
+                seen[p.1] = true;
+            }
+            seen.iter().filter(|&&x| x).count() as u64
+        })
+        .collect();
+    let target_met = reads.iter().zip(&node_chans).all(|(r, c)| r <= c);
+    println!(
+        "recovery nodes: stream_reads Δ {} (target: one per channel per node = {}: {}); \
+         recoveries_from_cache Δ {}; recoveries Δ {} (shards' counter, sum {}); recoveries_failed Δ {}; \
+         repaired_publications Δ {}; insufficient_state Δ {}",
+        fmt_nodes(&reads),
+        fmt_nodes(&node_chans),
+        if target_met { "met" } else { "MISSED" },
+        fmt_nodes(&cd("recoveries_from_cache")),
+        fmt_nodes(&cd("recoveries")),
+        cd("recoveries").iter().sum::<u64>(),
+        fmt_nodes(&cd("recoveries_failed")),
+        fmt_nodes(&cd("repaired_publications")),
+        fmt_nodes(&cd("insufficient_state")),
+    );
+    let node_cpu: Vec<f64> = (0..n_nodes)
+        .map(|j| after.node_cpu[j] - before.node_cpu[j])
+        .collect();
+    let node_sched: Vec<f64> = (0..n_nodes)
+        .map(|j| (after.node_sched[j] - before.node_sched[j]) as f64 / 1e9)
+        .collect();
+    let redis_sched = (after.redis_sched - before.redis_sched) as f64 / 1e9;
+    println!(
+        "recovery cpu: nodes {} s utime+stime (schedstat {} s) = {:.1} µs per recovering client; redis-server {:.3} s (schedstat) = {:.2} µs per client; \
+         bench client {:.3} s = {:.1} µs per client (wall {:.2} s incl. snapshots and 0.3 s quiet window)",
+        node_text(&node_cpu.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>()),
+        node_text(&node_sched.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>()),
+        node_sched.iter().sum::<f64>() / n as f64 * 1e6,
+        redis_sched,
+        redis_sched / n as f64 * 1e6,
+        after.self_cpu - before.self_cpu,
+        (after.self_cpu - before.self_cpu) / n as f64 * 1e6,
+        storm_wall
+    );
+    println!(
+        "# machine: {ncpu} CPUs, everything on one box over loopback: redis-server, {n_nodes} node(s) x {shards} shard(s) \
+         (executors pinned from core 0, each node's Redis multiplexer on a spare core if any) and this single-threaded \
+         epoll client (unpinned) share the cores, so times are pessimistic and include the client's own work \
+         (JSON-parsing {n} replies of {missed} publications); the Redis command and stream-read counts do not depend on the machine"
+    );
+
+    let unexpected = st.unexpected;
+    st.close_all();
+    drop(st);
+    let alive_nodes: Vec<bool> = servers.iter_mut().map(|s| s.alive()).collect();
+    let mut redis = redis;
+    let redis_alive = redis.alive();
+    let alive = alive_nodes.iter().all(|&a| a) && redis_alive;
+    let result_ok =
+        alive && all && failed == 0 && extra_pushes == 0 && closed == 0 && unexpected == 0;
+    println!(
+        "# result: {}{}; nodes alive {}, redis-server alive {redis_alive}; elapsed {:.1} s",
+        if result_ok { "ok" } else { "FAILED" },
+        if target_met {
+            ""
+        } else {
+            " (stream reads over target)"
+        },
+        node_text(
+            &alive_nodes
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+        ),
+        t_start.elapsed().as_secs_f64()
+    );
+    // Nodes first, then the Redis they use; each is killed and reaped by PID.
+    drop(servers);
+    drop(redis);
+    if !result_ok {
+        std::process::exit(1);
+    }
+}
