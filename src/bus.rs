@@ -278,6 +278,12 @@ pub struct BusStats {
     pub insufficient_state: AtomicU64,
     /// Repairs abandoned because more than `max_held_publications` arrived meanwhile.
     pub repair_overflows: AtomicU64,
+    /// Channel caches dropped because every cache together reached
+    /// `redis_options.recovery_cache_max_bytes`.
+    pub recovery_cache_full: AtomicU64,
+    /// Standalone: channels' history dropped (positions kept) to stay within
+    /// `limits.max_history_bytes`.
+    pub history_evictions: AtomicU64,
 }
 
 impl BusStats {
@@ -294,6 +300,8 @@ impl BusStats {
             ("repaired_publications", get(&self.repaired_publications)),
             ("insufficient_state", get(&self.insufficient_state)),
             ("repair_overflows", get(&self.repair_overflows)),
+            ("recovery_cache_full", get(&self.recovery_cache_full)),
+            ("history_evictions", get(&self.history_evictions)),
         ]
     }
 }

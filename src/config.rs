@@ -142,6 +142,9 @@ pub struct RedisOptions {
     /// recovery read them from Redis, so a reconnect storm costs one stream read per channel
     /// per node. At most `history_size` publications per channel; 0 = no cache.
     pub recovery_cache_secs: u32,
+    /// Bytes every channel's recovery cache may hold together; a cache that would pass it is
+    /// dropped (its next recovery reads the stream), counted as `recovery_cache_full`.
+    pub recovery_cache_max_bytes: usize,
     /// Live publications of one channel held while its stream is being read (gap repair,
     /// recovery), so they go out after the repaired range in order. Over it, the channel's
     /// subscribers are told to recover (insufficient state, counted as `repair_overflows`).
@@ -160,6 +163,7 @@ impl Default for RedisOptions {
             backoff_max_ms: 5000,
             cpu: -1,
             recovery_cache_secs: 30,
+            recovery_cache_max_bytes: 64 * 1024 * 1024,
             max_held_publications: 10_000,
         }
     }
@@ -251,6 +255,11 @@ pub struct Limits {
     /// Idempotency keys the standalone broker remembers at most; when full the oldest is
     /// forgotten early (counted as `idempotency_evictions`). Redis expires its keys itself.
     pub max_idempotency_keys: usize,
+    /// Standalone: bytes of publications every channel's history may hold together. Past it
+    /// the history of the channels published to least recently is dropped (their positions
+    /// stay, so recovering from them reports `recovered: false`), counted as
+    /// `history_evictions`. In Redis mode Redis holds history (bound it with `maxmemory`).
+    pub max_history_bytes: usize,
 }
 
 impl Default for Limits {
@@ -271,6 +280,7 @@ impl Default for Limits {
             shard_queue_capacity: 65_536,
             idempotency_window_secs: 300,
             max_idempotency_keys: 100_000,
+            max_history_bytes: 256 * 1024 * 1024,
         }
     }
 }

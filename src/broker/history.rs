@@ -89,6 +89,8 @@ pub struct Stream {
     pub epoch: std::sync::Arc<str>,
     pub top: u64,
     entries: VecDeque<(u64, Bytes)>,
+    /// Bytes of the publications held.
+    bytes: usize,
     last_publish: Instant,
 }
 
@@ -98,6 +100,7 @@ impl Stream {
             epoch: new_epoch().into(),
             top: 0,
             entries: VecDeque::new(),
+            bytes: 0,
             last_publish: now,
         }
     }
@@ -110,9 +113,12 @@ impl Stream {
     /// Appends the publication with offset [`Stream::next_offset`], keeping at most `size`.
     pub fn push(&mut self, publication: Bytes, size: usize, now: Instant) -> u64 {
         self.top += 1;
+        self.bytes += publication.len();
         self.entries.push_back((self.top, publication));
         while self.entries.len() > size {
-            self.entries.pop_front();
+            if let Some((_, p)) = self.entries.pop_front() {
+                self.bytes -= p.len();
+            }
         }
         self.last_publish = now;
         self.top
@@ -122,13 +128,24 @@ impl Stream {
     pub fn expire(&mut self, ttl: Duration, meta_ttl: Duration, now: Instant) -> bool {
         let idle = now.saturating_duration_since(self.last_publish);
         if idle >= ttl {
-            self.entries.clear();
+            self.clear();
         }
         idle < meta_ttl
     }
 
     pub fn clear(&mut self) {
-        self.entries.clear();
+        self.entries = VecDeque::new();
+        self.bytes = 0;
+    }
+
+    /// Bytes of the publications held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// When the last publication came.
+    pub fn last_publish(&self) -> Instant {
+        self.last_publish
     }
 
     pub fn entries(&self) -> impl DoubleEndedIterator<Item = (u64, Bytes)> + '_ {

@@ -89,6 +89,8 @@ struct State {
     shards: Vec<ShardLink>,
     /// History channels' streams (created on first publish or position read).
     streams: HashMap<Arc<str>, Stream>,
+    /// Bytes of publications in every stream (bounded by `limits.max_history_bytes`).
+    history_bytes: usize,
     idempotency: Idempotency,
     /// Channel → mask of shards with local subscribers.
     interest: super::Interest<Arc<str>>,
@@ -127,6 +129,7 @@ impl State {
             cfg,
             shards,
             streams: HashMap::new(),
+            history_bytes: 0,
             idempotency: Idempotency::default(),
             interest: Default::default(),
             gathers: HashMap::new(),
@@ -139,6 +142,7 @@ impl State {
     fn sweep(&mut self, now: Instant) {
         let cfg = self.cfg.clone();
         let interest = &self.interest;
+        let mut bytes = 0;
         self.streams.retain(|channel, stream| {
             let Some(ns) = cfg.namespace_of(channel) else {
                 return false;
@@ -149,10 +153,39 @@ impl State {
             // that local subscribers hold stays (its epoch must not change under them).
             let held = interest.mask(channel) != 0;
             let unused = stream.top == 0 && !held;
-            (stream.expire(ttl, meta, now) || held) && !unused
+            let keep = (stream.expire(ttl, meta, now) || held) && !unused;
+            if keep {
+                bytes += stream.bytes();
+            }
+            keep
         });
+        self.history_bytes = bytes;
         let window = Duration::from_secs(cfg.limits.idempotency_window_secs as u64);
         self.idempotency.expire(window, now);
+    }
+
+    /// Over `limits.max_history_bytes`: drops the publications (not the positions) of the
+    /// channels published to least recently, down to 7/8 of the bound, so evictions come in
+    /// batches rather than on every publish.
+    fn evict_history(&mut self) {
+        let target = self.cfg.limits.max_history_bytes / 8 * 7;
+        let mut by_age: Vec<(Instant, Arc<str>)> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(c, s)| (s.last_publish(), c.clone()))
+            .collect();
+        by_age.sort_unstable();
+        for (_, channel) in by_age {
+            if self.history_bytes <= target {
+                break;
+            }
+            if let Some(stream) = self.streams.get_mut(&channel) {
+                self.history_bytes -= stream.bytes();
+                stream.clear();
+                self.stats.history_evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The stream of a history channel, created with a new epoch when it has none.
@@ -200,6 +233,7 @@ impl State {
                     .cfg
                     .namespace_of(&channel)
                     .map_or(0, |ns| ns.history_size as usize);
+                let mut bytes_change = (0, 0);
                 let pos = match self.stream(&channel) {
                     Some(stream) => {
                         let offset = stream.next_offset();
@@ -209,7 +243,9 @@ impl State {
                         p.extend_from_slice(offset.to_string().as_bytes());
                         p.push(b'}');
                         let publication = bytes::Bytes::from(p);
+                        let before = stream.bytes();
                         stream.push(publication.clone(), size, now);
+                        bytes_change = (before, stream.bytes());
                         let epoch = stream.epoch.clone();
                         if mask != 0 {
                             let mut frame =
@@ -243,6 +279,10 @@ impl State {
                         None
                     }
                 };
+                self.history_bytes = self.history_bytes - bytes_change.0 + bytes_change.1;
+                if self.history_bytes > self.cfg.limits.max_history_bytes {
+                    self.evict_history();
+                }
                 if let Some(key) = idempotency_key {
                     let max = self.cfg.limits.max_idempotency_keys;
                     let evicted = self.idempotency.insert(channel, key, pos.clone(), now, max);
@@ -296,7 +336,9 @@ impl State {
             }
             ToBroker::HistoryRemove { channel, reply } => {
                 if let Some(stream) = self.stream(&channel) {
+                    let before = stream.bytes();
                     stream.clear();
+                    self.history_bytes -= before;
                 }
                 self.reply(reply, BrokerReply::Done);
             }
@@ -487,6 +529,33 @@ mod tests {
             channel: "c".into(),
         });
         assert!(s.interest.is_empty());
+    }
+
+    #[test]
+    fn history_is_bounded_in_bytes_oldest_channels_first() {
+        let (mut s, _inboxes) = setup(1);
+        s.cfg = Arc::new(
+            Config::from_toml(
+                "insecure = true\n[limits]\nmax_history_bytes = 120\n[namespaces.h]\nhistory_size = 3\n",
+            )
+            .unwrap(),
+        );
+        for (i, ch) in ["h:old", "h:old", "h:new", "h:new"].iter().enumerate() {
+            publish(&mut s, ch, i as u64);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Each publication object is 27 bytes: 4 fit in 120, a fifth passes it.
+        assert_eq!(s.stats.history_evictions.load(Ordering::Relaxed), 0);
+        publish(&mut s, "h:new", 5);
+        publish(&mut s, "h:new", 6);
+        assert!(s.history_bytes <= 120, "{}", s.history_bytes);
+        assert!(
+            s.streams["h:old"].is_empty(),
+            "the oldest channel's history went"
+        );
+        assert_eq!(s.streams["h:old"].top, 2, "its position stayed");
+        assert_eq!(s.streams["h:new"].len(), 3);
+        assert_eq!(s.stats.history_evictions.load(Ordering::Relaxed), 1);
     }
 
     #[test]

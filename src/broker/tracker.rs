@@ -24,7 +24,9 @@ use crate::config::Config;
 use crate::protocol::reply;
 use crate::ws::{FrameBuf, OP_TEXT};
 use bytes::Bytes;
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,7 +83,76 @@ pub enum Action {
     Confirm { channel: Arc<str> },
 }
 
-#[derive(Debug, Default)]
+/// The node-wide bound of every channel's cache (`redis_options.recovery_cache_max_bytes`).
+#[derive(Debug)]
+struct Budget {
+    used: Cell<usize>,
+    cap: usize,
+}
+
+/// A channel's recent publications, contiguous, ending at the node's position.
+#[derive(Debug)]
+struct Cache {
+    entries: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+    /// Dropped at this time unless a recovery uses it again.
+    until: Option<Instant>,
+    budget: Rc<Budget>,
+}
+
+impl Cache {
+    fn new(budget: Rc<Budget>) -> Cache {
+        Cache {
+            entries: VecDeque::new(),
+            bytes: 0,
+            until: None,
+            budget,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.budget.used.set(self.budget.used.get() - self.bytes);
+        self.bytes = 0;
+        self.entries = VecDeque::new();
+    }
+
+    /// Appends, keeping at most `size` entries; over the node's budget the cache is dropped
+    /// (the next recovery reads the stream) and counted.
+    fn push(&mut self, offset: u64, publication: Bytes, size: u64, stats: &BusStats) -> bool {
+        let len = publication.len();
+        if self.budget.used.get() + len > self.budget.cap {
+            stats.recovery_cache_full.fetch_add(1, Ordering::Relaxed);
+            self.clear();
+            return false;
+        }
+        self.entries.push_back((offset, publication));
+        self.bytes += len;
+        self.budget.used.set(self.budget.used.get() + len);
+        while self.entries.len() as u64 > size {
+            if let Some((_, p)) = self.entries.pop_front() {
+                self.bytes -= p.len();
+                self.budget.used.set(self.budget.used.get() - p.len());
+            }
+        }
+        true
+    }
+
+    fn front(&self) -> Option<&(u64, Bytes)> {
+        self.entries.front()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+#[derive(Debug)]
 struct Track {
     /// Changes whenever outstanding reads become meaningless (link down, channel dropped).
     gen: u64,
@@ -94,8 +165,21 @@ struct Track {
     held: Vec<Live>,
     pending: Vec<PosReq>,
     /// Contiguous recent publications ending at `pos` (empty when not caching).
-    cache: VecDeque<(u64, Bytes)>,
-    cache_until: Option<Instant>,
+    cache: Cache,
+}
+
+impl Track {
+    fn new(gen: u64, budget: &Rc<Budget>) -> Track {
+        Track {
+            gen,
+            confirmed: false,
+            reading: false,
+            pos: None,
+            held: Vec::new(),
+            pending: Vec::new(),
+            cache: Cache::new(budget.clone()),
+        }
+    }
 }
 
 /// Every tracked channel of the node.
@@ -104,15 +188,21 @@ pub struct Tracker {
     stats: Arc<BusStats>,
     tracks: HashMap<Arc<str>, Track>,
     next_gen: u64,
+    budget: Rc<Budget>,
 }
 
 impl Tracker {
     pub fn new(cfg: Arc<Config>, stats: Arc<BusStats>) -> Tracker {
+        let budget = Rc::new(Budget {
+            used: Cell::new(0),
+            cap: cfg.redis_options.recovery_cache_max_bytes,
+        });
         Tracker {
             cfg,
             stats,
             tracks: HashMap::new(),
             next_gen: 1,
+            budget,
         }
     }
 
@@ -145,10 +235,15 @@ impl Tracker {
     /// The node's first subscriber of `channel` appeared (SUBSCRIBE sent).
     pub fn created(&mut self, channel: &Arc<str>) {
         let gen = self.gen();
-        self.tracks.entry(channel.clone()).or_insert_with(|| Track {
-            gen,
-            ..Default::default()
-        });
+        let budget = &self.budget;
+        self.tracks
+            .entry(channel.clone())
+            .or_insert_with(|| Track::new(gen, budget));
+    }
+
+    /// Bytes held by every channel's cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.budget.used.get()
     }
 
     /// The node's last subscriber of `channel` left.
@@ -162,10 +257,11 @@ impl Tracker {
     /// to learn the position, or to repair what the node missed while the link was down.
     pub fn subscribed(&mut self, channel: &Arc<str>, out: &mut Vec<Action>) {
         let gen = self.gen();
-        let t = self.tracks.entry(channel.clone()).or_insert_with(|| Track {
-            gen,
-            ..Default::default()
-        });
+        let budget = &self.budget;
+        let t = self
+            .tracks
+            .entry(channel.clone())
+            .or_insert_with(|| Track::new(gen, budget));
         t.confirmed = true;
         if !t.reading {
             start_read(channel, t, out);
@@ -191,7 +287,8 @@ impl Tracker {
     /// A subscriber needs its position (and what it missed).
     pub fn position(&mut self, channel: &Arc<str>, req: PosReq, out: &mut Vec<Action>) {
         let size = self.size(channel);
-        let now = Instant::now();
+        let keep = Duration::from_secs(self.cfg.redis_options.recovery_cache_secs as u64);
+        let until = Instant::now() + keep;
         let Some(t) = self.tracks.get_mut(channel) else {
             out.push(answer(channel, &req, Err(BrokerError::Unavailable)));
             return;
@@ -203,7 +300,7 @@ impl Tracker {
             }
             return;
         }
-        match serve(t, &req, size, None, &self.stats, now) {
+        match serve(t, &req, size, None, &self.stats, until) {
             Some(a) => out.push(answer(channel, &req, Ok(a))),
             None => {
                 t.pending.push(req);
@@ -287,9 +384,13 @@ impl Tracker {
                 }
                 run.push((o, p));
             }
-            run.reverse();
-            t.cache.extend(run);
+            for (o, p) in run.into_iter().rev() {
+                if !t.cache.push(o, p, size, &self.stats) {
+                    break;
+                }
+            }
         }
+        let keep = Duration::from_secs(cache_secs as u64);
         if first {
             out.push(Action::Confirm {
                 channel: channel.clone(),
@@ -299,12 +400,12 @@ impl Tracker {
         // position needs another read.
         let mut again = Vec::new();
         for req in std::mem::take(&mut t.pending) {
-            match serve(t, &req, size, since, &self.stats, now) {
+            match serve(t, &req, size, since, &self.stats, now + keep) {
                 Some(a) => out.push(answer(channel, &req, Ok(a))),
                 None => again.push(req),
             }
         }
-        t.cache_until = (cache_secs > 0).then(|| now + Duration::from_secs(cache_secs as u64));
+        t.cache.until = (cache_secs > 0).then_some(now + keep);
         if cache_secs == 0 {
             t.cache.clear();
         }
@@ -343,9 +444,9 @@ impl Tracker {
     /// Drops caches whose time is up.
     pub fn sweep(&mut self, now: Instant) {
         for t in self.tracks.values_mut() {
-            if t.cache_until.is_some_and(|u| u <= now) {
-                t.cache = VecDeque::new();
-                t.cache_until = None;
+            if t.cache.until.is_some_and(|u| u <= now) {
+                t.cache.clear();
+                t.cache.until = None;
             }
         }
     }
@@ -391,14 +492,15 @@ fn insufficient(channel: &Arc<str>, t: &mut Track, stats: &BusStats, out: &mut V
 
 /// Answers `req` from the node's position and cache; `None` when a stream read is needed.
 /// `read_since` is the position the read that just finished started from: a request at or
-/// after it that the entries do not serve cannot be served at all.
+/// after it that the entries do not serve cannot be served at all. A cache that serves a
+/// recovery is kept until `keep_until`.
 fn serve(
     t: &mut Track,
     req: &PosReq,
     size: u64,
     read_since: Option<u64>,
     stats: &BusStats,
-    now: Instant,
+    keep_until: Instant,
 ) -> Option<PositionAnswer> {
     let p = t.pos.as_ref()?;
     let unrecovered = PositionAnswer {
@@ -417,10 +519,16 @@ fn serve(
     let covered = s.offset == p.offset || t.cache.front().is_some_and(|(o, _)| *o <= from);
     if covered {
         let skip = t.cache.front().map_or(0, |(o, _)| from.saturating_sub(*o)) as usize;
-        let pubs: Vec<Bytes> = t.cache.iter().skip(skip).map(|(_, b)| b.clone()).collect();
+        let pubs: Vec<Bytes> = t
+            .cache
+            .entries
+            .iter()
+            .skip(skip)
+            .map(|(_, b)| b.clone())
+            .collect();
         if read_since.is_none() && !pubs.is_empty() {
             stats.recoveries_from_cache.fetch_add(1, Ordering::Relaxed);
-            t.cache_until = t.cache_until.map(|u| u.max(now));
+            t.cache.until = t.cache.until.map(|u| u.max(keep_until));
         }
         return Some(PositionAnswer {
             recovered: true,
@@ -472,10 +580,8 @@ fn on_live(
     if live.offset == p.offset + 1 {
         p.offset = live.offset;
         if !t.cache.is_empty() {
-            t.cache.push_back((live.offset, live.publication.clone()));
-            while t.cache.len() as u64 > size {
-                t.cache.pop_front();
-            }
+            t.cache
+                .push(live.offset, live.publication.clone(), size, stats);
         }
         out.push(Action::Forward {
             channel: channel.clone(),
@@ -734,6 +840,37 @@ mod tests {
         let mut out = Vec::new();
         t.read_done(&ch, gen, since, result("e", 9, 6..=9), &mut out);
         assert_eq!(forwarded(&out), [6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn caches_share_one_byte_budget() {
+        let cfg = CFG.replace(
+            "max_held_publications = 4\n",
+            "max_held_publications = 4\nrecovery_cache_max_bytes = 100\n",
+        );
+        let cfg = Config::from_toml(&cfg).unwrap();
+        let mut t = Tracker::new(Arc::new(cfg), Arc::new(BusStats::default()));
+        let ch: Arc<str> = "h:1".into();
+        t.created(&ch);
+        let mut out = Vec::new();
+        t.subscribed(&ch, &mut out);
+        let (gen, since) = read_of(&out);
+        // Each publication object is ~25 bytes: 3 fit in 100, 5 do not.
+        let mut out = Vec::new();
+        t.read_done(&ch, gen, since, result("e", 3, 1..=3), &mut out);
+        assert!(t.cache_bytes() > 0 && t.cache_bytes() <= 100);
+        let mut out = Vec::new();
+        t.live(&ch, live(4, "e"), &mut out);
+        t.live(&ch, live(5, "e"), &mut out);
+        assert_eq!(
+            forwarded(&out),
+            [4, 5],
+            "delivery does not depend on the cache"
+        );
+        assert_eq!(t.cache_bytes(), 0, "over the budget: dropped");
+        assert_eq!(t.stats.recovery_cache_full.load(Ordering::Relaxed), 1);
+        t.removed(&ch, &mut Vec::new());
+        assert_eq!(t.cache_bytes(), 0);
     }
 
     #[test]

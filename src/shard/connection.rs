@@ -154,6 +154,7 @@ impl Connection {
             }
         };
         shard.unsubscribe_key(chan, self.key);
+        shard.presence_left(self, channel);
         let mut f = FrameBuf::with_capacity(64 + channel.len());
         reply::unsubscribe_push(f.payload(), channel, 2000, "server unsubscribe");
         self.push(shard, f.finish(OP_TEXT));

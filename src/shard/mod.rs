@@ -563,6 +563,21 @@ impl Shard {
         }
     }
 
+    /// A connection left `channel` by the server's doing (failed subscribe, insufficient
+    /// state, server unsubscribe): its presence entry goes too (Redis mode keeps presence in
+    /// Redis; standalone reads it from the index).
+    pub fn presence_left(&self, conn: &Connection, channel: &str) {
+        if !self.redis_mode || !self.cfg.namespace_of(channel).is_some_and(|ns| ns.presence) {
+            return;
+        }
+        if let Some(id) = conn.client_id() {
+            self.send_broker_must(ToBroker::PresenceRemove {
+                channel: Arc::from(channel),
+                client: Arc::from(id.to_string()),
+            });
+        }
+    }
+
     /// Sends a subscribe reply to a waiting subscriber that is now in.
     fn reply_subscribed(
         &self,
@@ -604,6 +619,7 @@ impl Shard {
                 continue;
             };
             conn.drop_subscription(chan);
+            self.presence_left(&conn, channel);
             if w.id != 0 {
                 let mut f = FrameBuf::with_capacity(96);
                 reply::error(f.payload(), w.id, code, code == ErrorCode::Internal);
@@ -641,6 +657,19 @@ impl Shard {
         };
         let Some(waiter) = waiter else {
             return; // the subscriber left meanwhile
+        };
+        // A replay must fit the connection's write queue with room to spare, or the client
+        // would be cut as slow and come back for the same replay: past half of it, the client
+        // is told it could not recover (never a partial replay) and reloads instead.
+        let replay: usize = a.pubs.iter().map(|p| p.len() + 1).sum();
+        let a = if replay > self.cfg.limits.max_outbox_bytes / 2 {
+            PositionAnswer {
+                recovered: false,
+                pubs: Vec::new(),
+                ..a
+            }
+        } else {
+            a
         };
         let Want::Position {
             recovering,
@@ -709,6 +738,7 @@ impl Shard {
                 continue;
             };
             conn.drop_subscription(chan);
+            self.presence_left(&conn, channel);
             let mut f = FrameBuf::with_capacity(96 + channel.len());
             match waiting.iter().find(|w| w.key == key) {
                 Some(w) if w.id != 0 => {
@@ -740,6 +770,13 @@ impl Shard {
                 ClientWait::Gather(Deferred::PresenceStats),
                 BrokerReply::Gathered(Part::Presence(p)),
             ) => reply::result(f.payload(), id, "presence_stats", &presence_stats(&p)),
+            (ClientWait::History, BrokerReply::History(Ok(page)))
+                if page.pubs.iter().map(|p| p.len() + 1).sum::<usize>()
+                    > self.cfg.limits.max_outbox_bytes / 2 =>
+            {
+                // The page would not fit the connection's write queue: ask for fewer.
+                reply::error(f.payload(), id, ErrorCode::LimitExceeded, false)
+            }
             (ClientWait::History, BrokerReply::History(Ok(page))) => {
                 let result = reply::HistoryResult {
                     epoch: &page.epoch,
