@@ -435,3 +435,16 @@ impl ShardLink {
         let _ = (&self.wake).write(&[1]);
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    /// Queues are preallocated (`limits.*_queue_capacity` slots), so message size is memory.
+    #[test]
+    fn queue_messages_stay_small() {
+        let to_shard = std::mem::size_of::<super::ToShard>();
+        let to_broker = std::mem::size_of::<super::ToBroker>();
+        println!("ToShard {to_shard} B, ToBroker {to_broker} B");
+        assert!(to_shard <= 88, "ToShard grew to {to_shard} bytes");
+        assert!(to_broker <= 96, "ToBroker grew to {to_broker} bytes");
+    }
+}
