@@ -55,6 +55,8 @@ cargo bench --bench fanout -- [options]
   --deadline S       hard overall deadline in seconds (default 120)
   --server-args S    extra server arguments (whitespace separated)
   --no-bench-config  do not pass --config with the [namespaces.bench] section
+  --history N        give bench:<n> a history of N publications with recovery (offsets on
+                     every push; Redis mode publishes through the history script)
   --server-log       server stderr to our stderr (default: a log file under target/)
   --redis            Redis mode: start a private redis-server (free loopback port, no
                      persistence) and two nodes A and B with --redis (--shards each),

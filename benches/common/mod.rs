@@ -77,8 +77,9 @@ impl Args {
     pub fn server_args(&self, name: &str) -> Vec<String> {
         let mut v = Vec::new();
         if !self.has("no-bench-config") {
+            let history = self.str("history").and_then(|h| h.parse().ok()).unwrap_or(0);
             v.push("--config".to_string());
-            v.push(write_bench_config(name).display().to_string());
+            v.push(write_bench_config(name, history).display().to_string());
         }
         if let Some(s) = self.str("server-args") {
             v.extend(s.split_whitespace().map(str::to_string));
@@ -100,11 +101,18 @@ pub fn scratch_dir() -> PathBuf {
 
 /// The server only accepts channels of configured namespaces, and namespaces
 /// come from its TOML config, so the benches declare `bench` (for
-/// `bench:<n>`) with default options in a small config file.
-fn write_bench_config(name: &str) -> PathBuf {
+/// `bench:<n>`) with default options in a small config file; `--history N`
+/// gives it a history of N publications with recovery (offsets on every push).
+fn write_bench_config(name: &str, history: u32) -> PathBuf {
     let path = scratch_dir().join(format!("shardcast-bench-{name}.toml"));
-    let text = "# written by benches/common/mod.rs: the bench channels are bench:<n>\n\
-                [namespaces.bench]\n";
+    let mut text = "# written by benches/common/mod.rs: the bench channels are bench:<n>\n\
+                [namespaces.bench]\n"
+        .to_string();
+    if history > 0 {
+        text.push_str(&format!(
+            "history_size = {history}\nhistory_ttl_secs = 300\nrecover = true\n"
+        ));
+    }
     if let Err(e) = std::fs::write(&path, text) {
         fatal(&format!("cannot write {}: {e}", path.display()));
     }
