@@ -355,3 +355,60 @@ fn redis_script_flush_and_restart_without_persistence() {
     assert_eq!(counters["insufficient_unsubscribes"], 1, "{counters}");
     assert_eq!(counters["insufficient_state"], 1, "{counters}");
 }
+
+/// History lives `history_ttl_secs` after the last publication; the position (epoch, offsets)
+/// lives `history_meta_ttl_secs`. Past the first, recovery reports `recovered: false` in the
+/// same epoch; past the second, the next publication starts a new epoch at offset 1.
+fn history_and_position_expire(cfg: &str) {
+    let server = Server::start(cfg, &[]);
+    let (mut a, _) = Client::connected(&server, "alice");
+    let r = a.command("subscribe", json!({"channel": "brief:1"}));
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_string();
+    publish(server.addr, "brief:1", 1);
+    publish(server.addr, "brief:1", 2);
+    let r = a.command("history", json!({"channel": "brief:1", "limit": -1}));
+    assert_eq!(offsets(&r["history"]["publications"]), [1, 2], "{r}");
+    a.command("unsubscribe", json!({"channel": "brief:1"}));
+    eventually(Duration::from_secs(5), "history expires", || {
+        let (_, body) = api(
+            server.addr,
+            "history",
+            &json!({"channel": "brief:1", "limit": -1}),
+        );
+        body["result"]["publications"].is_null()
+    });
+    let (mut b, _) = Client::connected(&server, "bob");
+    let r = b.command(
+        "subscribe",
+        json!({"channel": "brief:1", "recover": true, "offset": 1, "epoch": epoch}),
+    );
+    assert!(r["subscribe"]["recovered"].is_null(), "history gone: {r}");
+    assert_eq!(r["subscribe"]["epoch"], epoch.as_str(), "same epoch: {r}");
+    assert_eq!(r["subscribe"]["offset"], 2);
+    b.command("unsubscribe", json!({"channel": "brief:1"}));
+    drop((a, b));
+    // The position goes too; the next publication starts a new epoch.
+    std::thread::sleep(Duration::from_millis(3200));
+    let body = publish(server.addr, "brief:1", 3);
+    assert_eq!(body["result"]["offset"], 1, "{body}");
+    assert_ne!(body["result"]["epoch"], epoch.as_str(), "{body}");
+}
+
+const BRIEF: &str = r#"
+[namespaces.brief]
+history_size = 10
+history_ttl_secs = 1
+history_meta_ttl_secs = 2
+recover = true
+"#;
+
+#[test]
+fn history_and_position_expire_standalone() {
+    history_and_position_expire(&format!("{}{BRIEF}", config()));
+}
+
+#[test]
+fn history_and_position_expire_in_redis() {
+    let redis = Redis::start(&[]);
+    history_and_position_expire(&format!("redis = \"{}\"\n{}{BRIEF}", redis.url(), config()));
+}
