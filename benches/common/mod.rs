@@ -77,7 +77,10 @@ impl Args {
     pub fn server_args(&self, name: &str) -> Vec<String> {
         let mut v = Vec::new();
         if !self.has("no-bench-config") {
-            let history = self.str("history").and_then(|h| h.parse().ok()).unwrap_or(0);
+            let history = self
+                .str("history")
+                .and_then(|h| h.parse().ok())
+                .unwrap_or(0);
             v.push("--config".to_string());
             v.push(write_bench_config(name, history).display().to_string());
         }

@@ -1285,6 +1285,7 @@ impl Mux {
                         }
                     }
                     self.apply(out);
+                    self.flush(); // a follow-up read, if the tracker asked for one
                 }
                 (Waiter::History(to, since_epoch), frame) => {
                     let page = match parse_read(&frame) {
