@@ -40,7 +40,7 @@ use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -335,24 +335,8 @@ impl Client {
 
 /// Nonblocking connect from `src` (port picked at connect time).
 fn start_connect(dst: SocketAddr, src: Ipv4Addr) -> io::Result<TcpStream> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
+    let sock = common::tcp_socket_from(Some(src))?;
     sock.set_nonblocking(true)?;
-    let one: libc::c_int = 1;
-    // SAFETY: valid fd and option pointer/len.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-    sock.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
     sock.set_tcp_nodelay(true)?;
     match sock.connect(&dst.into()) {
         Ok(()) => {}

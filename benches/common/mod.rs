@@ -888,6 +888,15 @@ pub fn tcp_connect(
     src: Option<Ipv4Addr>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    let sock = tcp_socket_from(src)?;
+    sock.connect_timeout(&dst.into(), timeout)?;
+    sock.set_tcp_nodelay(true)?;
+    Ok(sock.into())
+}
+
+/// A TCP socket bound to `src` with the port left to connect time (IP_BIND_ADDRESS_NO_PORT),
+/// so many source addresses give many ephemeral ports.
+pub fn tcp_socket_from(src: Option<Ipv4Addr>) -> io::Result<socket2::Socket> {
     let sock = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::STREAM,
@@ -907,9 +916,7 @@ pub fn tcp_connect(
         }
         sock.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
     }
-    sock.connect_timeout(&dst.into(), timeout)?;
-    sock.set_tcp_nodelay(true)?;
-    Ok(sock.into())
+    Ok(sock)
 }
 
 static MASK_SEED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0x9e37_79b9);

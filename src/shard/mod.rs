@@ -1026,6 +1026,31 @@ pub struct ShardHost<'a> {
     pub bucket: Option<&'a mut Bucket>,
 }
 
+impl ShardHost<'_> {
+    /// Sends a request whose answer the shard relays to command `id` of this connection.
+    fn defer(
+        &mut self,
+        id: u32,
+        kind: ClientWait,
+        make: impl FnOnce(ReplyTo) -> ToBroker,
+    ) -> Result<(), ErrorCode> {
+        let token = self.shard.token();
+        let pending = Pending::Client {
+            conn: self.key,
+            id,
+            kind,
+        };
+        self.shard.pending.borrow_mut().insert(token, pending);
+        let msg = make(ReplyTo {
+            shard: self.shard.id,
+            token,
+        });
+        self.shard.send_broker(msg).inspect_err(|_| {
+            self.shard.pending.borrow_mut().remove(&token);
+        })
+    }
+}
+
 impl Host for ShardHost<'_> {
     fn config(&self) -> &Config {
         &self.shard.cfg
@@ -1174,70 +1199,25 @@ impl Host for ShardHost<'_> {
         data: &RawValue,
         info: ClientInfo,
     ) -> Result<(), ErrorCode> {
-        let token = self.shard.token();
-        self.shard.pending.borrow_mut().insert(
-            token,
-            Pending::Client {
-                conn: self.key,
-                id,
-                kind: ClientWait::Publish,
-            },
-        );
-        let msg = ToBroker::Publish {
+        self.defer(id, ClientWait::Publish, |reply| ToBroker::Publish {
             channel: Arc::from(channel),
             data: data.to_owned(),
             info: Some(Box::new(info)),
             idempotency_key: None,
-            reply: ReplyTo {
-                shard: self.shard.id,
-                token,
-            },
-        };
-        self.shard.send_broker(msg).inspect_err(|_| {
-            self.shard.pending.borrow_mut().remove(&token);
+            reply,
         })
     }
     fn gather(&mut self, id: u32, kind: Deferred, channel: &str) -> Result<(), ErrorCode> {
-        let token = self.shard.token();
-        self.shard.pending.borrow_mut().insert(
-            token,
-            Pending::Client {
-                conn: self.key,
-                id,
-                kind: ClientWait::Gather(kind),
-            },
-        );
-        let msg = ToBroker::Gather {
+        self.defer(id, ClientWait::Gather(kind), |reply| ToBroker::Gather {
             query: Query::Presence(Arc::from(channel)),
-            reply: ReplyTo {
-                shard: self.shard.id,
-                token,
-            },
-        };
-        self.shard.send_broker(msg).inspect_err(|_| {
-            self.shard.pending.borrow_mut().remove(&token);
+            reply,
         })
     }
     fn history(&mut self, id: u32, channel: &str, query: HistoryQuery) -> Result<(), ErrorCode> {
-        let token = self.shard.token();
-        self.shard.pending.borrow_mut().insert(
-            token,
-            Pending::Client {
-                conn: self.key,
-                id,
-                kind: ClientWait::History,
-            },
-        );
-        let msg = ToBroker::History {
+        self.defer(id, ClientWait::History, |reply| ToBroker::History {
             channel: Arc::from(channel),
             query,
-            reply: ReplyTo {
-                shard: self.shard.id,
-                token,
-            },
-        };
-        self.shard.send_broker(msg).inspect_err(|_| {
-            self.shard.pending.borrow_mut().remove(&token);
+            reply,
         })
     }
     fn set_expiry(&mut self, unix_secs: u64) {
