@@ -53,7 +53,10 @@ fn official_python_sdk_interop() {
         python.exists(),
         "the Python SDK is not installed: run `python3 -m venv target/interop-py && target/interop-py/bin/pip install -r tests/interop/python/requirements.txt` (the README's test command does)"
     );
-    let server = Server::start(BASE_CONFIG, &[]);
+    let cfg = format!(
+        "{BASE_CONFIG}[namespaces.feed]\nhistory_size = 100\nhistory_ttl_secs = 300\nrecover = true\n"
+    );
+    let server = Server::start(&cfg, &[]);
     let out = Command::new(&python)
         .arg(root.join("tests/interop/python/sdk_test.py"))
         .env("SHARDCAST_WS", server.ws_url())
@@ -68,5 +71,5 @@ fn official_python_sdk_interop() {
         "Python SDK tests failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("7 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
 }
