@@ -284,9 +284,26 @@ pub struct BusStats {
     /// Standalone: channels' history dropped (positions kept) to stay within
     /// `limits.max_history_bytes`.
     pub history_evictions: AtomicU64,
+    /// Gauge: bytes of publications the standalone broker holds as history (bound
+    /// `limits.max_history_bytes`), refreshed every second.
+    pub history_bytes: AtomicU64,
+    /// Gauge: bytes in the multiplexer's recovery caches (bound
+    /// `redis_options.recovery_cache_max_bytes`), refreshed with the lease.
+    pub recovery_cache_bytes: AtomicU64,
 }
 
 impl BusStats {
+    /// Gauges by name: how full the history bounds are.
+    pub fn gauges(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("history_bytes", self.history_bytes.load(Ordering::Relaxed)),
+            (
+                "recovery_cache_bytes",
+                self.recovery_cache_bytes.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+
     /// The counters by name, for `/api/info` and metrics.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);

@@ -210,6 +210,11 @@ fn prometheus(node: &NodeInfo) -> String {
         c.inc_by(value);
         registry.register(name, format!("Broker counter {name} (see /api/info)"), c);
     }
+    for (name, value) in bus.gauges() {
+        let g = Gauge::<i64>::default();
+        g.set(value as i64);
+        registry.register(name, format!("Broker gauge {name} (see /api/info)"), g);
+    }
     let g = Gauge::<i64>::default();
     g.set(node.broker_queue.get().map(|q| q.len() as i64).unwrap_or(0));
     registry.register(

@@ -160,6 +160,9 @@ impl State {
             keep
         });
         self.history_bytes = bytes;
+        self.stats
+            .history_bytes
+            .store(bytes as u64, Ordering::Relaxed);
         let window = Duration::from_secs(cfg.limits.idempotency_window_secs as u64);
         self.idempotency.expire(window, now);
     }

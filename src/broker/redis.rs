@@ -1013,6 +1013,10 @@ impl Mux {
                 self.gather(Query::Stats, GatherTarget::Lease);
             }
             self.tracker.borrow_mut().sweep(std::time::Instant::now());
+            let cached = self.tracker.borrow().cache_bytes() as u64;
+            self.stats
+                .recovery_cache_bytes
+                .store(cached, Ordering::Relaxed);
             glommio::timer::sleep(every).await;
         }
     }

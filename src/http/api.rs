@@ -429,6 +429,13 @@ async fn info(shard: &Shard) -> Value {
             .into_iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
             .chain(node.bus.counters().into_iter().map(|(k, v)| (k.to_string(), json!(v))))
+
+            .collect::<serde_json::Map<String, Value>>(),
+        "gauges": node
+            .bus
+            .gauges()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
             .collect::<serde_json::Map<String, Value>>(),
     });
     // Other live nodes come from the registry (Redis mode); ours is the fresh local entry.

@@ -207,6 +207,12 @@ fn idempotent_publish_is_delivered_once() {
         info["result"]["nodes"][0]["counters"]["idempotent_repeats"],
         2
     );
+    // The history bound's gauge: the two publication objects of feed:i (refreshed each second).
+    eventually(Duration::from_secs(3), "history_bytes gauge", || {
+        let (_, info) = api(server.addr, "info", &json!({}));
+        let bytes = &info["result"]["nodes"][0]["gauges"]["history_bytes"];
+        bytes.as_u64().is_some_and(|b| b > 40 && b < 200)
+    });
 }
 
 /// Clients hop between `nodes` (disconnect, reconnect elsewhere, recover) while `total`
