@@ -60,6 +60,11 @@ pub struct Config {
     pub name: String,
     /// Log format on stderr: `text` or `json` (one object per line).
     pub log_format: LogFormat,
+    /// How subscribers are told to recover when the node lost publications it cannot repair:
+    /// `unsubscribe` (push 2500 on that channel only; the SDKs resubscribe with their
+    /// position) or `disconnect` (close 3010; the client reconnects and recovers every
+    /// channel, for clients that do not know the unsubscribe push).
+    pub insufficient_state: InsufficientAction,
     /// Internal address for `/metrics` (Prometheus), `/status` and `/status.json`; empty = off.
     /// Keep it off the public network.
     pub metrics_listen: String,
@@ -97,6 +102,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             metrics_listen: "127.0.0.1:9101".into(),
             client_expired_close_delay_secs: 25,
+            insufficient_state: InsufficientAction::Unsubscribe,
             conformance_echo_path: String::new(),
             drain: DrainConfig::default(),
             ping: PingConfig::default(),
@@ -105,6 +111,14 @@ impl Default for Config {
             namespaces: BTreeMap::new(),
         }
     }
+}
+
+/// See [`Config::insufficient_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InsufficientAction {
+    Unsubscribe,
+    Disconnect,
 }
 
 /// Log output format.

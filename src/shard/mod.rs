@@ -18,7 +18,7 @@ use crate::bus::{
     BrokerError, BrokerReply, HistoryQuery, Part, PositionAnswer, Query, ReplyTo, ShardCommand,
     ShardId, ShardInbox, StreamPos, ToBroker, ToShard,
 };
-use crate::config::Config;
+use crate::config::{Config, InsufficientAction};
 use crate::conn::session::{Ack, ChanId, ClientId, Deferred, Host, Identity, Recovery, Refusal};
 use crate::conn::ConnKey;
 use crate::protocol::reply::{self, ClientInfo, PresenceStats};
@@ -153,7 +153,8 @@ pub struct Counters {
     pub recoveries: Cell<u64>,
     /// Subscribes that asked to recover and could not (`recovered: false` or error 112).
     pub recoveries_failed: Cell<u64>,
-    /// Subscriptions ended with unsubscribe 2500 (insufficient state) so the client recovers.
+    /// Subscribers told to recover (unsubscribe 2500, or close 3010 with
+    /// `insufficient_state = "disconnect"`).
     pub insufficient_unsubscribes: Cell<u64>,
 }
 
@@ -745,6 +746,12 @@ impl Shard {
                     reply::error(f.payload(), w.id, ErrorCode::Internal, true);
                 }
                 Some(_) => continue,
+                None if self.cfg.insufficient_state == InsufficientAction::Disconnect => {
+                    bump(&self.counters.insufficient_unsubscribes);
+                    let d = Disconnect::InsufficientState;
+                    conn.close_with(self, d.code(), d.reason());
+                    continue;
+                }
                 None => {
                     bump(&self.counters.insufficient_unsubscribes);
                     reply::unsubscribe_push(f.payload(), channel, 2500, "insufficient state")

@@ -418,3 +418,22 @@ fn history_and_position_expire_in_redis() {
     let redis = Redis::start(&[]);
     history_and_position_expire(&format!("redis = \"{}\"\n{}{BRIEF}", redis.url(), config()));
 }
+
+#[test]
+fn insufficient_state_can_disconnect_instead() {
+    let mut redis = Redis::start(&[]);
+    let cfg = format!(
+        "insufficient_state = \"disconnect\"\nredis = \"{}\"\n{}",
+        redis.url(),
+        config()
+    );
+    let node = Server::start(&cfg, &[]);
+    let (mut a, _) = Client::connected(&node, "alice");
+    a.command("subscribe", json!({"channel": "feed:d"}));
+    publish(node.addr, "feed:d", 1);
+    assert!(a.push(Duration::from_secs(5)).is_some());
+    redis.restart();
+    let closed = a.closed(Duration::from_secs(15)).expect("closed");
+    assert_eq!(closed.code, 3010, "{closed:?}");
+    assert_eq!(closed.reason, "insufficient state");
+}
