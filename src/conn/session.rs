@@ -539,7 +539,11 @@ impl Session {
     }
 }
 
+/// The namespace of a channel a command names; a name over the limit is a bad request.
 fn namespace<'h>(host: &'h dyn Host, channel: &str) -> Result<&'h NamespaceOptions, ErrorCode> {
+    if channel.is_empty() || channel.len() > host.config().limits.max_channel_name_bytes {
+        return Err(ErrorCode::BadRequest);
+    }
     host.config()
         .namespace_of(channel)
         .ok_or(ErrorCode::UnknownChannel)
@@ -887,6 +891,9 @@ mod tests {
             replies[0]["error"]["code"], 108,
             "no history in that namespace"
         );
+        let long = format!("h:{}", "x".repeat(300));
+        let (_, replies) = send(&mut s, &mut h, &hist.replace("CH", &long));
+        assert_eq!(replies[0]["error"]["code"], 107, "name over the limit");
     }
 
     #[test]
