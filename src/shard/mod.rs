@@ -512,7 +512,9 @@ impl Shard {
                     return;
                 };
                 let ch = index.get_mut(id).expect("interned");
-                if let Some(epoch) = epoch {
+                // Only once a position answer of this incarnation of the channel set it: until
+                // then, publications may be left over from before the shard last left it.
+                if let (Some(epoch), Some(_)) = (epoch, &ch.position) {
                     ch.position = Some(StreamPos { offset, epoch });
                 }
                 let conns = self.conns.borrow();
@@ -649,15 +651,18 @@ impl Shard {
                 return;
             };
             let ch = index.get_mut(chan).expect("interned");
-            // Exact: every publication up to `top` came before this answer on the queue.
+            let Some(waiter) = ch.waiting.iter().find(|w| is_mine(w)).cloned() else {
+                // The subscriber left meanwhile; the answer may even be for an earlier life of
+                // the channel on this shard, so it says nothing about the current one.
+                return;
+            };
+            // Exact: every publication up to `top` came before this answer on the queue, and
+            // every later one comes after it.
             ch.position = Some(StreamPos {
                 offset: a.top,
                 epoch: a.epoch.clone(),
             });
-            ch.waiting.iter().find(|w| is_mine(w)).cloned()
-        };
-        let Some(waiter) = waiter else {
-            return; // the subscriber left meanwhile
+            waiter
         };
         // A replay must fit the connection's write queue with room to spare, or the client
         // would be cut as slow and come back for the same replay: past half of it, the client
@@ -1552,5 +1557,57 @@ mod tests {
             })
             .is_ok());
         assert!(s.counters.broker_queue_full.get() >= 2);
+    }
+
+    #[test]
+    fn a_channel_position_comes_only_from_its_own_answer() {
+        let (s, _rx) = shard(16);
+        let key = ConnKey {
+            slot: 0,
+            generation: 0,
+        };
+        let waiting = Waiting {
+            key,
+            id: 1,
+            want: Want::Position {
+                token: 5,
+                recovering: false,
+                reject_unrecovered: false,
+            },
+        };
+        s.index.borrow_mut().add_waiting("h:1", waiting, true);
+        let position = || s.index.borrow().lookup("h:1").unwrap().position.clone();
+        let publication = |offset| ToShard::Publication {
+            channel: "h:1".into(),
+            frame: bytes::Bytes::new(),
+            offset,
+            epoch: Some("e".into()),
+        };
+        let answer = |token, top| ToShard::Position {
+            token,
+            channel: "h:1".into(),
+            answer: Ok(PositionAnswer {
+                epoch: "e".into(),
+                top,
+                recovered: false,
+                pubs: Vec::new(),
+            }),
+        };
+        // Left over from before the shard last left the channel: no position from these.
+        s.handle(publication(7));
+        s.handle(answer(99, 7));
+        assert_eq!(position(), None);
+        // Its own answer: exact from here on.
+        s.handle(answer(5, 9));
+        assert_eq!(position().map(|p| p.offset), Some(9));
+        assert!(s
+            .index
+            .borrow()
+            .lookup("h:1")
+            .unwrap()
+            .subscribers
+            .contains(&key));
+        s.handle(publication(10));
+        assert_eq!(position().map(|p| p.offset), Some(10));
     }
 }
