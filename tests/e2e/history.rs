@@ -394,7 +394,7 @@ fn history_and_position_expire(cfg: &str) {
     b.command("unsubscribe", json!({"channel": "brief:1"}));
     drop((a, b));
     // The position goes too; the next publication starts a new epoch.
-    std::thread::sleep(Duration::from_millis(3200));
+    std::thread::sleep(Duration::from_millis(5200));
     let body = publish(server.addr, "brief:1", 3);
     assert_eq!(body["result"]["offset"], 1, "{body}");
     assert_ne!(body["result"]["epoch"], epoch.as_str(), "{body}");
@@ -404,7 +404,7 @@ const BRIEF: &str = r#"
 [namespaces.brief]
 history_size = 10
 history_ttl_secs = 1
-history_meta_ttl_secs = 2
+history_meta_ttl_secs = 4
 recover = true
 "#;
 
