@@ -49,6 +49,9 @@ pub struct Recovery {
     pub since: Option<StreamPos>,
     /// Fail with 112 instead of subscribing unrecovered.
     pub reject_unrecovered: bool,
+    /// A server-side subscription made by `connect` (id is the connect's): its result goes
+    /// into the connect reply.
+    pub connect: bool,
 }
 
 /// What the session needs from its shard. Implemented by the shard for one connection.
@@ -86,6 +89,9 @@ pub trait Host {
     ) -> Result<(), ErrorCode>;
     /// Asks every shard; the host replies to `id`.
     fn gather(&mut self, id: u32, kind: Deferred, channel: &str) -> Result<(), ErrorCode>;
+    /// The connect reply waits for `waiting` server-side subscriptions (subscribed with
+    /// `Ack::Later`): the host completes `result` (its `subs` hold the ready ones) and sends it.
+    fn connect_later(&mut self, id: u32, result: reply::ConnectResult<'_>, waiting: u32);
     /// Reads history; the host replies to `id`.
     fn history(&mut self, id: u32, channel: &str, query: HistoryQuery) -> Result<(), ErrorCode>;
     /// Connection token expiry changed (0 = never): the host arms its timer.
@@ -215,7 +221,7 @@ impl Session {
             Ok(Line::Command { id, request }) => (id, request),
         };
         match (&self.identity, request) {
-            (None, Request::Connect(c)) => self.connect(host, id, &c.token, out),
+            (None, Request::Connect(c)) => self.connect(host, id, &c, out),
             (None, _) => Err(Disconnect::BadRequest),
             (Some(_), Request::Connect(_)) => Err(Disconnect::BadRequest),
             (Some(_), Request::Subscribe(s)) => {
@@ -360,9 +366,10 @@ impl Session {
         &mut self,
         host: &mut dyn Host,
         id: u32,
-        token: &str,
+        request: &crate::protocol::command::ConnectRequest<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), Disconnect> {
+        let token: &str = &request.token;
         let now = host.unix_now();
         let claims = match host.verifier() {
             Some(_) if token.is_empty() && host.config().insecure => Default::default(),
@@ -388,15 +395,39 @@ impl Session {
         let client = client.to_string();
         host.set_expiry(exp);
         let mut subs = BTreeMap::new();
+        let mut waiting = 0;
         for channel in &claims.channels {
             // Server-side subscriptions: the token vouches for them, so no permission check.
             if self.position(host, channel).is_some() {
                 continue;
             }
-            match host.subscribe(0, channel, &Recovery::default()) {
-                Ok((chan, _)) => {
+            // In history channels they get a position, and recover like client ones.
+            let recovery = match host.config().namespace_of(channel) {
+                Some(ns) if ns.has_history() => Recovery {
+                    history: true,
+                    recoverable: ns.recover,
+                    since: request
+                        .subs
+                        .get(channel.as_str())
+                        .filter(|s| s.recover && ns.recover)
+                        .map(|s| StreamPos {
+                            offset: s.offset,
+                            epoch: std::sync::Arc::from(s.epoch.as_str()),
+                        }),
+                    reject_unrecovered: false,
+                    connect: true,
+                },
+                _ => Recovery::default(),
+            };
+            let sub_id = if recovery.connect { id } else { 0 };
+            match host.subscribe(sub_id, channel, &recovery) {
+                Ok((chan, Ack::Now(result))) => {
                     self.subs.push(chan);
-                    subs.insert(channel.as_str(), reply::SubscribeResult::default());
+                    subs.insert(channel.as_str(), result);
+                }
+                Ok((chan, Ack::Later)) => {
+                    self.subs.push(chan);
+                    waiting += 1;
                 }
                 Err(_) => return Err(Disconnect::ServerError),
             }
@@ -410,7 +441,11 @@ impl Session {
             ping: host.config().ping.interval_secs,
             pong: true,
         };
-        reply::result(out, id, "connect", &result);
+        if waiting > 0 {
+            host.connect_later(id, result, waiting);
+        } else {
+            reply::result(out, id, "connect", &result);
+        }
         Ok(())
     }
 
@@ -452,6 +487,7 @@ impl Session {
             recoverable: ns.recover,
             since: since.filter(|_| ns.recover),
             reject_unrecovered,
+            connect: false,
         };
         let (chan, ack) = host
             .subscribe(id, channel, &recovery)
@@ -662,6 +698,9 @@ mod tests {
         fn gather(&mut self, id: u32, kind: Deferred, channel: &str) -> Result<(), ErrorCode> {
             self.gathered.push((id, kind, channel.into()));
             Ok(())
+        }
+        fn connect_later(&mut self, _id: u32, _result: reply::ConnectResult<'_>, _waiting: u32) {
+            unreachable!("the fake host answers every subscribe at once")
         }
         fn history(
             &mut self,

@@ -50,6 +50,20 @@ pub struct ConnectRequest<'a> {
     pub name: Cow<'a, str>,
     #[serde(borrow, default)]
     pub version: Cow<'a, str>,
+    /// Server-side subscriptions to recover, by channel (sent by SDKs on reconnect).
+    #[serde(default)]
+    pub subs: std::collections::HashMap<String, ConnectSub>,
+}
+
+/// A server-side subscription's recovery request in `connect`.
+#[derive(Debug, Deserialize, Default)]
+pub struct ConnectSub {
+    #[serde(default)]
+    pub recover: bool,
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(default)]
+    pub epoch: String,
 }
 
 /// `subscribe` request fields we use.

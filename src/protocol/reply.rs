@@ -181,6 +181,30 @@ pub fn result_with_publications<T: Serialize>(
     out.push(b'}');
 }
 
+/// Appends `{"id":ID,"connect":RESULT}` where RESULT is the serialised `base` (a
+/// [`ConnectResult`] without subs) with `subs` added, each with its raw `publications`.
+pub fn connect_with_subs(
+    out: &mut Vec<u8>,
+    id: u32,
+    base: &[u8],
+    subs: &BTreeMap<String, (SubscribeResult, Vec<bytes::Bytes>)>,
+) {
+    out.extend_from_slice(b"{\"id\":");
+    out.extend_from_slice(itoa(id).as_bytes());
+    out.extend_from_slice(b",\"connect\":");
+    out.extend_from_slice(&base[..base.len() - 1]); // without its closing brace
+    out.extend_from_slice(b",\"subs\":{");
+    for (i, (channel, (result, pubs))) in subs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, channel).expect("vec write");
+        out.push(b':');
+        with_publications(out, result, pubs);
+    }
+    out.extend_from_slice(b"}}}");
+}
+
 /// `history` result (publications are added raw).
 #[derive(Serialize, Debug)]
 pub struct HistoryResult<'a> {
@@ -259,6 +283,40 @@ mod tests {
         let mut v = Vec::new();
         with_publications(&mut v, &Empty {}, &[]);
         assert_eq!(v, b"{}");
+    }
+
+    #[test]
+    fn connect_reply_with_recovered_subs() {
+        let base = serde_json::to_vec(&ConnectResult {
+            client: "c",
+            version: "v",
+            expires: false,
+            ttl: 0,
+            subs: BTreeMap::new(),
+            ping: 25,
+            pong: true,
+        })
+        .unwrap();
+        let mut subs = BTreeMap::new();
+        let r = SubscribeResult {
+            recovered: true,
+            offset: Some(1),
+            ..Default::default()
+        };
+        subs.insert(
+            "a\"b".to_string(),
+            (
+                r,
+                vec![bytes::Bytes::from_static(br#"{"data":2,"offset":2}"#)],
+            ),
+        );
+        subs.insert("c".to_string(), (SubscribeResult::default(), Vec::new()));
+        let mut v = Vec::new();
+        connect_with_subs(&mut v, 3, &base, &subs);
+        let p: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(p["connect"]["client"], "c");
+        assert_eq!(p["connect"]["subs"]["a\"b"]["publications"][0]["offset"], 2);
+        assert_eq!(p["connect"]["subs"]["c"], serde_json::json!({}));
     }
 
     #[test]

@@ -433,6 +433,7 @@ pub fn teardown(shard: &Shard, conn: &Rc<Connection>) {
         if let Some(ident) = st.session.identity.as_ref() {
             shard.forget_user(&ident.user, conn.key);
         }
+        shard.connects.borrow_mut().remove(&conn.key);
         st.outbox.clear();
         st.partial = None;
         st.phase = Phase::Abort;

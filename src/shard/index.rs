@@ -44,6 +44,8 @@ pub enum Want {
         token: u64,
         recovering: bool,
         reject_unrecovered: bool,
+        /// A server-side subscription: its result goes into the connect reply.
+        connect: bool,
     },
 }
 
@@ -264,6 +266,7 @@ mod tests {
                 token,
                 recovering: true,
                 reject_unrecovered: false,
+                connect: false,
             },
         }
     }

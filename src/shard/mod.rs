@@ -191,6 +191,15 @@ fn bump(c: &Cell<u64>) {
     c.set(c.get() + 1);
 }
 
+/// A connect reply waiting for the positions of its server-side subscriptions.
+pub struct PendingConnect {
+    id: u32,
+    /// The serialised connect result, without `subs`.
+    base: Vec<u8>,
+    subs: std::collections::BTreeMap<String, (reply::SubscribeResult, Vec<bytes::Bytes>)>,
+    waiting: u32,
+}
+
 /// Who waits for a broker answer.
 enum Pending {
     /// A client command: reply to command `id` of connection `conn`.
@@ -291,6 +300,8 @@ pub struct Shard {
     pub scratch: RefCell<Vec<u8>>,
     /// Shared write-coalescing buffer.
     pub cork: RefCell<Vec<u8>>,
+    /// Connect replies waiting for server-side subscriptions' positions.
+    pub connects: RefCell<HashMap<ConnKey, PendingConnect>>,
     /// Connections per signed-in user (anonymous ones are not tracked: nothing targets them).
     users: RefCell<HashMap<Rc<str>, smallvec::SmallVec<[ConnKey; 1]>>>,
     /// The one shared name of every anonymous user.
@@ -345,6 +356,7 @@ impl Shard {
             scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
             cork: RefCell::new(Vec::with_capacity(CORK_BYTES)),
             users: RefCell::default(),
+            connects: RefCell::default(),
             anonymous: Rc::from(""),
             client_seq: Cell::new(0),
             counters: Counters::default(),
@@ -623,7 +635,9 @@ impl Shard {
             };
             conn.drop_subscription(chan);
             self.presence_left(&conn, channel);
-            if w.id != 0 {
+            if matches!(w.want, Want::Position { connect: true, .. }) {
+                self.connect_failed(&conn);
+            } else if w.id != 0 {
                 let mut f = FrameBuf::with_capacity(96);
                 reply::error(f.payload(), w.id, code, code == ErrorCode::Internal);
                 conn.push(self, f.finish(OP_TEXT));
@@ -703,6 +717,7 @@ impl Shard {
             });
         }
         let recoverable = self.cfg.namespace_of(channel).is_some_and(|ns| ns.recover);
+        let connect = matches!(waiter.want, Want::Position { connect: true, .. });
         let result = reply::SubscribeResult {
             recoverable,
             epoch: Some(a.epoch.to_string()),
@@ -713,7 +728,55 @@ impl Shard {
             recovered: recovering && a.recovered,
             ..Default::default()
         };
-        self.reply_subscribed(&waiter, &result, &a.pubs);
+        if connect {
+            self.connect_part(waiter.key, channel, result, a.pubs);
+        } else {
+            self.reply_subscribed(&waiter, &result, &a.pubs);
+        }
+    }
+
+    /// One server-side subscription of a waiting connect is in; the last one sends the reply.
+    fn connect_part(
+        &self,
+        key: ConnKey,
+        channel: &str,
+        result: reply::SubscribeResult,
+        pubs: Vec<bytes::Bytes>,
+    ) {
+        let done = {
+            let mut connects = self.connects.borrow_mut();
+            let Some(p) = connects.get_mut(&key) else {
+                return;
+            };
+            p.subs.insert(channel.to_string(), (result, pubs));
+            p.waiting -= 1;
+            if p.waiting > 0 {
+                return;
+            }
+            connects.remove(&key).expect("present")
+        };
+        let conn = self.conns.borrow().get(key).cloned();
+        if let Some(conn) = conn {
+            let len = done.base.len()
+                + 64
+                + done
+                    .subs
+                    .iter()
+                    .map(|(c, (_, p))| c.len() + 96 + p.iter().map(|b| b.len() + 1).sum::<usize>())
+                    .sum::<usize>();
+            let mut f = FrameBuf::with_capacity(len);
+            reply::connect_with_subs(f.payload(), done.id, &done.base, &done.subs);
+            conn.push(self, f.finish(OP_TEXT));
+        }
+    }
+
+    /// A server-side subscription of a waiting connect failed: the connection cannot be
+    /// what its token says, so it is closed (3004, the SDK reconnects).
+    fn connect_failed(&self, conn: &Connection) {
+        if self.connects.borrow_mut().remove(&conn.key).is_some() {
+            let d = Disconnect::ServerError;
+            conn.close_with(self, d.code(), d.reason());
+        }
     }
 
     /// The node lost publications of `channel` it cannot repair: every local subscriber is
@@ -747,6 +810,10 @@ impl Shard {
             self.presence_left(&conn, channel);
             let mut f = FrameBuf::with_capacity(96 + channel.len());
             match waiting.iter().find(|w| w.key == key) {
+                Some(w) if matches!(w.want, Want::Position { connect: true, .. }) => {
+                    self.connect_failed(&conn);
+                    continue;
+                }
                 Some(w) if w.id != 0 => {
                     reply::error(f.payload(), w.id, ErrorCode::Internal, true);
                 }
@@ -1126,6 +1193,7 @@ impl Host for ShardHost<'_> {
                     token: shard.token(),
                     recovering: recovery.since.is_some(),
                     reject_unrecovered: recovery.reject_unrecovered,
+                    connect: recovery.connect,
                 }),
             }
         } else if !ready && id != 0 {
@@ -1224,6 +1292,20 @@ impl Host for ShardHost<'_> {
             query: Query::Presence(Arc::from(channel)),
             reply,
         })
+    }
+    fn connect_later(&mut self, id: u32, mut result: reply::ConnectResult<'_>, waiting: u32) {
+        let subs = std::mem::take(&mut result.subs)
+            .into_iter()
+            .map(|(c, r)| (c.to_string(), (r, Vec::new())))
+            .collect();
+        let base = serde_json::to_vec(&result).expect("connect result");
+        let pending = PendingConnect {
+            id,
+            base,
+            subs,
+            waiting,
+        };
+        self.shard.connects.borrow_mut().insert(self.key, pending);
     }
     fn history(&mut self, id: u32, channel: &str, query: HistoryQuery) -> Result<(), ErrorCode> {
         self.defer(id, ClientWait::History, |reply| ToBroker::History {
@@ -1573,6 +1655,7 @@ mod tests {
                 token: 5,
                 recovering: false,
                 reject_unrecovered: false,
+                connect: false,
             },
         };
         s.index.borrow_mut().add_waiting("h:1", waiting, true);

@@ -501,3 +501,72 @@ fn standalone_restart_starts_new_epochs() {
     assert_ne!(sub["epoch"].as_str().unwrap(), epoch);
     assert_eq!(sub["offset"], 1, "the new epoch's position");
 }
+
+/// Server-side subscriptions (a token's `channels`) in history channels get a position in the
+/// connect reply and recover like client ones: the SDK sends `subs` with its positions on
+/// reconnect, and the connect reply carries what was missed.
+fn server_side_subscriptions_recover(nodes: &[SocketAddr]) {
+    let t = shardcast::protocol::token::sign_connect(
+        SECRET,
+        &shardcast::protocol::token::ConnectClaims {
+            sub: "alice".into(),
+            exp: Some(now_secs() + 3600),
+            info: None,
+            channels: vec!["feed:srv".into(), "news".into()],
+        },
+    );
+    let mut a = Client::connect_addr(nodes[0]);
+    let r = a.command("connect", json!({ "token": t }));
+    let sub = &r["connect"]["subs"]["feed:srv"];
+    assert_eq!(sub["recoverable"], true, "{r}");
+    let epoch = sub["epoch"].as_str().expect("an epoch").to_string();
+    assert_eq!(sub["offset"], 0);
+    assert_eq!(r["connect"]["subs"]["news"], json!({}), "no history there");
+    for n in 1..=3 {
+        publish(nodes[0], "feed:srv", n);
+    }
+    for n in 1..=3 {
+        let p = a.push(Duration::from_secs(5)).expect("live");
+        assert_eq!(p["push"]["channel"], "feed:srv");
+        assert_eq!(p["push"]["pub"]["offset"], n);
+    }
+    drop(a);
+    for n in 4..=6 {
+        publish(nodes[0], "feed:srv", n);
+    }
+    // Back, on the last node, from offset 3.
+    let mut b = Client::connect_addr(nodes[nodes.len() - 1]);
+    let subs = json!({"feed:srv": {"recover": true, "offset": 3, "epoch": epoch}});
+    let r = b.command("connect", json!({ "token": t, "subs": subs }));
+    let sub = &r["connect"]["subs"]["feed:srv"];
+    assert_eq!(sub["recovered"], true, "{r}");
+    assert_eq!(sub["was_recovering"], true);
+    assert_eq!(offsets(&sub["publications"]), [4, 5, 6]);
+    publish(nodes[0], "feed:srv", 7);
+    let p = b
+        .push(Duration::from_secs(5))
+        .expect("live after the recovery");
+    assert_eq!(p["push"]["pub"]["offset"], 7, "{p}");
+    // From another epoch: connected, not recovered.
+    let mut c = Client::connect_addr(nodes[0]);
+    let subs = json!({"feed:srv": {"recover": true, "offset": 3, "epoch": "old"}});
+    let r = c.command("connect", json!({ "token": t, "subs": subs }));
+    let sub = &r["connect"]["subs"]["feed:srv"];
+    assert!(sub["recovered"].is_null(), "{r}");
+    assert_eq!(sub["offset"], 7);
+}
+
+#[test]
+fn server_side_subscriptions_recover_standalone() {
+    let server = Server::start(&config(), &[]);
+    server_side_subscriptions_recover(&[server.addr]);
+}
+
+#[test]
+fn server_side_subscriptions_recover_across_redis_nodes() {
+    let redis = Redis::start(&[]);
+    let cfg = format!("redis = \"{}\"\n{}", redis.url(), config());
+    let a = Server::start(&cfg, &[]);
+    let b = Server::start(&cfg, &[]);
+    server_side_subscriptions_recover(&[a.addr, b.addr]);
+}

@@ -26,7 +26,7 @@ allow_history_for_client = true
 "#;
 
 /// The tests in recovery.cluster.mjs; every one must run and pass.
-const TESTS: u32 = 6;
+const TESTS: u32 = 7;
 
 #[test]
 fn official_js_sdk_recovers_across_nodes_and_redis_failures() {

@@ -28,7 +28,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { execFile, spawn } from 'node:child_process';
 import {
-  connectedClient, nonce, range, sleep, waitUntil, waitEvent, firstDifference,
+  connToken, connectedClient, sdkClient, nonce, range, sleep, waitUntil, waitEvent, firstDifference,
 } from '../helpers.mjs';
 
 // ---------------------------------------------------------------------------
@@ -543,6 +543,44 @@ test('a subscriber that comes back on node B recovers the 50 publications it mis
   await received(s, 56);
   assert.deepEqual(s.pubs[55], { data: { n: 55 }, offset: 56 });
   assert.deepEqual(laterEvents(s), ['subscribing', 'subscribed'], 'subscription events after the first subscribe');
+});
+
+test('a server-side subscription (token channels) recovers on node B what it missed on A', { timeout: 30000 }, async (t) => {
+  const cfg = cluster(t);
+  if (!cfg) return;
+  const id = nonce();
+  const channel = `feed:server-${id}`;
+  const proxy = await SwitchProxy.start(cfg.a);
+  t.after(() => proxy.close());
+  const token = connToken(cfg.secret, { sub: `srv-${id}`, channels: [channel] });
+  const c = await sdkClient(t, sdkTarget(cfg, proxy.url), { ...FAST_RECONNECT, token });
+  const subscribed = [];
+  const pubs = [];
+  c.client.on('subscribed', (ctx) => subscribed.push(ctx));
+  c.client.on('publication', (ctx) => {
+    if (ctx.channel === channel) pubs.push({ data: ctx.data, offset: ctx.offset });
+  });
+  c.client.connect();
+  await waitUntil(() => subscribed.length >= 1, 5000, 'the server-side subscribed event');
+  assert.equal(subscribed[0].channel, channel);
+  assert.equal(subscribed[0].recoverable, true, 'server-side subscription in a feed channel is recoverable');
+  for (let n = 0; n < 3; n++) await publish(cfg, cfg.a.http, channel, { n }, `${id}-${n}`);
+  await waitUntil(() => pubs.length >= 3, 5000, '3 live publications');
+
+  const away = waitEvent(c.client, 'connecting', 5000);
+  proxy.moveTo(cfg.b);
+  await away;
+  for (let n = 3; n < 23; n++) await publish(cfg, cfg.b.http, channel, { n }, `${id}-${n}`);
+  proxy.release();
+  await waitUntil(() => subscribed.length >= 2 && pubs.length >= 23, 10000,
+    `the resubscribe and 23 publications (got ${pubs.length})`);
+  await sleep(200); // a duplicate would arrive by now
+  const back = subscribed[1];
+  assert.deepEqual(proxy.open(), ['B'], 'now on node B');
+  assert.equal(back.wasRecovering, true, 'wasRecovering');
+  assert.equal(back.recovered, true, 'recovered');
+  assertSeq(ns(pubs), range(23), 'publication data');
+  assertSeq(offsets(pubs), fromTo(1, 23), 'publication offsets');
 });
 
 // ---------------------------------------------------------------------------
