@@ -308,7 +308,6 @@ enum GatherTarget {
 /// The live connections' write ends (None while Redis is down).
 struct Link {
     cmd: LocalSender<Vec<u8>>,
-    sub: LocalSender<Vec<u8>>,
 }
 
 struct Mux {
@@ -325,6 +324,9 @@ struct Mux {
     /// Channels whose SUBSCRIBE is sent but not confirmed yet.
     confirming: RefCell<HashMap<Arc<str>, ()>>,
     link: RefCell<Option<Link>>,
+    /// The subscriber connection's write end (None while it is down; it may come back on its
+    /// own while the command connection stays).
+    sub_link: RefCell<Option<LocalSender<Vec<u8>>>>,
     /// What each command in flight is for, with the encoded command when it runs a script
     /// (sent again after NOSCRIPT).
     waiters: RefCell<VecDeque<(Waiter, Option<Vec<u8>>)>>,
@@ -386,6 +388,7 @@ impl Mux {
             users: RefCell::default(),
             confirming: RefCell::default(),
             link: RefCell::new(None),
+            sub_link: RefCell::new(None),
             waiters: RefCell::default(),
             scripts: [
                 Script::new(PUBLISH_SCRIPT),
@@ -426,8 +429,14 @@ impl Mux {
         format!("{}:nodes", self.prefix)
     }
 
+    /// The command connection is up (publishes, presence, reads, the lease).
     fn is_up(&self) -> bool {
         self.link.borrow().is_some()
+    }
+
+    /// The subscriber connection is up (subscriptions can be confirmed).
+    fn sub_up(&self) -> bool {
+        self.sub_link.borrow().is_some()
     }
 
     fn reply(&self, to: ReplyTo, reply: BrokerReply) {
@@ -582,19 +591,13 @@ impl Mux {
 
     /// Hands the batch's encoded commands to the connection writers.
     fn flush(&self) {
-        let link = self.link.borrow();
-        let Some(link) = link.as_ref() else {
-            self.cmd_out.borrow_mut().clear();
-            self.sub_out.borrow_mut().clear();
-            return;
-        };
         let cmd = std::mem::take(&mut *self.cmd_out.borrow_mut());
-        if !cmd.is_empty() {
+        if let (Some(link), false) = (self.link.borrow().as_ref(), cmd.is_empty()) {
             let _ = link.cmd.try_send(cmd);
         }
         let sub = std::mem::take(&mut *self.sub_out.borrow_mut());
-        if !sub.is_empty() {
-            let _ = link.sub.try_send(sub);
+        if let (Some(tx), false) = (self.sub_link.borrow().as_ref(), sub.is_empty()) {
+            let _ = tx.try_send(sub);
         }
     }
 
@@ -640,7 +643,7 @@ impl Mux {
         match msg {
             ToBroker::Subscribe { shard, channel } => {
                 let first = self.interest.borrow_mut().add(channel.clone(), shard);
-                if !self.is_up() {
+                if !self.sub_up() {
                     // A subscription acknowledged now would silently miss what other nodes
                     // publish: refuse it (temporary error; the SDK retries). The shard rolls
                     // back and withdraws its interest.
@@ -662,7 +665,7 @@ impl Mux {
                     let mut out = Vec::new();
                     self.tracker.borrow_mut().removed(&channel, &mut out);
                     self.apply(out);
-                    if self.is_up() {
+                    if self.sub_up() {
                         self.sub_command(&[b"UNSUBSCRIBE", self.channel_key(&channel).as_bytes()]);
                     }
                 }
@@ -815,9 +818,9 @@ impl Mux {
                 } else {
                     (false, self.users.borrow_mut().remove(&user, shard))
                 };
-                if self.is_up() && first {
+                if self.sub_up() && first {
                     self.sub_command(&[b"SUBSCRIBE", self.user_key(&user).as_bytes()]);
-                } else if self.is_up() && last {
+                } else if self.sub_up() && last {
                     self.sub_command(&[b"UNSUBSCRIBE", self.user_key(&user).as_bytes()]);
                 }
             }
@@ -1106,14 +1109,14 @@ impl Mux {
         Ok((cmd, sub))
     }
 
-    /// Runs both connections until either fails.
+    /// Runs both connections until the command connection fails. The subscriber connection
+    /// may fail alone (Redis drops pub/sub clients past their output buffer limit, or `CLIENT
+    /// KILL TYPE pubsub`): it is then reconnected with backoff while publishes, presence and
+    /// stream reads go on, and its channels are repaired from their streams when it is back.
     async fn serve(self: &Rc<Self>, cmd: (TcpStream, BytesMut), sub: (TcpStream, BytesMut)) {
         let (cmd_stream, cmd_buf) = cmd;
-        let (sub_stream, sub_buf) = sub;
         let (cmd_read, mut cmd_write) = futures_lite::io::split(cmd_stream);
-        let (sub_read, mut sub_write) = futures_lite::io::split(sub_stream);
         let (cmd_tx, cmd_rx) = local_channel::new_unbounded::<Vec<u8>>();
-        let (sub_tx, sub_rx) = local_channel::new_unbounded::<Vec<u8>>();
         let cmd_writer = glommio::spawn_local(async move {
             while let Some(chunk) = cmd_rx.recv().await {
                 if cmd_write.write_all(&chunk).await.is_err() {
@@ -1121,56 +1124,116 @@ impl Mux {
                 }
             }
         });
-        let sub_writer = glommio::spawn_local(async move {
-            while let Some(chunk) = sub_rx.recv().await {
-                if sub_write.write_all(&chunk).await.is_err() {
-                    break;
-                }
-            }
-        });
         // Scripts first (replies in order: nothing can run one before it is loaded), then
-        // resubscribe everything in one command, then announce ourselves.
+        // announce ourselves.
         self.load_scripts();
-        {
-            let interest = self.interest.borrow();
-            let users = self.users.borrow();
-            if !interest.is_empty() || !users.is_empty() {
-                let names: Vec<String> = interest
-                    .keys()
-                    .map(|c| self.channel_key(c))
-                    .chain(users.keys().map(|u| self.user_key(u)))
-                    .collect();
-                let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
-                args.extend(names.iter().map(|n| n.as_bytes()));
-                encode(&mut self.sub_out.borrow_mut(), &args);
-            }
-            self.confirming.borrow_mut().clear();
-        }
-        *self.link.borrow_mut() = Some(Link {
-            cmd: cmd_tx,
-            sub: sub_tx,
-        });
-        self.node.redis_state.store(1, Ordering::Relaxed);
+        *self.link.borrow_mut() = Some(Link { cmd: cmd_tx });
         self.gather(Query::Stats, GatherTarget::Lease);
         self.gather(Query::PresenceAll, GatherTarget::Reannounce);
         self.flush();
+        let (done_tx, done_rx) = local_channel::new_unbounded::<String>();
+        let me = self.clone();
+        let cmd_reader = glommio::spawn_local(async move {
+            let reason = me.read_replies(cmd_read, cmd_buf).await;
+            let _ = done_tx.try_send(reason);
+        });
+        let cmd_down = || async { done_rx.recv().await.unwrap_or_default() };
 
-        let me = self.clone();
-        let cmd_reader = async move { me.read_replies(cmd_read, cmd_buf).await };
-        let me = self.clone();
-        let sub_reader = async move { me.read_pushes(sub_read, sub_buf).await };
-        let reason = futures_lite::future::or(cmd_reader, sub_reader).await;
+        let mut sub = Some(sub);
+        let mut attempt: u32 = 0;
+        let reason = loop {
+            let (sub_stream, sub_buf) = match sub.take() {
+                Some(s) => s,
+                None => {
+                    // The subscriber connection alone: back off, reconnect, unless the command
+                    // connection goes down meanwhile.
+                    let opts = &self.cfg.redis_options;
+                    let base = (opts.backoff_initial_ms as u64)
+                        .saturating_mul(1 << attempt.min(16))
+                        .min(opts.backoff_max_ms as u64);
+                    let delay = base / 2 + fastrand::u64(0..=base / 2);
+                    attempt = attempt.saturating_add(1);
+                    let next = futures_lite::future::or(async { Err(cmd_down().await) }, async {
+                        glommio::timer::sleep(Duration::from_millis(delay)).await;
+                        Ok(self.connect_one("sub").await)
+                    })
+                    .await;
+                    match next {
+                        Err(reason) => break reason,
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "cannot reconnect the Redis subscriber connection");
+                            continue;
+                        }
+                        Ok(Ok(s)) => {
+                            self.node.redis_reconnects.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!("Redis subscriber connection back");
+                            s
+                        }
+                    }
+                }
+            };
+            attempt = 0;
+            let (sub_read, mut sub_write) = futures_lite::io::split(sub_stream);
+            let (sub_tx, sub_rx) = local_channel::new_unbounded::<Vec<u8>>();
+            let sub_writer = glommio::spawn_local(async move {
+                while let Some(chunk) = sub_rx.recv().await {
+                    if sub_write.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            // Resubscribe everything in one command.
+            {
+                let interest = self.interest.borrow();
+                let users = self.users.borrow();
+                if !interest.is_empty() || !users.is_empty() {
+                    let names: Vec<String> = interest
+                        .keys()
+                        .map(|c| self.channel_key(c))
+                        .chain(users.keys().map(|u| self.user_key(u)))
+                        .collect();
+                    let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+                    args.extend(names.iter().map(|n| n.as_bytes()));
+                    encode(&mut self.sub_out.borrow_mut(), &args);
+                }
+                self.confirming.borrow_mut().clear();
+            }
+            *self.sub_link.borrow_mut() = Some(sub_tx);
+            self.tracker.borrow_mut().link_up();
+            self.node.redis_state.store(1, Ordering::Relaxed);
+            self.flush();
+            let me = self.clone();
+            let sub_reader =
+                async move { Err::<String, String>(me.read_pushes(sub_read, sub_buf).await) };
+            let end = futures_lite::future::or(async { Ok(cmd_down().await) }, sub_reader).await;
+            self.sub_down();
+            sub_writer.cancel().await;
+            match end {
+                Ok(reason) => break reason,
+                Err(reason) => {
+                    tracing::warn!(%reason, "Redis subscriber connection lost; publishes go on, its channels are repaired when it is back");
+                    self.node.redis_state.store(2, Ordering::Relaxed);
+                }
+            }
+        };
         tracing::warn!(%reason, "Redis connection lost");
 
-        // Down: drop the writers, fail whatever waits for a reply.
+        // Down: drop the writer, fail whatever waits for a reply.
         *self.link.borrow_mut() = None;
         self.node.redis_state.store(2, Ordering::Relaxed);
+        cmd_reader.cancel().await;
         cmd_writer.cancel().await;
-        sub_writer.cancel().await;
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
         for (w, _) in waiters {
             match w {
-                Waiter::Ignore | Waiter::NodesCache | Waiter::Read { .. } => {}
+                Waiter::Ignore | Waiter::NodesCache => {}
+                Waiter::Read { channel, gen, .. } => {
+                    let mut out = Vec::new();
+                    self.tracker
+                        .borrow_mut()
+                        .read_failed(&channel, gen, &mut out);
+                    self.apply(out);
+                }
                 Waiter::History(to, _) => {
                     self.reply(to, BrokerReply::History(Err(BrokerError::Unavailable)))
                 }
@@ -1185,7 +1248,13 @@ impl Mux {
                 Waiter::Nodes(to) => self.reply(to, BrokerReply::Gathered(Part::Nodes(Vec::new()))),
             }
         }
-        // Subscriptions still waiting for Redis's confirmation fail (temporary error).
+    }
+
+    /// The subscriber connection is gone: subscriptions waiting for Redis's confirmation fail
+    /// (temporary error), and tracked channels wait to be repaired once it is back.
+    fn sub_down(&self) {
+        *self.sub_link.borrow_mut() = None;
+        self.sub_out.borrow_mut().clear();
         let confirming: Vec<Arc<str>> = self
             .confirming
             .borrow_mut()
@@ -1198,8 +1267,8 @@ impl Mux {
                 channel: channel.clone(),
             });
         }
-        // Tracked channels: reads in flight are lost, waiting subscribers get an error; each
-        // channel is read again (repaired) once its SUBSCRIBE is confirmed on the next link.
+        // Tracked channels: waiting subscribers get an error; each channel is read again
+        // (repaired) once its SUBSCRIBE is confirmed on the next subscriber connection.
         let mut out = Vec::new();
         self.tracker.borrow_mut().link_down(&mut out);
         self.apply(out);

@@ -189,6 +189,8 @@ pub struct Tracker {
     tracks: HashMap<Arc<str>, Track>,
     next_gen: u64,
     budget: Rc<Budget>,
+    /// The subscriber connection is down: position requests fail at once instead of waiting.
+    down: bool,
 }
 
 impl Tracker {
@@ -203,6 +205,7 @@ impl Tracker {
             tracks: HashMap::new(),
             next_gen: 1,
             budget,
+            down: false,
         }
     }
 
@@ -253,9 +256,15 @@ impl Tracker {
         }
     }
 
+    /// A new subscriber connection is up (its SUBSCRIBE confirmations follow).
+    pub fn link_up(&mut self) {
+        self.down = false;
+    }
+
     /// Redis confirmed the SUBSCRIBE (first time, or again after a reconnect): read the stream
     /// to learn the position, or to repair what the node missed while the link was down.
     pub fn subscribed(&mut self, channel: &Arc<str>, out: &mut Vec<Action>) {
+        self.down = false;
         let gen = self.gen();
         let budget = &self.budget;
         let t = self
@@ -271,6 +280,7 @@ impl Tracker {
     /// The link went down: reads in flight are lost, waiting subscribers get a temporary
     /// error, held publications will be read again after the reconnect.
     pub fn link_down(&mut self, out: &mut Vec<Action>) {
+        self.down = true;
         let mut gens = Vec::with_capacity(self.tracks.len());
         for _ in 0..self.tracks.len() {
             gens.push(self.gen());
@@ -293,6 +303,11 @@ impl Tracker {
             out.push(answer(channel, &req, Err(BrokerError::Unavailable)));
             return;
         };
+        if self.down && !t.confirmed {
+            // No live stream until the link is back: a temporary error, the SDK retries.
+            out.push(answer(channel, &req, Err(BrokerError::Unavailable)));
+            return;
+        }
         if !t.confirmed || t.reading || t.pos.is_none() {
             t.pending.push(req);
             if t.confirmed && !t.reading {
@@ -828,7 +843,24 @@ mod tests {
                 ..
             }
         ));
+        // While the link is down a new request fails at once (the SDK retries).
         let mut out = Vec::new();
+        let req = PosReq {
+            shard: 0,
+            token: 2,
+            since: None,
+        };
+        t.position(&ch, req, &mut out);
+        assert!(matches!(
+            out[0],
+            Action::Answer {
+                token: 2,
+                answer: Err(BrokerError::Unavailable),
+                ..
+            }
+        ));
+        let mut out = Vec::new();
+        t.link_up();
         t.live(&ch, live(9, "e"), &mut out); // cannot happen before SUBSCRIBE, but is held
         t.subscribed(&ch, &mut out);
         let (gen, since) = read_of(&out);

@@ -570,3 +570,45 @@ fn server_side_subscriptions_recover_across_redis_nodes() {
     let b = Server::start(&cfg, &[]);
     server_side_subscriptions_recover(&[a.addr, b.addr]);
 }
+
+/// Redis drops a node's pub/sub connection alone (as it does to pub/sub clients past their
+/// output buffer limit): publishes through that node go on without an error, and its
+/// subscribers get every publication once, in order, from the repair.
+#[test]
+fn pubsub_connection_lost_alone_publishes_go_on() {
+    let redis = Redis::start(&[]);
+    let cfg = format!("redis = \"{}\"\n{}", redis.url(), config());
+    let node = Server::start(&cfg, &[]);
+    let (mut a, _) = Client::connected(&node, "alice");
+    a.command("subscribe", json!({"channel": "feed:k"}));
+    let addr = node.addr;
+    let publisher = std::thread::spawn(move || {
+        for n in 1..=200u64 {
+            let body = publish(addr, "feed:k", n);
+            assert_eq!(body["result"]["offset"], n, "publish {n}: {body}");
+            std::thread::sleep(Duration::from_millis(3));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_eq!(killed, ["1"], "one pub/sub connection");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 200 && Instant::now() < deadline {
+        if let Some(p) = a.push(Duration::from_millis(200)) {
+            seen.push(p["push"]["pub"]["offset"].as_u64().unwrap());
+        }
+    }
+    publisher
+        .join()
+        .expect("every publish answered with its offset");
+    assert_eq!(seen, (1..=200).collect::<Vec<u64>>());
+    assert!(a.push(Duration::from_millis(300)).is_none(), "once each");
+    let (_, info) = api(node.addr, "info", &json!({}));
+    let n = &info["result"]["nodes"][0];
+    assert_eq!(n["redis"]["reconnects"], 1, "{n}");
+    assert!(
+        n["counters"]["repaired_publications"].as_u64().unwrap() > 0,
+        "{n}"
+    );
+}
