@@ -184,7 +184,7 @@ impl State {
                 break;
             }
             if let Some(stream) = self.streams.get_mut(&channel) {
-                self.history_bytes -= stream.bytes();
+                self.history_bytes = self.history_bytes.saturating_sub(stream.bytes());
                 stream.clear();
                 self.stats.history_evictions.fetch_add(1, Ordering::Relaxed);
             }
@@ -282,7 +282,8 @@ impl State {
                         None
                     }
                 };
-                self.history_bytes = self.history_bytes - bytes_change.0 + bytes_change.1;
+                self.history_bytes =
+                    self.history_bytes.saturating_sub(bytes_change.0) + bytes_change.1;
                 if self.history_bytes > self.cfg.limits.max_history_bytes {
                     self.evict_history();
                 }
@@ -341,7 +342,7 @@ impl State {
                 if let Some(stream) = self.stream(&channel) {
                     let before = stream.bytes();
                     stream.clear();
-                    self.history_bytes -= before;
+                    self.history_bytes = self.history_bytes.saturating_sub(before);
                 }
                 self.reply(reply, BrokerReply::Done);
             }

@@ -723,7 +723,7 @@ impl Shard {
             epoch: Some(a.epoch.to_string()),
             // After a recovery: the position recovered from; the publications move it to the
             // top as the client handles them.
-            offset: Some(a.top - a.pubs.len() as u64),
+            offset: Some(a.top.saturating_sub(a.pubs.len() as u64)),
             was_recovering: recovering,
             recovered: recovering && a.recovered,
             ..Default::default()
