@@ -1115,15 +1115,8 @@ impl Mux {
     /// stream reads go on, and its channels are repaired from their streams when it is back.
     async fn serve(self: &Rc<Self>, cmd: (TcpStream, BytesMut), sub: (TcpStream, BytesMut)) {
         let (cmd_stream, cmd_buf) = cmd;
-        let (cmd_read, mut cmd_write) = futures_lite::io::split(cmd_stream);
-        let (cmd_tx, cmd_rx) = local_channel::new_unbounded::<Vec<u8>>();
-        let cmd_writer = glommio::spawn_local(async move {
-            while let Some(chunk) = cmd_rx.recv().await {
-                if cmd_write.write_all(&chunk).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let (cmd_read, cmd_write) = futures_lite::io::split(cmd_stream);
+        let (cmd_tx, cmd_writer) = spawn_writer(cmd_write);
         // Scripts first (replies in order: nothing can run one before it is loaded), then
         // announce ourselves.
         self.load_scripts();
@@ -1173,15 +1166,8 @@ impl Mux {
                 }
             };
             attempt = 0;
-            let (sub_read, mut sub_write) = futures_lite::io::split(sub_stream);
-            let (sub_tx, sub_rx) = local_channel::new_unbounded::<Vec<u8>>();
-            let sub_writer = glommio::spawn_local(async move {
-                while let Some(chunk) = sub_rx.recv().await {
-                    if sub_write.write_all(&chunk).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            let (sub_read, sub_write) = futures_lite::io::split(sub_stream);
+            let (sub_tx, sub_writer) = spawn_writer(sub_write);
             // Resubscribe everything in one command.
             {
                 let interest = self.interest.borrow();
@@ -1528,6 +1514,22 @@ impl Mux {
         let mask = self.users.borrow().mask(&user);
         super::send_to(&self.shards, mask, || ToShard::Command(cmd.clone()));
     }
+}
+
+/// A task writing what is sent to the returned queue to `out`, batch by batch, until a write
+/// fails or the task is cancelled.
+fn spawn_writer(
+    mut out: futures_lite::io::WriteHalf<TcpStream>,
+) -> (LocalSender<Vec<u8>>, glommio::Task<()>) {
+    let (tx, rx) = local_channel::new_unbounded::<Vec<u8>>();
+    let task = glommio::spawn_local(async move {
+        while let Some(chunk) = rx.recv().await {
+            if out.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    (tx, task)
 }
 
 /// `OFFSET:EPOCH` → a stream position.

@@ -27,6 +27,35 @@ allow_publish_for_client = true
 presence = true
 "#;
 
+/// History namespaces (append after [`BASE_CONFIG`]): `feed` (100 kept, recovery), `tiny`
+/// (5 kept, recovery), `norec` (history without recovery), `open` (history anyone may read).
+pub const HISTORY_NAMESPACES: &str = r#"
+[namespaces.feed]
+history_size = 100
+history_ttl_secs = 300
+recover = true
+[namespaces.tiny]
+history_size = 5
+history_ttl_secs = 300
+recover = true
+[namespaces.norec]
+history_size = 10
+[namespaces.open]
+history_size = 10
+history_ttl_secs = 300
+allow_history_for_client = true
+"#;
+
+/// The number a `node --test` TAP summary line reports (`# pass 12` → 12); `u32::MAX` when
+/// the line is missing.
+pub fn tap_count(stdout: &str, what: &str) -> u32 {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(what))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
 /// A running server, killed and reaped on drop.
 pub struct Server {
     pub child: Child,

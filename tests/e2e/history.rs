@@ -8,21 +8,8 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-const HISTORY: &str = r#"
-[namespaces.feed]
-history_size = 100
-history_ttl_secs = 300
-recover = true
-[namespaces.tiny]
-history_size = 5
-history_ttl_secs = 300
-recover = true
-[namespaces.norec]
-history_size = 10
-"#;
-
 fn config() -> String {
-    format!("{BASE_CONFIG}{HISTORY}")
+    format!("{BASE_CONFIG}{HISTORY_NAMESPACES}")
 }
 
 fn publish(addr: SocketAddr, channel: &str, n: u64) -> Value {

@@ -9,22 +9,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Namespaces the SDK tests use, after the base config's tables.
-const NAMESPACES: &str = r#"
-[namespaces.feed]
-history_size = 100
-history_ttl_secs = 300
-recover = true
-[namespaces.tiny]
-history_size = 5
-history_ttl_secs = 300
-recover = true
-[namespaces.open]
-history_size = 10
-history_ttl_secs = 300
-allow_history_for_client = true
-"#;
-
 /// The tests in recovery.cluster.mjs; every one must run and pass.
 const TESTS: u32 = 7;
 
@@ -36,7 +20,10 @@ fn official_js_sdk_recovers_across_nodes_and_redis_failures() {
         "the JS SDK is not installed: run `npm ci --prefix tests/interop` (the README's test command does)"
     );
     let redis = Redis::start(&[]);
-    let cfg = format!("redis = \"{}\"\n{BASE_CONFIG}{NAMESPACES}", redis.url());
+    let cfg = format!(
+        "redis = \"{}\"\n{BASE_CONFIG}{HISTORY_NAMESPACES}",
+        redis.url()
+    );
     let a = Server::start(&cfg, &[]);
     let b = Server::start(&cfg, &[]);
 
@@ -105,13 +92,7 @@ fn official_js_sdk_recovers_across_nodes_and_redis_failures() {
         "SDK recovery tests failed:\n{stdout}\n{stderr}\n{}",
         logs()
     );
-    let count = |what: &str| -> u32 {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(what))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(u32::MAX)
-    };
+    let count = |what: &str| tap_count(&stdout, what);
     assert_eq!(count("# skipped "), 0, "SDK tests skipped:\n{stdout}");
     assert_eq!(count("# todo "), 0, "SDK tests marked todo:\n{stdout}");
     assert_eq!(count("# fail "), 0, "SDK tests failed:\n{stdout}");

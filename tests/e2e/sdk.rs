@@ -33,13 +33,7 @@ fn official_js_sdk_interop() {
         out.status.success(),
         "SDK tests failed:\n{stdout}\n{stderr}"
     );
-    let count = |what: &str| -> u32 {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(what))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(u32::MAX)
-    };
+    let count = |what: &str| tap_count(&stdout, what);
     assert_eq!(count("# skipped "), 0, "SDK tests skipped:\n{stdout}");
     assert_eq!(count("# todo "), 0, "SDK tests marked todo:\n{stdout}");
     assert!(count("# pass ") >= 12, "too few SDK tests ran:\n{stdout}");
@@ -53,9 +47,7 @@ fn official_python_sdk_interop() {
         python.exists(),
         "the Python SDK is not installed: run `python3 -m venv target/interop-py && target/interop-py/bin/pip install -r tests/interop/python/requirements.txt` (the README's test command does)"
     );
-    let cfg = format!(
-        "{BASE_CONFIG}[namespaces.feed]\nhistory_size = 100\nhistory_ttl_secs = 300\nrecover = true\n"
-    );
+    let cfg = format!("{BASE_CONFIG}{HISTORY_NAMESPACES}");
     let server = Server::start(&cfg, &[]);
     let out = Command::new(&python)
         .arg(root.join("tests/interop/python/sdk_test.py"))
