@@ -13,4 +13,7 @@ mod protocol;
 mod recovery;
 mod redis;
 mod sdk;
+mod security_api;
+mod security_edge;
+mod security_tokens;
 mod status_page;

@@ -1,0 +1,1 @@
+//! Security: placeholder, filled by its issue-15 work.
