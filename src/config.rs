@@ -45,8 +45,10 @@ pub struct Config {
     pub pin_shards: bool,
     /// listen(2) backlog of each shard's socket, in connections.
     pub backlog: u32,
-    /// Redis URL `redis://[user:password@]host:port[/db]`; empty = standalone (memory broker).
-    pub redis: String,
+    /// Where Redis is (TOML key and `--redis`: a URL, see [`RedisTarget::parse`]); `None` =
+    /// standalone (memory broker). An empty string in the file also means standalone.
+    #[serde(deserialize_with = "redis_url")]
+    pub redis: Option<RedisTarget>,
     /// Redis mode tuning.
     pub redis_options: RedisOptions,
     /// HS256 secret that connection and subscription tokens are signed with.
@@ -93,7 +95,7 @@ impl Default for Config {
             shards: 0,
             pin_shards: true,
             backlog: 4096,
-            redis: String::new(),
+            redis: None,
             redis_options: RedisOptions::default(),
             token_hmac_secret: String::new(),
             api_key: String::new(),
@@ -127,6 +129,107 @@ pub enum InsufficientAction {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`, parsed once when the
+/// configuration is read (TOML key `redis`, flag `--redis`).
+///
+/// The user name and password are percent-decoded (RFC 3986), so a password holding reserved
+/// characters is written percent-encoded (`+` as `%2B`, `&` as `%26`, `@` as `%40`, `:` as `%3A`,
+/// `%` as `%25`, ...). Only the `redis` scheme is accepted (no TLS yet) and no query keys: an
+/// unknown one would otherwise be silently ignored. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: u32,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("db", &self.db)
+            .finish()
+    }
+}
+
+impl RedisTarget {
+    /// Parses a Redis URL. The error says what is wrong and names the offending part (scheme,
+    /// query key, ...), never the password.
+    pub fn parse(text: &str) -> Result<RedisTarget, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("is not a URL ({e})"))?;
+        if url.scheme() != "redis" {
+            return Err(format!(
+                "has the unsupported scheme `{}` (only redis:// is supported; TLS is not)",
+                url.scheme()
+            ));
+        }
+        if let Some((key, _)) = url.query_pairs().next() {
+            return Err(format!(
+                "has the unsupported query key `{key}` (no query keys are supported)"
+            ));
+        }
+        if url.query().is_some() {
+            return Err("has an empty query (`?`); remove it".into());
+        }
+        if url.fragment().is_some() {
+            return Err("has a fragment (`#`): percent-encode `#` in a password as %23".into());
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or("has no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let db = match url.path().trim_start_matches('/') {
+            "" => 0,
+            p => p
+                .parse()
+                .map_err(|_| format!("has a bad database number `{p}`"))?,
+        };
+        // `Url` keeps the userinfo percent-encoded; decode it as RFC 3986 says (not as a form,
+        // which would turn `+` into a space).
+        let decode = |part: &str, what: &str| {
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| format!("has a {what} that is not UTF-8 once percent-decoded"))
+        };
+        let username = Some(decode(url.username(), "user name")?).filter(|u| !u.is_empty());
+        let password = match url.password() {
+            Some(p) => Some(decode(p, "password")?),
+            None => None,
+        };
+        Ok(RedisTarget {
+            host,
+            port: url.port().unwrap_or(6379),
+            username,
+            password,
+            db,
+        })
+    }
+}
+
+/// Marks the message of a bad `redis` value, so that [`Config::from_toml`] can report it
+/// without the TOML source line (which would show the password).
+const REDIS_ERROR: &str = "invalid Redis URL: ";
+
+/// Reads the `redis` key: a URL, or an empty string for standalone.
+fn redis_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RedisTarget>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    RedisTarget::parse(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{REDIS_ERROR}{e}")))
 }
 
 /// How a node uses Redis (only read in Redis mode).
@@ -369,9 +472,17 @@ impl Config {
 
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "<text>".into(),
-            message: e.to_string().trim().to_string(),
+        toml::from_str(text).map_err(|e| {
+            // A bad Redis URL may hold a password: name the key, not the source line.
+            let message = if e.message().starts_with(REDIS_ERROR) {
+                format!("`redis`: {}", e.message())
+            } else {
+                e.to_string().trim().to_string()
+            };
+            ConfigError::Parse {
+                path: "<text>".into(),
+                message,
+            }
         })
     }
 
@@ -385,10 +496,6 @@ impl Config {
         }
         if self.backlog == 0 {
             return Err(invalid("backlog", "must be at least 1"));
-        }
-        if !self.redis.is_empty() {
-            crate::broker::redis::RedisTarget::parse(&self.redis)
-                .map_err(|e| invalid("redis", e))?;
         }
         let r = &self.redis_options;
         if r.prefix.is_empty() || r.prefix.contains(['{', '}', ' ']) {
@@ -645,6 +752,106 @@ mod tests {
         dev.validate().unwrap();
         let feed = dev.namespace_of("feed:x").unwrap();
         assert!(feed.has_history() && feed.recover);
+    }
+
+    #[test]
+    fn urls() {
+        let t = RedisTarget::parse("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6380, 2));
+        assert_eq!((t.username, t.password), (None, None));
+        let t = RedisTarget::parse("redis://user:p%40ss@redis.local").unwrap();
+        assert_eq!(t.port, 6379);
+        assert_eq!(t.username.as_deref(), Some("user"));
+        assert_eq!(t.password.as_deref(), Some("p@ss"));
+        let t = RedisTarget::parse("redis://:secret@[::1]:7000").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.password.as_deref()),
+            ("::1", Some("secret"))
+        );
+        assert!(RedisTarget::parse("rediss://h:1").is_err());
+        assert!(RedisTarget::parse("redis://h:1/x").is_err());
+        assert!(RedisTarget::parse("not a url").is_err());
+    }
+
+    /// Every RFC 3986 reserved character, `%` and a space.
+    pub const RESERVED_PASSWORD: &str = "a+b&c@d:e%f/g?h#i[j]k!l$m'n(o)p*q,r;s=t u";
+
+    /// Percent-encodes every byte that is not unreserved (RFC 3986).
+    fn encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn percent_encoded_userinfo_is_decoded_as_rfc_3986_says() {
+        let user = "u+s:e@r";
+        let url = format!(
+            "redis://{}:{}@127.0.0.1:7001/3",
+            encode(user),
+            encode(RESERVED_PASSWORD)
+        );
+        let t = RedisTarget::parse(&url).unwrap();
+        assert_eq!(t.password.as_deref(), Some(RESERVED_PASSWORD));
+        assert_eq!(t.username.as_deref(), Some(user));
+        assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 7001, 3));
+        // `+` stays a plus (a form decoder would make it a space) and `&` does not cut it short.
+        let t = RedisTarget::parse("redis://:p+q%26r@h").unwrap();
+        assert_eq!(t.password.as_deref(), Some("p+q&r"));
+        let t = RedisTarget::parse("redis://:p+q&r@h").unwrap();
+        assert_eq!(t.password.as_deref(), Some("p+q&r"));
+        // Not UTF-8 once decoded: refused, and the message does not echo it.
+        let err = RedisTarget::parse("redis://:%FF%FE@h").unwrap_err();
+        assert!(err.contains("password"), "{err}");
+        assert!(!err.contains("FF"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_scheme_and_query_keys_are_named() {
+        let err = RedisTarget::parse("rediss://:pw@h:1").unwrap_err();
+        assert!(err.contains("`rediss`"), "{err}");
+        let err = RedisTarget::parse("unix:///run/redis.sock").unwrap_err();
+        assert!(err.contains("`unix`"), "{err}");
+        let err = RedisTarget::parse("redis://:pw@h:1/0?tls=true").unwrap_err();
+        assert!(err.contains("`tls`"), "{err}");
+        assert!(!err.contains("pw"), "{err}");
+        let err = RedisTarget::parse("redis://h:1?").unwrap_err();
+        assert!(err.contains("query"), "{err}");
+        // An unencoded `#` starts a fragment: the message tells how to write it.
+        let err = RedisTarget::parse("redis://h:1/0#x").unwrap_err();
+        assert!(err.contains("%23"), "{err}");
+    }
+
+    #[test]
+    fn the_redis_key_is_parsed_once_and_never_shows_the_password() {
+        let c = Config::from_toml("insecure = true\n").unwrap();
+        assert_eq!(c.redis, None);
+        let c = Config::from_toml("insecure = true\nredis = \"\"\n").unwrap();
+        assert_eq!(c.redis, None, "an empty URL means standalone");
+        let c = Config::from_toml(&format!(
+            "insecure = true\nredis = \"redis://:{}@10.1.2.3:6390\"\n",
+            encode(RESERVED_PASSWORD)
+        ))
+        .unwrap();
+        let t = c.redis.clone().unwrap();
+        assert_eq!(t.password.as_deref(), Some(RESERVED_PASSWORD));
+        assert_eq!((t.host.as_str(), t.port), ("10.1.2.3", 6390));
+        let debug = format!("{c:?}");
+        assert!(debug.contains("<redacted>"), "{debug}");
+        assert!(
+            !debug.contains("m'n(o)") && !debug.contains("%24m"),
+            "{debug}"
+        );
+        let err = Config::from_toml("insecure = true\nredis = \"rediss://:hunter2@h:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`redis`") && err.contains("`rediss`"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

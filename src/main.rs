@@ -1,7 +1,7 @@
 //! The binary edge: allocator, command line → [`Config`], logging, run, exit code.
 
 use clap::{Args, Parser, Subcommand};
-use shardcast::config::{Config, LogFormat};
+use shardcast::config::{Config, LogFormat, RedisTarget};
 use shardcast::protocol::token::{sign_connect, ConnectClaims};
 use std::path::PathBuf;
 
@@ -29,14 +29,21 @@ struct RunArgs {
     /// Number of shards (executors, one per core) [default: one per online CPU].
     #[arg(long)]
     shards: Option<usize>,
-    /// Redis URL redis://[user:password@]host:port[/db]; unset = standalone (memory broker).
-    #[arg(long)]
+    /// Redis URL redis://[[user]:password@]host[:port][/db], user and password
+    /// percent-encoded; unset = standalone (memory broker). Prefer the environment variable
+    /// or the config file to keep a password out of the process list.
+    #[arg(long, env = "SHARDCAST_REDIS", hide_env_values = true)]
     redis: Option<String>,
     /// HS256 secret of connection and subscription tokens.
-    #[arg(long, env = "SHARDCAST_TOKEN_HMAC_SECRET", global = true)]
+    #[arg(
+        long,
+        env = "SHARDCAST_TOKEN_HMAC_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
     token_hmac_secret: Option<String>,
     /// Key the HTTP API requires in the X-API-Key header (the API is off without one).
-    #[arg(long, env = "SHARDCAST_API_KEY")]
+    #[arg(long, env = "SHARDCAST_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// DEVELOPMENT ONLY: allow anonymous connect, subscribe, publish and presence everywhere.
     #[arg(long)]
@@ -77,7 +84,11 @@ fn load(run: &RunArgs) -> anyhow::Result<Config> {
         cfg.shards = v;
     }
     if let Some(v) = &run.redis {
-        cfg.redis = v.clone();
+        // Parsed here, once: the error names the flag and what is wrong, never the password.
+        cfg.redis = match v.as_str() {
+            "" => None,
+            url => Some(RedisTarget::parse(url).map_err(|e| anyhow::anyhow!("--redis {e}"))?),
+        };
     }
     if let Some(v) = &run.token_hmac_secret {
         cfg.token_hmac_secret = v.clone();

@@ -6,7 +6,7 @@
 //! and publish a snapshot here once a second ([`ShardSnapshot`]); the multiplexer publishes the
 //! cluster's node list the same way.
 
-use crate::shard::NodeInfo;
+use crate::shard::{NodeCounts, NodeInfo};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -34,8 +34,9 @@ pub struct ShardSnapshot {
 const STATUS_HTML: &str = include_str!("status.html");
 
 /// Starts the internal listener; returns the bound address, or `None` (logged) if it could
-/// not bind. Never fatal: the node serves clients without it.
-pub fn start(listen: &str, node: Arc<NodeInfo>) -> Option<SocketAddr> {
+/// not bind. Never fatal: the node serves clients without it. `redis_mode` is what the status
+/// page's node entry reports as its broker.
+pub fn start(listen: &str, node: Arc<NodeInfo>, redis_mode: bool) -> Option<SocketAddr> {
     if listen.is_empty() {
         return None;
     }
@@ -51,7 +52,7 @@ pub fn start(listen: &str, node: Arc<NodeInfo>) -> Option<SocketAddr> {
         .name("shardcast-metrics".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = serve(stream, &node);
+                let _ = serve(stream, &node, redis_mode);
             }
         });
     if let Err(e) = spawned {
@@ -62,7 +63,7 @@ pub fn start(listen: &str, node: Arc<NodeInfo>) -> Option<SocketAddr> {
 }
 
 /// One request per connection (`Connection: close`), bounded in size and time.
-fn serve(mut stream: TcpStream, node: &NodeInfo) -> std::io::Result<()> {
+fn serve(mut stream: TcpStream, node: &NodeInfo, redis_mode: bool) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; 8192];
@@ -98,7 +99,7 @@ fn serve(mut stream: TcpStream, node: &NodeInfo) -> std::io::Result<()> {
             &mut stream,
             200,
             "application/json",
-            status(node).to_string().as_bytes(),
+            status(node, redis_mode).to_string().as_bytes(),
         ),
         _ => respond(&mut stream, 404, "text/plain", b"not found\n"),
     }
@@ -256,19 +257,25 @@ fn prometheus(node: &NodeInfo) -> String {
     out
 }
 
-fn status(node: &NodeInfo) -> Value {
+/// `/status.json`: this node's entry (the same builder as `/api/info`'s, counted from the
+/// shards' last snapshots: a channel with subscribers on several shards counts once per
+/// shard), the per-shard figures, and the cluster's registry entries (Redis mode).
+fn status(node: &NodeInfo, redis_mode: bool) -> Value {
     let shards = snapshots(node);
     let total: u64 = shards.iter().map(|s| s.connections).sum();
     let cluster = node.cluster.lock().map(|c| c.clone()).unwrap_or_default();
-    json!({
-        "node": {
-            "uid": node.uid,
-            "name": node.name,
-            "address": node.address,
-            "uptime": node.started.elapsed().as_secs(),
-            "redis": node.redis_link_json(),
-            "draining": node.draining.load(Ordering::Relaxed),
+    let entry = node.info_entry(
+        redis_mode,
+        NodeCounts {
+            clients: total,
+            users: None,
+            subs: shards.iter().map(|s| s.subscriptions).sum(),
+            channels: shards.iter().map(|s| s.channels).sum(),
+            counters: None,
         },
+    );
+    json!({
+        "node": entry,
         "time_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
         "connections": total,
         "rss_bytes": rss_bytes(),

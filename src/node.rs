@@ -127,7 +127,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let stats = node.bus.clone();
     let (to_broker, broker_inbox) =
-        bus::broker_queue(cfg.limits.broker_queue_capacity, !cfg.redis.is_empty())?;
+        bus::broker_queue(cfg.limits.broker_queue_capacity, cfg.redis.is_some())?;
     let mut links = Vec::with_capacity(shards);
     let mut inboxes = Vec::with_capacity(shards);
     for _ in 0..shards {
@@ -141,7 +141,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .into_iter()
         .map(|c| c.id)
         .collect();
-    let broker: Box<dyn Broker> = if cfg.redis.is_empty() {
+    let broker: Box<dyn Broker> = if cfg.redis.is_none() {
         Box::new(MemoryBroker::new(cfg.clone(), stats.clone()))
     } else {
         // Pin the multiplexer to a core no shard uses, when there is one to spare.
@@ -197,12 +197,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .recv_timeout(Duration::from_secs(30))
             .context("a shard did not start")?;
     }
-    let broker_kind = if cfg.redis.is_empty() {
+    let broker_kind = if cfg.redis.is_none() {
         "memory"
     } else {
         "redis"
     };
-    if !cfg.redis.is_empty() {
+    if cfg.redis.is_some() {
         // Give the multiplexer its first connection attempt before clients arrive, so early
         // subscribes do not fail only because the link is still coming up.
         let wait = Duration::from_millis(cfg.redis_options.connect_timeout_ms as u64 * 2 + 500);
@@ -215,7 +215,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, shards, nofile, broker = broker_kind, "shardcast ready");
     node.rss_baseline
         .store(crate::metrics::rss_bytes(), Ordering::Relaxed);
-    if let Some(m) = crate::metrics::start(&cfg.metrics_listen, node.clone()) {
+    if let Some(m) = crate::metrics::start(&cfg.metrics_listen, node.clone(), cfg.redis.is_some()) {
         tracing::info!(metrics = %m, "metrics and status page listening");
         let _ = node.metrics_addr.set(m.to_string());
     }
@@ -261,7 +261,7 @@ fn drain(
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("draining"),
     ]);
-    if cfg.redis.is_empty() {
+    if cfg.redis.is_none() {
         node.left_registry.store(true, Ordering::SeqCst);
     }
     if leave_tx.try_send(bus::ToBroker::Leave).is_err() {

@@ -32,9 +32,9 @@ use crate::bus::{
     BrokerError, BrokerInbox, BrokerReply, BusStats, HistoryPage, HistoryQuery, Part, Query,
     ReplyTo, ShardCommand, ShardLink, StreamPos, ToBroker, ToShard,
 };
-use crate::config::Config;
+use crate::config::{Config, RedisTarget};
 use crate::protocol::reply::{self, ClientInfo};
-use crate::shard::NodeInfo;
+use crate::shard::{NodeCounts, NodeInfo};
 use crate::ws::{FrameBuf, OP_TEXT};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -44,7 +44,7 @@ use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::encode::extend_encode_borrowed;
 use redis_protocol::resp2::types::{BorrowedFrame, BytesFrame};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -52,52 +52,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Where Redis is, parsed from `redis://[user:password@]host:port[/db]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisTarget {
-    pub host: String,
-    pub port: u16,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub db: u32,
-}
-
-impl RedisTarget {
-    /// Parses a Redis URL; the error says what is wrong.
-    pub fn parse(text: &str) -> Result<RedisTarget, String> {
-        let url = url::Url::parse(text).map_err(|e| format!("is not a URL ({e})"))?;
-        if url.scheme() != "redis" {
-            return Err("must start with redis:// (TLS is not supported)".into());
-        }
-        let host = url
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or("has no host")?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let db = match url.path().trim_start_matches('/') {
-            "" => 0,
-            p => p
-                .parse()
-                .map_err(|_| format!("has a bad database number `{p}`"))?,
-        };
-        let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.to_string())
-                .unwrap_or_default()
-        };
-        Ok(RedisTarget {
-            host,
-            port: url.port().unwrap_or(6379),
-            username: Some(decode(url.username())).filter(|u| !u.is_empty()),
-            password: url.password().map(decode),
-            db,
-        })
-    }
-}
 
 /// Lua: the presence entries of a channel whose owning node still holds its lease; entries of
 /// dead nodes are removed on the way. KEYS: presence hash, lease zset. ARGV: now (ms).
@@ -233,7 +187,7 @@ impl RedisBroker {
         stats: Arc<BusStats>,
         cpu: Option<usize>,
     ) -> Result<RedisBroker, String> {
-        let target = RedisTarget::parse(&cfg.redis)?;
+        let target = cfg.redis.clone().ok_or("no Redis URL configured")?;
         Ok(RedisBroker {
             cfg,
             node,
@@ -913,20 +867,19 @@ impl Mux {
             return;
         }
         let ttl_ms = self.cfg.redis_options.lease_ttl_secs as u64 * 1000;
-        let entry = json!({
-            "uid": self.node.uid,
-            "name": self.node.name,
-            "address": self.node.address,
-            "version": crate::conn::session::VERSION,
-            "num_clients": connections,
-            "num_users": users.len(),
-            "num_subs": subscriptions,
-            "num_channels": self.interest.borrow().len(),
-            "uptime": self.node.started.elapsed().as_secs(),
-            "shards": self.shards.len(),
-            "broker": "redis",
-        })
-        .to_string();
+        let entry = self
+            .node
+            .info_entry(
+                true,
+                NodeCounts {
+                    clients: connections,
+                    users: Some(users.len() as u64),
+                    subs: subscriptions,
+                    channels: self.interest.borrow().len() as u64,
+                    counters: None,
+                },
+            )
+            .to_string();
         let key = format!("{}{}", self.node_key_prefix(), self.node.uid);
         let ttl = ttl_ms.to_string();
         let expiry = (now_ms() + ttl_ms).to_string();
@@ -1636,25 +1589,6 @@ async fn next_frame<R: futures_lite::AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let t = RedisTarget::parse("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6380, 2));
-        assert_eq!((t.username, t.password), (None, None));
-        let t = RedisTarget::parse("redis://user:p%40ss@redis.local").unwrap();
-        assert_eq!(t.port, 6379);
-        assert_eq!(t.username.as_deref(), Some("user"));
-        assert_eq!(t.password.as_deref(), Some("p@ss"));
-        let t = RedisTarget::parse("redis://:secret@[::1]:7000").unwrap();
-        assert_eq!(
-            (t.host.as_str(), t.password.as_deref()),
-            ("::1", Some("secret"))
-        );
-        assert!(RedisTarget::parse("rediss://h:1").is_err());
-        assert!(RedisTarget::parse("redis://h:1/x").is_err());
-        assert!(RedisTarget::parse("not a url").is_err());
-    }
 
     #[test]
     fn resp_encoding() {

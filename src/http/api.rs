@@ -11,7 +11,7 @@ use crate::bus::{
 };
 use crate::protocol::command::HistoryRequest;
 use crate::protocol::{Disconnect, ErrorCode};
-use crate::shard::{presence_result, presence_stats, Shard};
+use crate::shard::{presence_result, presence_stats, NodeCounts, Shard};
 use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 use serde::Deserialize;
@@ -411,33 +411,16 @@ async fn info(shard: &Shard) -> Value {
         return api_error(ErrorCode::Internal);
     };
     let node = &shard.node;
-    let local = json!({
-        "uid": node.uid,
-        "name": node.name,
-        "address": node.address,
-        "version": crate::conn::session::VERSION,
-        "num_clients": connections,
-        "num_users": users.len(),
-        "num_subs": subscriptions,
-        "num_channels": chans.len(),
-        "uptime": node.started.elapsed().as_secs(),
-        "shards": shard.cfg.shard_count(),
-        "broker": if shard.cfg.redis.is_empty() { "memory" } else { "redis" },
-        "redis": node.redis_link_json(),
-        "metrics": node.metrics_addr.get(),
-        "counters": counters
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .chain(node.bus.counters().into_iter().map(|(k, v)| (k.to_string(), json!(v))))
-
-            .collect::<serde_json::Map<String, Value>>(),
-        "gauges": node
-            .bus
-            .gauges()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect::<serde_json::Map<String, Value>>(),
-    });
+    let local = node.info_entry(
+        shard.cfg.redis.is_some(),
+        NodeCounts {
+            clients: connections,
+            users: Some(users.len() as u64),
+            subs: subscriptions,
+            channels: chans.len() as u64,
+            counters: Some(counters),
+        },
+    );
     // Other live nodes come from the registry (Redis mode); ours is the fresh local entry.
     let mut nodes = match gather(shard, Query::Nodes).await {
         Ok(Part::Nodes(list)) => list,

@@ -119,6 +119,78 @@ impl NodeInfo {
     }
 }
 
+/// The figures a node-info entry reports; each caller counts them its own way (the API from a
+/// fresh gather, the registry lease from the multiplexer's gather, the status page from the
+/// shards' last snapshots).
+#[derive(Debug, Default, Clone)]
+pub struct NodeCounts {
+    /// Connections held.
+    pub clients: u64,
+    /// Distinct users; `None` when the caller does not count them (`num_users` is left out).
+    pub users: Option<u64>,
+    /// Subscriptions (connection x channel).
+    pub subs: u64,
+    /// Channels with subscribers.
+    pub channels: u64,
+    /// Shard counters summed over the shards. When given, the entry also carries the broker's
+    /// counters (`counters`) and gauges (`gauges`): the detail `/api/info` shows for the node
+    /// that answers.
+    pub counters: Option<Vec<(&'static str, u64)>>,
+}
+
+impl NodeInfo {
+    /// This node as one entry of `/api/info`'s `nodes`, of the Redis node registry (lease) and
+    /// of `/status.json`'s `node`: the one place that names a node's fields.
+    ///
+    /// First Centrifugo's node fields, with its names and types (`uid`, `name`, `version`,
+    /// `num_clients`, `num_users`, `num_subs`, `num_channels`, `uptime` in seconds), so that
+    /// its API clients decode them; then ours, none of which reuses a name Centrifugo gives a
+    /// node field (its `metrics` and `process` are objects, so ours are `metrics_listen` and
+    /// so on): `address`, `shards`, `broker`, `redis` (link state, `null` standalone),
+    /// `metrics_listen` (`null` when off), `draining`, and with `counts.counters` also
+    /// `counters` and `gauges`.
+    pub fn info_entry(&self, redis_mode: bool, counts: NodeCounts) -> serde_json::Value {
+        use serde_json::{json, Map, Value};
+        let mut e = Map::new();
+        e.insert("uid".into(), json!(self.uid));
+        e.insert("name".into(), json!(self.name));
+        e.insert("version".into(), json!(crate::conn::session::VERSION));
+        e.insert("num_clients".into(), json!(counts.clients));
+        if let Some(users) = counts.users {
+            e.insert("num_users".into(), json!(users));
+        }
+        e.insert("num_subs".into(), json!(counts.subs));
+        e.insert("num_channels".into(), json!(counts.channels));
+        e.insert("uptime".into(), json!(self.started.elapsed().as_secs()));
+        e.insert("address".into(), json!(self.address));
+        e.insert("shards".into(), json!(self.shard_snapshots.len()));
+        let broker = if redis_mode { "redis" } else { "memory" };
+        e.insert("broker".into(), json!(broker));
+        e.insert("redis".into(), self.redis_link_json());
+        e.insert("metrics_listen".into(), json!(self.metrics_addr.get()));
+        e.insert(
+            "draining".into(),
+            json!(self.draining.load(Ordering::Relaxed)),
+        );
+        if let Some(counters) = counts.counters {
+            let counters: Map<String, Value> = counters
+                .into_iter()
+                .chain(self.bus.counters())
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            e.insert("counters".into(), Value::Object(counters));
+            let gauges: Map<String, Value> = self
+                .bus
+                .gauges()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            e.insert("gauges".into(), Value::Object(gauges));
+        }
+        Value::Object(e)
+    }
+}
+
 /// Per-shard counters (plain cells: one thread).
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -337,7 +409,7 @@ impl Shard {
             .expect("cannot create the shard's epoll set");
         let verifier =
             (!cfg.token_hmac_secret.is_empty()).then(|| TokenVerifier::new(&cfg.token_hmac_secret));
-        let cfg_redis = cfg.redis.clone();
+        let redis_mode = cfg.redis.is_some();
         Rc::new(Shard {
             id,
             decoder: ws::Decoder {
@@ -365,7 +437,7 @@ impl Shard {
             dirty: RefCell::default(),
             again: RefCell::default(),
             inbox_probe: RefCell::default(),
-            redis_mode: !cfg_redis.is_empty(),
+            redis_mode,
             started: Instant::now(),
         })
     }

@@ -67,7 +67,7 @@ fn json_logs_are_one_object_per_line() {
 
 fn metrics_addr(server: &Server) -> std::net::SocketAddr {
     let (_, info) = api(server.addr, "info", &serde_json::json!({}));
-    info["result"]["nodes"][0]["metrics"]
+    info["result"]["nodes"][0]["metrics_listen"]
         .as_str()
         .expect("metrics address in /api/info")
         .parse()

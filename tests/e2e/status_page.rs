@@ -19,7 +19,7 @@ fn status_page_in_headless_chromium() {
     );
     let server = Server::start(BASE_CONFIG, &[]);
     let (_, info) = api(server.addr, "info", &serde_json::json!({}));
-    let metrics: std::net::SocketAddr = info["result"]["nodes"][0]["metrics"]
+    let metrics: std::net::SocketAddr = info["result"]["nodes"][0]["metrics_listen"]
         .as_str()
         .expect("metrics address in /api/info")
         .parse()
