@@ -163,12 +163,20 @@ impl RedisTarget {
     /// Parses a Redis URL. The error says what is wrong and names the offending part (scheme,
     /// query key, ...), never the password.
     pub fn parse(text: &str) -> Result<RedisTarget, String> {
+        // The scheme first: another scheme's URL may not even parse as ours.
+        let scheme = text.split_once(':').map_or("", |(s, _)| s);
+        let is_scheme = !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+        if is_scheme && !scheme.eq_ignore_ascii_case("redis") {
+            return Err(format!(
+                "has the unsupported scheme `{scheme}` (only redis:// is supported; TLS is not)"
+            ));
+        }
         let url = url::Url::parse(text).map_err(|e| format!("is not a URL ({e})"))?;
         if url.scheme() != "redis" {
-            return Err(format!(
-                "has the unsupported scheme `{}` (only redis:// is supported; TLS is not)",
-                url.scheme()
-            ));
+            return Err("must start with redis://".into());
         }
         if let Some((key, _)) = url.query_pairs().next() {
             return Err(format!(
@@ -774,7 +782,7 @@ mod tests {
     }
 
     /// Every RFC 3986 reserved character, `%` and a space.
-    pub const RESERVED_PASSWORD: &str = "a+b&c@d:e%f/g?h#i[j]k!l$m'n(o)p*q,r;s=t u";
+    const RESERVED_PASSWORD: &str = "a+b&c@d:e%f/g?h#i[j]k!l$m'n(o)p*q,r;s=t u";
 
     /// Percent-encodes every byte that is not unreserved (RFC 3986).
     fn encode(s: &str) -> String {
@@ -817,6 +825,8 @@ mod tests {
         assert!(err.contains("`rediss`"), "{err}");
         let err = RedisTarget::parse("unix:///run/redis.sock").unwrap_err();
         assert!(err.contains("`unix`"), "{err}");
+        let err = RedisTarget::parse("unix://:pw@/run/redis.sock").unwrap_err();
+        assert!(err.contains("`unix`") && !err.contains("pw"), "{err}");
         let err = RedisTarget::parse("redis://:pw@h:1/0?tls=true").unwrap_err();
         assert!(err.contains("`tls`"), "{err}");
         assert!(!err.contains("pw"), "{err}");
