@@ -163,7 +163,9 @@ fn refused(config: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
 
 #[test]
 fn unsupported_redis_scheme_or_query_key_refuses_to_start_and_names_it() {
-    let cases: [(String, &[&str], &[(&str, &str)], &str); 4] = [
+    // (config file, flags, environment, what the message must name)
+    type Case<'a> = (String, &'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 4] = [
         (
             BASE_CONFIG.to_string(),
             &["--redis", "rediss://:hunter2@127.0.0.1:6379"],
