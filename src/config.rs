@@ -76,6 +76,13 @@ pub struct Config {
     /// Path of a WebSocket echo endpoint for conformance runs (Autobahn); empty = off. Never
     /// enable it in production: it echoes whatever it gets.
     pub conformance_echo_path: String,
+    /// Origins (besides the node's own host) whose pages may open a WebSocket to the node, as
+    /// in Centrifugo: `"*"` (any), or `scheme://host[:port]` with `*` in the host part matching
+    /// any run of characters (`"https://*.example.com"`). An upgrade whose `Origin` is neither
+    /// the request's own `Host` nor a listed pattern gets HTTP 403 before the 101 (counted as
+    /// `origin_refusals`); a request without `Origin` (a non-browser client) passes. Empty
+    /// (the default) = same host only.
+    pub allowed_origins: Vec<String>,
     /// Graceful shutdown on SIGTERM/SIGINT.
     pub drain: DrainConfig,
     /// Client heartbeats.
@@ -106,6 +113,7 @@ impl Default for Config {
             client_expired_close_delay_secs: 25,
             insufficient_state: InsufficientAction::Unsubscribe,
             conformance_echo_path: String::new(),
+            allowed_origins: Vec::new(),
             drain: DrainConfig::default(),
             ping: PingConfig::default(),
             limits: Limits::default(),
@@ -350,7 +358,9 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Largest HTTP request head (request line and headers), bytes. Over it: HTTP 431.
     pub max_request_head_bytes: usize,
-    /// Largest HTTP API request body, bytes. Over it: HTTP 413.
+    /// Largest HTTP API request body, bytes (decoded bytes for `Transfer-Encoding: chunked`).
+    /// Over it: HTTP 413 and close, from the declared `Content-Length` before any body byte is
+    /// read, or as soon as the chunks pass it.
     pub max_api_body_bytes: usize,
     /// Bytes a connection may have queued for writing. Over it: disconnect 3008 "slow".
     pub max_outbox_bytes: usize,
@@ -360,7 +370,10 @@ pub struct Limits {
     pub max_channel_name_bytes: usize,
     /// Connections a node holds. Over it: HTTP 503 before the upgrade, so SDKs back off.
     pub max_connections: usize,
-    /// Seconds from accept to a complete request head (and, for the API, body). Over it: closed.
+    /// Seconds a request has, head and body together, counted from its first byte (the first
+    /// request of a connection: from the accept). Past it: HTTP 408 and close (counted as
+    /// `request_timeouts`); a connection that sent nothing is just closed. Also the idle time
+    /// of an API keep-alive connection, and upgrade → `connect` (close 3502).
     pub handshake_timeout_secs: u32,
     /// Messages the shards → broker queue holds. Full: the command gets a temporary error 100.
     pub broker_queue_capacity: usize,
@@ -645,6 +658,10 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        for pattern in &self.allowed_origins {
+            crate::http::origin::check_pattern(pattern)
+                .map_err(|e| invalid("allowed_origins", format!("entry {pattern:?} {e}")))?;
+        }
         for name in self.namespaces.keys() {
             let ok = !name.is_empty()
                 && name
@@ -862,6 +879,30 @@ mod tests {
             .to_string();
         assert!(err.contains("`redis`") && err.contains("`rediss`"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn allowed_origins_are_checked() {
+        let c = Config::from_toml(
+            "insecure = true\nallowed_origins = [\"https://*.example.com\", \"http://localhost:3000\", \"*\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.allowed_origins.len(), 3);
+        assert!(Config::default().allowed_origins.is_empty());
+        for bad in [
+            "*.example.com",
+            "https://example.com/app",
+            "https://x.com:*",
+        ] {
+            let c = Config::from_toml(&format!("insecure = true\nallowed_origins = [{bad:?}]\n"))
+                .unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("allowed_origins") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

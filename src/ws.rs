@@ -5,6 +5,12 @@
 //! and only the unparsed tail of a partial frame (or a fragmented message being reassembled) is
 //! kept per connection, in a [`Partial`] that exists only while needed. Outbound frames are built
 //! in one allocation with room for the header in front ([`FrameBuf`]), then shared as `Bytes`.
+//!
+//! Payload lengths: a 64-bit length with its most significant bit set (RFC 6455 §5.2 forbids
+//! it) is refused at once with 1002, like any malformed header. Non-minimal length encodings (a
+//! 16- or 64-bit field holding a length that would fit a shorter one) are accepted and decoded
+//! exactly, as tungstenite and the Autobahn suite do: they cost nothing and refusing them would
+//! break lenient clients for no safety gain (the message size limit applies either way).
 
 use bytes::Bytes;
 use std::io::Cursor;
@@ -206,6 +212,11 @@ impl Decoder {
                 Err(_) => return Err(violation(close::PROTOCOL_ERROR, "bad frame header")),
             };
             let header_len = cursor.position() as usize;
+            // RFC 6455 §5.2: "the most significant bit MUST be 0". Refused from the header, so
+            // no length near 2^64 reaches the arithmetic below (nor makes us wait for it).
+            if len >> 63 != 0 {
+                return Err(violation(close::PROTOCOL_ERROR, "bad frame length"));
+            }
             if header.rsv1 || header.rsv2 || header.rsv3 {
                 return Err(violation(close::PROTOCOL_ERROR, "reserved bits set"));
             }
@@ -221,7 +232,7 @@ impl Decoder {
             } else {
                 0
             };
-            if so_far + len > self.max_message_bytes as u64 {
+            if so_far.saturating_add(len) > self.max_message_bytes as u64 {
                 return Err(violation(close::TOO_BIG, "message too big"));
             }
             let len = len as usize;
@@ -462,6 +473,18 @@ mod tests {
             run(&d, &[&too_big[..8]]).1.unwrap_err().code,
             close::TOO_BIG
         );
+        // A 64-bit length with the most significant bit set: 1002 from the header alone, also
+        // for a continuation whose length would overflow when added to the message so far.
+        for (first, opcode) in [(None, 1u8), (Some(1u8), 0u8)] {
+            let mut bytes = first.map_or_else(Vec::new, |op| client_frame(op, false, b"ab", M));
+            bytes.extend([0x80 | opcode, 0x80 | 127]);
+            bytes.extend_from_slice(&(u64::MAX - 1).to_be_bytes());
+            bytes.extend_from_slice(&M);
+            assert_eq!(
+                run(&d, &[&bytes]).1.unwrap_err(),
+                violation(close::PROTOCOL_ERROR, "bad frame length")
+            );
+        }
         let cont = client_frame(0, true, b"a", M);
         assert_eq!(run(&d, &[&cont]).1.unwrap_err().code, close::PROTOCOL_ERROR);
         let mut two_starts = client_frame(1, false, b"a", M);
@@ -525,6 +548,28 @@ mod proptests {
 
     const MAX: usize = 4096;
 
+    /// A masked final frame whose length is written in the 7-bit (`encoding` 0), 16-bit (1) or
+    /// 64-bit (2) form, whatever the length (so the longer forms may be non-minimal).
+    fn frame_with_length_field(opcode: u8, payload: &[u8], mask: [u8; 4], encoding: u8) -> Vec<u8> {
+        let mut out = vec![0x80 | opcode];
+        match encoding {
+            0 => out.push(0x80 | payload.len() as u8),
+            1 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        let start = out.len();
+        out.extend_from_slice(payload);
+        unmask(&mut out[start..], mask);
+        out
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -560,6 +605,62 @@ mod proptests {
                     break;
                 }
             }
+        }
+
+        /// Every length encoding (7-bit, 16-bit, 64-bit, the longer ones also non-minimal)
+        /// decodes to exactly the encoded length, consumes exactly the frame (the next frame
+        /// decodes too), whatever the cuts between reads.
+        #[test]
+        fn every_length_encoding_decodes_exactly(
+            len in 0usize..MAX,
+            encoding in 0u8..3,
+            mask in any::<[u8; 4]>(),
+            cut in 1usize..64,
+        ) {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            // 7-bit only fits below 126: fall back to the next encoding (non-minimal if so).
+            let encoding = if encoding == 0 && len >= 126 { 1 } else { encoding };
+            let mut bytes = frame_with_length_field(OP_BINARY, &payload, mask, encoding);
+            bytes.extend(client_frame(OP_TEXT, true, b"next", mask));
+            let dec = Decoder { max_message_bytes: MAX };
+            let mut partial = None;
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(cut) {
+                let mut chunk = chunk.to_vec();
+                dec.feed(&mut partial, &mut chunk, &mut |e| {
+                    if let Event::Message { payload, .. } = e {
+                        got.push(payload.to_vec());
+                    }
+                    Flow::Continue
+                })
+                .unwrap();
+            }
+            prop_assert_eq!(got.len(), 2);
+            prop_assert_eq!(got[0].len(), len);
+            prop_assert_eq!(&got[0], &payload);
+            prop_assert_eq!(&got[1][..], b"next");
+            prop_assert!(partial.is_none());
+        }
+
+        /// A 64-bit length with its most significant bit set is refused with 1002 from the
+        /// header alone, for every opcode, including a continuation of a message in progress
+        /// (where the length added to the bytes so far would overflow).
+        #[test]
+        fn msb_set_length_is_refused_at_once(
+            low in any::<u64>(),
+            opcode in prop::sample::select(vec![0u8, 1, 2, 8, 9, 10]),
+            mask in any::<[u8; 4]>(),
+        ) {
+            let len = low | (1 << 63);
+            // A message in progress first, so that a continuation is otherwise legal.
+            let mut bytes = client_frame(OP_TEXT, false, b"start", mask);
+            bytes.push(0x80 | opcode);
+            bytes.push(0x80 | 127);
+            bytes.extend_from_slice(&len.to_be_bytes());
+            bytes.extend_from_slice(&mask);
+            let mut partial = None;
+            let r = Decoder { max_message_bytes: MAX }.feed(&mut partial, &mut bytes, &mut |_| Flow::Continue);
+            prop_assert_eq!(r, Err(violation(close::PROTOCOL_ERROR, "bad frame length")));
         }
 
         /// Valid frames of any length up to the limit decode to exactly their payload.

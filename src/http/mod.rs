@@ -1,11 +1,17 @@
 //! The front door of every accepted TCP connection: one HTTP/1.1 request head decides whether it
 //! becomes a WebSocket (`GET /connection/websocket`), an API call (`POST /api/...`, keep-alive)
 //! or a health check (`GET /healthz`). Everything else gets a proper 4xx, never a hang: the head
-//! is bounded in bytes and in time.
+//! is bounded in bytes, and the whole request (head and, for the API, body) in time: one
+//! deadline of `limits.handshake_timeout_secs` from the request's first byte (from the accept
+//! for a connection's first request), past which it gets 408 and is closed.
+//!
+//! An upgrade is refused with 403 before the 101 when its `Origin` is neither the request's own
+//! host nor allowed by `allowed_origins` ([`origin`]).
 //!
 //! The request head lives in a transient buffer freed before the WebSocket phase starts.
 
 pub mod api;
+pub mod origin;
 
 use crate::shard::{connection, Shard};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -13,7 +19,7 @@ use glommio::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Headers parsed at most; more gets 431.
 const MAX_HEADERS: usize = 48;
@@ -35,6 +41,14 @@ impl Head {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Every value of a header, in order (case-insensitive name).
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_slice())
     }
 
@@ -88,14 +102,17 @@ pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) 
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         411 => "Length Required",
         413 => "Payload Too Large",
+        417 => "Expectation Failed",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         _ => "Error",
     };
@@ -117,16 +134,107 @@ fn plain(status: u16, body: &str) -> Vec<u8> {
     response(status, "text/plain; charset=utf-8", body.as_bytes(), false)
 }
 
+/// The 408 answer to a request cut by its deadline, counted as `request_timeouts`.
+pub(crate) fn request_timeout(shard: &Shard) -> Vec<u8> {
+    let c = &shard.counters.request_timeouts;
+    c.set(c.get() + 1);
+    plain(408, "request timeout\n")
+}
+
+/// Time left until `deadline` (zero once past).
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// Why a read before a deadline got nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReadError {
+    /// End of stream or a socket error.
+    Closed,
+    /// The deadline passed first.
+    Timeout,
+}
+
+/// One read appending at most `max` bytes to `buf`, before `deadline`.
+pub(crate) async fn read_within(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    max: usize,
+    deadline: Instant,
+) -> Result<usize, ReadError> {
+    let filled = buf.len();
+    buf.resize(filled + max.max(1), 0);
+    let read = glommio::timer::timeout(remaining(deadline), async {
+        Ok(stream.read(&mut buf[filled..]).await)
+    })
+    .await;
+    match read {
+        Ok(Ok(n)) if n > 0 => {
+            buf.truncate(filled + n);
+            Ok(n)
+        }
+        Ok(_) => {
+            buf.truncate(filled);
+            Err(ReadError::Closed)
+        }
+        Err(_) => {
+            buf.truncate(filled);
+            Err(ReadError::Timeout)
+        }
+    }
+}
+
+/// Closes a connection whose request body was left unread: the answer is already written;
+/// half-close so the client sees it and EOF at once, then discard what the client still sends
+/// (at most `linger` and `max_bytes`) before closing. Closing with unread bytes would make the
+/// kernel send a reset, which can destroy the answer before the client reads it.
+async fn discard_then_close(stream: &mut TcpStream, linger: Duration, max_bytes: usize) {
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let deadline = Instant::now() + linger;
+    let mut scratch = Vec::with_capacity(4096);
+    let mut discarded = 0;
+    while discarded < max_bytes {
+        scratch.clear();
+        match read_within(stream, &mut scratch, 4096, deadline).await {
+            Ok(n) => discarded += n,
+            Err(_) => break,
+        }
+    }
+}
+
+/// Longest lingering discard after a refused request (see [`discard_then_close`]).
+const MAX_LINGER: Duration = Duration::from_secs(2);
+
 /// Serves one accepted connection until it is upgraded, closed or times out.
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let limits = &shard.cfg.limits;
-    let deadline = Duration::from_secs(limits.handshake_timeout_secs as u64);
+    let timeout = Duration::from_secs(limits.handshake_timeout_secs as u64);
     let mut buf: Vec<u8> = Vec::new();
+    // The first request's deadline runs from the accept; a later one's from its first byte.
+    let mut first_start = Some(Instant::now());
     loop {
-        // Read one request head within the handshake timeout.
+        let start = match first_start.take() {
+            Some(t) => t,
+            None => {
+                if buf.is_empty() {
+                    // Idle keep-alive: the next request's first bytes within the timeout, or
+                    // a silent close (no request was started).
+                    let idle_until = Instant::now() + timeout;
+                    if read_within(&mut stream, &mut buf, 2048, idle_until)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Instant::now()
+            }
+        };
+        let deadline = start + timeout;
+        // Read one request head before the deadline.
         // Bytes of `buf` actually received: a read cut by the timeout leaves `buf` grown.
         let mut received = buf.len();
-        let head = match glommio::timer::timeout(deadline, async {
+        let head = match glommio::timer::timeout(remaining(deadline), async {
             Ok(read_head(
                 &mut stream,
                 &mut buf,
@@ -141,7 +249,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             Err(_) => {
                 // Idle (nothing of a request yet): just close. A partial head: 408.
                 if received > 0 {
-                    let _ = stream.write_all(&plain(408, "request timeout\n")).await;
+                    let _ = stream.write_all(&request_timeout(&shard)).await;
                 }
                 return;
             }
@@ -198,13 +306,23 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 buf.drain(..head.len);
             }
             (_, p) if p.starts_with("/api/") || p == "/api" => {
-                let keep = head.keep_alive();
-                let Some(resp) = Box::pin(api::serve(&shard, &mut stream, &head, &mut buf)).await
+                let Some(answer) =
+                    Box::pin(api::serve(&shard, &mut stream, &head, &mut buf, deadline)).await
                 else {
                     return;
                 };
-                if stream.write_all(&resp).await.is_err() || !keep {
+                if stream.write_all(&answer.bytes).await.is_err() {
                     return;
+                }
+                match answer.after {
+                    api::After::KeepAlive => {}
+                    api::After::Close => return,
+                    api::After::DiscardThenClose => {
+                        let linger = timeout.min(MAX_LINGER);
+                        let max = limits.max_api_body_bytes;
+                        Box::pin(discard_then_close(&mut stream, linger, max)).await;
+                        return;
+                    }
                 }
             }
             _ => {
@@ -287,6 +405,17 @@ async fn upgrade(shard: &Shard, mut stream: TcpStream, head: &Head) -> Option<Tc
             return None;
         }
     };
+    // Cross-site WebSocket hijacking: a browser page of another site is refused before the 101.
+    if let Some(origin) = head.header("origin").filter(|o| !o.is_empty()) {
+        let origin = std::str::from_utf8(origin).unwrap_or("");
+        if !origin::allowed(origin, head.header_str("host"), &shard.cfg.allowed_origins) {
+            let c = &shard.counters.origin_refusals;
+            c.set(c.get() + 1);
+            tracing::debug!(origin, "upgrade refused: origin not allowed");
+            let _ = stream.write_all(&fail(403, "origin not allowed\n")).await;
+            return None;
+        }
+    }
     if shard.node.draining.load(Ordering::Relaxed) {
         let _ = stream.write_all(&fail(503, "node is draining\n")).await;
         return None;

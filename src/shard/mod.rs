@@ -228,6 +228,12 @@ pub struct Counters {
     /// Subscribers told to recover (unsubscribe 2500, or close 3010 with
     /// `insufficient_state = "disconnect"`).
     pub insufficient_unsubscribes: Cell<u64>,
+    /// HTTP requests cut with 408: head and body not complete within
+    /// `limits.handshake_timeout_secs`.
+    pub request_timeouts: Cell<u64>,
+    /// WebSocket upgrades refused with 403: an `Origin` neither the request's host nor in
+    /// `allowed_origins`.
+    pub origin_refusals: Cell<u64>,
 }
 
 impl Counters {
@@ -255,6 +261,8 @@ impl Counters {
                 "insufficient_unsubscribes",
                 self.insufficient_unsubscribes.get(),
             ),
+            ("request_timeouts", self.request_timeouts.get()),
+            ("origin_refusals", self.origin_refusals.get()),
         ]
     }
 }
