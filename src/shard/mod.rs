@@ -1023,7 +1023,8 @@ impl Shard {
         if unix_secs == 0 {
             return 0;
         }
-        let left = (unix_secs + self.cfg.client_expired_sub_close_delay_secs as u64)
+        let left = unix_secs
+            .saturating_add(self.cfg.client_expired_sub_close_delay_secs as u64)
             .saturating_sub(unix_now());
         (self.tick_now() as u64 + left.max(1)).min(u32::MAX as u64) as u32
     }
