@@ -53,6 +53,13 @@ pub struct Config {
     pub redis_options: RedisOptions,
     /// HS256 secret that connection and subscription tokens are signed with.
     pub token_hmac_secret: String,
+    /// When set, connection and subscription tokens must carry this `aud` (a string, or a list
+    /// holding it); others are refused (connect: close 3500, subscribe: error 103). Empty = `aud`
+    /// is not checked.
+    pub token_audience: String,
+    /// When set, connection and subscription tokens must carry this `iss`; others are refused
+    /// like a wrong audience. Empty = `iss` is not checked.
+    pub token_issuer: String,
     /// Key the HTTP API requires in `X-API-Key` (or `Authorization: apikey KEY`). Empty = API off.
     pub api_key: String,
     /// Development only: anonymous connect, and every client may subscribe, publish and query
@@ -73,6 +80,12 @@ pub struct Config {
     /// Seconds a connection may stay after its token's `exp` before it is closed with 3005, so
     /// that the SDK's refresh (sent when the announced `ttl` runs out) has time to arrive.
     pub client_expired_close_delay_secs: u32,
+    /// Seconds a subscription made with an expiring subscription token stays after the token's
+    /// `exp` without a `sub_refresh`; then the connection is unsubscribed from that channel
+    /// only, with unsubscribe code 2501 "subscription expired" (the SDKs get a new token and
+    /// subscribe again). The SDKs refresh when the announced `ttl` runs out, so the delay
+    /// covers their round trip to the application for a new token.
+    pub client_expired_sub_close_delay_secs: u32,
     /// Path of a WebSocket echo endpoint for conformance runs (Autobahn); empty = off. Never
     /// enable it in production: it echoes whatever it gets.
     pub conformance_echo_path: String,
@@ -105,12 +118,15 @@ impl Default for Config {
             redis: None,
             redis_options: RedisOptions::default(),
             token_hmac_secret: String::new(),
+            token_audience: String::new(),
+            token_issuer: String::new(),
             api_key: String::new(),
             insecure: false,
             name: String::new(),
             log_format: LogFormat::Text,
             metrics_listen: "127.0.0.1:9101".into(),
             client_expired_close_delay_secs: 25,
+            client_expired_sub_close_delay_secs: 25,
             insufficient_state: InsufficientAction::Unsubscribe,
             conformance_echo_path: String::new(),
             allowed_origins: Vec::new(),
@@ -427,8 +443,14 @@ impl Default for Limits {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NamespaceOptions {
-    /// Clients may subscribe without a subscription token.
+    /// Clients may subscribe without a subscription token. Off by default (as in Centrifugo):
+    /// without it a client subscribes only with a subscription token, to a channel its
+    /// connection token lists (`channels`), or to a user-limited channel naming it.
     pub allow_subscribe_for_client: bool,
+    /// `#` in a channel name limits it to the users listed after it (`dm:#alice,bob`): those
+    /// users may subscribe without a token, nobody else may (not even with
+    /// `allow_subscribe_for_client`). Off by default: `#` is then an ordinary character.
+    pub allow_user_limited_channels: bool,
     /// Clients may publish into channels of this namespace.
     pub allow_publish_for_client: bool,
     /// Keep presence (who is subscribed) for channels of this namespace.
@@ -462,7 +484,8 @@ impl NamespaceOptions {
 impl Default for NamespaceOptions {
     fn default() -> Self {
         NamespaceOptions {
-            allow_subscribe_for_client: true,
+            allow_subscribe_for_client: false,
+            allow_user_limited_channels: false,
             allow_publish_for_client: false,
             presence: false,
             allow_presence_for_client: false,
@@ -903,6 +926,45 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn secure_defaults_and_dev_config_opens_what_the_quickstart_uses() {
+        let c = Config::default();
+        assert!(!c.default_namespace.allow_subscribe_for_client);
+        assert!(!c.default_namespace.allow_user_limited_channels);
+        assert_eq!(c.client_expired_sub_close_delay_secs, 25);
+        assert!(c.token_audience.is_empty() && c.token_issuer.is_empty());
+        let ns = Config::from_toml("insecure = true\n[namespaces.x]\n").unwrap();
+        assert!(!ns.namespace_of("x:1").unwrap().allow_subscribe_for_client);
+        // The README's quickstart subscribes to `news` and uses `chat:` channels from clients.
+        let dev =
+            Config::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/dev.toml"))).unwrap();
+        dev.validate().unwrap();
+        assert!(dev.namespace_of("news").unwrap().allow_subscribe_for_client);
+        let chat = dev.namespace_of("chat:room").unwrap();
+        assert!(chat.allow_subscribe_for_client && chat.allow_publish_for_client && chat.presence);
+        assert!(
+            dev.namespace_of("feed:x")
+                .unwrap()
+                .allow_subscribe_for_client
+        );
+        assert!(!dev.insecure, "dev.toml needs tokens like production");
+    }
+
+    #[test]
+    fn token_claim_keys_parse() {
+        let c = Config::from_toml(
+            "token_hmac_secret = \"s\"\ntoken_audience = \"app\"\ntoken_issuer = \"auth\"\nclient_expired_sub_close_delay_secs = 3\n[namespaces.dm]\nallow_user_limited_channels = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            (c.token_audience.as_str(), c.token_issuer.as_str()),
+            ("app", "auth")
+        );
+        assert_eq!(c.client_expired_sub_close_delay_secs, 3);
+        assert!(c.namespace_of("dm:#a").unwrap().allow_user_limited_channels);
     }
 
     #[test]

@@ -5,15 +5,23 @@
 //! shared state: channel interest, publishing, cluster-wide queries. Replies that need the
 //! broker (publish acknowledgements, presence) are sent later by the host under the command id.
 //! A session never blocks and never awaits.
+//!
+//! Token expiry is enforced here too: a connection token's `exp` becomes the connection's
+//! deadline ([`Host::set_expiry`]), a subscription token's `exp` the deadline of that one
+//! subscription ([`Host::set_sub_expiry`], kept in the shard's [`SubExpiries`] only for
+//! connections that have one). `refresh` and `sub_refresh` move them; the host's timer calls
+//! [`Session::expire_subscriptions`] when a subscription's deadline passed.
 
 use crate::bus::{HistoryQuery, StreamPos};
 use crate::config::{Config, NamespaceOptions};
+use crate::conn::ConnKey;
+use crate::protocol::codes::unsubscribe;
 use crate::protocol::command::{parse_line, Line, Request, FLAG_REJECT_UNRECOVERED};
 use crate::protocol::reply::{self, ClientInfo};
 use crate::protocol::token::{TokenError, TokenVerifier};
 use crate::protocol::{Disconnect, ErrorCode};
 use serde_json::value::RawValue;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 /// Server version announced in connect replies.
@@ -96,6 +104,14 @@ pub trait Host {
     fn history(&mut self, id: u32, channel: &str, query: HistoryQuery) -> Result<(), ErrorCode>;
     /// Connection token expiry changed (0 = never): the host arms its timer.
     fn set_expiry(&mut self, unix_secs: u64);
+    /// The token of the subscription to `chan` expires at `unix_secs` (0 = never, or the
+    /// subscription ended): the host records it (see [`SubExpiries`]) and arms the
+    /// connection's timer for `client_expired_sub_close_delay_secs` after the earliest one.
+    /// Cheap when the connection has no expiring subscription and `unix_secs` is 0.
+    fn set_sub_expiry(&mut self, chan: ChanId, unix_secs: u64);
+    /// Takes the subscriptions of this connection whose token expired at least
+    /// `client_expired_sub_close_delay_secs` ago, and re-arms for the next one.
+    fn take_expired_subs(&mut self) -> Vec<ChanId>;
     /// The client joined or left a channel whose namespace keeps presence.
     fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool);
     /// Takes one token from the connection's command bucket; false when it is empty.
@@ -110,6 +126,80 @@ pub enum Refusal {
     ChannelLimit,
     ChannelName,
     RateLimited,
+    /// A subscription ended because its token expired without a `sub_refresh` (push 2501).
+    SubscriptionExpired,
+}
+
+/// Deadlines of subscriptions made with an expiring subscription token: per connection, each
+/// such channel and its token's `exp` (Unix seconds). The shard keeps one table; a connection
+/// without an expiring subscription has no entry, so an ordinary idle connection costs nothing
+/// here.
+#[derive(Debug, Default)]
+pub struct SubExpiries {
+    by_conn: HashMap<ConnKey, smallvec::SmallVec<[(ChanId, u64); 1]>>,
+}
+
+impl SubExpiries {
+    /// Sets (`exp` > 0) or forgets (`exp` = 0) the expiry of `key`'s subscription to `chan`.
+    /// Returns the connection's earliest expiry afterwards (0 = none left).
+    pub fn set(&mut self, key: ConnKey, chan: ChanId, exp: u64) -> u64 {
+        let list = self.by_conn.entry(key).or_default();
+        match list.iter().position(|&(c, _)| c == chan) {
+            Some(i) if exp == 0 => {
+                list.swap_remove(i);
+            }
+            Some(i) => list[i].1 = exp,
+            None if exp > 0 => list.push((chan, exp)),
+            None => {}
+        }
+        self.earliest_or_forget(key)
+    }
+
+    /// The expiry of `key`'s subscription to `chan` (0 = none).
+    pub fn get(&self, key: ConnKey, chan: ChanId) -> u64 {
+        self.by_conn
+            .get(&key)
+            .and_then(|l| l.iter().find(|&&(c, _)| c == chan))
+            .map_or(0, |&(_, exp)| exp)
+    }
+
+    /// Takes `key`'s subscriptions that expired at or before `cutoff`; returns them and the
+    /// earliest expiry left (0 = none).
+    pub fn take_due(&mut self, key: ConnKey, cutoff: u64) -> (Vec<ChanId>, u64) {
+        let mut due = Vec::new();
+        if let Some(list) = self.by_conn.get_mut(&key) {
+            list.retain(|&mut (chan, exp)| {
+                let keep = exp > cutoff;
+                if !keep {
+                    due.push(chan);
+                }
+                keep
+            });
+        }
+        (due, self.earliest_or_forget(key))
+    }
+
+    /// Forgets a connection (it closed).
+    pub fn remove(&mut self, key: ConnKey) {
+        self.by_conn.remove(&key);
+    }
+
+    /// Connections with an expiring subscription.
+    pub fn connections(&self) -> usize {
+        self.by_conn.len()
+    }
+
+    fn earliest_or_forget(&mut self, key: ConnKey) -> u64 {
+        let earliest = self
+            .by_conn
+            .get(&key)
+            .and_then(|l| l.iter().map(|&(_, exp)| exp).min())
+            .unwrap_or(0);
+        if earliest == 0 {
+            self.by_conn.remove(&key);
+        }
+        earliest
+    }
 }
 
 /// A client id: unique across nodes (a random node prefix, the shard, a sequence number) and
@@ -336,17 +426,26 @@ impl Session {
                 }
             }
             (Some(ident), Request::SubRefresh(r)) => {
+                let now = host.unix_now();
                 let Some(verifier) = host.verifier() else {
                     reply::error(out, id, ErrorCode::NotAvailable, false);
                     return Ok(());
                 };
-                match verifier.subscribe(&r.token, &r.channel, &ident.user, host.unix_now()) {
+                // Only a subscription the connection holds can be refreshed, and only with a
+                // token that would let it subscribe: same channel, user and client.
+                let Some(pos) = self.position(host, &r.channel) else {
+                    reply::error(out, id, ErrorCode::PermissionDenied, false);
+                    return Ok(());
+                };
+                let client = ident.client.to_string();
+                let checked = verifier.subscribe(&r.token, &r.channel, &ident.user, &client, now);
+                match checked {
                     Ok(claims) => {
                         let exp = claims.exp.unwrap_or(0);
-                        let result = reply::SubscribeResult {
+                        host.set_sub_expiry(self.subs[pos], exp);
+                        let result = reply::SubRefreshResult {
                             expires: exp > 0,
-                            ttl: ttl(exp, host.unix_now()),
-                            ..Default::default()
+                            ttl: ttl(exp, now),
                         };
                         reply::result(out, id, "sub_refresh", &result);
                     }
@@ -478,9 +577,7 @@ impl Session {
             return Err((ErrorCode::LimitExceeded, false));
         }
         let ident = self.identity.as_ref().expect("connected");
-        if !self.may_subscribe(host, ns, channel, token, &ident.user) {
-            return Err((ErrorCode::PermissionDenied, false));
-        }
+        let exp = permit(host, ns, channel, token, ident).map_err(|e| (e, false))?;
         let presence = ns.presence;
         let recovery = Recovery {
             history: ns.has_history(),
@@ -489,42 +586,23 @@ impl Session {
             reject_unrecovered,
             connect: false,
         };
-        let (chan, ack) = host
+        let (chan, mut ack) = host
             .subscribe(id, channel, &recovery)
             .map_err(|e| (e, e == ErrorCode::Internal))?;
         self.subs.push(chan);
+        // Always told, so that an expiry left from an earlier subscription to a channel with
+        // the same id cannot end this one. A later reply (`Ack::Later`) gets the expiry from
+        // the host's record.
+        host.set_sub_expiry(chan, exp);
+        if let Ack::Now(result) = &mut ack {
+            result.expires = exp > 0;
+            result.ttl = ttl(exp, host.unix_now());
+        }
         if presence {
             let ident = self.identity.as_ref().expect("connected");
             host.presence_changed(channel, ident, true);
         }
         Ok(ack)
-    }
-
-    fn may_subscribe(
-        &self,
-        host: &dyn Host,
-        ns: &NamespaceOptions,
-        channel: &str,
-        token: &str,
-        user: &str,
-    ) -> bool {
-        if host.config().insecure {
-            return true;
-        }
-        if !token.is_empty() {
-            return host
-                .verifier()
-                .map(|v| v.subscribe(token, channel, user, host.unix_now()).is_ok())
-                .unwrap_or(false);
-        }
-        let name = channel.split_once(':').map(|(_, n)| n).unwrap_or(channel);
-        if name.starts_with('$') {
-            return false; // private channel: subscription token required
-        }
-        if let Some((_, users)) = name.split_once('#') {
-            return !user.is_empty() && users.split(',').any(|u| u == user);
-        }
-        ns.allow_subscribe_for_client
     }
 
     fn presence(
@@ -559,8 +637,38 @@ impl Session {
         }
     }
 
+    /// Ends the subscriptions whose token expired `client_expired_sub_close_delay_secs` ago
+    /// without a `sub_refresh` (the host's timer calls this at their deadline): each one is
+    /// left and gets an unsubscribe push 2501 "subscription expired" in `out` (separated by
+    /// `\n`); the other subscriptions stay. Returns how many ended.
+    pub fn expire_subscriptions(&mut self, host: &mut dyn Host, out: &mut Vec<u8>) -> usize {
+        let base = out.len();
+        let mut ended = 0;
+        for chan in host.take_expired_subs() {
+            let Some(pos) = self.subs.iter().position(|&c| c == chan) else {
+                continue; // already gone (a server unsubscribe)
+            };
+            self.subs.swap_remove(pos);
+            let name = host.channel_name(chan);
+            self.left(host, chan);
+            if out.len() > base {
+                out.push(b'\n');
+            }
+            reply::unsubscribe_push(
+                out,
+                &name,
+                unsubscribe::EXPIRED,
+                unsubscribe::EXPIRED_REASON,
+            );
+            host.refused(Refusal::SubscriptionExpired);
+            ended += 1;
+        }
+        ended
+    }
+
     /// Removes a channel the session was in (already taken out of `subs`).
     pub fn left(&mut self, host: &mut dyn Host, chan: ChanId) {
+        host.set_sub_expiry(chan, 0);
         if let Some(ident) = self.identity.as_ref() {
             let name = host.channel_name(chan);
             if host
@@ -572,6 +680,54 @@ impl Session {
             }
         }
         host.unsubscribe(chan);
+    }
+}
+
+/// Whether a client may subscribe to `channel` by itself (server-side subscriptions from the
+/// connection token are not asked): with a valid subscription token, in a user-limited channel
+/// that names it (where the namespace has `allow_user_limited_channels`), or where the
+/// namespace has `allow_subscribe_for_client`; anything goes when `insecure`. Private `$`
+/// channels need a token. Returns the subscription's expiry (the token's `exp`; 0 = never).
+fn permit(
+    host: &dyn Host,
+    ns: &NamespaceOptions,
+    channel: &str,
+    token: &str,
+    ident: &Identity,
+) -> Result<u64, ErrorCode> {
+    if !token.is_empty() {
+        let Some(verifier) = host.verifier() else {
+            // No secret to check it with: only an insecure node lets the client in.
+            return match host.config().insecure {
+                true => Ok(0),
+                false => Err(ErrorCode::PermissionDenied),
+            };
+        };
+        let client = ident.client.to_string();
+        return match verifier.subscribe(token, channel, &ident.user, &client, host.unix_now()) {
+            Ok(claims) => Ok(claims.exp.unwrap_or(0)),
+            // The SDK gets a new token and subscribes again.
+            Err(TokenError::Expired) => Err(ErrorCode::TokenExpired),
+            Err(TokenError::Invalid) => Err(ErrorCode::PermissionDenied),
+        };
+    }
+    if host.config().insecure {
+        return Ok(0);
+    }
+    let name = channel.split_once(':').map(|(_, n)| n).unwrap_or(channel);
+    if name.starts_with('$') {
+        return Err(ErrorCode::PermissionDenied); // private channel: subscription token required
+    }
+    let allowed = match name.split_once('#') {
+        Some((_, users)) if ns.allow_user_limited_channels => {
+            !ident.user.is_empty() && users.split(',').any(|u| u == &*ident.user)
+        }
+        _ => ns.allow_subscribe_for_client,
+    };
+    if allowed {
+        Ok(0)
+    } else {
+        Err(ErrorCode::PermissionDenied)
     }
 }
 
@@ -615,14 +771,19 @@ mod tests {
         refusals: Vec<Refusal>,
         recoveries: Vec<Recovery>,
         histories: Vec<(u32, String, HistoryQuery)>,
+        sub_expiries: SubExpiries,
     }
+
+    const KEY: ConnKey = ConnKey {
+        slot: 1,
+        generation: 1,
+    };
 
     impl FakeHost {
         fn new(toml: &str) -> Self {
             let cfg = Config::from_toml(toml).unwrap();
             cfg.validate().unwrap();
-            let verifier = (!cfg.token_hmac_secret.is_empty())
-                .then(|| TokenVerifier::new(&cfg.token_hmac_secret));
+            let verifier = TokenVerifier::from_config(&cfg);
             FakeHost {
                 cfg,
                 verifier,
@@ -638,6 +799,7 @@ mod tests {
                 refusals: Vec::new(),
                 recoveries: Vec::new(),
                 histories: Vec::new(),
+                sub_expiries: SubExpiries::default(),
             }
         }
     }
@@ -714,6 +876,14 @@ mod tests {
         fn set_expiry(&mut self, unix_secs: u64) {
             self.expiry = unix_secs;
         }
+        fn set_sub_expiry(&mut self, chan: ChanId, unix_secs: u64) {
+            self.sub_expiries.set(KEY, chan, unix_secs);
+        }
+        fn take_expired_subs(&mut self) -> Vec<ChanId> {
+            let delay = self.cfg.client_expired_sub_close_delay_secs as u64;
+            let cutoff = self.now.saturating_sub(delay);
+            self.sub_expiries.take_due(KEY, cutoff).0
+        }
         fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool) {
             self.presence_log
                 .push((channel.to_string(), who.user.to_string(), joined));
@@ -730,7 +900,7 @@ mod tests {
         }
     }
 
-    const CFG: &str = "token_hmac_secret = \"k\"\n[namespaces.chat]\nallow_publish_for_client = true\npresence = true\n";
+    const CFG: &str = "token_hmac_secret = \"k\"\n[default_namespace]\nallow_subscribe_for_client = true\n[namespaces.chat]\nallow_subscribe_for_client = true\nallow_user_limited_channels = true\nallow_publish_for_client = true\npresence = true\n";
 
     fn token(sub: &str, exp: Option<u64>, channels: &[&str]) -> String {
         sign_connect(
@@ -897,7 +1067,7 @@ mod tests {
 
     #[test]
     fn recovery_and_history_follow_the_namespace() {
-        let cfg = "token_hmac_secret = \"k\"\n[namespaces.h]\nhistory_size = 10\nrecover = true\n[namespaces.n]\nhistory_size = 10\n";
+        let cfg = "token_hmac_secret = \"k\"\n[default_namespace]\nallow_subscribe_for_client = true\n[namespaces.h]\nallow_subscribe_for_client = true\nhistory_size = 10\nrecover = true\n[namespaces.n]\nallow_subscribe_for_client = true\nhistory_size = 10\n";
         let mut h = FakeHost::new(cfg);
         let mut s = connected(&mut h);
         let sub = r#"{"id":2,"subscribe":{"channel":"CH","recover":true,"offset":7,"epoch":"e","flag":3}}"#;
@@ -1147,5 +1317,265 @@ mod tests {
                 .count(),
             4
         );
+    }
+
+    fn sub_token(user: &str, channel: &str, exp: Option<u64>, client: &str) -> String {
+        crate::protocol::token::sign(
+            "k",
+            &crate::protocol::token::SubscribeClaims {
+                sub: user.into(),
+                channel: channel.into(),
+                exp,
+                client: client.into(),
+            },
+        )
+    }
+
+    fn subscribe_with(s: &mut Session, h: &mut FakeHost, id: u32, ch: &str, tok: &str) -> Value {
+        let (r, replies) = send(
+            s,
+            h,
+            &format!(r#"{{"id":{id},"subscribe":{{"channel":"{ch}","token":"{tok}"}}}}"#),
+        );
+        r.unwrap();
+        replies.into_iter().next().unwrap()
+    }
+
+    fn sub_refresh(s: &mut Session, h: &mut FakeHost, id: u32, ch: &str, tok: &str) -> Value {
+        let (r, replies) = send(
+            s,
+            h,
+            &format!(r#"{{"id":{id},"sub_refresh":{{"channel":"{ch}","token":"{tok}"}}}}"#),
+        );
+        r.unwrap();
+        replies.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn subscription_token_expiry_is_announced_refreshed_and_enforced() {
+        let mut h = FakeHost::new(&format!("client_expired_sub_close_delay_secs = 5\n{CFG}"));
+        let mut s = connected(&mut h);
+        // An expiring token: the reply says so, the host records the deadline.
+        let r = subscribe_with(
+            &mut s,
+            &mut h,
+            2,
+            "$a",
+            &sub_token("alice", "$a", Some(1_060), ""),
+        );
+        assert_eq!(r["subscribe"]["expires"], true, "{r}");
+        assert_eq!(r["subscribe"]["ttl"], 60, "{r}");
+        // A token without exp, and a channel without a token: no expiry.
+        let r = subscribe_with(&mut s, &mut h, 3, "$b", &sub_token("alice", "$b", None, ""));
+        assert!(r["subscribe"].get("expires").is_none(), "{r}");
+        let r = subscribe_with(&mut s, &mut h, 4, "news", "");
+        assert!(r["subscribe"].get("ttl").is_none(), "{r}");
+        assert_eq!(h.sub_expiries.connections(), 1);
+        let a = h.channels.iter().position(|c| &**c == "$a").unwrap() as ChanId;
+        assert_eq!(h.sub_expiries.get(KEY, a), 1_060);
+
+        // sub_refresh with a new token moves the deadline and answers the new ttl.
+        h.now = 1_050;
+        let r = sub_refresh(
+            &mut s,
+            &mut h,
+            5,
+            "$a",
+            &sub_token("alice", "$a", Some(1_120), ""),
+        );
+        assert_eq!(r["sub_refresh"]["expires"], true, "{r}");
+        assert_eq!(r["sub_refresh"]["ttl"], 70, "{r}");
+        assert_eq!(h.sub_expiries.get(KEY, a), 1_120);
+        // Refused: another channel's token, another user's, another client's, an expired
+        // one, a channel not subscribed. The deadline stays.
+        let other_client = sub_token("alice", "$a", Some(1_200), "someone-else");
+        for (tok, ch, code) in [
+            (sub_token("alice", "$b", Some(1_200), ""), "$a", 103),
+            (sub_token("bob", "$a", Some(1_200), ""), "$a", 103),
+            (other_client, "$a", 103),
+            (sub_token("alice", "$a", Some(1_040), ""), "$a", 109),
+            (sub_token("alice", "$z", Some(1_200), ""), "$z", 103),
+        ] {
+            let r = sub_refresh(&mut s, &mut h, 6, ch, &tok);
+            assert_eq!(r["error"]["code"], code, "{r}");
+        }
+        assert_eq!(h.sub_expiries.get(KEY, a), 1_120);
+        // A client-bound token for this very client is fine.
+        let mine = sub_token(
+            "alice",
+            "$a",
+            Some(1_130),
+            "00000000-0000-4000-8000-000000000001",
+        );
+        let r = sub_refresh(&mut s, &mut h, 7, "$a", &mine);
+        assert_eq!(r["sub_refresh"]["ttl"], 80, "{r}");
+
+        // Before exp + delay nothing ends; after it only `$a` does, with push 2501.
+        h.now = 1_134;
+        let mut out = Vec::new();
+        assert_eq!(s.expire_subscriptions(&mut h, &mut out), 0);
+        assert!(out.is_empty());
+        h.now = 1_135;
+        assert_eq!(s.expire_subscriptions(&mut h, &mut out), 1);
+        let push: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(push["push"]["channel"], "$a");
+        assert_eq!(push["push"]["unsubscribe"]["code"], 2501);
+        assert_eq!(
+            push["push"]["unsubscribe"]["reason"],
+            "subscription expired"
+        );
+        assert!(s.position(&h, "$a").is_none());
+        assert!(s.position(&h, "$b").is_some() && s.position(&h, "news").is_some());
+        assert!(!h.subscribed.contains(&a), "left the channel");
+        assert_eq!(h.sub_expiries.connections(), 0, "nothing left to expire");
+        assert_eq!(
+            h.refusals,
+            vec![Refusal::SubscriptionExpired],
+            "counted once"
+        );
+        // A refresh without exp ends the expiry; unsubscribing forgets it.
+        let r = subscribe_with(
+            &mut s,
+            &mut h,
+            8,
+            "$a",
+            &sub_token("alice", "$a", Some(1_200), ""),
+        );
+        assert_eq!(r["subscribe"]["ttl"], 65, "{r}");
+        let r = sub_refresh(&mut s, &mut h, 9, "$a", &sub_token("alice", "$a", None, ""));
+        assert_eq!(r["sub_refresh"], serde_json::json!({}), "{r}");
+        assert_eq!(h.sub_expiries.connections(), 0);
+        subscribe_with(
+            &mut s,
+            &mut h,
+            10,
+            "$c",
+            &sub_token("alice", "$c", Some(1_200), ""),
+        );
+        assert_eq!(h.sub_expiries.connections(), 1);
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":11,"unsubscribe":{"channel":"$c"}}"#,
+        )
+        .0
+        .unwrap();
+        assert_eq!(h.sub_expiries.connections(), 0);
+        // An expired token at subscribe: 109, so the SDK gets a new one.
+        let r = subscribe_with(
+            &mut s,
+            &mut h,
+            12,
+            "$d",
+            &sub_token("alice", "$d", Some(1_000), ""),
+        );
+        assert_eq!(r["error"]["code"], 109, "{r}");
+    }
+
+    #[test]
+    fn sub_expiries_table() {
+        let mut t = SubExpiries::default();
+        let k2 = ConnKey {
+            slot: 2,
+            generation: 1,
+        };
+        assert_eq!(t.set(KEY, 1, 0), 0, "clearing nothing keeps no entry");
+        assert_eq!(t.connections(), 0);
+        assert_eq!(t.set(KEY, 1, 50), 50);
+        assert_eq!(t.set(KEY, 2, 40), 40);
+        assert_eq!(t.set(k2, 1, 70), 70);
+        assert_eq!(t.set(KEY, 2, 60), 50, "moved");
+        assert_eq!(t.take_due(KEY, 49), (vec![], 50));
+        assert_eq!(t.take_due(KEY, 55), (vec![1], 60));
+        assert_eq!(t.get(KEY, 2), 60);
+        assert_eq!(t.set(KEY, 2, 0), 0);
+        assert_eq!(t.connections(), 1, "only k2 left");
+        t.remove(k2);
+        assert_eq!(t.connections(), 0);
+    }
+
+    #[test]
+    fn secure_defaults_subscribe_only_where_allowed() {
+        // Only a secret: no namespace lets clients subscribe by themselves.
+        let cfg = "token_hmac_secret = \"k\"\n[namespaces.dm]\nallow_user_limited_channels = true\n[namespaces.open]\nallow_subscribe_for_client = true\n[namespaces.both]\nallow_subscribe_for_client = true\nallow_user_limited_channels = true\n";
+        let mut h = FakeHost::new(cfg);
+        let mut s = Session::default();
+        let t = token("alice", None, &["news"]);
+        let (r, replies) = send(
+            &mut s,
+            &mut h,
+            &format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#),
+        );
+        r.unwrap();
+        assert!(
+            replies[0]["connect"]["subs"]["news"].is_object(),
+            "the connection token's channels need no namespace permission"
+        );
+        let cases = [
+            ("other", 103),
+            ("open:1", 0),
+            ("#alice", 103),  // `#` means nothing without allow_user_limited_channels
+            ("open:#bob", 0), // ... so an open namespace lets anyone in
+            ("dm:#alice,bob", 0),
+            ("dm:#bob", 103),
+            ("both:#bob", 103), // user-limited wins over allow_subscribe_for_client
+            ("both:#carol,alice", 0),
+            ("dm:plain", 103),
+        ];
+        for (i, (ch, code)) in cases.iter().enumerate() {
+            let r = subscribe_with(&mut s, &mut h, 10 + i as u32, ch, "");
+            if *code == 0 {
+                assert!(r["subscribe"].is_object(), "{ch}: {r}");
+            } else {
+                assert_eq!(r["error"]["code"], *code, "{ch}: {r}");
+            }
+        }
+        // A subscription token opens any channel.
+        let r = subscribe_with(
+            &mut s,
+            &mut h,
+            30,
+            "other",
+            &sub_token("alice", "other", None, ""),
+        );
+        assert!(r["subscribe"].is_object(), "{r}");
+    }
+
+    #[test]
+    fn audience_and_issuer_are_enforced_on_connect_and_subscribe() {
+        let cfg = "token_hmac_secret = \"k\"\ntoken_audience = \"app\"\ntoken_issuer = \"auth\"\n[default_namespace]\nallow_subscribe_for_client = true\n";
+        let mut h = FakeHost::new(cfg);
+        let sign = |c: Value| crate::protocol::token::sign("k", &c);
+        let connect = |h: &mut FakeHost, t: &str| {
+            let mut s = Session::default();
+            let (r, replies) = send(
+                &mut s,
+                h,
+                &format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#),
+            );
+            (s, r, replies)
+        };
+        for bad in [
+            serde_json::json!({"sub": "alice"}),
+            serde_json::json!({"sub": "alice", "aud": "app"}),
+            serde_json::json!({"sub": "alice", "aud": "other", "iss": "auth"}),
+            serde_json::json!({"sub": "alice", "aud": "app", "iss": "other"}),
+        ] {
+            let (_, r, _) = connect(&mut h, &sign(bad.clone()));
+            assert_eq!(r.unwrap_err(), Disconnect::InvalidToken, "{bad}");
+        }
+        let good = sign(serde_json::json!({"sub": "alice", "aud": "app", "iss": "auth"}));
+        let (mut s, r, replies) = connect(&mut h, &good);
+        r.unwrap();
+        assert!(replies[0]["connect"].is_object());
+        let no_aud = sign(serde_json::json!({"sub": "alice", "channel": "$p", "iss": "auth"}));
+        let r = subscribe_with(&mut s, &mut h, 2, "$p", &no_aud);
+        assert_eq!(r["error"]["code"], 103, "{r}");
+        let ok =
+            sign(serde_json::json!({"sub": "alice", "channel": "$p", "aud": "app", "iss": "auth"}));
+        let r = subscribe_with(&mut s, &mut h, 3, "$p", &ok);
+        assert!(r["subscribe"].is_object(), "{r}");
+        let r = sub_refresh(&mut s, &mut h, 4, "$p", &no_aud);
+        assert_eq!(r["error"]["code"], 103, "{r}");
     }
 }

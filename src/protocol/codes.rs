@@ -61,6 +61,20 @@ impl ErrorCode {
     }
 }
 
+/// Codes of unsubscribe pushes (`{"push":{"channel":C,"unsubscribe":{"code":N,"reason":R}}}`):
+/// below 2500 the SDK stays unsubscribed, from 2500 it subscribes again.
+pub mod unsubscribe {
+    /// 2000: the server unsubscribed the client (`/api/unsubscribe`).
+    pub const SERVER: u32 = 2000;
+    /// 2500: the subscription lost publications; subscribe again to recover.
+    pub const INSUFFICIENT_STATE: u32 = 2500;
+    /// 2501: the subscription token expired and no `sub_refresh` came in time; the SDK gets a
+    /// new token and subscribes again.
+    pub const EXPIRED: u32 = 2501;
+    /// Reason text of [`EXPIRED`] (the protocol's words).
+    pub const EXPIRED_REASON: &str = "subscription expired";
+}
+
 /// Why a connection ends. One table picks the close code, the reason text and whether the SDK
 /// reconnects (the code range does), so every close is classified exactly once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -47,7 +47,7 @@ pub struct RefreshResult<'a> {
 /// `subscribe` result. Position fields come with history: the stream's `epoch` and the
 /// `offset` the subscription continues from (after a recovery, the client's own offset: the
 /// publications below move it to the top as the SDK delivers them).
-#[derive(Serialize, Default, Debug)]
+#[derive(Serialize, Default, Debug, Clone)]
 pub struct SubscribeResult {
     #[serde(skip_serializing_if = "is_false")]
     pub expires: bool,
@@ -65,6 +65,16 @@ pub struct SubscribeResult {
     pub was_recovering: bool,
     #[serde(skip_serializing_if = "is_false")]
     pub recovered: bool,
+}
+
+/// `sub_refresh` result: the new expiry of the subscription (`expires` with `ttl` seconds
+/// left, or neither when the new token does not expire).
+#[derive(Serialize, Default, Debug)]
+pub struct SubRefreshResult {
+    #[serde(skip_serializing_if = "is_false")]
+    pub expires: bool,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ttl: u32,
 }
 
 /// `presence_stats` result, also the API's.

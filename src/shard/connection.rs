@@ -55,6 +55,9 @@ pub struct ConnState {
     awaiting_pong: bool,
     /// Tick the connection token expires at; 0 = never.
     expires_at: u32,
+    /// Tick the earliest expiring subscription ends at; 0 = none (the deadlines themselves are
+    /// in the shard's `sub_expiries`, only for connections that have one).
+    sub_expires_at: u32,
     /// A write would block: wait for the writable edge before writing again.
     blocked: bool,
     /// Queued in the shard's dirty list (to be flushed at the end of the batch).
@@ -87,6 +90,7 @@ impl Connection {
                 last_ping: now,
                 awaiting_pong: false,
                 expires_at: 0,
+                sub_expires_at: 0,
                 blocked: false,
                 dirty: false,
                 echo,
@@ -218,6 +222,10 @@ impl Connection {
         } else if st.expires_at != 0 && now >= st.expires_at {
             let d = Disconnect::Expired;
             queue_close(&mut st, d.code(), d.reason());
+        } else if st.sub_expires_at != 0 && now >= st.sub_expires_at {
+            // Subscriptions whose token expired without a refresh end (push 2501); the
+            // connection and its other subscriptions stay. A ping due now goes next tick.
+            self.expire_subscriptions(shard, &mut st);
         } else if connected && now >= st.last_ping + ping.interval_secs {
             st.last_ping = now;
             st.awaiting_pong = true;
@@ -258,7 +266,37 @@ impl Connection {
         if st.expires_at != 0 {
             due = due.min(st.expires_at);
         }
+        if st.sub_expires_at != 0 {
+            due = due.min(st.sub_expires_at);
+        }
         st.armed = shard.wheel.borrow_mut().arm(self.key, due);
+    }
+
+    /// Ends the subscriptions whose deadline passed and queues their unsubscribe pushes.
+    fn expire_subscriptions(&self, shard: &Shard, st: &mut ConnState) {
+        let ConnState {
+            session,
+            outbox,
+            expires_at,
+            sub_expires_at,
+            ..
+        } = st;
+        let mut host = ShardHost {
+            shard,
+            key: self.key,
+            expires_at,
+            sub_expires_at,
+            bucket: None,
+        };
+        let mut f = FrameBuf::with_capacity(96);
+        if session.expire_subscriptions(&mut host, f.payload()) > 0 {
+            // Like a server ping: over the outbox bound the next write closes it as slow.
+            if outbox.push(f.finish(OP_TEXT), shard.cfg.limits.max_outbox_bytes) == Push::Overflow {
+                bump(&shard.counters.slow_disconnects);
+                let d = Disconnect::Slow;
+                queue_close(st, d.code(), d.reason());
+            }
+        }
     }
 }
 
@@ -423,13 +461,18 @@ pub fn teardown(shard: &Shard, conn: &Rc<Connection>) {
         let mut st = conn.state.borrow_mut();
         let st = &mut *st;
         let mut expires = st.expires_at;
+        let mut sub_expires = st.sub_expires_at;
         let mut host = ShardHost {
             shard,
             key: conn.key,
             expires_at: &mut expires,
+            sub_expires_at: &mut sub_expires,
             bucket: None,
         };
         st.session.leave_all(&mut host);
+        if st.sub_expires_at != 0 {
+            shard.sub_expiries.borrow_mut().remove(conn.key);
+        }
         if let Some(ident) = st.session.identity.as_ref() {
             shard.forget_user(&ident.user, conn.key);
         }
@@ -456,7 +499,7 @@ fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
     let mut partial = st.partial.take();
     let mut close: Option<(u16, &'static str)> = None;
     let mut overflow = false;
-    let expires_before = st.expires_at;
+    let expires_before = (st.expires_at, st.sub_expires_at);
     let connected_before = st.session.is_connected();
     let echo = st.echo;
     let ConnState {
@@ -464,6 +507,7 @@ fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
         outbox,
         awaiting_pong,
         expires_at,
+        sub_expires_at,
         bucket,
         ..
     } = st;
@@ -495,6 +539,7 @@ fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
                     shard,
                     key: conn.key,
                     expires_at: &mut *expires_at,
+                    sub_expires_at: &mut *sub_expires_at,
                     bucket: Some(&mut *bucket),
                 };
                 let outcome = session.handle_message(&mut host, text, frame.payload());
@@ -559,7 +604,8 @@ fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
         };
         st.last_ping = shard.tick_now().saturating_sub(early);
     }
-    if just_connected || st.expires_at != expires_before || st.phase != Phase::Open {
+    let expires_now = (st.expires_at, st.sub_expires_at);
+    if just_connected || expires_now != expires_before || st.phase != Phase::Open {
         conn.arm(shard, st);
     }
 }

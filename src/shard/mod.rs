@@ -19,7 +19,9 @@ use crate::bus::{
     ShardId, ShardInbox, StreamPos, ToBroker, ToShard,
 };
 use crate::config::{Config, InsufficientAction};
-use crate::conn::session::{Ack, ChanId, ClientId, Deferred, Host, Identity, Recovery, Refusal};
+use crate::conn::session::{
+    Ack, ChanId, ClientId, Deferred, Host, Identity, Recovery, Refusal, SubExpiries,
+};
 use crate::conn::ConnKey;
 use crate::protocol::reply::{self, ClientInfo, PresenceStats};
 use crate::protocol::token::TokenVerifier;
@@ -234,6 +236,8 @@ pub struct Counters {
     /// WebSocket upgrades refused with 403: an `Origin` neither the request's host nor in
     /// `allowed_origins`.
     pub origin_refusals: Cell<u64>,
+    /// Subscriptions ended because their token expired without a `sub_refresh` (push 2501).
+    pub sub_expired_unsubscribes: Cell<u64>,
 }
 
 impl Counters {
@@ -263,6 +267,10 @@ impl Counters {
             ),
             ("request_timeouts", self.request_timeouts.get()),
             ("origin_refusals", self.origin_refusals.get()),
+            (
+                "sub_expired_unsubscribes",
+                self.sub_expired_unsubscribes.get(),
+            ),
         ]
     }
 }
@@ -382,6 +390,8 @@ pub struct Shard {
     pub cork: RefCell<Vec<u8>>,
     /// Connect replies waiting for server-side subscriptions' positions.
     pub connects: RefCell<HashMap<ConnKey, PendingConnect>>,
+    /// Deadlines of subscriptions made with expiring tokens (only connections that have one).
+    pub sub_expiries: RefCell<SubExpiries>,
     /// Connections per signed-in user (anonymous ones are not tracked: nothing targets them).
     users: RefCell<HashMap<Rc<str>, smallvec::SmallVec<[ConnKey; 1]>>>,
     /// The one shared name of every anonymous user.
@@ -415,8 +425,7 @@ impl Shard {
     ) -> Rc<Shard> {
         let (poller, ready) = poller::Poller::start(id, cpu, cfg.limits.shard_queue_capacity)
             .expect("cannot create the shard's epoll set");
-        let verifier =
-            (!cfg.token_hmac_secret.is_empty()).then(|| TokenVerifier::new(&cfg.token_hmac_secret));
+        let verifier = TokenVerifier::from_config(&cfg);
         let redis_mode = cfg.redis.is_some();
         Rc::new(Shard {
             id,
@@ -437,6 +446,7 @@ impl Shard {
             cork: RefCell::new(Vec::with_capacity(CORK_BYTES)),
             users: RefCell::default(),
             connects: RefCell::default(),
+            sub_expiries: RefCell::default(),
             anonymous: Rc::from(""),
             client_seq: Cell::new(0),
             counters: Counters::default(),
@@ -646,7 +656,8 @@ impl Shard {
                     index.promote(chan, |w| w.want == Want::Confirm)
                 };
                 for w in confirmed {
-                    self.reply_subscribed(&w, &reply::SubscribeResult::default(), &[]);
+                    let result = reply::SubscribeResult::default();
+                    self.reply_subscribed(&w, &channel, &result, &[]);
                 }
             }
             ToShard::Position {
@@ -677,12 +688,30 @@ impl Shard {
     fn reply_subscribed(
         &self,
         w: &Waiting,
+        channel: &str,
         result: &reply::SubscribeResult,
         pubs: &[bytes::Bytes],
     ) {
         if w.id == 0 {
             return;
         }
+        // A subscription token's expiry, recorded by the session at subscribe.
+        let exp = match self.sub_expiries.borrow().connections() {
+            0 => 0,
+            _ => (self.index.borrow().id_of(channel))
+                .map_or(0, |chan| self.sub_expiries.borrow().get(w.key, chan)),
+        };
+        let expiring;
+        let result = if exp > 0 {
+            expiring = reply::SubscribeResult {
+                expires: true,
+                ttl: exp.saturating_sub(unix_now()).clamp(1, u32::MAX as u64) as u32,
+                ..result.clone()
+            };
+            &expiring
+        } else {
+            result
+        };
         let conn = self.conns.borrow().get(w.key).cloned();
         if let Some(conn) = conn {
             let len = 96 + pubs.iter().map(|p| p.len() + 1).sum::<usize>();
@@ -811,7 +840,7 @@ impl Shard {
         if connect {
             self.connect_part(waiter.key, channel, result, a.pubs);
         } else {
-            self.reply_subscribed(&waiter, &result, &a.pubs);
+            self.reply_subscribed(&waiter, channel, &result, &a.pubs);
         }
     }
 
@@ -1068,6 +1097,18 @@ impl Shard {
         self.flush_dirty();
     }
 
+    /// The wheel tick at which a subscription whose token expires at `unix_secs` ends
+    /// (`client_expired_sub_close_delay_secs` later; 0 = never).
+    fn sub_expiry_tick(&self, unix_secs: u64) -> u32 {
+        if unix_secs == 0 {
+            return 0;
+        }
+        let left = unix_secs
+            .saturating_add(self.cfg.client_expired_sub_close_delay_secs as u64)
+            .saturating_sub(unix_now());
+        (self.tick_now() as u64 + left.max(1)).min(u32::MAX as u64) as u32
+    }
+
     /// Converts a Unix expiry time to a wheel tick (0 = never).
     fn expiry_tick(&self, unix_secs: u64) -> u32 {
         if unix_secs == 0 {
@@ -1181,6 +1222,9 @@ pub struct ShardHost<'a> {
     pub key: ConnKey,
     /// The connection's expiry tick, updated by refresh.
     pub expires_at: &'a mut u32,
+    /// The tick its earliest expiring subscription ends at (0 = none), updated by subscribe,
+    /// sub_refresh and unsubscribe.
+    pub sub_expires_at: &'a mut u32,
     /// The connection's command bucket (`None` while tearing down).
     pub bucket: Option<&'a mut Bucket>,
 }
@@ -1397,6 +1441,20 @@ impl Host for ShardHost<'_> {
     fn set_expiry(&mut self, unix_secs: u64) {
         *self.expires_at = self.shard.expiry_tick(unix_secs);
     }
+    fn set_sub_expiry(&mut self, chan: ChanId, unix_secs: u64) {
+        if unix_secs == 0 && *self.sub_expires_at == 0 {
+            return; // nothing expiring on this connection: no table lookup
+        }
+        let next = (self.shard.sub_expiries.borrow_mut()).set(self.key, chan, unix_secs);
+        *self.sub_expires_at = self.shard.sub_expiry_tick(next);
+    }
+    fn take_expired_subs(&mut self) -> Vec<ChanId> {
+        let cutoff =
+            unix_now().saturating_sub(self.shard.cfg.client_expired_sub_close_delay_secs as u64);
+        let (due, next) = (self.shard.sub_expiries.borrow_mut()).take_due(self.key, cutoff);
+        *self.sub_expires_at = self.shard.sub_expiry_tick(next);
+        due
+    }
     fn allow_command(&mut self) -> bool {
         match self.bucket.as_deref_mut() {
             Some(b) => b.take(&self.shard.cfg, self.shard.now_ms()),
@@ -1409,6 +1467,7 @@ impl Host for ShardHost<'_> {
             Refusal::ChannelLimit => &c.channel_limit_refusals,
             Refusal::ChannelName => &c.channel_name_refusals,
             Refusal::RateLimited => &c.rate_limited,
+            Refusal::SubscriptionExpired => &c.sub_expired_unsubscribes,
         });
     }
     fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool) {

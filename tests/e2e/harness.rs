@@ -15,14 +15,19 @@ pub const SECRET: &str = "test-secret";
 pub const API_KEY: &str = "test-api-key";
 
 /// The configuration most tests use: a `chat` namespace with client publish and presence, the
-/// default namespace without client publish.
+/// default namespace without client publish. Clients may subscribe in both without a token,
+/// and `#` user-limited channels work in the default namespace (both are off by default).
 pub const BASE_CONFIG: &str = r#"
 listen = "127.0.0.1:0"
 shards = 2
 token_hmac_secret = "test-secret"
 api_key = "test-api-key"
 metrics_listen = "127.0.0.1:0"
+[default_namespace]
+allow_subscribe_for_client = true
+allow_user_limited_channels = true
 [namespaces.chat]
+allow_subscribe_for_client = true
 allow_publish_for_client = true
 presence = true
 "#;
@@ -31,16 +36,20 @@ presence = true
 /// (5 kept, recovery), `norec` (history without recovery), `open` (history anyone may read).
 pub const HISTORY_NAMESPACES: &str = r#"
 [namespaces.feed]
+allow_subscribe_for_client = true
 history_size = 100
 history_ttl_secs = 300
 recover = true
 [namespaces.tiny]
+allow_subscribe_for_client = true
 history_size = 5
 history_ttl_secs = 300
 recover = true
 [namespaces.norec]
+allow_subscribe_for_client = true
 history_size = 10
 [namespaces.open]
+allow_subscribe_for_client = true
 history_size = 10
 history_ttl_secs = 300
 allow_history_for_client = true

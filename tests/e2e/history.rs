@@ -389,6 +389,7 @@ fn history_and_position_expire(cfg: &str) {
 
 const BRIEF: &str = r#"
 [namespaces.brief]
+allow_subscribe_for_client = true
 history_size = 10
 history_ttl_secs = 1
 history_meta_ttl_secs = 4
