@@ -26,12 +26,14 @@
 
 pub mod broker;
 pub mod bus;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod doctor;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod pattern;
 pub mod protocol;
 pub mod shard;
 pub mod ws;

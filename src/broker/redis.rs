@@ -28,13 +28,13 @@
 
 use super::tracker::{Action, Live, PosReq, ReadResult, Tracker};
 use super::Broker;
+use crate::bus::NodeInfo;
 use crate::bus::{
     BrokerError, BrokerInbox, BrokerReply, BusStats, HistoryPage, HistoryQuery, Part, Query,
     ReplyTo, ShardCommand, ShardLink, StreamPos, ToBroker, ToShard,
 };
 use crate::config::Config;
 use crate::protocol::reply::{self, ClientInfo};
-use crate::shard::NodeInfo;
 use crate::ws::{FrameBuf, OP_TEXT};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
