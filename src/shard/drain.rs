@@ -3,7 +3,7 @@
 //! `drain.listener_grace_secs` (the node's side, and the order of the whole protocol, is in
 //! [`crate::node`]).
 //!
-//! Shard thread only, stepped by the one-second sweep ([`super::run`]). Holds connection keys,
+//! Shard thread only, stepped by the one-second sweep ([`super::tasks`]). Holds connection keys,
 //! not connections: one that ended meanwhile is skipped.
 
 use super::reason::Reason;

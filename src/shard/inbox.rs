@@ -3,7 +3,7 @@
 //! requests, gather parts, commands on connections; subscription answers go on to
 //! [`super::recovery`]).
 //!
-//! Shard thread only, one task in a default-latency queue (see [`super::run`]). A batch yields
+//! Shard thread only, one task in a default-latency queue (see [`super::tasks`]). A batch yields
 //! every 256 messages and ends with the backlog retry and one flush of every connection it
 //! touched. Never blocks; no borrow is held across an `.await`.
 

@@ -140,3 +140,73 @@ async fn io_loop(shard: Rc<Shard>, inbox: poller::ReadyInbox) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::shard::NodeInfo;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A shard and one upgraded connection on a socketpair; returns the client's end.
+    fn connected() -> (Rc<Shard>, Rc<Connection>, UnixStream) {
+        let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
+        // `start` takes over a connection the HTTP phase counted.
+        node.connections.store(1, Ordering::Relaxed);
+        let (tx, _rx) = crate::bus::broker_queue(16, false).unwrap();
+        let cfg = Config {
+            insecure: true,
+            ..Config::default()
+        };
+        let shard = Shard::new(0, Arc::new(cfg), node, tx, None);
+        let (server, client) = UnixStream::pair().unwrap();
+        start(&shard, server.into_raw_fd(), Vec::new(), false);
+        let conn = shard.conns.borrow().all().pop().expect("started");
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        (shard, conn, client)
+    }
+
+    #[test]
+    fn the_reason_a_close_began_with_is_the_one_counted() {
+        let (shard, conn, mut client) = connected();
+        conn.close(&shard.ctx(), Reason::Shutdown);
+        shard.flush_dirty();
+        let mut frame = [0u8; 64];
+        let n = client.read(&mut frame).unwrap();
+        assert_eq!(
+            &frame[..4],
+            &[0x88, (n - 2) as u8, 0x0b, 0xb9],
+            "close 3001"
+        );
+        drop(client); // the peer's EOF ends it
+        let reason = conn.read(&shard.ctx()).unwrap_err();
+        assert_eq!(reason, Reason::PeerClosed);
+        shard.teardown(&conn, reason);
+        assert_eq!(shard.counters.ended_count(Reason::Shutdown), 1);
+        assert_eq!(shard.counters.ended_count(Reason::PeerClosed), 0);
+        assert!(shard.conns.borrow().is_empty());
+        assert_eq!(shard.node.connections.load(Ordering::Relaxed), 0);
+        shard.teardown(&conn, Reason::SocketError);
+        assert_eq!(
+            shard.counters.ended_count(Reason::SocketError),
+            0,
+            "once only"
+        );
+    }
+
+    #[test]
+    fn teardown_closes_the_socket_when_the_last_reference_goes() {
+        let (shard, conn, mut client) = connected();
+        shard.teardown(&conn, Reason::SocketError);
+        assert_eq!(shard.counters.ended_count(Reason::SocketError), 1);
+        drop(conn);
+        let mut b = [0u8; 8];
+        // EOF, not a timeout: the server's end is closed (no close frame: the socket failed).
+        assert_eq!(client.read(&mut b).unwrap(), 0);
+    }
+}

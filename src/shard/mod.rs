@@ -2,15 +2,15 @@
 //! index, its timer wheel and its broker inbox. Inside, everything is `Rc`/`RefCell`; nothing is
 //! shared with other shards except the messages of [`crate::bus`].
 //!
-//! Tasks of a shard ([`run`]): the accept loop, one task per connection while it is in its HTTP
+//! Tasks of a shard ([`tasks`]): the accept loop, one task per connection while it is in its HTTP
 //! phase (request head, API call, upgrade), the I/O loop that services upgraded WebSocket
 //! sockets from the shard's epoll set ([`io`], [`poller`]), the broker inbox ([`inbox`]), and
 //! the one-second sweep (timer wheel, drain). The I/O loop and the inbox are woken through a
 //! socketpair byte at most once per batch. None of them blocks, and no `RefCell` borrow is held
 //! across an `.await`.
 //!
-//! Files, one noun each: [`Shard`] itself (this file: its state, clocks and tick); [`run`]
-//! (start-up and tasks); [`io`] (servicing sockets, teardown); [`connection`] (one WebSocket
+//! Files, one noun each: [`Shard`] itself (this file: its state, clocks and tick); [`tasks`]
+//! (start-up, accept loop, sweep); [`io`] (servicing sockets, teardown); [`connection`] (one WebSocket
 //! connection, seeing only its [`context::ConnCtx`]); [`context`]; [`table`] (connections by
 //! key); [`users`]; [`index`] (channels); [`timer`]; [`host`] (the session's `Host`);
 //! [`broker_link`] (sending to the broker, the must-deliver backlog); [`requests`] (waiting for
@@ -21,17 +21,17 @@ pub mod broker_link;
 pub mod connection;
 pub mod context;
 pub mod counters;
-mod drain;
+pub mod drain;
 pub mod host;
-mod inbox;
+pub mod inbox;
 pub mod index;
 pub mod io;
 pub mod poller;
 pub mod reason;
-mod recovery;
-mod requests;
-pub mod run;
+pub mod recovery;
+pub mod requests;
 pub mod table;
+pub mod tasks;
 pub mod timer;
 pub mod users;
 
@@ -41,7 +41,7 @@ pub use counters::Counters;
 pub use host::ShardHost;
 pub use io::spawn_io;
 pub use requests::{presence_result, presence_stats};
-pub use run::{run, ShardParts};
+pub use tasks::{run, ShardParts};
 
 use crate::bus::{BrokerTx, ShardCommand, ShardId, ToBroker, ToShard};
 use crate::config::Config;

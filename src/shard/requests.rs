@@ -169,3 +169,50 @@ pub fn presence_stats(list: &[ClientInfo]) -> PresenceStats {
         num_users: users.len() as u32,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::bus::{NodeInfo, Query, ToBroker};
+    use crate::config::Config;
+    use crate::protocol::ErrorCode;
+    use crate::shard::Shard;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// A broker that never answers: the API request gives up after
+    /// `limits.broker_reply_timeout_ms` with a temporary error, and forgets its waiter.
+    #[test]
+    fn an_unanswered_request_times_out_after_the_configured_wait() {
+        let (result, elapsed, sent, left) = glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let mut cfg = Config {
+                    insecure: true,
+                    ..Config::default()
+                };
+                cfg.limits.broker_reply_timeout_ms = 100;
+                let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
+                let (tx, inbox) = crate::bus::broker_queue(4, false).unwrap();
+                let shard = Shard::new(0, Arc::new(cfg), node, tx, None);
+                let started = Instant::now();
+                let result = shard
+                    .request(|reply| ToBroker::Gather {
+                        query: Query::Stats,
+                        reply,
+                    })
+                    .await;
+                let sent = inbox.rx.try_recv().is_ok();
+                let left = shard.requests.pending.borrow().len();
+                (result.err(), started.elapsed(), sent, left)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(sent, "the request reached the broker queue");
+        assert_eq!(result, Some(ErrorCode::Internal));
+        assert!(
+            elapsed >= Duration::from_millis(100) && elapsed < Duration::from_secs(5),
+            "waited {elapsed:?}"
+        );
+        assert_eq!(left, 0, "the waiter is forgotten");
+    }
+}
