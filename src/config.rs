@@ -393,6 +393,15 @@ pub struct Limits {
     pub handshake_timeout_secs: u32,
     /// Messages the shards → broker queue holds. Full: the command gets a temporary error 100.
     pub broker_queue_capacity: usize,
+    /// Must-deliver messages (interest withdrawals, presence and user-interest changes, gather
+    /// answers) one shard holds, in order, while the broker queue is full. Full: the message is
+    /// dropped and counted as `broker_backlog_drops` (closing connections would only queue
+    /// more withdrawals; what a drop costs is bounded, see `shard::broker_link`). The default
+    /// matches `broker_queue_capacity`: at most ~6 MiB per shard (≤ 96 bytes a message).
+    pub broker_backlog_capacity: usize,
+    /// Milliseconds an HTTP API call waits for the broker's answer (publish, history,
+    /// presence, info, ...). Over it: error 100 (temporary).
+    pub broker_reply_timeout_ms: u32,
     /// Commands per second a connection may send on average (token bucket refill rate).
     /// Over it: error 111 "too many requests".
     pub command_rate_per_sec: u32,
@@ -428,6 +437,8 @@ impl Default for Limits {
             max_connections: 1_000_000,
             handshake_timeout_secs: 10,
             broker_queue_capacity: 65_536,
+            broker_backlog_capacity: 65_536,
+            broker_reply_timeout_ms: 10_000,
             command_rate_per_sec: 50,
             command_burst: 100,
             max_refused_commands: 50,
@@ -629,7 +640,7 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        let positive: [(&str, usize); 12] = [
+        let positive: [(&str, usize); 14] = [
             (
                 "limits.command_rate_per_sec",
                 l.command_rate_per_sec as usize,
@@ -651,6 +662,11 @@ impl Config {
             ("limits.max_connections", l.max_connections),
             ("limits.broker_queue_capacity", l.broker_queue_capacity),
             ("limits.shard_queue_capacity", l.shard_queue_capacity),
+            ("limits.broker_backlog_capacity", l.broker_backlog_capacity),
+            (
+                "limits.broker_reply_timeout_ms",
+                l.broker_reply_timeout_ms as usize,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -965,6 +981,25 @@ mod tests {
         );
         assert_eq!(c.client_expired_sub_close_delay_secs, 3);
         assert!(c.namespace_of("dm:#a").unwrap().allow_user_limited_channels);
+    }
+
+    #[test]
+    fn broker_backlog_and_reply_timeout_are_checked() {
+        let c =
+            Config::from_toml("insecure = true\n[limits]\nbroker_backlog_capacity = 0\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.broker_backlog_capacity"), "{err}");
+        let c =
+            Config::from_toml("insecure = true\n[limits]\nbroker_reply_timeout_ms = 0\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.broker_reply_timeout_ms"), "{err}");
+        let c = Config::from_toml(
+            "insecure = true\n[limits]\nbroker_backlog_capacity = 8\nbroker_reply_timeout_ms = 250\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.broker_backlog_capacity, 8);
+        assert_eq!(c.limits.broker_reply_timeout_ms, 250);
     }
 
     #[test]

@@ -6,32 +6,46 @@
 //!
 //! # Layout (where to start reading)
 //! - [`node`]: boot and teardown order: listeners, broker thread, one shard per core, `READY`.
-//! - [`shard`]: one glommio executor per core owning its listener, connections, channel index
-//!   ([`shard::index`]), timer wheel ([`shard::timer`]), broker inbox and epoll set
-//!   ([`shard::poller`]). The WebSocket phase of a connection is [`shard::connection`]: plain
-//!   state serviced on readiness, no task per connection.
+//! - [`shard`]: one glommio executor per core. [`shard::tasks`] starts its tasks (accept, broker
+//!   inbox, I/O loop, one-second sweep); [`shard::Shard`] is its state. One file per noun:
+//!   [`shard::io`] services upgraded sockets from the shard's epoll set ([`shard::poller`]) and
+//!   tears connections down with their [`shard::reason::Reason`]; [`shard::connection`] is one
+//!   WebSocket connection (plain state, no task), which sees its shard only through
+//!   [`shard::context::ConnCtx`]; [`shard::host`] is the session's `Host`; [`shard::inbox`]
+//!   applies broker messages and [`shard::recovery`] the subscription answers among them;
+//!   [`shard::broker_link`] sends to the broker (with the bounded must-deliver backlog);
+//!   [`shard::table`], [`shard::users`], [`shard::index`] and [`shard::timer`] are its tables;
+//!   [`shard::counters`] its counters.
 //! - [`http`]: the request head that decides upgrade, API ([`http::api`]) or health check.
-//! - [`conn`]: one connection's plain state: [`conn::session`] (the protocol, no I/O) and
-//!   [`conn::outbox`] (bounded queue of shared frames).
+//! - [`conn`]: one connection's plain state: [`conn::session`] (the protocol, no I/O),
+//!   [`conn::outbox`] (bounded queue of shared frames) and [`conn::bucket`] (rate limit).
 //! - [`ws`]: RFC 6455 framing over shared buffers; [`protocol`]: commands, replies, codes, tokens.
-//! - [`bus`]: the only types that cross threads; [`broker`]: the broker interface, its
-//!   in-memory implementation and the Redis multiplexer ([`broker::redis`]); channel history
+//! - [`bus`]: the only types that cross threads, the wake-up [`bus::doorbell`] and the node's
+//!   shared state ([`bus::node_state`]); [`broker`]: the broker interface, its in-memory
+//!   implementation and the Redis multiplexer ([`broker::redis`]); channel history
 //!   ([`broker::history`]) and the multiplexer's per-channel offsets and gap repair
 //!   ([`broker::tracker`]).
-//! - [`config`]: every knob with unit, default and reason.
+//! - [`config`]: every knob with unit, default and reason; [`clock`]: Unix time;
+//!   [`pattern`]: channel-name globs.
 //!
-//! Dependencies point one way: node → shard → (http, conn) → protocol, with bus, config, ws and
-//! broker beneath. (`http` and `shard` call each other: the accept loop hands sockets to `http`,
-//! which hands upgraded ones back to `shard::connection`.)
+//! Dependencies point one way: node → shard → (http, broker, conn) → (protocol, ws) → (bus,
+//! config, clock, pattern); metrics reads bus only. One circle is left: `http` and `shard` call
+//! each other (the accept loop hands sockets to `http`, which hands upgraded ones back to
+//! `shard::connection::start` and reads `Shard`'s public fields).
+
+/// The server's version, as the connect reply and `/api/info` report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub mod broker;
 pub mod bus;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod doctor;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod pattern;
 pub mod protocol;
 pub mod shard;
 pub mod ws;

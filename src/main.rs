@@ -152,7 +152,7 @@ fn gentoken(run: &RunArgs, user: String, ttl: u64, channels: Vec<String>) -> any
         !cfg.token_hmac_secret.is_empty(),
         "no secret: set token_hmac_secret in the config file or pass --token-hmac-secret"
     );
-    let exp = (ttl > 0).then(|| shardcast::shard::unix_now() + ttl);
+    let exp = (ttl > 0).then(|| shardcast::clock::unix_now() + ttl);
     let claims = ConnectClaims {
         sub: user,
         exp,

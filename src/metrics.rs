@@ -3,10 +3,10 @@
 //!
 //! Runs on its own small thread (`shardcast-metrics`) with blocking sockets: it serves a few
 //! scrapes a minute and must never touch a shard. Shards count in plain cells on their hot path
-//! and publish a snapshot here once a second ([`ShardSnapshot`]); the multiplexer publishes the
-//! cluster's node list the same way.
+//! and publish a snapshot once a second ([`ShardSnapshot`], in [`crate::bus`]); the multiplexer
+//! publishes the cluster's node list the same way.
 
-use crate::shard::{NodeCounts, NodeInfo};
+use crate::bus::{NodeCounts, NodeInfo, ShardSnapshot};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -18,17 +18,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// What one shard published at its last tick.
-#[derive(Debug, Default, Clone)]
-pub struct ShardSnapshot {
-    pub connections: u64,
-    pub subscriptions: u64,
-    pub channels: u64,
-    /// Messages waiting in the shard's broker inbox.
-    pub inbox_depth: u64,
-    pub counters: Vec<(&'static str, u64)>,
-}
 
 /// The status page (self-contained: no build step, no external resources).
 const STATUS_HTML: &str = include_str!("status.html");
@@ -224,7 +213,7 @@ fn prometheus(node: &NodeInfo) -> String {
         g,
     );
     let g = Gauge::<i64>::default();
-    g.set(node.redis_state.load(Ordering::Relaxed) as i64);
+    g.set(node.redis_state.get() as i64);
     registry.register(
         "redis_link_state",
         "Redis link: 0 standalone, 1 connected, 2 down",

@@ -6,9 +6,9 @@
 //! printed only once every shard accepts.
 
 use crate::broker::{memory::MemoryBroker, redis::RedisBroker, Broker};
-use crate::bus::{self, ShardId};
+use crate::bus::{self, NodeInfo, RedisLink, ShardId};
 use crate::config::Config;
-use crate::shard::{self, NodeInfo, ShardParts};
+use crate::shard::{self, ShardError, ShardParts};
 use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::Write;
@@ -159,7 +159,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .name("shardcast-broker".into())
         .spawn(move || broker.run(broker_inbox, links))?;
 
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<ShardId>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ShardId, ShardError>>();
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(shards);
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
@@ -195,7 +195,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     for _ in 0..shards {
         ready_rx
             .recv_timeout(Duration::from_secs(30))
-            .context("a shard did not start")?;
+            .context("a shard did not start")??;
     }
     let broker_kind = if cfg.redis.is_none() {
         "memory"
@@ -207,7 +207,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         // subscribes do not fail only because the link is still coming up.
         let wait = Duration::from_millis(cfg.redis_options.connect_timeout_ms as u64 * 2 + 500);
         let deadline = std::time::Instant::now() + wait;
-        while node.redis_state.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline
+        while node.redis_state.get() == RedisLink::Standalone
+            && std::time::Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -100,25 +100,8 @@ pub(crate) fn scatter(shards: &[ShardLink], id: u64, query: &crate::bus::Query) 
     }
 }
 
-/// A simple `*` glob (the `pattern` of `/api/channels`): `*` matches any run of characters.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
-            Some(i) => rest = &rest[i + mid.len()..],
-            None => return false,
-        }
-    }
-    true
-}
+/// Moved beneath both the shards and the broker; re-exported so the broker's users keep working.
+pub use crate::pattern::glob_match;
 
 #[cfg(test)]
 mod tests {

@@ -32,9 +32,9 @@ use crate::bus::{
     BrokerError, BrokerInbox, BrokerReply, BusStats, HistoryPage, HistoryQuery, Part, Query,
     ReplyTo, ShardCommand, ShardLink, StreamPos, ToBroker, ToShard,
 };
+use crate::bus::{NodeCounts, NodeInfo};
 use crate::config::{Config, RedisTarget};
 use crate::protocol::reply::{self, ClientInfo};
-use crate::shard::{NodeCounts, NodeInfo};
 use crate::ws::{FrameBuf, OP_TEXT};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};

@@ -3,6 +3,7 @@
 //! Runs on the shard that accepted it and never moves. The session ([`session`]) holds no I/O and
 //! talks to its shard only through the [`session::Host`] trait, so `conn/` never imports `shard/`.
 
+pub mod bucket;
 pub mod outbox;
 pub mod session;
 

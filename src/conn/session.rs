@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 /// Server version announced in connect replies.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::VERSION;
 
 /// A channel interned by the shard (index into its channel table).
 pub type ChanId = u32;

@@ -14,12 +14,13 @@
 //! deadline (408 past it).
 
 use super::{read_within, response, Head, ReadError};
+use crate::bus::NodeCounts;
 use crate::bus::{
     BrokerError, BrokerReply, HistoryQuery, Part, Query, ShardCommand, StreamPos, ToBroker,
 };
 use crate::protocol::command::HistoryRequest;
 use crate::protocol::{Disconnect, ErrorCode};
-use crate::shard::{presence_result, presence_stats, NodeCounts, Shard};
+use crate::shard::{presence_result, presence_stats, Shard};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use serde::Deserialize;

@@ -3,24 +3,34 @@
 //! An upgraded connection is a [`Connection`] in the shard's table and its socket in the
 //! shard's epoll set ([`super::poller`]); no task, no future and no buffer wait for it. When the
 //! socket is readable the shard reads into its scratch buffer and decodes and answers in place
-//! ([`service`]); frames to send (fan-out, replies, pings) are queued as shared `Bytes` in the
-//! outbox and written by [`flush`], every queued frame in one `send` through the shard's cork
-//! buffer. A write that would block leaves the rest queued until the socket's writable edge.
+//! ([`Connection::read`]); frames to send (fan-out, replies, pings) are queued as shared
+//! `Bytes` in the outbox and written by [`Connection::flush`], every queued frame in one `send`
+//! through the shard's cork buffer. A write that would block leaves the rest queued until the
+//! socket's writable edge.
+//!
+//! Runs on the shard thread. Sees only [`ConnCtx`] (never the shard itself): when the
+//! connection must end, its methods return the [`Reason`] and the shard tears it down
+//! ([`super::io`]). Never blocks (non-blocking syscalls only) and holds no borrow past a call.
 
-use super::{bump, poller, Bucket, Shard, ShardHost, CORK_BYTES};
+use super::context::{ConnCtx, Expiry, CORK_BYTES};
+use super::counters::bump;
+use super::poller;
+use super::reason::Reason;
+use crate::conn::bucket::Bucket;
 use crate::conn::outbox::{Outbox, Push};
 use crate::conn::session::Session;
 use crate::conn::ConnKey;
-use crate::protocol::reply::{self, ClientInfo};
+use crate::protocol::reply::ClientInfo;
 use crate::protocol::Disconnect;
 use crate::ws::{self, Event, Flow, FrameBuf, Partial, OP_PONG, OP_TEXT};
 use bytes::Bytes;
 use std::cell::RefCell;
-use std::os::fd::RawFd;
-use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 #[cfg(test)]
 use std::time::Duration;
+
+/// Kept for `http`, which starts the WebSocket phase through this path after an upgrade.
+pub use super::io::start;
 
 /// Seconds a connection may take to answer our close frame before it is dropped.
 const CLOSE_TIMEOUT_SECS: u32 = 3;
@@ -48,6 +58,9 @@ pub struct ConnState {
     pub outbox: Outbox,
     pub partial: Option<Box<Partial>>,
     pub phase: Phase,
+    /// Why the connection is ending, set when it leaves `Open` by our doing or the peer's
+    /// close frame (the socket event that finally ends it does not override it).
+    end: Option<Reason>,
     /// Wheel tick of this connection's live timer entry.
     armed: u32,
     /// Tick of the last ping sent (or of the upgrade).
@@ -71,13 +84,14 @@ pub struct ConnState {
 /// One WebSocket connection, owned by its shard's table.
 pub struct Connection {
     pub key: ConnKey,
-    /// The socket; closed by [`teardown`].
-    fd: RawFd,
+    /// The socket, closed when the connection is dropped (the table's entry is its owner;
+    /// teardown removes the entry and the epoll registration).
+    fd: OwnedFd,
     pub state: RefCell<ConnState>,
 }
 
 impl Connection {
-    fn new(key: ConnKey, fd: RawFd, now: u32, echo: bool, bucket: Bucket) -> Connection {
+    pub fn new(key: ConnKey, fd: OwnedFd, now: u32, echo: bool, bucket: Bucket) -> Connection {
         Connection {
             key,
             fd,
@@ -86,6 +100,7 @@ impl Connection {
                 outbox: Outbox::default(),
                 partial: None,
                 phase: Phase::Open,
+                end: None,
                 armed: 0,
                 last_ping: now,
                 awaiting_pong: false,
@@ -99,76 +114,74 @@ impl Connection {
         }
     }
 
+    /// The socket.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// Puts the connection on the shard's list of connections to flush after this batch.
-    fn wake(&self, shard: &Shard) {
+    fn wake(&self, ctx: &ConnCtx) {
         let mut st = self.state.borrow_mut();
         if !st.dirty {
             st.dirty = true;
-            shard.dirty.borrow_mut().push(self.key);
+            ctx.io.mark_dirty(self.key);
         }
     }
 
     /// Queues a frame (fan-out, deferred reply, ping). Over the outbox bound the connection is
     /// closed as slow and its queue dropped.
-    pub fn push(&self, shard: &Shard, frame: Bytes) {
+    pub fn push(&self, ctx: &ConnCtx, frame: Bytes) {
         let mut st = self.state.borrow_mut();
         if st.phase != Phase::Open {
             return;
         }
         let was_empty = st.outbox.is_empty();
-        if st.outbox.push(frame, shard.cfg.limits.max_outbox_bytes) == Push::Overflow {
-            bump(&shard.counters.slow_disconnects);
-            let d = Disconnect::Slow;
-            queue_close(&mut st, d.code(), d.reason());
-            self.arm(shard, &mut st); // the close timeout now applies
+        if st.outbox.push(frame, ctx.cfg.limits.max_outbox_bytes) == Push::Overflow {
+            bump(&ctx.counters.slow_disconnects);
+            queue_close_as(&mut st, Reason::Slow);
+            self.arm(ctx, &mut st); // the close timeout now applies
             drop(st);
-            self.wake(shard);
+            self.wake(ctx);
         } else if was_empty {
             drop(st);
-            self.wake(shard);
+            self.wake(ctx);
         }
     }
 
-    /// Closes with a code and reason (server-initiated).
-    pub fn close_with(&self, shard: &Shard, code: u16, reason: &str) {
+    /// Closes for a server-side reason with a fixed close code ([`Reason::close_frame`]).
+    pub fn close(&self, ctx: &ConnCtx, why: Reason) {
+        let (code, text) = why.close_frame().unwrap_or((
+            Disconnect::ServerError.code(),
+            Disconnect::ServerError.reason(),
+        ));
+        self.close_with(ctx, why, code, text);
+    }
+
+    /// Closes with a code and reason text (server-initiated).
+    pub fn close_with(&self, ctx: &ConnCtx, why: Reason, code: u16, text: &str) {
         let mut st = self.state.borrow_mut();
         if st.phase == Phase::Open {
-            queue_close(&mut st, code, reason);
-            self.arm(shard, &mut st);
+            queue_close(&mut st, why, code, text);
+            self.arm(ctx, &mut st);
             drop(st);
-            self.wake(shard);
+            self.wake(ctx);
         }
     }
 
-    /// Removes the connection from `channel` on the server's request, telling the client.
-    pub fn server_unsubscribe(&self, shard: &Shard, channel: &str) {
-        let chan = {
-            let mut st = self.state.borrow_mut();
-            let subs = &mut st.session.subs;
-            let pos = subs.iter().position(|&c| {
-                shard
-                    .index
-                    .borrow()
-                    .get(c)
-                    .is_some_and(|ch| &*ch.name == channel)
-            });
-            match pos {
-                Some(p) => subs.swap_remove(p),
-                None => return,
-            }
-        };
-        shard.unsubscribe_key(chan, self.key);
-        shard.presence_left(self, channel);
-        let mut f = FrameBuf::with_capacity(64 + channel.len());
-        reply::unsubscribe_push(f.payload(), channel, 2000, "server unsubscribe");
-        self.push(shard, f.finish(OP_TEXT));
-    }
-
-    /// Forgets channel `chan` in the session (the caller updates the index).
-    pub fn drop_subscription(&self, chan: crate::conn::session::ChanId) {
+    /// Forgets channel `chan` in the session (the caller updates the index). Returns whether
+    /// the session was in it.
+    pub fn drop_subscription(&self, chan: crate::conn::session::ChanId) -> bool {
         let mut st = self.state.borrow_mut();
-        if let Some(pos) = st.session.subs.iter().position(|&c| c == chan) {
-            st.session.subs.swap_remove(pos);
+        match st.session.subs.iter().position(|&c| c == chan) {
+            Some(pos) => {
+                st.session.subs.swap_remove(pos);
+                true
+            }
+            None => false,
         }
     }
 
@@ -189,18 +202,18 @@ impl Connection {
     }
 
     /// The connection's timer fired at tick `now`.
-    pub fn on_timer(&self, shard: &Shard, now: u32) {
+    pub fn on_timer(&self, ctx: &ConnCtx, now: u32) {
         let mut st = self.state.borrow_mut();
         if now != st.armed {
             return; // stale entry
         }
-        let ping = &shard.cfg.ping;
+        let ping = &ctx.cfg.ping;
         match st.phase {
             Phase::Abort => return,
             Phase::Closing | Phase::Closed => {
                 st.phase = Phase::Abort;
                 drop(st);
-                self.wake(shard);
+                self.wake(ctx);
                 return;
             }
             Phase::Open => {}
@@ -208,60 +221,57 @@ impl Connection {
         if st.echo {
             // Conformance endpoint: no protocol heartbeats and no stale timeout.
             st.last_ping = now;
-            self.arm(shard, &mut st);
+            self.arm(ctx, &mut st);
             return;
         }
         let connected = st.session.is_connected();
-        if !connected && now >= st.last_ping + shard.cfg.limits.handshake_timeout_secs {
+        if !connected && now >= st.last_ping + ctx.cfg.limits.handshake_timeout_secs {
             // Upgraded but never sent connect: stale.
-            queue_close(&mut st, 3502, "stale");
+            queue_close_as(&mut st, Reason::Stale);
         } else if st.awaiting_pong && now >= st.last_ping + ping.pong_timeout_secs {
-            bump(&shard.counters.no_pong_disconnects);
-            let d = Disconnect::NoPong;
-            queue_close(&mut st, d.code(), d.reason());
+            bump(&ctx.counters.no_pong_disconnects);
+            queue_close_as(&mut st, Reason::NoPong);
         } else if st.expires_at != 0 && now >= st.expires_at {
-            let d = Disconnect::Expired;
-            queue_close(&mut st, d.code(), d.reason());
+            queue_close_as(&mut st, Reason::Expired);
         } else if st.sub_expires_at != 0 && now >= st.sub_expires_at {
             // Subscriptions whose token expired without a refresh end (push 2501); the
             // connection and its other subscriptions stay. A ping due now goes next tick.
-            self.expire_subscriptions(shard, &mut st);
+            self.expire_subscriptions(ctx, &mut st);
         } else if connected && now >= st.last_ping + ping.interval_secs {
             st.last_ping = now;
             st.awaiting_pong = true;
             let was_empty = st.outbox.is_empty();
             if st.outbox.push(
                 Bytes::from_static(&PING_FRAME),
-                shard.cfg.limits.max_outbox_bytes,
+                ctx.cfg.limits.max_outbox_bytes,
             ) == Push::Overflow
             {
-                bump(&shard.counters.slow_disconnects);
-                let d = Disconnect::Slow;
-                queue_close(&mut st, d.code(), d.reason());
+                bump(&ctx.counters.slow_disconnects);
+                queue_close_as(&mut st, Reason::Slow);
             } else if !was_empty {
-                self.arm(shard, &mut st);
+                self.arm(ctx, &mut st);
                 return;
             }
         }
-        self.arm(shard, &mut st);
+        self.arm(ctx, &mut st);
         drop(st);
-        self.wake(shard);
+        self.wake(ctx);
     }
 
     /// Arms the wheel for the next thing due.
-    fn arm(&self, shard: &Shard, st: &mut ConnState) {
-        let ping = &shard.cfg.ping;
+    fn arm(&self, ctx: &ConnCtx, st: &mut ConnState) {
+        let ping = &ctx.cfg.ping;
         let mut due = match st.phase {
             Phase::Open => {
                 if !st.session.is_connected() {
-                    st.last_ping + shard.cfg.limits.handshake_timeout_secs
+                    st.last_ping + ctx.cfg.limits.handshake_timeout_secs
                 } else if st.awaiting_pong {
                     st.last_ping + ping.pong_timeout_secs
                 } else {
                     st.last_ping + ping.interval_secs
                 }
             }
-            _ => shard.tick_now() + CLOSE_TIMEOUT_SECS,
+            _ => ctx.io.tick_now() + CLOSE_TIMEOUT_SECS,
         };
         if st.expires_at != 0 {
             due = due.min(st.expires_at);
@@ -269,11 +279,11 @@ impl Connection {
         if st.sub_expires_at != 0 {
             due = due.min(st.sub_expires_at);
         }
-        st.armed = shard.wheel.borrow_mut().arm(self.key, due);
+        st.armed = ctx.io.arm(self.key, due);
     }
 
     /// Ends the subscriptions whose deadline passed and queues their unsubscribe pushes.
-    fn expire_subscriptions(&self, shard: &Shard, st: &mut ConnState) {
+    fn expire_subscriptions(&self, ctx: &ConnCtx, st: &mut ConnState) {
         let ConnState {
             session,
             outbox,
@@ -281,157 +291,275 @@ impl Connection {
             sub_expires_at,
             ..
         } = st;
-        let mut host = ShardHost {
-            shard,
-            key: self.key,
-            expires_at,
-            sub_expires_at,
-            bucket: None,
+        let expiry = Expiry {
+            conn: expires_at,
+            subs: sub_expires_at,
         };
         let mut f = FrameBuf::with_capacity(96);
-        if session.expire_subscriptions(&mut host, f.payload()) > 0 {
+        if ctx
+            .sessions
+            .expire_subscriptions(self.key, session, expiry, f.payload())
+            > 0
+        {
             // Like a server ping: over the outbox bound the next write closes it as slow.
-            if outbox.push(f.finish(OP_TEXT), shard.cfg.limits.max_outbox_bytes) == Push::Overflow {
-                bump(&shard.counters.slow_disconnects);
-                let d = Disconnect::Slow;
-                queue_close(st, d.code(), d.reason());
+            if outbox.push(f.finish(OP_TEXT), ctx.cfg.limits.max_outbox_bytes) == Push::Overflow {
+                bump(&ctx.counters.slow_disconnects);
+                queue_close_as(st, Reason::Slow);
             }
+        }
+    }
+
+    /// Arms the first deadline (the handshake timeout) of a fresh connection.
+    pub fn arm_first(&self, ctx: &ConnCtx) {
+        let mut st = self.state.borrow_mut();
+        self.arm(ctx, &mut st);
+    }
+
+    /// Handles a readiness event. `Err` when the connection must end now.
+    pub fn service(&self, ctx: &ConnCtx, events: u32) -> Result<(), Reason> {
+        if events & poller::WRITABLE != 0 {
+            self.state.borrow_mut().blocked = false;
+        }
+        self.flush(ctx)?;
+        if events & (poller::READABLE | poller::HANGUP) != 0 {
+            self.read(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has (up to a round's budget) and answers it. `Err` on EOF or a
+    /// socket error: the connection must end.
+    pub fn read(&self, ctx: &ConnCtx) -> Result<(), Reason> {
+        for _ in 0..READS_PER_ROUND {
+            let n = ctx.io.with_scratch(|scratch| {
+                // SAFETY: recv into a buffer we own, on a socket we own.
+                let n = unsafe {
+                    libc::recv(
+                        self.raw_fd(),
+                        scratch.as_mut_ptr().cast(),
+                        scratch.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n > 0 {
+                    self.process(ctx, &mut scratch[..n as usize]);
+                }
+                n
+            });
+            if n == 0 {
+                return Err(Reason::PeerClosed);
+            }
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::WouldBlock {
+                    return self.flush(ctx);
+                }
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(Reason::SocketError);
+                }
+            }
+            self.flush(ctx)?;
+        }
+        // Budget spent with data possibly left: read again after the others had their turn.
+        ctx.io.read_again(self.key);
+        Ok(())
+    }
+
+    /// Writes what is queued, every frame in one `send` where possible. `Err` when the
+    /// connection must end (a write error, or its close timed out).
+    pub fn flush(&self, ctx: &ConnCtx) -> Result<(), Reason> {
+        let mut st = self.state.borrow_mut();
+        st.dirty = false;
+        if st.phase == Phase::Abort {
+            return Err(st.end.unwrap_or(Reason::SocketError));
+        }
+        while !st.outbox.is_empty() && !st.blocked {
+            let sent = if let Some(frame) = st.outbox.single() {
+                send(self.raw_fd(), frame)
+            } else {
+                ctx.io.with_cork(|cork| {
+                    st.outbox.fill(cork, CORK_BYTES);
+                    send(self.raw_fd(), cork)
+                })
+            };
+            match sent {
+                Ok(n) => {
+                    st.outbox.consume(n);
+                    let c = ctx.counters;
+                    c.bytes_out.set(c.bytes_out.get() + n as u64);
+                    bump(&c.writes);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => st.blocked = true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(Reason::SocketError),
+            }
+        }
+        if st.phase == Phase::Closing && st.outbox.is_empty() {
+            // Close frame written: half-close and wait (bounded) for the peer's EOF.
+            // SAFETY: shutdown(2) on a socket we own.
+            unsafe { libc::shutdown(self.raw_fd(), libc::SHUT_WR) };
+            st.phase = Phase::Closed;
+            self.arm(ctx, &mut st);
+        }
+        Ok(())
+    }
+
+    /// The end of the connection's life on its shard: the session leaves everything, queued
+    /// frames are dropped. Returns the reason it ended: the one recorded when it began to
+    /// close, else `event` (what cut the socket).
+    pub fn finish(&self, ctx: &ConnCtx, event: Reason) -> Reason {
+        let mut st = self.state.borrow_mut();
+        let st = &mut *st;
+        ctx.sessions.end_session(self.key, &mut st.session);
+        st.outbox.clear();
+        st.partial = None;
+        st.phase = Phase::Abort;
+        *st.end.get_or_insert(event)
+    }
+
+    /// Decodes and answers bytes read from the client.
+    pub fn process(&self, ctx: &ConnCtx, input: &mut [u8]) {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        if st.phase != Phase::Open {
+            return; // closing: the rest of the input is discarded
+        }
+        let max_outbox = ctx.cfg.limits.max_outbox_bytes;
+        let counters = ctx.counters;
+        let mut partial = st.partial.take();
+        let mut close: Option<(Reason, u16, &'static str)> = None;
+        let mut overflow = false;
+        let expires_before = (st.expires_at, st.sub_expires_at);
+        let connected_before = st.session.is_connected();
+        let echo = st.echo;
+        let ConnState {
+            session,
+            outbox,
+            awaiting_pong,
+            expires_at,
+            sub_expires_at,
+            bucket,
+            ..
+        } = st;
+        let result = ctx
+            .io
+            .decoder()
+            .feed(&mut partial, input, &mut |event| match event {
+                Event::Message { payload, text } if echo => {
+                    let mut f = FrameBuf::with_capacity(payload.len());
+                    f.payload().extend_from_slice(payload);
+                    let op = if text { OP_TEXT } else { ws::OP_BINARY };
+                    if outbox.push(f.finish(op), max_outbox) == Push::Overflow {
+                        overflow = true;
+                        return Flow::Stop;
+                    }
+                    Flow::Continue
+                }
+                Event::Message { payload, .. } => {
+                    bump(&counters.messages_in);
+                    *awaiting_pong = false;
+                    let Ok(text) = std::str::from_utf8(payload) else {
+                        let d = Disconnect::BadRequest;
+                        close = Some((Reason::Session(d), d.code(), d.reason()));
+                        return Flow::Stop;
+                    };
+                    let mut frame = FrameBuf::with_capacity(96);
+                    let outcome = ctx.sessions.handle_message(
+                        self.key,
+                        session,
+                        Expiry {
+                            conn: &mut *expires_at,
+                            subs: &mut *sub_expires_at,
+                        },
+                        bucket,
+                        text,
+                        frame.payload(),
+                    );
+                    if frame.payload_len() > 0
+                        && outbox.push(frame.finish(OP_TEXT), max_outbox) == Push::Overflow
+                    {
+                        overflow = true;
+                        return Flow::Stop;
+                    }
+                    match outcome {
+                        Ok(()) => Flow::Continue,
+                        Err(d) => {
+                            close = Some((Reason::Session(d), d.code(), d.reason()));
+                            Flow::Stop
+                        }
+                    }
+                }
+                Event::Ping(payload) => {
+                    let mut f = FrameBuf::with_capacity(payload.len());
+                    f.payload().extend_from_slice(payload);
+                    if outbox.push(f.finish(OP_PONG), max_outbox) == Push::Overflow {
+                        overflow = true;
+                        return Flow::Stop;
+                    }
+                    Flow::Continue
+                }
+                Event::Pong(_) => Flow::Continue,
+                Event::Close(c) => {
+                    // Echo the client's status code (RFC 6455 §5.5.1).
+                    let code = c.map(|(code, _)| code).unwrap_or(ws::close::NORMAL);
+                    close = Some((Reason::PeerCloseFrame, code, ""));
+                    Flow::Stop
+                }
+            });
+        st.partial = partial;
+        match result {
+            Err(v) => {
+                bump(&ctx.counters.protocol_violations);
+                queue_close(st, Reason::Protocol, v.code, v.reason);
+            }
+            Ok(_) if overflow => {
+                bump(&ctx.counters.slow_disconnects);
+                queue_close_as(st, Reason::Slow);
+            }
+            Ok(_) => {
+                if let Some((why, code, text)) = close {
+                    queue_close(st, why, code, text);
+                    st.partial = None;
+                }
+            }
+        }
+        let just_connected = !connected_before && st.session.is_connected();
+        if just_connected {
+            // Pings are counted from the connect; the pre-connect deadline no longer applies.
+            // The first ping comes up to a fifth of the interval early, at random, so that
+            // connections made in the same second (a reconnect wave) do not ping in the same
+            // tick forever.
+            let spread = ctx.cfg.ping.interval_secs / 5;
+            let early = if spread > 0 {
+                fastrand::u32(0..=spread)
+            } else {
+                0
+            };
+            st.last_ping = ctx.io.tick_now().saturating_sub(early);
+        }
+        let expires_now = (st.expires_at, st.sub_expires_at);
+        if just_connected || expires_now != expires_before || st.phase != Phase::Open {
+            self.arm(ctx, st);
         }
     }
 }
 
-fn queue_close(st: &mut ConnState, code: u16, reason: &str) {
+/// Queues the close frame of a reason with a fixed code.
+fn queue_close_as(st: &mut ConnState, why: Reason) {
+    let (code, text) = why.close_frame().unwrap_or((
+        Disconnect::ServerError.code(),
+        Disconnect::ServerError.reason(),
+    ));
+    queue_close(st, why, code, text);
+}
+
+fn queue_close(st: &mut ConnState, why: Reason, code: u16, text: &str) {
     if code == Disconnect::Slow.code() {
         st.outbox.drop_unstarted();
     }
-    st.outbox.push_unbounded(ws::close_frame(code, reason));
+    st.outbox.push_unbounded(ws::close_frame(code, text));
     st.phase = Phase::Closing;
-}
-
-/// Starts the WebSocket phase of an upgraded socket `fd` (ours now). `early` holds bytes the
-/// client sent right after its request head.
-pub fn start(shard: &Shard, fd: RawFd, mut early: Vec<u8>, echo: bool) {
-    let now = shard.tick_now();
-    let bucket = Bucket::full(&shard.cfg, shard.now_ms());
-    let conn = shard
-        .conns
-        .borrow_mut()
-        .insert_with(|key| Rc::new(Connection::new(key, fd, now, echo, bucket)));
-    bump(&shard.counters.ws_opened);
-    {
-        let mut st = conn.state.borrow_mut();
-        conn.arm(shard, &mut st);
-    }
-    if !early.is_empty() {
-        process(shard, &conn, &mut early);
-    }
-    let token = poller::token(conn.key.slot, conn.key.generation);
-    if let Err(e) = shard.poller.add(fd, token) {
-        tracing::warn!(error = %e, "cannot watch an upgraded socket");
-        teardown(shard, &conn);
-    }
-    // The first (writable) edge flushes the connect replies to early commands, if any.
-}
-
-/// Handles a readiness event of a connection.
-pub fn service(shard: &Shard, conn: &Rc<Connection>, events: u32) {
-    if events & poller::WRITABLE != 0 {
-        conn.state.borrow_mut().blocked = false;
-    }
-    if !flush(shard, conn) {
-        return;
-    }
-    if events & (poller::READABLE | poller::HANGUP) != 0 {
-        read(shard, conn);
-    }
-}
-
-/// Reads what the socket has (up to a round's budget) and answers it. Ends the connection on
-/// EOF or error.
-pub fn read(shard: &Shard, conn: &Rc<Connection>) {
-    for _ in 0..READS_PER_ROUND {
-        let n = {
-            let mut scratch = shard.scratch.borrow_mut();
-            // SAFETY: recv into a buffer we own, on a socket we own.
-            let n = unsafe {
-                libc::recv(
-                    conn.fd,
-                    scratch.as_mut_ptr().cast(),
-                    scratch.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n > 0 {
-                process(shard, conn, &mut scratch[..n as usize]);
-            }
-            n
-        };
-        if n == 0 {
-            teardown(shard, conn); // the peer closed
-            return;
-        }
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::WouldBlock {
-                flush(shard, conn);
-                return;
-            }
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                teardown(shard, conn);
-                return;
-            }
-        }
-        if !flush(shard, conn) {
-            return;
-        }
-    }
-    // Budget spent with data possibly left: read again after the others had their turn.
-    shard.again.borrow_mut().push(conn.key);
-}
-
-/// Writes what is queued, every frame in one `send` where possible. Returns false when the
-/// connection ended (write error, or its close completed badly).
-pub fn flush(shard: &Shard, conn: &Rc<Connection>) -> bool {
-    let mut st = conn.state.borrow_mut();
-    st.dirty = false;
-    if st.phase == Phase::Abort {
-        drop(st);
-        teardown(shard, conn);
-        return false;
-    }
-    while !st.outbox.is_empty() && !st.blocked {
-        let sent = if let Some(frame) = st.outbox.single() {
-            send(conn.fd, frame)
-        } else {
-            let mut cork = shard.cork.borrow_mut();
-            cork.clear();
-            st.outbox.fill(&mut cork, CORK_BYTES);
-            send(conn.fd, &cork)
-        };
-        match sent {
-            Ok(n) => {
-                st.outbox.consume(n);
-                let c = &shard.counters;
-                c.bytes_out.set(c.bytes_out.get() + n as u64);
-                bump(&c.writes);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => st.blocked = true,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => {
-                drop(st);
-                teardown(shard, conn);
-                return false;
-            }
-        }
-    }
-    if st.phase == Phase::Closing && st.outbox.is_empty() {
-        // Close frame written: half-close and wait (bounded) for the peer's EOF.
-        // SAFETY: shutdown(2) on a socket we own.
-        unsafe { libc::shutdown(conn.fd, libc::SHUT_WR) };
-        st.phase = Phase::Closed;
-        conn.arm(shard, &mut st);
-    }
-    true
+    st.end.get_or_insert(why);
 }
 
 fn send(fd: RawFd, bytes: &[u8]) -> std::io::Result<usize> {
@@ -448,165 +576,6 @@ fn send(fd: RawFd, bytes: &[u8]) -> std::io::Result<usize> {
         Err(std::io::Error::last_os_error())
     } else {
         Ok(n as usize)
-    }
-}
-
-/// Ends a connection: leave every channel, forget the user, free the slot, close the socket
-/// (which also removes it from the epoll set). Safe to call twice.
-pub fn teardown(shard: &Shard, conn: &Rc<Connection>) {
-    if shard.conns.borrow().get(conn.key).is_none() {
-        return;
-    }
-    {
-        let mut st = conn.state.borrow_mut();
-        let st = &mut *st;
-        let mut expires = st.expires_at;
-        let mut sub_expires = st.sub_expires_at;
-        let mut host = ShardHost {
-            shard,
-            key: conn.key,
-            expires_at: &mut expires,
-            sub_expires_at: &mut sub_expires,
-            bucket: None,
-        };
-        st.session.leave_all(&mut host);
-        if st.sub_expires_at != 0 {
-            shard.sub_expiries.borrow_mut().remove(conn.key);
-        }
-        if let Some(ident) = st.session.identity.as_ref() {
-            shard.forget_user(&ident.user, conn.key);
-        }
-        shard.connects.borrow_mut().remove(&conn.key);
-        st.outbox.clear();
-        st.partial = None;
-        st.phase = Phase::Abort;
-    }
-    shard.conns.borrow_mut().remove(conn.key);
-    shard.poller.remove(conn.fd);
-    // SAFETY: the fd is ours and closed once (the table entry is gone).
-    unsafe { libc::close(conn.fd) };
-    shard.node.connections.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// Decodes and answers bytes read from the client.
-fn process(shard: &Shard, conn: &Connection, input: &mut [u8]) {
-    let mut guard = conn.state.borrow_mut();
-    let st = &mut *guard;
-    if st.phase != Phase::Open {
-        return; // closing: the rest of the input is discarded
-    }
-    let max_outbox = shard.cfg.limits.max_outbox_bytes;
-    let mut partial = st.partial.take();
-    let mut close: Option<(u16, &'static str)> = None;
-    let mut overflow = false;
-    let expires_before = (st.expires_at, st.sub_expires_at);
-    let connected_before = st.session.is_connected();
-    let echo = st.echo;
-    let ConnState {
-        session,
-        outbox,
-        awaiting_pong,
-        expires_at,
-        sub_expires_at,
-        bucket,
-        ..
-    } = st;
-    let result = shard
-        .decoder
-        .feed(&mut partial, input, &mut |event| match event {
-            Event::Message { payload, text } if echo => {
-                let mut f = FrameBuf::with_capacity(payload.len());
-                f.payload().extend_from_slice(payload);
-                let op = if text { OP_TEXT } else { ws::OP_BINARY };
-                if outbox.push(f.finish(op), max_outbox) == Push::Overflow {
-                    overflow = true;
-                    return Flow::Stop;
-                }
-                Flow::Continue
-            }
-            Event::Message { payload, .. } => {
-                bump(&shard.counters.messages_in);
-                *awaiting_pong = false;
-                let Ok(text) = std::str::from_utf8(payload) else {
-                    close = Some((
-                        Disconnect::BadRequest.code(),
-                        Disconnect::BadRequest.reason(),
-                    ));
-                    return Flow::Stop;
-                };
-                let mut frame = FrameBuf::with_capacity(96);
-                let mut host = ShardHost {
-                    shard,
-                    key: conn.key,
-                    expires_at: &mut *expires_at,
-                    sub_expires_at: &mut *sub_expires_at,
-                    bucket: Some(&mut *bucket),
-                };
-                let outcome = session.handle_message(&mut host, text, frame.payload());
-                if frame.payload_len() > 0
-                    && outbox.push(frame.finish(OP_TEXT), max_outbox) == Push::Overflow
-                {
-                    overflow = true;
-                    return Flow::Stop;
-                }
-                match outcome {
-                    Ok(()) => Flow::Continue,
-                    Err(d) => {
-                        close = Some((d.code(), d.reason()));
-                        Flow::Stop
-                    }
-                }
-            }
-            Event::Ping(payload) => {
-                let mut f = FrameBuf::with_capacity(payload.len());
-                f.payload().extend_from_slice(payload);
-                if outbox.push(f.finish(OP_PONG), max_outbox) == Push::Overflow {
-                    overflow = true;
-                    return Flow::Stop;
-                }
-                Flow::Continue
-            }
-            Event::Pong(_) => Flow::Continue,
-            Event::Close(c) => {
-                // Echo the client's status code (RFC 6455 §5.5.1).
-                close = Some((c.map(|(code, _)| code).unwrap_or(ws::close::NORMAL), ""));
-                Flow::Stop
-            }
-        });
-    st.partial = partial;
-    match result {
-        Err(v) => {
-            bump(&shard.counters.protocol_violations);
-            queue_close(st, v.code, v.reason);
-        }
-        Ok(_) if overflow => {
-            bump(&shard.counters.slow_disconnects);
-            let d = Disconnect::Slow;
-            queue_close(st, d.code(), d.reason());
-        }
-        Ok(_) => {
-            if let Some((code, reason)) = close {
-                queue_close(st, code, reason);
-                st.partial = None;
-            }
-        }
-    }
-    let just_connected = !connected_before && st.session.is_connected();
-    if just_connected {
-        // Pings are counted from the connect; the pre-connect deadline no longer applies. The
-        // first ping comes up to a fifth of the interval early, at random, so that connections
-        // made in the same second (a reconnect wave) do not ping in the same tick forever.
-        let spread = shard.cfg.ping.interval_secs / 5;
-        let early = if spread > 0 {
-            fastrand::u32(0..=spread)
-        } else {
-            0
-        };
-        st.last_ping = shard.tick_now().saturating_sub(early);
-    }
-    let expires_now = (st.expires_at, st.sub_expires_at);
-    if just_connected || expires_now != expires_before || st.phase != Phase::Open {
-        conn.arm(shard, st);
     }
 }
 
@@ -627,7 +596,7 @@ mod tests {
 mod heap_tests {
     use super::*;
     use crate::config::Config;
-    use crate::shard::NodeInfo;
+    use crate::shard::{NodeInfo, Shard};
     use std::io::{Read, Write};
     use std::sync::Arc;
 

@@ -116,7 +116,7 @@ fn counters(server: &Server) -> Value {
 /// Waits until `/metrics` shows `metric` (summed over shards) at `want`.
 fn metric_reaches(server: &Server, metric: &str, want: u64) {
     let (_, info) = api(server.addr, "info", &json!({}));
-    let m: std::net::SocketAddr = info["result"]["nodes"][0]["metrics"]
+    let m: std::net::SocketAddr = info["result"]["nodes"][0]["metrics_listen"]
         .as_str()
         .expect("metrics address in /api/info")
         .parse()

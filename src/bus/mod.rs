@@ -1,15 +1,24 @@
-//! The only types that cross threads: shards ⇄ broker messages, and the wake-up link.
+//! The only types that cross threads: shards ⇄ broker messages, the wake-up link, and the
+//! node-wide state every thread reads.
 //!
 //! Shards send [`ToBroker`] on one bounded MPSC queue (never blocking: a full queue turns the
 //! command into a temporary error). The broker sends [`ToShard`] on one bounded queue per shard
-//! and wakes the shard through a socketpair byte at most once per batch ([`ShardLink::send`]);
-//! the shard clears the flag before it drains, so no message is left behind and an idle node
-//! makes no syscalls at all.
+//! and wakes the shard through a socketpair byte at most once per batch ([`ShardLink::send`],
+//! [`doorbell`]); the shard clears the flag before it drains, so no message is left behind and
+//! an idle node makes no syscalls at all. [`node_state`] holds what every thread reads of the
+//! node ([`NodeInfo`]: identity, atomics, the shards' published snapshots, the Redis link).
+//!
+//! Nothing here imports the shard, the broker or the HTTP layers: they all import this.
+
+pub mod doorbell;
+pub mod node_state;
+
+pub use doorbell::Doorbell;
+pub use node_state::{NodeCounts, NodeInfo, RedisLink, RedisLinkState, ShardSnapshot};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::value::RawValue;
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -329,7 +338,7 @@ impl BusStats {
 #[derive(Clone, Debug)]
 pub struct BrokerTx {
     tx: Sender<ToBroker>,
-    wake: Option<(Arc<AtomicBool>, Arc<UnixStream>)>,
+    bell: Option<Doorbell>,
 }
 
 impl BrokerTx {
@@ -346,10 +355,8 @@ impl BrokerTx {
     /// Queues without blocking.
     pub fn try_send(&self, msg: ToBroker) -> Result<(), crossbeam_channel::TrySendError<ToBroker>> {
         self.tx.try_send(msg)?;
-        if let Some((notified, wake)) = &self.wake {
-            if !notified.swap(true, Ordering::AcqRel) {
-                let _ = (&**wake).write(&[1]);
-            }
+        if let Some(bell) = &self.bell {
+            bell.ring();
         }
         Ok(())
     }
@@ -366,28 +373,25 @@ pub struct BrokerInbox {
 pub fn broker_queue(capacity: usize, with_wake: bool) -> std::io::Result<(BrokerTx, BrokerInbox)> {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
     if !with_wake {
-        return Ok((BrokerTx { tx, wake: None }, BrokerInbox { rx, wake: None }));
+        return Ok((BrokerTx { tx, bell: None }, BrokerInbox { rx, wake: None }));
     }
-    let (a, b) = UnixStream::pair()?;
-    a.set_nonblocking(true)?;
-    let notified = Arc::new(AtomicBool::new(false));
+    let (bell, notified, wake) = Doorbell::pair()?;
     Ok((
         BrokerTx {
             tx,
-            wake: Some((notified.clone(), Arc::new(a))),
+            bell: Some(bell),
         },
         BrokerInbox {
             rx,
-            wake: Some((notified, b)),
+            wake: Some((notified, wake)),
         },
     ))
 }
 
-/// The broker's handle on one shard: its queue and its wake-up socket.
+/// The broker's handle on one shard: its queue and its doorbell.
 pub struct ShardLink {
     tx: Sender<ToShard>,
-    notified: Arc<AtomicBool>,
-    wake: UnixStream,
+    bell: Doorbell,
     stats: Arc<BusStats>,
 }
 
@@ -404,21 +408,10 @@ pub fn shard_link(
     stats: Arc<BusStats>,
 ) -> std::io::Result<(ShardLink, ShardInbox)> {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
-    let (a, b) = UnixStream::pair()?;
-    a.set_nonblocking(true)?;
-    let notified = Arc::new(AtomicBool::new(false));
+    let (bell, notified, wake) = Doorbell::pair()?;
     Ok((
-        ShardLink {
-            tx,
-            notified: notified.clone(),
-            wake: a,
-            stats,
-        },
-        ShardInbox {
-            rx,
-            notified,
-            wake: b,
-        },
+        ShardLink { tx, bell, stats },
+        ShardInbox { rx, notified, wake },
     ))
 }
 
@@ -435,21 +428,13 @@ impl ShardLink {
         if let Some(msg) = msg {
             self.stats.shard_queue_waits.fetch_add(1, Ordering::Relaxed);
             // Make sure the shard is awake to drain before we wait on it.
-            self.wake_now();
+            self.bell.ring_now();
             if self.tx.send(msg).is_err() {
                 return false;
             }
         }
-        if !self.notified.swap(true, Ordering::AcqRel) {
-            self.wake_now();
-        }
+        self.bell.ring();
         true
-    }
-
-    fn wake_now(&self) {
-        // One byte; the shard reads and discards. EAGAIN cannot happen: at most one byte is
-        // outstanding per wake cycle, except in the backpressure path, where it does not matter.
-        let _ = (&self.wake).write(&[1]);
     }
 }
 

@@ -1,0 +1,118 @@
+//! A shard's counters: plain cells bumped on the hot path by the shard thread only, published
+//! once a second as a [`crate::bus::ShardSnapshot`] and summed over shards for `/api/info`.
+//!
+//! Every counter is here, under the name it has in `/api/info` and `/metrics`
+//! ([`Counters::snapshot`]); add one by adding a field and its line in the snapshot.
+
+use super::reason::{Reason, COUNTER_NAMES, LABELS};
+use std::cell::Cell;
+
+/// Per-shard counters (plain cells: one thread).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: Cell<u64>,
+    pub ws_opened: Cell<u64>,
+    pub http_requests: Cell<u64>,
+    /// Connections closed because their outbox passed `limits.max_outbox_bytes`.
+    pub slow_disconnects: Cell<u64>,
+    /// Connections closed for not answering pings.
+    pub no_pong_disconnects: Cell<u64>,
+    /// WebSocket protocol violations (closed with 1002/1007/1009).
+    pub protocol_violations: Cell<u64>,
+    /// Upgrades refused with 503 because the node was full.
+    pub refused_full: Cell<u64>,
+    /// Commands refused because the broker queue was full.
+    pub broker_queue_full: Cell<u64>,
+    /// Must-deliver messages dropped because the shard's broker backlog was full
+    /// (`limits.broker_backlog_capacity`).
+    pub broker_backlog_drops: Cell<u64>,
+    /// Frames queued to connections by fan-out.
+    pub deliveries: Cell<u64>,
+    /// Commands refused by the per-connection rate limit (error 111).
+    pub rate_limited: Cell<u64>,
+    /// Subscribes refused by `limits.max_channels_per_connection` (error 106).
+    pub channel_limit_refusals: Cell<u64>,
+    /// Subscribes refused by `limits.max_channel_name_bytes` (error 107).
+    pub channel_name_refusals: Cell<u64>,
+    /// WebSocket messages received from clients.
+    pub messages_in: Cell<u64>,
+    /// Bytes written to WebSocket clients.
+    pub bytes_out: Cell<u64>,
+    /// send(2) calls to WebSocket clients (each carries every frame queued at the time).
+    pub writes: Cell<u64>,
+    /// Subscribes that recovered everything the client missed.
+    pub recoveries: Cell<u64>,
+    /// Subscribes that asked to recover and could not (`recovered: false` or error 112).
+    pub recoveries_failed: Cell<u64>,
+    /// Subscribers told to recover (unsubscribe 2500, or close 3010 with
+    /// `insufficient_state = "disconnect"`).
+    pub insufficient_unsubscribes: Cell<u64>,
+    /// Subscriptions ended because their token expired without a `sub_refresh` (push 2501).
+    pub sub_expired_unsubscribes: Cell<u64>,
+    /// HTTP requests cut with 408: head and body not complete within
+    /// `limits.handshake_timeout_secs`.
+    pub request_timeouts: Cell<u64>,
+    /// WebSocket upgrades refused with 403: an `Origin` neither the request's host nor in
+    /// `allowed_origins`.
+    pub origin_refusals: Cell<u64>,
+    /// WebSocket connections ended, by [`Reason`] (`ended_<label>`).
+    ended: [Cell<u64>; LABELS.len()],
+}
+
+impl Counters {
+    /// Counts a connection's end.
+    pub fn ended(&self, reason: Reason) {
+        bump(&self.ended[reason.slot()]);
+    }
+
+    /// Connections ended for `reason`'s label so far.
+    pub fn ended_count(&self, reason: Reason) -> u64 {
+        self.ended[reason.slot()].get()
+    }
+
+    /// Name → value, for `/api/info` and the metrics snapshot.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let mut all = vec![
+            ("accepted", self.accepted.get()),
+            ("ws_opened", self.ws_opened.get()),
+            ("http_requests", self.http_requests.get()),
+            ("slow_disconnects", self.slow_disconnects.get()),
+            ("no_pong_disconnects", self.no_pong_disconnects.get()),
+            ("protocol_violations", self.protocol_violations.get()),
+            ("refused_full", self.refused_full.get()),
+            ("broker_queue_full", self.broker_queue_full.get()),
+            ("broker_backlog_drops", self.broker_backlog_drops.get()),
+            ("deliveries", self.deliveries.get()),
+            ("rate_limited", self.rate_limited.get()),
+            ("channel_limit_refusals", self.channel_limit_refusals.get()),
+            ("channel_name_refusals", self.channel_name_refusals.get()),
+            ("messages_in", self.messages_in.get()),
+            ("bytes_out", self.bytes_out.get()),
+            ("writes", self.writes.get()),
+            ("recoveries", self.recoveries.get()),
+            ("recoveries_failed", self.recoveries_failed.get()),
+            (
+                "insufficient_unsubscribes",
+                self.insufficient_unsubscribes.get(),
+            ),
+            (
+                "sub_expired_unsubscribes",
+                self.sub_expired_unsubscribes.get(),
+            ),
+            ("request_timeouts", self.request_timeouts.get()),
+            ("origin_refusals", self.origin_refusals.get()),
+        ];
+        all.extend(
+            COUNTER_NAMES
+                .iter()
+                .zip(&self.ended)
+                .map(|(n, c)| (*n, c.get())),
+        );
+        all
+    }
+}
+
+/// Adds one to a counter.
+pub fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
+}

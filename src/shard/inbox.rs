@@ -1,0 +1,215 @@
+//! The shard's broker inbox: the task that drains [`ToShard`] messages in batches whenever the
+//! broker rings, and the dispatch of each message (fan-out of publications, answers to
+//! requests, gather parts, commands on connections; subscription answers go on to
+//! [`super::recovery`]).
+//!
+//! Shard thread only, one task in a default-latency queue (see [`super::tasks`]). A batch yields
+//! every 256 messages and ends with the backlog retry and one flush of every connection it
+//! touched. Never blocks; no borrow is held across an `.await`.
+
+use super::connection::Connection;
+use super::counters::bump;
+use super::reason::Reason;
+use super::Shard;
+use crate::bus::{Part, Query, ShardCommand, ShardInbox, StreamPos, ToBroker, ToShard};
+use crate::protocol::reply;
+use crate::protocol::ErrorCode;
+use crate::ws::{FrameBuf, OP_TEXT};
+use futures_lite::AsyncReadExt;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Drains the broker queue whenever the broker wakes us, in batches.
+pub(super) async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
+    // SAFETY: the fd is one end of a Unix socketpair that we own.
+    let mut wake = unsafe { glommio::net::UnixStream::from_raw_fd(inbox.wake.into_raw_fd()) };
+    let mut bytes = [0u8; 64];
+    loop {
+        // Clear before draining: a message sent after this point sends a new wake-up byte.
+        inbox.notified.store(false, Ordering::SeqCst);
+        let mut n = 0u32;
+        while let Ok(msg) = inbox.rx.try_recv() {
+            shard.handle(msg);
+            n += 1;
+            if n % 256 == 0 {
+                glommio::yield_if_needed().await;
+            }
+        }
+        shard.flush_backlog();
+        shard.flush_dirty();
+        match wake.read(&mut bytes).await {
+            Ok(0) | Err(_) => {
+                // The broker is gone: close every connection and end the shard.
+                let conns = shard.conns.borrow().all();
+                for c in conns {
+                    c.close(&shard.ctx(), Reason::Shutdown);
+                }
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+impl Shard {
+    /// Applies one broker message.
+    pub(super) fn handle(&self, msg: ToShard) {
+        match msg {
+            ToShard::Publication {
+                channel,
+                frame,
+                offset,
+                epoch,
+            } => {
+                let mut index = self.index.borrow_mut();
+                let Some(id) = index.id_of(&channel) else {
+                    return;
+                };
+                let ch = index.get_mut(id).expect("interned");
+                // Only once a position answer of this incarnation of the channel set it: until
+                // then, publications may be left over from before the shard last left it.
+                if let (Some(epoch), Some(_)) = (epoch, &ch.position) {
+                    ch.position = Some(StreamPos { offset, epoch });
+                }
+                let conns = self.conns.borrow();
+                let ctx = self.ctx();
+                for key in &ch.subscribers {
+                    if let Some(c) = conns.get(*key) {
+                        c.push(&ctx, frame.clone());
+                        bump(&self.counters.deliveries);
+                    }
+                }
+            }
+            ToShard::Collect { gather, query } => {
+                let part = self.collect(&query);
+                self.send_broker_must(ToBroker::Part { gather, part });
+            }
+            ToShard::Reply { token, reply } => self.reply(token, reply),
+            ToShard::Command(cmd) => self.command(cmd),
+            ToShard::SubscribeFailed { channel } => {
+                self.fail_waiting(&channel, ErrorCode::Internal, |_| true);
+            }
+            ToShard::Subscribed { channel } => self.subscribed(&channel),
+            ToShard::Position {
+                token,
+                channel,
+                answer,
+            } => self.position_answer(token, &channel, answer),
+            ToShard::Insufficient { channel } => self.insufficient(&channel),
+        }
+    }
+
+    fn collect(&self, query: &Query) -> Part {
+        let index = self.index.borrow();
+        match query {
+            Query::Presence(channel) => {
+                let conns = self.conns.borrow();
+                let list = index
+                    .lookup(channel)
+                    .map(|ch| {
+                        ch.subscribers
+                            .iter()
+                            .filter_map(|k| conns.get(*k))
+                            .filter_map(|c| c.client_info())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Part::Presence(list)
+            }
+            Query::Channels(pattern) => Part::Channels(
+                index
+                    .channels()
+                    .filter(|ch| {
+                        pattern
+                            .as_deref()
+                            .map(|p| crate::pattern::glob_match(p, &ch.name))
+                            .unwrap_or(true)
+                    })
+                    .map(|ch| (Arc::from(&*ch.name), ch.subscribers.len() as u32))
+                    .collect(),
+            ),
+            Query::Nodes => Part::Nodes(Vec::new()),
+            Query::PresenceAll => {
+                let conns = self.conns.borrow();
+                let mut all = Vec::new();
+                for ch in index.channels() {
+                    if !self
+                        .cfg
+                        .namespace_of(&ch.name)
+                        .is_some_and(|ns| ns.presence)
+                    {
+                        continue;
+                    }
+                    let name: Arc<str> = Arc::from(&*ch.name);
+                    for info in ch
+                        .subscribers
+                        .iter()
+                        .filter_map(|k| conns.get(*k))
+                        .filter_map(|c| c.client_info())
+                    {
+                        all.push((name.clone(), info));
+                    }
+                }
+                Part::PresenceAll(all)
+            }
+            Query::Stats => Part::Stats {
+                counters: self.counters.snapshot(),
+                connections: self.conns.borrow().len() as u64,
+                subscriptions: index.subscriptions(),
+                users: self
+                    .users
+                    .borrow()
+                    .names()
+                    .map(|u| Arc::from(&**u))
+                    .collect(),
+            },
+        }
+    }
+
+    fn command(&self, cmd: ShardCommand) {
+        match cmd {
+            ShardCommand::Disconnect {
+                user,
+                client,
+                code,
+                reason,
+            } => {
+                for conn in self.user_conns(&user) {
+                    if let Some(client) = &client {
+                        if conn.client_id().map(|c| c.to_string()).as_deref() != Some(&**client) {
+                            continue;
+                        }
+                    }
+                    conn.close_with(&self.ctx(), Reason::Command, code, &reason);
+                }
+            }
+            ShardCommand::Unsubscribe { user, channel } => {
+                for conn in self.user_conns(&user) {
+                    self.server_unsubscribe(&conn, &channel);
+                }
+            }
+        }
+    }
+
+    fn user_conns(&self, user: &str) -> Vec<Rc<Connection>> {
+        let keys = self.users.borrow().keys_of(user);
+        keys.into_iter().filter_map(|k| self.conn(k)).collect()
+    }
+
+    /// Removes a connection from `channel` on the server's request, telling the client.
+    fn server_unsubscribe(&self, conn: &Connection, channel: &str) {
+        let Some(chan) = self.index.borrow().id_of(channel) else {
+            return;
+        };
+        if !conn.drop_subscription(chan) {
+            return;
+        }
+        self.unsubscribe_key(chan, conn.key);
+        self.presence_left(conn, channel);
+        let mut f = FrameBuf::with_capacity(64 + channel.len());
+        reply::unsubscribe_push(f.payload(), channel, 2000, "server unsubscribe");
+        conn.push(&self.ctx(), f.finish(OP_TEXT));
+    }
+}
