@@ -5,7 +5,9 @@
 //! lost its keys, the position's meta TTL lapsed). Offsets are assigned where publications
 //! are serialised (the memory broker's thread, the Redis publish script), so the live path and
 //! the history never disagree. This module holds the standalone broker's bounded stream, the
-//! recovery decision and history paging; the Redis broker does the same reads in Lua.
+//! recovery decision and history paging; the Redis broker does the same reads in Lua. Plain
+//! data and rules, used on the broker thread; nothing here does I/O or reads the clock itself
+//! (callers pass `now`).
 
 use crate::bus::{HistoryQuery, StreamPos};
 use bytes::Bytes;
