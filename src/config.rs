@@ -298,6 +298,19 @@ pub struct RedisOptions {
     /// recovery), so they go out after the repaired range in order. Over it, the channel's
     /// subscribers are told to recover (insufficient state, counted as `repair_overflows`).
     pub max_held_publications: usize,
+    /// Bytes encoded for one Redis connection and not yet written to its socket (Redis not
+    /// reading fast enough). Over it, on the command connection: the command is refused and
+    /// its requester answered at once with a temporary error (a publish gets error 100); on the
+    /// subscriber connection: the connection is reset (reconnected, everything resubscribed in
+    /// one command, history channels repaired). Counted as `redis_write_queue_full`. In Redis
+    /// mode it must hold the largest publication: at least twice `limits.max_message_bytes` and
+    /// `limits.max_api_body_bytes`.
+    pub max_write_queue_bytes: usize,
+    /// Commands on the command connection waiting for Redis's reply. Over it: the command is
+    /// refused and its requester answered at once with a temporary error, counted as
+    /// `redis_replies_full`. The node's own stream reads (one per history channel at most) are
+    /// not refused.
+    pub max_pending_replies: usize,
 }
 
 impl Default for RedisOptions {
@@ -314,6 +327,11 @@ impl Default for RedisOptions {
             recovery_cache_secs: 30,
             recovery_cache_max_bytes: 64 * 1024 * 1024,
             max_held_publications: 10_000,
+            // 16 MiB: Redis drains megabytes per millisecond, so a queue this deep means it is
+            // stalled, and 8 of the largest API publications still fit.
+            max_write_queue_bytes: 16 * 1024 * 1024,
+            // As deep as the shards → broker queue: a full inbox of publishes fits in flight.
+            max_pending_replies: 65_536,
         }
     }
 }
@@ -583,6 +601,22 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if r.max_pending_replies == 0 {
+            return Err(invalid(
+                "redis_options.max_pending_replies",
+                "must be at least 1",
+            ));
+        }
+        let largest = self
+            .limits
+            .max_message_bytes
+            .max(self.limits.max_api_body_bytes);
+        if self.redis.is_some() && r.max_write_queue_bytes < largest.saturating_mul(2) {
+            return Err(invalid(
+                "redis_options.max_write_queue_bytes",
+                "must be at least twice limits.max_message_bytes and limits.max_api_body_bytes",
+            ));
+        }
         let namespaces =
             std::iter::once(("default_namespace".to_string(), &self.default_namespace)).chain(
                 self.namespaces
@@ -698,7 +732,7 @@ impl Config {
             ));
         }
         for pattern in &self.allowed_origins {
-            crate::http::origin::check_pattern(pattern)
+            crate::pattern::origin::check_pattern(pattern)
                 .map_err(|e| invalid("allowed_origins", format!("entry {pattern:?} {e}")))?;
         }
         for name in self.namespaces.keys() {
@@ -1000,6 +1034,34 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.limits.broker_backlog_capacity, 8);
         assert_eq!(c.limits.broker_reply_timeout_ms, 250);
+    }
+
+    #[test]
+    fn redis_queue_bounds_are_checked() {
+        let base = "insecure = true\nredis = \"redis://127.0.0.1:6379\"\n";
+        let c = Config::from_toml(base).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.redis_options.max_write_queue_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.redis_options.max_pending_replies, 65_536);
+        let bad = [
+            (
+                "[redis_options]\nmax_pending_replies = 0\n",
+                "redis_options.max_pending_replies",
+            ),
+            (
+                "[redis_options]\nmax_write_queue_bytes = 2097151\n",
+                "redis_options.max_write_queue_bytes",
+            ),
+        ];
+        for (toml, key) in bad {
+            let c = Config::from_toml(&format!("{base}{toml}")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        // Standalone: the Redis queue bound is not used, so not checked against the limits.
+        let c = Config::from_toml("insecure = true\n[redis_options]\nmax_write_queue_bytes = 1\n")
+            .unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

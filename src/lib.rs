@@ -24,7 +24,7 @@
 //!   shared state ([`bus::node_state`]); [`broker`]: the broker interface, its in-memory
 //!   implementation and the Redis multiplexer ([`broker::redis`]); channel history
 //!   ([`broker::history`]) and the multiplexer's per-channel offsets and gap repair
-//!   ([`broker::tracker`]).
+//!   ([`broker::redis::tracker`]).
 //! - [`config`]: every knob with unit, default and reason; [`clock`]: Unix time;
 //!   [`pattern`]: channel-name globs.
 //!

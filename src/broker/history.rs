@@ -5,7 +5,9 @@
 //! lost its keys, the position's meta TTL lapsed). Offsets are assigned where publications
 //! are serialised (the memory broker's thread, the Redis publish script), so the live path and
 //! the history never disagree. This module holds the standalone broker's bounded stream, the
-//! recovery decision and history paging; the Redis broker does the same reads in Lua.
+//! recovery decision and history paging; the Redis broker does the same reads in Lua. Plain
+//! data and rules, used on the broker thread; nothing here does I/O or reads the clock itself
+//! (callers pass `now`).
 
 use crate::bus::{HistoryQuery, StreamPos};
 use bytes::Bytes;
@@ -14,7 +16,16 @@ use std::time::{Duration, Instant};
 
 /// A new random epoch (16 hex digits).
 pub fn new_epoch() -> String {
-    format!("{:016x}", fastrand::u64(..))
+    new_epoch_in(&mut [0; 16]).to_string()
+}
+
+/// A new random epoch (16 lowercase hex digits) written into `buf`, for the publish path.
+pub fn new_epoch_in(buf: &mut [u8; 16]) -> &str {
+    let n = fastrand::u64(..);
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    std::str::from_utf8(buf).expect("hex digits")
 }
 
 /// The recovery decision: everything after `since` up to `top`, when `entries` (ascending
@@ -200,6 +211,24 @@ mod tests {
         v.iter()
             .map(|b| String::from_utf8(b.to_vec()).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn epochs_are_16_hex_digits() {
+        let e = new_epoch();
+        assert_eq!(e.len(), 16);
+        assert!(e
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(new_epoch(), new_epoch());
+        fastrand::seed(7);
+        let a = format!("{:016x}", fastrand::u64(..));
+        fastrand::seed(7);
+        assert_eq!(
+            new_epoch_in(&mut [0; 16]),
+            a,
+            "the digits of one random u64"
+        );
     }
 
     #[test]

@@ -1,8 +1,14 @@
 //! Standalone mode: the broker in process, on its own thread.
 //!
-//! One thread serialises every publication of the node, so subscribers on every shard see one
-//! order per channel. It blocks on its inbox when idle (0% CPU) and drains in batches.
+//! One thread (`shardcast-broker`) serialises every publication of the node, so subscribers on
+//! every shard see one order per channel. It blocks on its inbox when idle (0% CPU) and drains
+//! in batches. It owns the history streams, the idempotency table and the interest masks; the
+//! gather bookkeeping and the publication wire form are shared with the Redis broker
+//! ([`super::gather`], [`crate::protocol::publication`]). It must never block on anything but
+//! its inbox, and never wait for a shard (shard queues apply backpressure by waiting only when
+//! full).
 
+use super::gather::Gathers;
 use super::history::Stream;
 use super::Broker;
 use crate::bus::{
@@ -10,7 +16,7 @@ use crate::bus::{
     ShardLink, StreamPos, ToBroker, ToShard,
 };
 use crate::config::Config;
-use crate::protocol::reply;
+use crate::protocol::publication;
 use crate::ws::{FrameBuf, OP_TEXT};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -77,13 +83,6 @@ impl Idempotency {
     }
 }
 
-/// A query waiting for the parts of every shard.
-struct Gathering {
-    reply: ReplyTo,
-    remaining: usize,
-    merged: Part,
-}
-
 struct State {
     cfg: Arc<Config>,
     shards: Vec<ShardLink>,
@@ -94,8 +93,7 @@ struct State {
     idempotency: Idempotency,
     /// Channel → mask of shards with local subscribers.
     interest: super::Interest<Arc<str>>,
-    gathers: HashMap<u64, Gathering>,
-    next_gather: u64,
+    gathers: Gathers<ReplyTo>,
     stats: Arc<BusStats>,
 }
 
@@ -132,8 +130,7 @@ impl State {
             history_bytes: 0,
             idempotency: Idempotency::default(),
             interest: Default::default(),
-            gathers: HashMap::new(),
-            next_gather: 1,
+            gathers: Gathers::default(),
             stats,
         }
     }
@@ -241,22 +238,14 @@ impl State {
                     Some(stream) => {
                         let offset = stream.next_offset();
                         let mut p = Vec::with_capacity(data.get().len() + 64);
-                        reply::pub_open(&mut p, &data, info.as_deref());
-                        p.extend_from_slice(reply::OFFSET_FIELD);
-                        p.extend_from_slice(offset.to_string().as_bytes());
-                        p.push(b'}');
-                        let publication = bytes::Bytes::from(p);
+                        publication::object(&mut p, &data, info.as_deref(), Some(offset));
+                        let object = bytes::Bytes::from(p);
                         let before = stream.bytes();
-                        stream.push(publication.clone(), size, now);
+                        stream.push(object.clone(), size, now);
                         bytes_change = (before, stream.bytes());
                         let epoch = stream.epoch.clone();
                         if mask != 0 {
-                            let mut frame =
-                                FrameBuf::with_capacity(channel.len() + publication.len() + 32);
-                            reply::push_prefix(frame.payload(), &channel);
-                            frame.payload().extend_from_slice(&publication);
-                            frame.payload().extend_from_slice(&reply::PUSH_SUFFIX[1..]);
-                            let frame = frame.finish(OP_TEXT);
+                            let frame = super::push_frame(&channel, &object);
                             super::send_to(&self.shards, mask, || ToShard::Publication {
                                 channel: channel.clone(),
                                 frame: frame.clone(),
@@ -270,7 +259,12 @@ impl State {
                         if mask != 0 {
                             let mut frame =
                                 FrameBuf::with_capacity(channel.len() + data.get().len() + 48);
-                            reply::publication(frame.payload(), &channel, &data, info.as_deref());
+                            publication::push_new(
+                                frame.payload(),
+                                &channel,
+                                &data,
+                                info.as_deref(),
+                            );
                             let frame = frame.finish(OP_TEXT);
                             super::send_to(&self.shards, mask, || ToShard::Publication {
                                 channel: channel.clone(),
@@ -350,30 +344,10 @@ impl State {
                 query: Query::Nodes,
                 reply,
             } => self.reply(reply, BrokerReply::Gathered(Part::Nodes(Vec::new()))),
-            ToBroker::Gather { query, reply } => {
-                let id = self.next_gather;
-                self.next_gather += 1;
-                let merged = Part::empty_for(&query);
-                self.gathers.insert(
-                    id,
-                    Gathering {
-                        reply,
-                        remaining: self.shards.len(),
-                        merged,
-                    },
-                );
-                super::scatter(&self.shards, id, &query);
-            }
+            ToBroker::Gather { query, reply } => self.gathers.start(&query, reply, &self.shards),
             ToBroker::Part { gather, part } => {
-                let Some(g) = self.gathers.get_mut(&gather) else {
-                    return;
-                };
-                merge(&mut g.merged, part);
-                g.remaining -= 1;
-                if g.remaining == 0 {
-                    let g = self.gathers.remove(&gather).expect("present");
-                    let merged = finish(g.merged);
-                    self.reply(g.reply, BrokerReply::Gathered(merged));
+                if let Some((reply, merged)) = self.gathers.part(gather, part) {
+                    self.reply(reply, BrokerReply::Gathered(merged));
                 }
             }
             ToBroker::Command(cmd) => self.broadcast(cmd),
@@ -392,75 +366,7 @@ impl State {
     }
 
     fn reply(&self, to: ReplyTo, reply: BrokerReply) {
-        if let Some(link) = self.shards.get(to.shard) {
-            link.send(ToShard::Reply {
-                token: to.token,
-                reply,
-            });
-        }
-    }
-}
-
-/// Adds one shard's part to a gather.
-pub(crate) fn merge(into: &mut Part, part: Part) {
-    match (into, part) {
-        (Part::Presence(a), Part::Presence(b)) => a.extend(b),
-        (Part::Channels(a), Part::Channels(b)) => a.extend(b),
-        (Part::PresenceAll(a), Part::PresenceAll(b)) => a.extend(b),
-        (
-            Part::Stats {
-                connections,
-                subscriptions,
-                users,
-                counters,
-            },
-            Part::Stats {
-                connections: c,
-                subscriptions: s,
-                users: u,
-                counters: k,
-            },
-        ) => {
-            *connections += c;
-            *subscriptions += s;
-            users.extend(u);
-            for (name, v) in k {
-                match counters.iter_mut().find(|(n, _)| *n == name) {
-                    Some((_, sum)) => *sum += v,
-                    None => counters.push((name, v)),
-                }
-            }
-        }
-        _ => tracing::error!("gather part of the wrong kind ignored"),
-    }
-}
-
-/// Combines per-shard entries: channel counts summed by name, users deduplicated.
-pub(crate) fn finish(part: Part) -> Part {
-    match part {
-        Part::Channels(list) => {
-            let mut sums: HashMap<Arc<str>, u32> = HashMap::new();
-            for (name, n) in list {
-                *sums.entry(name).or_insert(0) += n;
-            }
-            Part::Channels(sums.into_iter().collect())
-        }
-        Part::Stats {
-            connections,
-            subscriptions,
-            mut users,
-            counters,
-        } => {
-            users.sort_unstable();
-            users.dedup();
-            Part::Stats {
-                connections,
-                subscriptions,
-                users,
-                counters,
-            }
-        }
-        other => other,
+        super::reply_to(&self.shards, to, reply);
     }
 }
 

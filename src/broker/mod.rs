@@ -4,14 +4,21 @@
 //! as a mask of shards (changed only on a shard's 0 → 1 and 1 → 0 transitions), encodes each
 //! publication once into a WebSocket frame and hands that one `Bytes` to every interested shard,
 //! scatters queries to the shards and merges their parts. [`memory::MemoryBroker`] does this in
-//! process (standalone mode); the Redis multiplexer will do it through Redis.
+//! process (standalone mode); [`redis::RedisBroker`] (the multiplexer) does it through Redis.
+//!
+//! What both share lives here once: the interest masks ([`Interest`]), the sends to shards
+//! ([`send_to`], [`reply_to`], [`scatter`]), the framing of a publication push
+//! ([`push_frame`]), the gather bookkeeping ([`gather`]) and channel history ([`history`]).
+//! Nothing here blocks or does I/O beyond queueing onto the shards' bounded queues.
 
+pub mod gather;
 pub mod history;
 pub mod memory;
 pub mod redis;
-pub mod tracker;
 
-use crate::bus::{BrokerInbox, ShardLink};
+use crate::bus::{BrokerInbox, BrokerReply, ReplyTo, ShardLink, ToShard};
+use crate::protocol::publication;
+use crate::ws::{FrameBuf, OP_TEXT};
 
 /// A broker implementation. `run` owns the thread until every shard has dropped its sender.
 pub trait Broker: Send + 'static {
@@ -88,6 +95,24 @@ pub(crate) fn send_to(shards: &[ShardLink], mask: u64, make: impl Fn() -> crate:
             link.send(make());
         }
     }
+}
+
+/// Answers a request of a shard.
+pub(crate) fn reply_to(shards: &[ShardLink], to: ReplyTo, reply: BrokerReply) {
+    if let Some(link) = shards.get(to.shard) {
+        link.send(ToShard::Reply {
+            token: to.token,
+            reply,
+        });
+    }
+}
+
+/// The complete WebSocket frame of the push of a publication object (encoded once, shared by
+/// every subscriber on the node).
+pub(crate) fn push_frame(channel: &str, object: &[u8]) -> bytes::Bytes {
+    let mut frame = FrameBuf::with_capacity(channel.len() + object.len() + 32);
+    publication::push(frame.payload(), channel, object);
+    frame.finish(OP_TEXT)
 }
 
 /// Asks every shard for its part of gather `id`.

@@ -23,7 +23,15 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::protocol::reply::ClientInfo;
+/// Who published or who is present: the protocol's `ClientInfo` (user, client id and the
+/// connection's `info`), carried with publications and presence entries between threads.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClientInfo {
+    pub user: String,
+    pub client: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conn_info: Option<Box<serde_json::value::RawValue>>,
+}
 
 /// Most shards a node runs (interest per channel is a 64-bit shard mask).
 pub const MAX_SHARDS: usize = 64;
@@ -293,6 +301,13 @@ pub struct BusStats {
     /// Standalone: channels' history dropped (positions kept) to stay within
     /// `limits.max_history_bytes`.
     pub history_evictions: AtomicU64,
+    /// Redis commands refused (requester answered with a temporary error), or subscriber
+    /// connections reset, because a connection's write queue was at
+    /// `redis_options.max_write_queue_bytes`.
+    pub redis_write_queue_full: AtomicU64,
+    /// Redis commands refused (requester answered with a temporary error) because
+    /// `redis_options.max_pending_replies` commands were waiting for their reply.
+    pub redis_replies_full: AtomicU64,
     /// Gauge: bytes of publications the standalone broker holds as history (bound
     /// `limits.max_history_bytes`), refreshed every second.
     pub history_bytes: AtomicU64,
@@ -328,6 +343,8 @@ impl BusStats {
             ("repair_overflows", get(&self.repair_overflows)),
             ("recovery_cache_full", get(&self.recovery_cache_full)),
             ("history_evictions", get(&self.history_evictions)),
+            ("redis_write_queue_full", get(&self.redis_write_queue_full)),
+            ("redis_replies_full", get(&self.redis_replies_full)),
         ]
     }
 }

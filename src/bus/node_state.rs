@@ -134,12 +134,6 @@ impl RedisLinkState {
     pub fn set(&self, link: RedisLink) {
         self.0.store(link as u8, Ordering::Relaxed);
     }
-
-    /// Transitional, for the multiplexer's call sites that still store the raw gauge value
-    /// (0 standalone, 1 connected, anything else down); new code calls [`Self::set`].
-    pub fn store(&self, raw: u8, _order: Ordering) {
-        self.set(RedisLink::from_u8(raw));
-    }
 }
 
 /// The figures a node-info entry reports; each caller counts them its own way (the API from a
@@ -225,7 +219,7 @@ mod tests {
         assert!(node.redis_link_json().is_null());
         node.redis_state.set(RedisLink::Down);
         assert_eq!(node.redis_link_json()["state"], "down");
-        node.redis_state.store(1, Ordering::Relaxed);
+        node.redis_state.set(RedisLink::Connected);
         assert_eq!(node.redis_state.get(), RedisLink::Connected);
         assert_eq!(node.redis_link_json()["state"], "connected");
         assert_eq!(RedisLink::Down as u8, 2, "the gauge's documented value");

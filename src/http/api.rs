@@ -18,16 +18,36 @@ use crate::bus::NodeCounts;
 use crate::bus::{
     BrokerError, BrokerReply, HistoryQuery, Part, Query, ShardCommand, StreamPos, ToBroker,
 };
+use crate::bus::{NodeInfo, ReplyTo};
+use crate::config::Config;
 use crate::protocol::command::HistoryRequest;
+use crate::protocol::reply::{presence_result, presence_stats};
 use crate::protocol::{Disconnect, ErrorCode};
-use crate::shard::{presence_result, presence_stats, Shard};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// What the API needs of the shard that serves it: its configuration, the node's state, and a
+/// way to the broker. Implemented by [`crate::shard::Shard`]; `http` never sees the shard itself.
+pub trait ApiContext {
+    fn config(&self) -> &Config;
+    fn node(&self) -> &NodeInfo;
+    /// Sends `make`'s request to the broker and waits (bounded by
+    /// `limits.broker_reply_timeout_ms`) for its answer.
+    fn request(
+        &self,
+        make: impl FnOnce(ReplyTo) -> ToBroker,
+    ) -> impl Future<Output = Result<BrokerReply, ErrorCode>>;
+    /// Sends a command to every shard of the node (and, in Redis mode, of the cluster).
+    fn send_command(&self, cmd: ShardCommand) -> Result<(), ErrorCode>;
+    /// A request was cut by its deadline (counted as `request_timeouts`).
+    fn request_timed_out(&self);
+}
 
 fn json_response(status: u16, body: &Value, keep_alive: bool) -> Vec<u8> {
     let bytes = serde_json::to_vec(body).expect("json value");
@@ -132,18 +152,18 @@ fn framing(head: &Head) -> Result<Framing, (u16, &'static str)> {
 /// whatever followed it; on return it holds only the bytes of the next request. `None` when
 /// the connection is unusable (closed by the client).
 pub async fn serve(
-    shard: &Shard,
+    shard: &impl ApiContext,
     stream: &mut TcpStream,
     head: &Head,
     buf: &mut Vec<u8>,
     deadline: Instant,
 ) -> Option<Answer> {
     buf.drain(..head.len.min(buf.len()));
-    let max = shard.cfg.limits.max_api_body_bytes;
+    let max = shard.config().limits.max_api_body_bytes;
     if head.method != "POST" {
         return Some(refuse(405, "use POST\n"));
     }
-    if !authorized(&shard.cfg.api_key, head) {
+    if !authorized(&shard.config().api_key, head) {
         return Some(refuse(401, "Unauthorized\n"));
     }
     let framing = match framing(head) {
@@ -174,7 +194,7 @@ pub async fn serve(
     let read = match framing {
         Framing::Length(n) => read_length(stream, buf, n, deadline).await,
         Framing::Chunked => {
-            let line_max = shard.cfg.limits.max_request_head_bytes;
+            let line_max = shard.config().limits.max_request_head_bytes;
             read_chunked(stream, buf, max, line_max, deadline).await
         }
     };
@@ -183,7 +203,10 @@ pub async fn serve(
         Err(BodyError::Closed) => return None,
         Err(BodyError::Timeout) => {
             return Some(Answer {
-                bytes: super::request_timeout(shard),
+                bytes: {
+                    shard.request_timed_out();
+                    super::request_timeout()
+                },
                 after: After::Close,
             })
         }
@@ -462,7 +485,7 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, (u16, Value)> {
     })
 }
 
-async fn dispatch(shard: &Shard, method: &str, body: &[u8]) -> (u16, Value) {
+async fn dispatch(shard: &impl ApiContext, method: &str, body: &[u8]) -> (u16, Value) {
     let result = match method {
         "publish" => match parse::<PublishBody>(body) {
             Ok(b) => Ok(publish(shard, &b.channel, b.data, b.idempotency_key).await),
@@ -551,20 +574,20 @@ async fn dispatch(shard: &Shard, method: &str, body: &[u8]) -> (u16, Value) {
 
 /// Checks a channel name an API call names: its namespace, or an error reply.
 fn check_channel<'c>(
-    shard: &'c Shard,
+    shard: &'c impl ApiContext,
     channel: &str,
 ) -> Result<&'c crate::config::NamespaceOptions, Value> {
-    if channel.is_empty() || channel.len() > shard.cfg.limits.max_channel_name_bytes {
+    if channel.is_empty() || channel.len() > shard.config().limits.max_channel_name_bytes {
         return Err(api_error(ErrorCode::BadRequest));
     }
     shard
-        .cfg
+        .config()
         .namespace_of(channel)
         .ok_or_else(|| api_error(ErrorCode::UnknownChannel))
 }
 
 async fn publish(
-    shard: &Shard,
+    shard: &impl ApiContext,
     channel: &str,
     data: Box<RawValue>,
     idempotency_key: Option<String>,
@@ -594,7 +617,7 @@ async fn publish(
     }
 }
 
-async fn history(shard: &Shard, b: HistoryRequest<'_>) -> Value {
+async fn history(shard: &impl ApiContext, b: HistoryRequest<'_>) -> Value {
     match check_channel(shard, &b.channel) {
         Err(e) => return e,
         Ok(ns) if !ns.has_history() => return api_error(ErrorCode::NotAvailable),
@@ -639,7 +662,7 @@ async fn history(shard: &Shard, b: HistoryRequest<'_>) -> Value {
     }
 }
 
-async fn history_remove(shard: &Shard, channel: &str) -> Value {
+async fn history_remove(shard: &impl ApiContext, channel: &str) -> Value {
     match check_channel(shard, channel) {
         Err(e) => return e,
         Ok(ns) if !ns.has_history() => return api_error(ErrorCode::NotAvailable),
@@ -655,7 +678,7 @@ async fn history_remove(shard: &Shard, channel: &str) -> Value {
     }
 }
 
-async fn gather(shard: &Shard, query: Query) -> Result<Part, ErrorCode> {
+async fn gather(shard: &impl ApiContext, query: Query) -> Result<Part, ErrorCode> {
     match shard
         .request(|reply| ToBroker::Gather { query, reply })
         .await?
@@ -665,8 +688,8 @@ async fn gather(shard: &Shard, query: Query) -> Result<Part, ErrorCode> {
     }
 }
 
-async fn presence(shard: &Shard, channel: &str, full: bool) -> Value {
-    match shard.cfg.namespace_of(channel) {
+async fn presence(shard: &impl ApiContext, channel: &str, full: bool) -> Value {
+    match shard.config().namespace_of(channel) {
         None => return api_error(ErrorCode::UnknownChannel),
         Some(ns) if !ns.presence => return api_error(ErrorCode::NotAvailable),
         Some(_) => {}
@@ -678,7 +701,7 @@ async fn presence(shard: &Shard, channel: &str, full: bool) -> Value {
     }
 }
 
-async fn info(shard: &Shard) -> Value {
+async fn info(shard: &impl ApiContext) -> Value {
     let stats = gather(shard, Query::Stats).await;
     let channels = gather(shard, Query::Channels(None)).await;
     let (
@@ -693,9 +716,9 @@ async fn info(shard: &Shard) -> Value {
     else {
         return api_error(ErrorCode::Internal);
     };
-    let node = &shard.node;
+    let node = shard.node();
     let local = node.info_entry(
-        shard.cfg.redis.is_some(),
+        shard.config().redis.is_some(),
         NodeCounts {
             clients: connections,
             users: Some(users.len() as u64),
@@ -714,7 +737,7 @@ async fn info(shard: &Shard) -> Value {
     json!({"result": {"nodes": nodes}})
 }
 
-fn command(shard: &Shard, cmd: ShardCommand) -> Value {
+fn command(shard: &impl ApiContext, cmd: ShardCommand) -> Value {
     match shard.send_command(cmd) {
         Ok(()) => json!({"result": {}}),
         Err(code) => api_error(code),

@@ -9,14 +9,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 
-/// Who published or who is present: the protocol's `ClientInfo`.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct ClientInfo {
-    pub user: String,
-    pub client: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conn_info: Option<Box<RawValue>>,
-}
+/// Who published or who is present (it crosses threads, so it lives in the bus).
+pub use crate::bus::ClientInfo;
 
 /// `connect` result.
 #[derive(Serialize)]
@@ -236,6 +230,27 @@ pub fn unsubscribe_push(out: &mut Vec<u8>, channel: &str, code: u32, reason: &st
 fn itoa(n: u32) -> String {
     // Small and not on the fan-out path (publications carry no id).
     n.to_string()
+}
+
+/// Builds the `presence` result: client id → info.
+pub fn presence_result(list: Vec<ClientInfo>) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = list
+        .into_iter()
+        .map(|info| {
+            let key = info.client.clone();
+            (key, serde_json::to_value(info).unwrap_or_default())
+        })
+        .collect();
+    serde_json::json!({ "presence": map })
+}
+
+/// Counts clients and distinct users.
+pub fn presence_stats(list: &[ClientInfo]) -> PresenceStats {
+    let users: std::collections::HashSet<&str> = list.iter().map(|i| i.user.as_str()).collect();
+    PresenceStats {
+        num_clients: list.len() as u32,
+        num_users: users.len() as u32,
+    }
 }
 
 #[cfg(test)]

@@ -641,7 +641,7 @@ mod heap_tests {
                 let mut before = (0, 0);
                 for i in 0..N {
                     let stream = listener.accept().await.unwrap();
-                    glommio::spawn_local(crate::http::serve(shard.clone(), stream)).detach();
+                    glommio::spawn_local(crate::shard::front_door::serve(shard.clone(), stream)).detach();
                     if i == 0 {
                         while shard.conns.borrow().is_empty() {
                             glommio::timer::sleep(Duration::from_millis(5)).await;

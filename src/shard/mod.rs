@@ -22,6 +22,7 @@ pub mod connection;
 pub mod context;
 pub mod counters;
 pub mod drain;
+pub mod front_door;
 pub mod host;
 pub mod inbox;
 pub mod index;
@@ -37,10 +38,10 @@ pub mod users;
 
 /// Kept so `http` compiles unchanged; the type lives in [`crate::bus`].
 pub use crate::bus::NodeInfo;
+pub use crate::protocol::reply::{presence_result, presence_stats};
 pub use counters::Counters;
 pub use host::ShardHost;
 pub use io::spawn_io;
-pub use requests::{presence_result, presence_stats};
 pub use tasks::{run, ShardParts};
 
 use crate::bus::{BrokerTx, ShardCommand, ShardId, ToBroker, ToShard};

@@ -42,7 +42,7 @@ impl Shard {
         };
         for w in confirmed {
             let result = reply::SubscribeResult::default();
-            self.reply_subscribed(&w, &channel, &result, &[]);
+            self.reply_subscribed(&w, channel, &result, &[]);
         }
     }
 

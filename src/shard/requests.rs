@@ -10,12 +10,12 @@ use super::Shard;
 use crate::bus::{BrokerError, BrokerReply, Part, ReplyTo, ToBroker};
 use crate::conn::session::Deferred;
 use crate::conn::ConnKey;
-use crate::protocol::reply::{self, ClientInfo, PresenceStats};
+use crate::protocol::reply::{self, presence_result, presence_stats};
 use crate::protocol::ErrorCode;
 use crate::ws::{FrameBuf, OP_TEXT};
 use glommio::channels::local_channel::{self, LocalSender};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Who waits for a broker answer.
@@ -146,27 +146,6 @@ impl Shard {
             _ => reply::error(f.payload(), id, ErrorCode::Internal, true),
         }
         conn.push(&self.ctx(), f.finish(OP_TEXT));
-    }
-}
-
-/// Builds the `presence` result: client id → info.
-pub fn presence_result(list: Vec<ClientInfo>) -> serde_json::Value {
-    let map: serde_json::Map<String, serde_json::Value> = list
-        .into_iter()
-        .map(|info| {
-            let key = info.client.clone();
-            (key, serde_json::to_value(info).unwrap_or_default())
-        })
-        .collect();
-    serde_json::json!({ "presence": map })
-}
-
-/// Counts clients and distinct users.
-pub fn presence_stats(list: &[ClientInfo]) -> PresenceStats {
-    let users: HashSet<&str> = list.iter().map(|i| i.user.as_str()).collect();
-    PresenceStats {
-        num_clients: list.len() as u32,
-        num_users: users.len() as u32,
     }
 }
 

@@ -82,7 +82,7 @@ pub async fn run(parts: ShardParts) {
                 Ok(stream) => {
                     super::counters::bump(&s.counters.accepted);
                     let _ = stream.set_nodelay(true);
-                    glommio::spawn_local(crate::http::serve(s.clone(), stream)).detach();
+                    glommio::spawn_local(super::front_door::serve(s.clone(), stream)).detach();
                 }
                 Err(e) => {
                     // EMFILE/ENFILE: back off briefly instead of spinning.

@@ -2,6 +2,8 @@
 //! forwarded to its shards, gap repair, and position answers. Pure state, no I/O: it turns
 //! events (a live publication, a stream read's result, a position request, the link going
 //! down) into [`Action`]s the multiplexer carries out, so its rules are tested on their own.
+//! Runs on the multiplexer's thread, inside its `RefCell`: it must never await or call back
+//! into the multiplexer.
 //!
 //! The rules, per channel:
 //! - Live publications are forwarded in offset order, each once: an offset at or below the last
@@ -18,11 +20,9 @@
 //! - Recent publications stay in memory for `recovery_cache_secs` after a read, so a reconnect
 //!   storm costs one stream read per channel per node, not one per client.
 
-use super::history;
+use crate::broker::history;
 use crate::bus::{BrokerError, BusStats, PositionAnswer, ShardId, StreamPos};
 use crate::config::Config;
-use crate::protocol::reply;
-use crate::ws::{FrameBuf, OP_TEXT};
 use bytes::Bytes;
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -371,7 +371,7 @@ impl Tracker {
                             let live = Live {
                                 offset: p.offset + 1 + i as u64,
                                 epoch: r.epoch.clone(),
-                                frame: frame_for(channel, &publication),
+                                frame: crate::broker::push_frame(channel, &publication),
                                 publication,
                             };
                             out.push(Action::Forward {
@@ -609,15 +609,6 @@ fn on_live(
     start_read(channel, t, out);
 }
 
-/// The frame of a publication's push.
-pub fn frame_for(channel: &str, publication: &[u8]) -> Bytes {
-    let mut f = FrameBuf::with_capacity(channel.len() + publication.len() + 32);
-    reply::push_prefix(f.payload(), channel);
-    f.payload().extend_from_slice(publication);
-    f.payload().extend_from_slice(&reply::PUSH_SUFFIX[1..]);
-    f.finish(OP_TEXT)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,7 +626,7 @@ mod tests {
         Live {
             offset,
             epoch: epoch.into(),
-            frame: frame_for("h:1", &publication),
+            frame: crate::broker::push_frame("h:1", &publication),
             publication,
         }
     }

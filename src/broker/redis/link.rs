@@ -1,0 +1,360 @@
+//! The link to Redis: its two connections' lifecycle (connect, handshake, serve, lose,
+//! reconnect with [`Backoff`]) and their write sides ([`Outgoing`], [`Writer`]).
+//!
+//! The command connection carries everything with a reply; when it fails the whole link goes
+//! down (waiters get a temporary error, see [`Mux::fail`]) and both connections come back
+//! together. The subscriber connection may fail alone (Redis drops pub/sub clients past their
+//! output buffer limit, `CLIENT KILL TYPE pubsub`, or its write queue passed its bound): it is
+//! then reconnected with the same backoff while publishes go on, resubscribed in one command,
+//! and its history channels are repaired from their streams. Runs as tasks on the
+//! multiplexer's thread; a writer task owns each socket's write half, so no borrow is held
+//! across a write.
+
+use super::backoff::Backoff;
+use super::mux::{GatherTarget, Mux};
+use super::resp::{encode, next_frame, Command};
+use crate::bus::{Query, RedisLink, ToShard};
+use bytes::BytesMut;
+use futures_lite::AsyncWriteExt;
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::net::TcpStream;
+use redis_protocol::resp2::types::BytesFrame;
+use std::cell::Cell;
+use std::ops::Range;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The handle on a connection's writer task: chunks go in, and the bytes not yet written are
+/// counted, so the queue is bounded in bytes by [`Outgoing`].
+pub(super) struct Writer {
+    tx: LocalSender<Vec<u8>>,
+    in_flight: Rc<Cell<usize>>,
+}
+
+impl Writer {
+    /// A task writing what is sent to it to `out`, batch by batch, until a write fails or every
+    /// handle is dropped.
+    pub fn spawn(mut out: futures_lite::io::WriteHalf<TcpStream>) -> (Writer, glommio::Task<()>) {
+        let (tx, rx) = local_channel::new_unbounded::<Vec<u8>>();
+        let in_flight = Rc::new(Cell::new(0usize));
+        let counted = in_flight.clone();
+        let task = glommio::spawn_local(async move {
+            while let Some(chunk) = rx.recv().await {
+                let written = out.write_all(&chunk).await;
+                counted.set(counted.get().saturating_sub(chunk.len()));
+                if written.is_err() {
+                    break;
+                }
+            }
+        });
+        (Writer { tx, in_flight }, task)
+    }
+
+    /// A writer without a task (tests): what it is sent stays in the receiver.
+    #[cfg(test)]
+    pub fn detached() -> (Writer, local_channel::LocalReceiver<Vec<u8>>) {
+        let (tx, rx) = local_channel::new_unbounded::<Vec<u8>>();
+        let in_flight = Rc::new(Cell::new(0));
+        (Writer { tx, in_flight }, rx)
+    }
+}
+
+/// One connection's write side: the commands encoded during the current batch, and its writer
+/// (none while the connection is down). Bounded by `redis_options.max_write_queue_bytes`
+/// counting both the batch and what the writer has not written yet.
+pub(super) struct Outgoing {
+    batch: Vec<u8>,
+    writer: Option<Writer>,
+    max_bytes: usize,
+}
+
+impl Outgoing {
+    pub fn new(max_bytes: usize) -> Outgoing {
+        Outgoing {
+            batch: Vec::new(),
+            writer: None,
+            max_bytes,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// The connection is up: commands go to `writer`.
+    pub fn attach(&mut self, writer: Writer) {
+        self.batch.clear();
+        self.writer = Some(writer);
+    }
+
+    /// The connection is down (or reset): what was not handed over is dropped, and the writer
+    /// task ends once its queue is written.
+    pub fn detach(&mut self) {
+        self.batch.clear();
+        self.writer = None;
+    }
+
+    /// Bytes encoded and not yet written to the socket.
+    pub fn queued(&self) -> usize {
+        self.batch.len() + self.writer.as_ref().map_or(0, |w| w.in_flight.get())
+    }
+
+    /// Tests: `n` bytes reached the socket.
+    #[cfg(test)]
+    pub fn written(&self, n: usize) {
+        let w = self.writer.as_ref().expect("attached");
+        w.in_flight.set(w.in_flight.get() - n);
+    }
+
+    /// The current batch.
+    pub fn batch(&self) -> &[u8] {
+        &self.batch
+    }
+
+    /// Encodes a command with `encode` unless that passes the bound; its range in the batch.
+    pub fn push(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Option<Range<usize>> {
+        let start = self.batch.len();
+        encode(&mut self.batch);
+        if self.queued() > self.max_bytes {
+            self.batch.truncate(start);
+            return None;
+        }
+        Some(start..self.batch.len())
+    }
+
+    /// Encodes a command whatever the bound (the node's own bounded traffic: script loads, one
+    /// stream read per tracked channel, a repeat after NOSCRIPT).
+    pub fn push_unbounded(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Range<usize> {
+        let start = self.batch.len();
+        encode(&mut self.batch);
+        start..self.batch.len()
+    }
+
+    /// Hands the batch to the writer (dropped while down).
+    pub fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        if let Some(w) = &self.writer {
+            let len = batch.len();
+            if w.tx.try_send(batch).is_ok() {
+                w.in_flight.set(w.in_flight.get() + len);
+            }
+        }
+    }
+}
+
+impl Mux {
+    /// Connects, serves, and reconnects with capped exponential backoff and jitter, forever.
+    pub(super) async fn connection_loop(self: Rc<Self>) {
+        let opts = &self.cfg.redis_options;
+        let mut backoff = Backoff::new(opts.backoff_initial_ms, opts.backoff_max_ms);
+        let mut first = true;
+        loop {
+            match self.connect_pair().await {
+                Ok((cmd, sub)) => {
+                    backoff.reset();
+                    if !first {
+                        self.node.redis_reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    first = false;
+                    tracing::info!(host = %self.target.host, port = self.target.port, "Redis link up");
+                    self.serve(cmd, sub).await;
+                    tracing::warn!(
+                        "Redis link down; client connections stay, publishes fail until it is back"
+                    );
+                }
+                Err(e) => {
+                    let attempt = backoff.attempt();
+                    if attempt == 0 || attempt % 20 == 0 {
+                        tracing::warn!(error = %e, attempt, "cannot reach Redis");
+                    }
+                }
+            }
+            self.node.redis_state.set(RedisLink::Down);
+            glommio::timer::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// Opens one connection and runs AUTH, SELECT and CLIENT SETNAME on it.
+    async fn connect_one(&self, role: &str) -> Result<(TcpStream, BytesMut), String> {
+        let addr = (self.target.host.as_str(), self.target.port);
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+            .map_err(|e| format!("cannot resolve {}: {e}", self.target.host))?
+            .next()
+            .ok_or("no address")?;
+        let timeout = Duration::from_millis(self.cfg.redis_options.connect_timeout_ms as u64);
+        let mut stream = TcpStream::connect_timeout(addr, timeout)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let mut hello = Vec::new();
+        let mut expected = 0;
+        if let Some(password) = &self.target.password {
+            match &self.target.username {
+                Some(user) => encode(&mut hello, &[b"AUTH", user.as_bytes(), password.as_bytes()]),
+                None => encode(&mut hello, &[b"AUTH", password.as_bytes()]),
+            }
+            expected += 1;
+        }
+        if self.target.db != 0 {
+            Command::new(&mut hello, 2)
+                .arg(b"SELECT")
+                .int(self.target.db as u64);
+            expected += 1;
+        }
+        let name = format!("shardcast-{}-{role}", self.node.uid);
+        encode(&mut hello, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
+        expected += 1;
+        stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut seen = 0;
+        while seen < expected {
+            match next_frame(&mut stream, &mut buf).await? {
+                BytesFrame::Error(e) => return Err(format!("Redis refused the handshake: {e}")),
+                _ => seen += 1,
+            }
+        }
+        Ok((stream, buf))
+    }
+
+    async fn connect_pair(&self) -> Result<((TcpStream, BytesMut), (TcpStream, BytesMut)), String> {
+        let cmd = self.connect_one("cmd").await?;
+        let sub = self.connect_one("sub").await?;
+        Ok((cmd, sub))
+    }
+
+    /// Runs both connections until the command connection fails; the subscriber connection is
+    /// reconnected on its own meanwhile whenever it fails.
+    async fn serve(self: &Rc<Self>, cmd: (TcpStream, BytesMut), sub: (TcpStream, BytesMut)) {
+        let (cmd_stream, cmd_buf) = cmd;
+        let (cmd_read, cmd_write) = futures_lite::io::split(cmd_stream);
+        let (cmd_tx, cmd_writer) = Writer::spawn(cmd_write);
+        self.cmd.borrow_mut().attach(cmd_tx);
+        // Scripts first (replies in order: nothing can run one before it is loaded), then
+        // announce ourselves.
+        self.load_scripts();
+        self.gather(Query::Stats, GatherTarget::Lease);
+        self.gather(Query::PresenceAll, GatherTarget::Reannounce);
+        self.flush();
+        let (done_tx, done_rx) = local_channel::new_bounded::<String>(1);
+        let me = self.clone();
+        let cmd_reader = glommio::spawn_local(async move {
+            let reason = me.read_replies(cmd_read, cmd_buf).await;
+            let _ = done_tx.try_send(reason);
+        });
+        let cmd_down = || async { done_rx.recv().await.unwrap_or_default() };
+
+        let opts = &self.cfg.redis_options;
+        let mut backoff = Backoff::new(opts.backoff_initial_ms, opts.backoff_max_ms);
+        let mut sub = Some(sub);
+        let reason = loop {
+            let (sub_stream, sub_buf) = match sub.take() {
+                Some(s) => s,
+                None => {
+                    // The subscriber connection alone: back off, reconnect, unless the command
+                    // connection goes down meanwhile.
+                    let delay = backoff.next_delay();
+                    let next = futures_lite::future::or(async { Err(cmd_down().await) }, async {
+                        glommio::timer::sleep(delay).await;
+                        Ok(self.connect_one("sub").await)
+                    })
+                    .await;
+                    match next {
+                        Err(reason) => break reason,
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "cannot reconnect the Redis subscriber connection");
+                            continue;
+                        }
+                        Ok(Ok(s)) => {
+                            self.node.redis_reconnects.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!("Redis subscriber connection back");
+                            s
+                        }
+                    }
+                }
+            };
+            backoff.reset();
+            let (sub_read, sub_write) = futures_lite::io::split(sub_stream);
+            let (sub_tx, sub_writer) = Writer::spawn(sub_write);
+            self.sub.borrow_mut().attach(sub_tx);
+            self.resubscribe();
+            self.tracker.borrow_mut().link_up();
+            self.node.redis_state.set(RedisLink::Connected);
+            self.flush();
+            let me = self.clone();
+            let sub_reader = async move { me.read_pushes(sub_read, sub_buf).await };
+            // The writer ends on a write error, or when a congested queue reset the connection.
+            let sub_ended = futures_lite::future::or(sub_reader, async {
+                sub_writer.await;
+                "write side closed".to_string()
+            });
+            let end = futures_lite::future::or(async { Ok(cmd_down().await) }, async {
+                Err(sub_ended.await)
+            })
+            .await;
+            self.sub_down();
+            match end {
+                Ok(reason) => break reason,
+                Err(reason) => {
+                    tracing::warn!(%reason, "Redis subscriber connection lost; publishes go on, its channels are repaired when it is back");
+                    self.node.redis_state.set(RedisLink::Down);
+                }
+            }
+        };
+        tracing::warn!(%reason, "Redis connection lost");
+
+        // Down: drop the writer, fail whatever waits for a reply.
+        self.cmd.borrow_mut().detach();
+        self.node.redis_state.set(RedisLink::Down);
+        cmd_reader.cancel().await;
+        cmd_writer.cancel().await;
+        let waiters = self.replies.borrow_mut().take();
+        for (waiter, _) in waiters {
+            self.fail(waiter);
+        }
+    }
+
+    /// Subscribes every channel and user of the node again, in one command.
+    fn resubscribe(&self) {
+        self.confirming.borrow_mut().clear();
+        let interest = self.interest.borrow();
+        let users = self.users.borrow();
+        if interest.is_empty() && users.is_empty() {
+            return;
+        }
+        let n = interest.len() + users.len();
+        let mut sub = self.sub.borrow_mut();
+        sub.push_unbounded(|out| {
+            let mut cmd = Command::new(out, 1 + n);
+            cmd.arg(b"SUBSCRIBE");
+            for c in interest.keys() {
+                cmd.parts(&self.keys.channel(c).0);
+            }
+            for u in users.keys() {
+                cmd.parts(&self.keys.user(u).0);
+            }
+        });
+    }
+
+    /// The subscriber connection is gone: subscriptions waiting for Redis's confirmation fail
+    /// (temporary error), and tracked channels wait to be repaired once it is back.
+    fn sub_down(&self) {
+        self.sub.borrow_mut().detach();
+        let confirming: Vec<Arc<str>> = self.confirming.borrow_mut().drain().collect();
+        for channel in confirming {
+            let mask = self.interest.borrow().mask(&channel);
+            crate::broker::send_to(&self.shards, mask, || ToShard::SubscribeFailed {
+                channel: channel.clone(),
+            });
+        }
+        // Tracked channels: waiting subscribers get an error; each channel is read again
+        // (repaired) once its SUBSCRIBE is confirmed on the next subscriber connection.
+        let mut out = Vec::new();
+        self.tracker.borrow_mut().link_down(&mut out);
+        self.apply(out);
+    }
+}

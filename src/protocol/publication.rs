@@ -1,0 +1,159 @@
+//! The wire form of a publication, built in one place: the publication object
+//! (`{"data":D[,"info":I][,"offset":N]}`) and the push that carries it to a subscriber
+//! (`{"push":{"channel":C,"pub":OBJECT}}`).
+//!
+//! Pure byte assembly into a caller's buffer (which may be a [`crate::ws::FrameBuf`]'s
+//! payload, so a publication is framed in place); no I/O, no allocation of its own beyond the
+//! JSON escaping of a channel name or client info. Run by whichever thread encodes a
+//! publication: the standalone broker, the Redis multiplexer, the tracker's repairs. The Redis
+//! publish script completes an open object the same way (`OPEN .. ',"offset":' .. N .. '}'`,
+//! then `PREFIX .. OBJECT .. '}}'`); a unit test here pins the bytes both produce.
+//!
+//! Must never change its output: nodes of different versions share one Redis, and history
+//! written by one is replayed by another.
+
+use super::reply::{self, ClientInfo};
+use serde_json::value::RawValue;
+use std::ops::Range;
+
+/// Closes a push around a complete publication object.
+pub const PUSH_CLOSE: &[u8] = b"}}";
+
+/// Appends an open publication object `{"data":D[,"info":I]` (no closing brace): the form the
+/// Redis publish script completes once it knows the offset.
+pub fn open(out: &mut Vec<u8>, data: &RawValue, info: Option<&ClientInfo>) {
+    reply::pub_open(out, data, info);
+}
+
+/// Appends a complete publication object; `offset` in a history channel.
+pub fn object(out: &mut Vec<u8>, data: &RawValue, info: Option<&ClientInfo>, offset: Option<u64>) {
+    open(out, data, info);
+    if let Some(offset) = offset {
+        out.extend_from_slice(reply::OFFSET_FIELD);
+        let mut digits = [0u8; 20];
+        out.extend_from_slice(decimal(offset, &mut digits));
+    }
+    out.push(b'}');
+}
+
+/// Appends the start of a push, `{"push":{"channel":C,"pub":`.
+pub fn push_prefix(out: &mut Vec<u8>, channel: &str) {
+    reply::push_prefix(out, channel);
+}
+
+/// Appends the push of a complete publication object.
+pub fn push(out: &mut Vec<u8>, channel: &str, object: &[u8]) {
+    push_prefix(out, channel);
+    out.extend_from_slice(object);
+    out.extend_from_slice(PUSH_CLOSE);
+}
+
+/// Appends the push of a publication without offset (a channel without history).
+pub fn push_new(out: &mut Vec<u8>, channel: &str, data: &RawValue, info: Option<&ClientInfo>) {
+    push_prefix(out, channel);
+    open(out, data, info);
+    out.extend_from_slice(reply::PUSH_SUFFIX);
+}
+
+/// Where the publication object is inside `push`, a push of `channel`; `None` when `push` is
+/// not one.
+pub fn object_in_push(channel: &str, push: &[u8]) -> Option<Range<usize>> {
+    let mut prefix = Vec::with_capacity(channel.len() + 32);
+    push_prefix(&mut prefix, channel);
+    if !push.starts_with(&prefix) || push.len() < prefix.len() + PUSH_CLOSE.len() {
+        return None;
+    }
+    Some(prefix.len()..push.len() - PUSH_CLOSE.len())
+}
+
+/// `n` in decimal, written into `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> Box<RawValue> {
+        RawValue::from_string("{\"n\":1}".into()).unwrap()
+    }
+
+    fn info() -> ClientInfo {
+        ClientInfo {
+            user: "u\"1".into(),
+            client: "c".into(),
+            conn_info: None,
+        }
+    }
+
+    fn text(v: Vec<u8>) -> String {
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn publication_bytes_are_pinned() {
+        let mut v = Vec::new();
+        object(&mut v, &data(), None, None);
+        assert_eq!(text(v), r#"{"data":{"n":1}}"#);
+        let mut v = Vec::new();
+        object(&mut v, &data(), Some(&info()), Some(0));
+        assert_eq!(
+            text(v),
+            r#"{"data":{"n":1},"info":{"user":"u\"1","client":"c"},"offset":0}"#
+        );
+        let mut v = Vec::new();
+        object(&mut v, &data(), None, Some(18_446_744_073_709_551_615));
+        assert_eq!(text(v), r#"{"data":{"n":1},"offset":18446744073709551615}"#);
+        let mut v = Vec::new();
+        push_new(&mut v, "chat:a\"b", &data(), Some(&info()));
+        assert_eq!(
+            text(v),
+            r#"{"push":{"channel":"chat:a\"b","pub":{"data":{"n":1},"info":{"user":"u\"1","client":"c"}}}}"#
+        );
+        let mut v = Vec::new();
+        push(&mut v, "h:1", br#"{"data":2,"offset":7}"#);
+        assert_eq!(
+            text(v),
+            r#"{"push":{"channel":"h:1","pub":{"data":2,"offset":7}}}"#
+        );
+    }
+
+    #[test]
+    fn the_publish_script_assembly_gives_the_same_bytes() {
+        // What the Redis publish script does with the open object and the push prefix.
+        let (mut open_pub, mut prefix) = (Vec::new(), Vec::new());
+        open(&mut open_pub, &data(), Some(&info()));
+        push_prefix(&mut prefix, "h:1");
+        let lua_pub = [&open_pub[..], b",\"offset\":", b"42", b"}"].concat();
+        let lua_push = [&prefix[..], &lua_pub, b"}}"].concat();
+        let lua_plain = [&prefix[..], &open_pub, b"}}}"].concat();
+        let mut ours = Vec::new();
+        object(&mut ours, &data(), Some(&info()), Some(42));
+        assert_eq!(ours, lua_pub);
+        let mut p = Vec::new();
+        push(&mut p, "h:1", &ours);
+        assert_eq!(p, lua_push);
+        let mut p = Vec::new();
+        push_new(&mut p, "h:1", &data(), Some(&info()));
+        assert_eq!(p, lua_plain);
+        assert_eq!(
+            object_in_push("h:1", &lua_push),
+            Some(prefix.len()..lua_push.len() - 2)
+        );
+        assert_eq!(
+            &lua_push[object_in_push("h:1", &lua_push).unwrap()],
+            &ours[..]
+        );
+        assert_eq!(object_in_push("h:2", &lua_push), None, "another channel");
+        assert_eq!(object_in_push("h:1", &prefix), None, "truncated");
+    }
+}

@@ -1,0 +1,262 @@
+//! The front door of every accepted TCP connection, one task per connection until it is
+//! upgraded or closed: one HTTP/1.1 request head decides whether it becomes a WebSocket
+//! (`GET /connection/websocket`), an API call (`POST /api/...`, keep-alive) or a health check
+//! (`GET /healthz`). Everything else gets a proper 4xx, never a hang: the head is bounded in
+//! bytes, and the whole request (head and, for the API, body) in time: one deadline of
+//! `limits.handshake_timeout_secs` from the request's first byte (from the accept for a
+//! connection's first request), past which it gets 408 and is closed (`request_timeouts`).
+//!
+//! The HTTP pieces (heads, responses, the handshake and origin checks, the API) live in
+//! [`crate::http`]; this task only puts them together with the shard's state: its counters, the
+//! node's connection limit and drain flag, and the hand-over of an upgraded socket to the
+//! shard's I/O ([`super::io::start`]). The request head lives in a transient buffer freed
+//! before the WebSocket phase starts. Shard thread only; no `RefCell` borrow across an await.
+
+use super::counters::bump;
+use super::Shard;
+use crate::http::{self, api, handshake, Head};
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Serves one accepted connection until it is upgraded, closed or times out.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let limits = &shard.cfg.limits;
+    let timeout = Duration::from_secs(limits.handshake_timeout_secs as u64);
+    let mut buf: Vec<u8> = Vec::new();
+    // The first request's deadline runs from the accept; a later one's from its first byte.
+    let mut first_start = Some(Instant::now());
+    loop {
+        let start = match first_start.take() {
+            Some(t) => t,
+            None => {
+                if buf.is_empty() {
+                    // Idle keep-alive: the next request's first bytes within the timeout, or
+                    // a silent close (no request was started).
+                    let idle_until = Instant::now() + timeout;
+                    if http::read_within(&mut stream, &mut buf, 2048, idle_until)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Instant::now()
+            }
+        };
+        let deadline = start + timeout;
+        // Read one request head before the deadline.
+        // Bytes of `buf` actually received: a read cut by the timeout leaves `buf` grown.
+        let mut received = buf.len();
+        let head = match glommio::timer::timeout(http::remaining(deadline), async {
+            Ok(http::read_head(
+                &mut stream,
+                &mut buf,
+                &mut received,
+                limits.max_request_head_bytes,
+            )
+            .await)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                // Idle (nothing of a request yet): just close. A partial head: 408.
+                if received > 0 {
+                    bump(&shard.counters.request_timeouts);
+                    let _ = stream.write_all(&http::request_timeout()).await;
+                }
+                return;
+            }
+        };
+        let head = match head {
+            Ok(Some(h)) => h,
+            Ok(None) => return, // clean EOF between requests
+            Err(status) => {
+                let _ = stream
+                    .write_all(&http::plain(status, "bad request head\n"))
+                    .await;
+                return;
+            }
+        };
+        bump(&shard.counters.http_requests);
+        let path = head.path.split('?').next().unwrap_or("").to_string();
+        match (head.method.as_str(), path.as_str()) {
+            (_, p)
+                if p == "/connection/websocket"
+                    || (!shard.cfg.conformance_echo_path.is_empty()
+                        && p == shard.cfg.conformance_echo_path) =>
+            {
+                let echo = p != "/connection/websocket";
+                let early = buf.split_off(head.len);
+                drop(buf);
+                if let Some(stream) = upgrade(&shard, stream, &head).await {
+                    // The WebSocket phase leaves glommio's socket type (and this task): the
+                    // shard services the socket on readiness from its epoll set, so an idle
+                    // connection holds no task, no future and no armed glommio source.
+                    // SAFETY: dup(2) of a socket we own; the copy is handed to the shard.
+                    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+                    drop(stream);
+                    if fd < 0 {
+                        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
+                    super::io::start(&shard, fd, early, echo);
+                }
+                return;
+            }
+            ("GET" | "HEAD", "/healthz") => {
+                let draining = shard.node.draining.load(Ordering::Relaxed);
+                let (status, body) = if draining {
+                    (503, "draining\n")
+                } else {
+                    (200, "ok\n")
+                };
+                let keep = head.keep_alive();
+                let resp = http::response(status, "text/plain", body.as_bytes(), keep);
+                if stream.write_all(&resp).await.is_err() || !keep {
+                    return;
+                }
+                buf.drain(..head.len);
+            }
+            (_, p) if p.starts_with("/api/") || p == "/api" => {
+                let Some(answer) =
+                    Box::pin(api::serve(&*shard, &mut stream, &head, &mut buf, deadline)).await
+                else {
+                    return;
+                };
+                if stream.write_all(&answer.bytes).await.is_err() {
+                    return;
+                }
+                match answer.after {
+                    api::After::KeepAlive => {}
+                    api::After::Close => return,
+                    api::After::DiscardThenClose => {
+                        let linger = timeout.min(http::MAX_LINGER);
+                        let max = limits.max_api_body_bytes;
+                        Box::pin(http::discard_then_close(&mut stream, linger, max)).await;
+                        return;
+                    }
+                }
+            }
+            _ => {
+                let _ = stream.write_all(&http::plain(404, "not found\n")).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Checks the upgrade ([`http::handshake`]), applies the node's own limits (draining, the
+/// connection limit) and writes the 101. Returns the stream for the WebSocket phase, or `None`
+/// after having answered with an error status.
+async fn upgrade(shard: &Shard, mut stream: TcpStream, head: &Head) -> Option<TcpStream> {
+    let accept = match handshake::accept(head, &shard.cfg.allowed_origins) {
+        Ok(bytes) => bytes,
+        Err(refusal) => {
+            if refusal == handshake::Refusal::Origin {
+                bump(&shard.counters.origin_refusals);
+            }
+            let _ = stream.write_all(&refusal.response()).await;
+            return None;
+        }
+    };
+    if shard.node.draining.load(Ordering::Relaxed) {
+        let _ = stream
+            .write_all(&http::plain(503, "node is draining\n"))
+            .await;
+        return None;
+    }
+    let max = shard.cfg.limits.max_connections;
+    if shard.node.connections.fetch_add(1, Ordering::Relaxed) >= max {
+        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+        bump(&shard.counters.refused_full);
+        let _ = stream
+            .write_all(&http::plain(503, "connection limit reached\n"))
+            .await;
+        return None;
+    }
+    if stream.write_all(&accept).await.is_err() {
+        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    Some(stream)
+}
+
+/// The API's view of the shard: configuration, node state and the broker.
+impl api::ApiContext for Shard {
+    fn config(&self) -> &crate::config::Config {
+        &self.cfg
+    }
+    fn node(&self) -> &crate::bus::NodeInfo {
+        &self.node
+    }
+    fn request(
+        &self,
+        make: impl FnOnce(crate::bus::ReplyTo) -> crate::bus::ToBroker,
+    ) -> impl std::future::Future<Output = Result<crate::bus::BrokerReply, crate::protocol::ErrorCode>>
+    {
+        Shard::request(self, make)
+    }
+    fn send_command(
+        &self,
+        cmd: crate::bus::ShardCommand,
+    ) -> Result<(), crate::protocol::ErrorCode> {
+        Shard::send_command(self, cmd)
+    }
+    fn request_timed_out(&self) {
+        bump(&self.counters.request_timeouts);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::bus::NodeInfo;
+    use crate::config::Config;
+    use std::sync::Arc;
+
+    /// An idle WebSocket connection is a `Connection` in its shard's table: its size is paid per
+    /// connection, so it is pinned here (DESIGN §3). The HTTP phase's future lives only until
+    /// the upgrade.
+    #[test]
+    fn per_connection_future_stays_small() {
+        let sizes = glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                let stream = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let cfg = Config {
+                    insecure: true,
+                    ..Config::default()
+                };
+                let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
+                let (tx, _rx) = crate::bus::broker_queue(1, false).unwrap();
+                let shard = Shard::new(0, Arc::new(cfg), node, tx, None);
+                let stream_size = std::mem::size_of_val(&stream);
+                let ws_size = std::mem::size_of::<crate::shard::connection::Connection>();
+                let fut = serve(shard, stream);
+                (std::mem::size_of_val(&fut), stream_size, ws_size)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        eprintln!(
+            "serve (HTTP phase) future {} bytes, TcpStream {} bytes, WebSocket Connection {} bytes",
+            sizes.0, sizes.1, sizes.2
+        );
+        assert!(
+            sizes.2 <= 384,
+            "WebSocket phase future grew to {} bytes",
+            sizes.2
+        );
+        assert!(
+            sizes.0 <= 2048,
+            "HTTP phase future grew to {} bytes",
+            sizes.0
+        );
+    }
+}
