@@ -75,8 +75,36 @@ pub mod unsubscribe {
     pub const EXPIRED_REASON: &str = "subscription expired";
 }
 
-/// Why a connection ends. One table picks the close code, the reason text and whether the SDK
-/// reconnects (the code range does), so every close is classified exactly once.
+/// How loudly a connection's end is logged. Ends a client causes or that are routine are
+/// `Debug` (one line per connection would drown a node of 500K); ends that tell an operator
+/// something about the node (a slow client, a failed server-side step) are `Info` or `Warn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+}
+
+/// Everything about one way the server ends a connection: what the client is told (the close
+/// code and reason text, and so whether the SDK reconnects), and how the node accounts it (log
+/// level, metric label and counter name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DisconnectInfo {
+    /// The WebSocket close code: 3000–3499 advise a reconnect, 3500–3999 do not.
+    pub code: u16,
+    /// The close reason text (the protocol's words).
+    pub reason: &'static str,
+    /// Whether the SDK reconnects after it (from the code's range).
+    pub reconnect: bool,
+    pub level: Level,
+    /// The metric label and log field.
+    pub label: &'static str,
+    /// The counter of connections ended this way (`ended_<label>`).
+    pub counter: &'static str,
+}
+
+/// Why the server ends a connection, with a code of the client protocol. [`Disconnect::info`]
+/// is the one table of them; every close is classified exactly once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disconnect {
     /// 3000: the connection closed (peer went away, normal close).
@@ -103,6 +131,8 @@ pub enum Disconnect {
     InvalidToken,
     /// 3501: the client sent something that is not the protocol.
     BadRequest,
+    /// 3502: upgraded but never sent `connect` in time (terminal: not speaking the protocol).
+    Stale,
     /// 3503: disconnected by the server API, do not reconnect.
     ForceNoReconnect,
     /// 3504: over a connection limit.
@@ -114,78 +144,161 @@ pub enum Disconnect {
 }
 
 impl Disconnect {
+    /// Every disconnect, in [`Disconnect::index`] order.
+    pub const ALL: [Disconnect; 17] = [
+        Disconnect::ConnectionClosed,
+        Disconnect::Shutdown,
+        Disconnect::ServerError,
+        Disconnect::Expired,
+        Disconnect::Slow,
+        Disconnect::WriteError,
+        Disconnect::InsufficientState,
+        Disconnect::ForceReconnect,
+        Disconnect::NoPong,
+        Disconnect::TooManyRequests,
+        Disconnect::InvalidToken,
+        Disconnect::BadRequest,
+        Disconnect::Stale,
+        Disconnect::ForceNoReconnect,
+        Disconnect::ConnectionLimit,
+        Disconnect::ChannelLimit,
+        Disconnect::PermissionDenied,
+    ];
+
+    /// The disconnect table: code, reason text, log level, label and counter of each.
+    pub const fn info(self) -> DisconnectInfo {
+        use Disconnect::*;
+        use Level::*;
+        let (code, reason, level, label, counter) = match self {
+            ConnectionClosed => (
+                3000,
+                "connection closed",
+                Debug,
+                "connection_closed",
+                "ended_connection_closed",
+            ),
+            Shutdown => (3001, "shutdown", Debug, "shutdown", "ended_shutdown"),
+            ServerError => (
+                3004,
+                "internal server error",
+                Warn,
+                "server_error",
+                "ended_server_error",
+            ),
+            Expired => (
+                3005,
+                "connection expired",
+                Debug,
+                "expired",
+                "ended_expired",
+            ),
+            Slow => (3008, "slow", Info, "slow", "ended_slow"),
+            WriteError => (
+                3009,
+                "write error",
+                Debug,
+                "write_error",
+                "ended_write_error",
+            ),
+            InsufficientState => (
+                3010,
+                "insufficient state",
+                Info,
+                "insufficient_state",
+                "ended_insufficient_state",
+            ),
+            ForceReconnect => (
+                3011,
+                "force reconnect",
+                Debug,
+                "force_reconnect",
+                "ended_force_reconnect",
+            ),
+            NoPong => (3012, "no pong", Debug, "no_pong", "ended_no_pong"),
+            TooManyRequests => (
+                3013,
+                "too many requests",
+                Info,
+                "too_many_requests",
+                "ended_too_many_requests",
+            ),
+            InvalidToken => (
+                3500,
+                "invalid token",
+                Debug,
+                "invalid_token",
+                "ended_invalid_token",
+            ),
+            BadRequest => (
+                3501,
+                "bad request",
+                Debug,
+                "bad_request",
+                "ended_bad_request",
+            ),
+            Stale => (3502, "stale", Debug, "stale", "ended_stale"),
+            ForceNoReconnect => (
+                3503,
+                "force disconnect",
+                Debug,
+                "force_disconnect",
+                "ended_force_disconnect",
+            ),
+            ConnectionLimit => (
+                3504,
+                "connection limit",
+                Info,
+                "connection_limit",
+                "ended_connection_limit",
+            ),
+            ChannelLimit => (
+                3505,
+                "channel limit",
+                Info,
+                "channel_limit",
+                "ended_channel_limit",
+            ),
+            PermissionDenied => (
+                3507,
+                "permission denied",
+                Debug,
+                "permission_denied",
+                "ended_permission_denied",
+            ),
+        };
+        DisconnectInfo {
+            code,
+            reason,
+            reconnect: code < 3500,
+            level,
+            label,
+            counter,
+        }
+    }
+
     /// The WebSocket close code.
     pub fn code(self) -> u16 {
-        match self {
-            Disconnect::ConnectionClosed => 3000,
-            Disconnect::Shutdown => 3001,
-            Disconnect::ServerError => 3004,
-            Disconnect::Expired => 3005,
-            Disconnect::Slow => 3008,
-            Disconnect::WriteError => 3009,
-            Disconnect::InsufficientState => 3010,
-            Disconnect::ForceReconnect => 3011,
-            Disconnect::NoPong => 3012,
-            Disconnect::TooManyRequests => 3013,
-            Disconnect::InvalidToken => 3500,
-            Disconnect::BadRequest => 3501,
-            Disconnect::ForceNoReconnect => 3503,
-            Disconnect::ConnectionLimit => 3504,
-            Disconnect::ChannelLimit => 3505,
-            Disconnect::PermissionDenied => 3507,
-        }
+        self.info().code
     }
 
     /// The close reason text (the protocol's words).
     pub fn reason(self) -> &'static str {
-        match self {
-            Disconnect::ConnectionClosed => "connection closed",
-            Disconnect::Shutdown => "shutdown",
-            Disconnect::ServerError => "internal server error",
-            Disconnect::Expired => "connection expired",
-            Disconnect::Slow => "slow",
-            Disconnect::WriteError => "write error",
-            Disconnect::InsufficientState => "insufficient state",
-            Disconnect::ForceReconnect => "force reconnect",
-            Disconnect::NoPong => "no pong",
-            Disconnect::TooManyRequests => "too many requests",
-            Disconnect::InvalidToken => "invalid token",
-            Disconnect::BadRequest => "bad request",
-            Disconnect::ForceNoReconnect => "force disconnect",
-            Disconnect::ConnectionLimit => "connection limit",
-            Disconnect::ChannelLimit => "channel limit",
-            Disconnect::PermissionDenied => "permission denied",
-        }
+        self.info().reason
     }
 
     /// Whether the SDK reconnects after this close.
     pub fn reconnect(self) -> bool {
-        self.code() < 3500
+        self.info().reconnect
+    }
+
+    /// This disconnect's position in [`Disconnect::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     /// Maps a code sent through `/api/disconnect` back to a known reason, if it is one.
     pub fn from_code(code: u16) -> Option<Disconnect> {
-        use Disconnect::*;
-        [
-            ConnectionClosed,
-            Shutdown,
-            ServerError,
-            Expired,
-            Slow,
-            WriteError,
-            InsufficientState,
-            ForceReconnect,
-            NoPong,
-            TooManyRequests,
-            InvalidToken,
-            BadRequest,
-            ForceNoReconnect,
-            ConnectionLimit,
-            ChannelLimit,
-            PermissionDenied,
-        ]
-        .into_iter()
-        .find(|d| d.code() == code)
+        Disconnect::ALL.into_iter().find(|d| d.code() == code)
     }
 }
 
@@ -201,5 +314,22 @@ mod tests {
         assert!(!Disconnect::BadRequest.reconnect());
         assert_eq!(Disconnect::from_code(3008), Some(Disconnect::Slow));
         assert_eq!(ErrorCode::TokenExpired.code(), 109);
+    }
+
+    #[test]
+    fn the_table_is_whole_and_consistent() {
+        let mut codes = std::collections::HashSet::new();
+        let mut labels = std::collections::HashSet::new();
+        for (i, d) in Disconnect::ALL.into_iter().enumerate() {
+            let info = d.info();
+            assert_eq!(d.index(), i, "{d:?} out of order in ALL");
+            assert!(codes.insert(info.code), "code {} twice", info.code);
+            assert!(labels.insert(info.label), "label {} twice", info.label);
+            assert_eq!(info.counter, format!("ended_{}", info.label));
+            assert!((3000..4000).contains(&info.code));
+            assert_eq!(info.reconnect, info.code < 3500);
+            assert_eq!(Disconnect::from_code(info.code), Some(d));
+        }
+        assert_eq!(Disconnect::Stale.info().code, 3502);
     }
 }

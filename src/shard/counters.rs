@@ -4,7 +4,7 @@
 //! Every counter is here, under the name it has in `/api/info` and `/metrics`
 //! ([`Counters::snapshot`]); add one by adding a field and its line in the snapshot.
 
-use super::reason::{Reason, COUNTER_NAMES, LABELS};
+use super::reason::{self, Reason, SLOTS};
 use std::cell::Cell;
 
 /// Per-shard counters (plain cells: one thread).
@@ -55,8 +55,8 @@ pub struct Counters {
     /// WebSocket upgrades refused with 403: an `Origin` neither the request's host nor in
     /// `allowed_origins`.
     pub origin_refusals: Cell<u64>,
-    /// WebSocket connections ended, by [`Reason`] (`ended_<label>`).
-    ended: [Cell<u64>; LABELS.len()],
+    /// WebSocket connections ended, by [`Reason`] (`ended_<label>`, one slot per label).
+    ended: [Cell<u64>; SLOTS],
 }
 
 impl Counters {
@@ -103,10 +103,9 @@ impl Counters {
             ("origin_refusals", self.origin_refusals.get()),
         ];
         all.extend(
-            COUNTER_NAMES
-                .iter()
+            reason::counter_names()
                 .zip(&self.ended)
-                .map(|(n, c)| (*n, c.get())),
+                .map(|(n, c)| (n, c.get())),
         );
         all
     }

@@ -14,6 +14,7 @@ use super::reason::Reason;
 use super::Shard;
 use crate::conn::bucket::Bucket;
 use crate::conn::ConnKey;
+use crate::protocol::codes::Level;
 use futures_lite::AsyncReadExt;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -81,13 +82,12 @@ impl Shard {
         self.poller.remove(conn.fd().as_raw_fd());
         self.node.connections.fetch_sub(1, Ordering::Relaxed);
         self.counters.ended(reason);
-        tracing::debug!(
-            shard = self.id,
-            slot = conn.key.slot,
-            reason = reason.label(),
-            code = reason.code(),
-            "connection ended"
-        );
+        let (shard, slot, label, code) = (self.id, conn.key.slot, reason.label(), reason.code());
+        match reason.info().level {
+            Level::Debug => tracing::debug!(shard, slot, reason = label, code, "connection ended"),
+            Level::Info => tracing::info!(shard, slot, reason = label, code, "connection ended"),
+            Level::Warn => tracing::warn!(shard, slot, reason = label, code, "connection ended"),
+        }
     }
 }
 

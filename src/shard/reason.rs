@@ -1,11 +1,13 @@
 //! Why a WebSocket connection ended: exactly one [`Reason`] per connection, chosen when the end
 //! begins (the close we queue, or the event that cut the socket), carried to
-//! [`super::io`]'s teardown, logged there (debug) and counted by [`Reason::label`].
+//! [`super::io`]'s teardown, logged there at its level and counted under its label.
 //!
-//! The close codes are the protocol's ([`crate::protocol::Disconnect`]) and RFC 6455's; this
-//! enum only classifies. (One table of disconnects, code, log level and label together, is to
-//! come in `protocol::codes`; until then [`Reason::code`] maps onto the existing codes.)
+//! Every end the server chooses with a code of the client protocol takes its whole row (code,
+//! reason text, reconnect advice, log level, label) from the protocol's one table,
+//! [`Disconnect::info`]; the few ends without such a code (the peer's EOF or close frame, a
+//! socket error, a WebSocket violation, `/api/disconnect`'s own code) have their rows here.
 
+use crate::protocol::codes::Level;
 use crate::protocol::Disconnect;
 
 /// Why a connection ended. One byte plus the session's [`Disconnect`] (kept in the connection's
@@ -43,90 +45,102 @@ pub enum Reason {
     NotWatched,
 }
 
-/// Every label, in [`Reason::slot`] order (the counters are kept in this order).
-pub const LABELS: [&str; 14] = [
-    "peer_closed",
-    "peer_close_frame",
-    "socket_error",
-    "protocol",
-    "session",
-    "slow",
-    "no_pong",
-    "stale",
-    "expired",
-    "shutdown",
-    "insufficient_state",
-    "server_error",
-    "command",
-    "not_watched",
+/// What the node records of a connection's end: its label and counter, its log level, and the
+/// close frame it sends (`None`: none, the peer's own code, a violation's 1002/1007/1009, or
+/// the API's chosen code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndInfo {
+    pub label: &'static str,
+    pub counter: &'static str,
+    pub level: Level,
+    pub close: Option<(u16, &'static str)>,
+}
+
+/// Ends that carry no code of the client protocol, in slot order (their counters come first);
+/// every other end is a [`Disconnect`] and takes its row from the protocol's one table.
+const TRANSPORT: [EndInfo; 6] = [
+    transport("peer_closed", "ended_peer_closed", Level::Debug),
+    transport("peer_close_frame", "ended_peer_close_frame", Level::Debug),
+    transport("socket_error", "ended_socket_error", Level::Debug),
+    transport("protocol", "ended_protocol", Level::Debug),
+    transport("command", "ended_command", Level::Debug),
+    transport("not_watched", "ended_not_watched", Level::Warn),
 ];
 
-/// The counter name of each label, in the same order (`ended_<label>`).
-pub const COUNTER_NAMES: [&str; 14] = [
-    "ended_peer_closed",
-    "ended_peer_close_frame",
-    "ended_socket_error",
-    "ended_protocol",
-    "ended_session",
-    "ended_slow",
-    "ended_no_pong",
-    "ended_stale",
-    "ended_expired",
-    "ended_shutdown",
-    "ended_insufficient_state",
-    "ended_server_error",
-    "ended_command",
-    "ended_not_watched",
-];
+const fn transport(label: &'static str, counter: &'static str, level: Level) -> EndInfo {
+    EndInfo {
+        label,
+        counter,
+        level,
+        close: None,
+    }
+}
+
+/// How many distinct ends are counted (one counter each).
+pub const SLOTS: usize = TRANSPORT.len() + Disconnect::ALL.len();
+
+/// The counter name of each slot.
+pub fn counter_names() -> impl Iterator<Item = &'static str> {
+    TRANSPORT
+        .iter()
+        .map(|t| t.counter)
+        .chain(Disconnect::ALL.iter().map(|d| d.info().counter))
+}
 
 impl Reason {
-    /// Index of this reason's label in [`LABELS`] and its counter.
+    /// This end's counter slot: the transport ends first, then [`Disconnect::ALL`]'s order.
     pub fn slot(self) -> usize {
-        match self {
-            Reason::PeerClosed => 0,
-            Reason::PeerCloseFrame => 1,
-            Reason::SocketError => 2,
-            Reason::Protocol => 3,
-            Reason::Session(_) => 4,
-            Reason::Slow => 5,
-            Reason::NoPong => 6,
-            Reason::Stale => 7,
-            Reason::Expired => 8,
-            Reason::Shutdown => 9,
-            Reason::InsufficientState => 10,
-            Reason::ServerError => 11,
-            Reason::Command => 12,
-            Reason::NotWatched => 13,
+        match self.disconnect() {
+            Some(d) => TRANSPORT.len() + d.index(),
+            None => match self {
+                Reason::PeerClosed => 0,
+                Reason::PeerCloseFrame => 1,
+                Reason::SocketError => 2,
+                Reason::Protocol => 3,
+                Reason::Command => 4,
+                _ => 5, // NotWatched
+            },
+        }
+    }
+
+    /// Label, counter, log level and close frame (see [`EndInfo`]).
+    pub fn info(self) -> EndInfo {
+        match self.disconnect() {
+            Some(d) => {
+                let i = d.info();
+                EndInfo {
+                    label: i.label,
+                    counter: i.counter,
+                    level: i.level,
+                    close: Some((i.code, i.reason)),
+                }
+            }
+            None => TRANSPORT[self.slot()],
         }
     }
 
     /// The metric label and log field.
     pub fn label(self) -> &'static str {
-        LABELS[self.slot()]
+        self.info().label
     }
 
-    /// The close code this reason sends, when it is fixed (`None`: no close frame, the peer's
-    /// own code, a protocol violation's 1002/1007/1009, or the API's chosen code).
+    /// The close code this reason sends, when it is fixed.
     pub fn code(self) -> Option<u16> {
-        self.disconnect().map(Disconnect::code).or(match self {
-            Reason::Stale => Some(STALE_CODE),
-            _ => None,
-        })
+        self.info().close.map(|(code, _)| code)
     }
 
     /// The close code and text of a server-chosen end with a fixed code.
     pub fn close_frame(self) -> Option<(u16, &'static str)> {
-        match self {
-            Reason::Stale => Some((STALE_CODE, "stale")),
-            _ => self.disconnect().map(|d| (d.code(), d.reason())),
-        }
+        self.info().close
     }
 
+    /// The protocol disconnect this end is, when it is one.
     fn disconnect(self) -> Option<Disconnect> {
         Some(match self {
             Reason::Session(d) => d,
             Reason::Slow => Disconnect::Slow,
             Reason::NoPong => Disconnect::NoPong,
+            Reason::Stale => Disconnect::Stale,
             Reason::Expired => Disconnect::Expired,
             Reason::Shutdown => Disconnect::Shutdown,
             Reason::InsufficientState => Disconnect::InsufficientState,
@@ -136,26 +150,41 @@ impl Reason {
     }
 }
 
-/// Close code of a connection that upgraded but never sent `connect` (terminal: the client
-/// is not speaking the protocol).
-const STALE_CODE: u16 = 3502;
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn labels_and_codes_line_up() {
-        for (i, (label, counter)) in LABELS.iter().zip(COUNTER_NAMES).enumerate() {
-            assert_eq!(counter, format!("ended_{label}"), "slot {i}");
+        let names: Vec<_> = counter_names().collect();
+        assert_eq!(names.len(), SLOTS);
+        let unique: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), SLOTS, "a counter name twice: {names:?}");
+        for r in [
+            Reason::PeerClosed,
+            Reason::PeerCloseFrame,
+            Reason::SocketError,
+            Reason::Protocol,
+            Reason::Command,
+            Reason::NotWatched,
+            Reason::Slow,
+            Reason::Stale,
+            Reason::Session(Disconnect::BadRequest),
+        ] {
+            assert_eq!(names[r.slot()], r.info().counter, "{r:?}");
+            assert_eq!(r.info().counter, format!("ended_{}", r.label()));
         }
         assert_eq!(Reason::Slow.label(), "slow");
         assert_eq!(Reason::Slow.code(), Some(3008));
         assert_eq!(Reason::Stale.close_frame(), Some((3502, "stale")));
         assert_eq!(Reason::Shutdown.close_frame(), Some((3001, "shutdown")));
         let bad = Reason::Session(Disconnect::BadRequest);
-        assert_eq!((bad.label(), bad.code()), ("session", Some(3501)));
+        assert_eq!((bad.label(), bad.code()), ("bad_request", Some(3501)));
+        // A session's disconnect and the same server-chosen end count together.
+        assert_eq!(
+            Reason::Session(Disconnect::Slow).slot(),
+            Reason::Slow.slot()
+        );
         assert_eq!(Reason::PeerClosed.code(), None);
-        assert_eq!(Reason::NotWatched.slot(), LABELS.len() - 1);
     }
 }
