@@ -34,14 +34,45 @@
 //! Run: `cargo bench --bench recovery [-- --clients 2000 --nodes 2 --missed 100 ...]`,
 //! `--help` for all options.
 
-mod common;
+/// The shared bench modules this bench uses (benches/common/).
+mod common {
+    pub mod args;
+    pub mod clock;
+    pub mod cpu;
+    pub mod hist;
+    pub mod http;
+    pub mod net;
+    #[path = "../../tests/support/process.rs"]
+    #[allow(
+        dead_code,
+        reason = "shared with the e2e tests; a bench uses part of it"
+    )]
+    pub mod process;
+    pub mod redis;
+    pub mod resp;
+    pub mod safety;
+    pub mod server;
+    pub mod ws;
+}
 
-use common::*;
+use common::args::{conns_under_nofile, Args};
+use common::clock::wait_until;
+use common::cpu::{cpu_secs, online_cpus, sched_ns, self_cpu_secs};
+use common::hist::{fmt_ns, Hist};
+use common::http::HttpClient;
+use common::net::{raise_nofile, src_addr, tcp_socket_from, Epoll};
+use common::redis::RedisServer;
+use common::resp::{commandstats, pubsub_numsub};
+use common::safety::{fatal, install_safety_nets};
+use common::server::{write_config, Server};
+use common::ws::{
+    check_handshake_response, connect_subscribe_frame, encode_client_frame, handshake_request,
+    is_ping_line, json_lines, response_head_end, WsDecoder, WsEvent,
+};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -75,9 +106,8 @@ const NODE_NAMES: [&str; 2] = ["A", "B"];
 // Config, HTTP API, Redis
 // ---------------------------------------------------------------------------
 
-fn write_config(history_size: u64) -> std::path::PathBuf {
-    let path = scratch_dir().join("shardcast-bench-recovery.toml");
-    let text = format!(
+fn config_text(history_size: u64) -> String {
+    format!(
         "# written by benches/recovery.rs: the storm channels are feed:storm[-<k>]\n\
          metrics_listen = \"\"\n\n\
          [redis_options]\n\
@@ -92,19 +122,20 @@ fn write_config(history_size: u64) -> std::path::PathBuf {
          history_size = {history_size}\n\
          history_ttl_secs = 600\n\
          recover = true\n"
-    );
-    if let Err(e) = std::fs::write(&path, text) {
-        fatal(&format!("cannot write {}: {e}", path.display()));
-    }
-    path
+    )
+}
+
+/// One API request on `http` (keep-alive) → (status, body).
+fn api(http: &mut HttpClient, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+    http.send("POST", path, body)?;
+    http.recv()
 }
 
 /// `POST /api/info` on a fresh connection → `result.nodes[0]` (the node asked).
 fn node_info(addr: SocketAddr) -> Result<Value, String> {
     let mut http = HttpClient::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    let (code, body) = http
-        .request("POST", "/api/info", b"{}")
-        .map_err(|e| format!("/api/info on {addr}: {e}"))?;
+    let (code, body) =
+        api(&mut http, "/api/info", b"{}").map_err(|e| format!("/api/info on {addr}: {e}"))?;
     let v: Value = serde_json::from_slice(&body).map_err(|e| format!("/api/info JSON: {e}"))?;
     match v.pointer("/result/nodes/0") {
         Some(n) if code == 200 => Ok(n.clone()),
@@ -121,120 +152,14 @@ fn counter(node: &Value, k: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A parsed RESP2 reply.
-#[derive(Debug)]
-enum Resp {
-    Simple,
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Option<Vec<Resp>>),
-}
-
-fn resp_line(r: &mut impl io::BufRead) -> io::Result<String> {
-    let mut l = String::new();
-    if r.read_line(&mut l)? == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "redis EOF"));
-    }
-    Ok(l.trim_end_matches(['\r', '\n']).to_string())
-}
-
-fn resp_read(r: &mut impl io::BufRead) -> io::Result<Resp> {
-    let l = resp_line(r)?;
-    let bad = || io::Error::other(format!("bad RESP line {l:?}"));
-    let (t, rest) = l.split_at_checked(1).ok_or_else(bad)?;
-    let num = || rest.parse::<i64>().map_err(|_| bad());
-    Ok(match t {
-        "+" => Resp::Simple,
-        "-" => Resp::Error(rest.to_string()),
-        ":" => Resp::Int(num()?),
-        "$" => match num()? {
-            n if n < 0 => Resp::Bulk(None),
-            n => {
-                let mut b = vec![0u8; n as usize + 2];
-                r.read_exact(&mut b)?;
-                b.truncate(n as usize);
-                Resp::Bulk(Some(b))
-            }
-        },
-        "*" => match num()? {
-            n if n < 0 => Resp::Array(None),
-            n => Resp::Array(Some(
-                (0..n).map(|_| resp_read(r)).collect::<io::Result<_>>()?,
-            )),
-        },
-        _ => return Err(bad()),
-    })
-}
-
-/// One command on a fresh connection to the bench's redis-server.
-fn redis_cmd(port: u16, args: &[&str]) -> Result<Resp, String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("redis connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    (&s).write_all(req.as_bytes())
-        .map_err(|e| format!("redis write: {e}"))?;
-    let mut r = io::BufReader::new(&s);
-    match resp_read(&mut r).map_err(|e| format!("redis read: {e}"))? {
-        Resp::Error(e) => Err(format!("redis {args:?}: {e}")),
-        v => Ok(v),
-    }
-}
-
-/// `INFO commandstats` → command name → calls.
-fn commandstats(port: u16) -> Result<BTreeMap<String, u64>, String> {
-    let Resp::Bulk(Some(b)) = redis_cmd(port, &["INFO", "commandstats"])? else {
-        return Err("INFO commandstats: unexpected reply".into());
-    };
-    Ok(String::from_utf8_lossy(&b)
-        .lines()
-        .filter_map(|l| {
-            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("calls="))?
-                .parse()
-                .ok()?;
-            Some((name.to_string(), calls))
-        })
-        .collect())
-}
-
-/// `PUBSUB NUMSUB` of the channels' Redis names: nodes still subscribed.
-fn pubsub_numsub(port: u16, channels: &[String]) -> Result<u64, String> {
-    let names: Vec<String> = channels
-        .iter()
-        .map(|c| format!("shardcast:ch:{{{c}}}"))
-        .collect();
-    let mut args = vec!["PUBSUB", "NUMSUB"];
-    args.extend(names.iter().map(String::as_str));
-    let Resp::Array(Some(v)) = redis_cmd(port, &args)? else {
-        return Err("PUBSUB NUMSUB: unexpected reply".into());
-    };
-    Ok(v.iter()
-        .skip(1)
-        .step_by(2)
-        .map(|x| match x {
-            Resp::Int(n) => *n as u64,
-            _ => 0,
-        })
-        .sum())
-}
-
 /// Publishes `data` (a JSON object text) to `channel` → (offset, epoch).
 fn publish(http: &mut HttpClient, channel: &str, data: &str) -> Result<(u64, String), String> {
     let body = format!(
         "{{\"channel\":{},\"data\":{data}}}",
         serde_json::to_string(channel).unwrap()
     );
-    let (code, resp) = http
-        .request("POST", "/api/publish", body.as_bytes())
-        .map_err(|e| format!("publish: {e}"))?;
+    let (code, resp) =
+        api(http, "/api/publish", body.as_bytes()).map_err(|e| format!("publish: {e}"))?;
     let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
     match (
         v.pointer("/result/offset").and_then(Value::as_u64),
@@ -333,9 +258,10 @@ impl Client {
     }
 }
 
-/// Nonblocking connect from `src` (port picked at connect time).
-fn start_connect(dst: SocketAddr, src: Ipv4Addr) -> io::Result<TcpStream> {
-    let sock = common::tcp_socket_from(Some(src))?;
+/// Nonblocking connect from `src` (port picked at connect time) with TCP_NODELAY; the connection
+/// completes later (EPOLLOUT).
+pub fn connect_nonblocking(dst: SocketAddr, src: Ipv4Addr) -> io::Result<TcpStream> {
+    let sock = tcp_socket_from(Some(src))?;
     sock.set_nonblocking(true)?;
     sock.set_tcp_nodelay(true)?;
     match sock.connect(&dst.into()) {
@@ -348,7 +274,7 @@ fn start_connect(dst: SocketAddr, src: Ipv4Addr) -> io::Result<TcpStream> {
 
 struct Storm {
     phase: Phase,
-    ep: i32,
+    ep: Epoll,
     dsts: Vec<SocketAddr>,
     channels: Vec<String>,
     /// Recover phase: publications each reply must carry; `missed_from` is the
@@ -370,14 +296,6 @@ struct Storm {
     /// When the last client's first connect() was issued.
     last_launch: Option<Instant>,
     buf: Vec<u8>,
-    events: Vec<libc::epoll_event>,
-}
-
-impl Drop for Storm {
-    fn drop(&mut self) {
-        // SAFETY: closing our own epoll fd.
-        unsafe { libc::close(self.ep) };
-    }
 }
 
 impl Storm {
@@ -390,11 +308,7 @@ impl Storm {
         max_inflight: usize,
         max_attempts: u32,
     ) -> Storm {
-        // SAFETY: plain syscall.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            fatal(&format!("epoll_create1: {}", io::Error::last_os_error()));
-        }
+        let ep = Epoll::new(1024).unwrap_or_else(|e| fatal(&format!("epoll_create1: {e}")));
         Storm {
             phase,
             ep,
@@ -415,7 +329,6 @@ impl Storm {
             first_unexpected: None,
             last_launch: None,
             buf: vec![0u8; 256 * 1024],
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
         }
     }
 
@@ -429,19 +342,11 @@ impl Storm {
         c.dec = WsDecoder::default();
         c.stream = None;
         let dst = self.dsts[c.node];
-        match start_connect(dst, c.src) {
+        match connect_nonblocking(dst, c.src) {
             Ok(s) => {
-                let mut ev = libc::epoll_event {
-                    events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET)
-                        as u32,
-                    u64: ((c.attempts as u64) << 32) | i as u64,
-                };
-                // SAFETY: valid epoll fd, socket fd and event pointer.
-                let rc = unsafe {
-                    libc::epoll_ctl(self.ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev)
-                };
-                if rc != 0 {
-                    let e = io::Error::last_os_error();
+                let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
+                let token = ((c.attempts as u64) << 32) | i as u64;
+                if let Err(e) = self.ep.add(&s, events, token) {
                     return self.lost(i, format!("epoll_ctl: {e}"));
                 }
                 c.stream = Some(s);
@@ -539,24 +444,12 @@ impl Storm {
     }
 
     fn poll(&mut self, timeout_ms: i32) {
-        // SAFETY: the events buffer is valid for its length.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.ep,
-                self.events.as_mut_ptr(),
-                self.events.len() as i32,
-                timeout_ms,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                return;
-            }
-            fatal(&format!("epoll_wait: {e}"));
-        }
-        for k in 0..n as usize {
-            let (tag, fl) = (self.events[k].u64, self.events[k].events);
+        let n = self
+            .ep
+            .wait(timeout_ms)
+            .unwrap_or_else(|e| fatal(&format!("epoll_wait: {e}")));
+        for k in 0..n {
+            let (tag, fl) = self.ep.event(k);
             let i = (tag & 0xffff_ffff) as usize;
             if i >= self.clients.len() || self.clients[i].attempts as u64 != tag >> 32 {
                 continue; // an earlier attempt's socket
@@ -582,11 +475,7 @@ impl Storm {
             }
             let dst = self.dsts[c.node];
             c.key = tungstenite::handshake::client::generate_key();
-            let req = format!(
-                "GET /connection/websocket HTTP/1.1\r\nHost: {dst}\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                c.key
-            );
+            let req = handshake_request(dst, &c.key);
             if let Err(e) = s.write_all(req.as_bytes()) {
                 return self.lost(i, format!("write handshake: {e}"));
             }
@@ -652,41 +541,21 @@ impl Storm {
         if self.clients[i].st == St::Handshake {
             let c = &mut self.clients[i];
             c.hbuf.extend_from_slice(&data);
-            let Some(end) = c.hbuf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                if c.hbuf.len() > 16384 {
-                    self.lost(i, "handshake response too large".into());
-                }
-                return;
+            let end = match response_head_end(&c.hbuf) {
+                Ok(Some(end)) => end,
+                Ok(None) => return,
+                Err(e) => return self.lost(i, e),
             };
-            let end = end + 4;
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut headers);
-            let parsed = resp.parse(&c.hbuf[..end]).is_ok();
-            let want = tungstenite::handshake::derive_accept_key(c.key.as_bytes());
-            let accept_ok = resp.headers.iter().any(|h| {
-                h.name.eq_ignore_ascii_case("sec-websocket-accept")
-                    && h.value.trim_ascii() == want.as_bytes()
-            });
-            if !parsed || resp.code != Some(101) || !accept_ok {
-                let head = String::from_utf8_lossy(&c.hbuf[..end.min(120)]).to_string();
-                return self.lost(i, format!("bad handshake response: {head:?}"));
+            if let Err(e) = check_handshake_response(&c.hbuf[..end], &c.key) {
+                return self.lost(i, e);
             }
             data = c.hbuf.split_off(end);
             c.hbuf.clear();
-            let channel = serde_json::to_string(&self.channels[c.chan]).unwrap();
-            let cmd = match self.phase {
-                Phase::Initial => format!(
-                    "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{channel}}}}}"
-                ),
-                Phase::Recover => format!(
-                    "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{channel},\
-                     \"recover\":true,\"offset\":{},\"epoch\":{}}}}}",
-                    c.offset,
-                    serde_json::to_string(&c.epoch).unwrap()
-                ),
+            let channel = &self.channels[c.chan];
+            let out = match self.phase {
+                Phase::Initial => connect_subscribe_frame(channel, None),
+                Phase::Recover => connect_subscribe_frame(channel, Some((c.offset, &c.epoch))),
             };
-            let mut out = Vec::with_capacity(cmd.len() + 16);
-            encode_client_frame(&mut out, 1, cmd.as_bytes());
             let Some(mut s) = c.stream.as_ref() else {
                 return;
             };
@@ -700,13 +569,18 @@ impl Storm {
         }
         let mut lines: Vec<Vec<u8>> = Vec::new();
         let mut ctrl_pings: Vec<Vec<u8>> = Vec::new();
-        let mut closed = false;
+        let mut closed: Option<Option<u16>> = None;
+        let mut binary = false;
         let res = self.clients[i].dec.feed(&data, &mut |ev| match ev {
             WsEvent::Text(m) => lines.extend(json_lines(m).map(<[u8]>::to_vec)),
             WsEvent::Ping(p) => ctrl_pings.push(p.to_vec()),
-            WsEvent::Close => closed = true,
-            WsEvent::Other => {}
+            WsEvent::Close(code) => closed = closed.or(Some(code)),
+            WsEvent::Binary(_) => binary = true,
+            WsEvent::Pong => {}
         });
+        if binary {
+            self.note_unexpected(i, b"(a binary message)");
+        }
         for p in &ctrl_pings {
             let mut out = Vec::new();
             encode_client_frame(&mut out, 0xA, p);
@@ -720,8 +594,8 @@ impl Storm {
         if let Err(e) = res {
             return self.on_eof(i, format!("protocol: {e}"));
         }
-        if closed {
-            self.on_eof(i, "close frame".into());
+        if let Some(code) = closed {
+            self.on_eof(i, format!("close frame (code {code:?})"));
         }
     }
 
@@ -936,11 +810,9 @@ fn take_snap(
 }
 
 fn main() {
-    let args = Args::parse();
-    if args.has("help") {
-        println!("{USAGE}");
+    let Some(args) = Args::parse_or_help(USAGE) else {
         return;
-    }
+    };
     let deadline_s: u64 = args.get("deadline", 120u64);
     let deadline = Duration::from_secs(deadline_s);
     install_safety_nets(deadline);
@@ -948,15 +820,7 @@ fn main() {
     let end_by = t_start + deadline - Duration::from_secs(5).min(deadline / 4);
 
     let hard = raise_nofile();
-    let margin: u64 = args.get("margin", 300u64);
-    let max_clients = hard.saturating_sub(margin) as usize;
-    let mut n: usize = args.get("clients", 2000usize);
-    if n > max_clients {
-        eprintln!(
-            "# --clients {n} exceeds RLIMIT_NOFILE hard limit {hard} - margin {margin}; using {max_clients}"
-        );
-        n = max_clients;
-    }
+    let (n, margin) = conns_under_nofile(&args, "clients", Some(2000), hard);
     let n_nodes: usize = args.get("nodes", 2usize);
     if !(1..=2).contains(&n_nodes) {
         fatal("--nodes must be 1 or 2");
@@ -1003,13 +867,13 @@ fn main() {
     println!("# redis-server: {}", redis.describe());
     let mut extra = vec![
         "--config".to_string(),
-        write_config(history_size).display().to_string(),
+        write_config("shardcast-bench-recovery.toml", &config_text(history_size))
+            .display()
+            .to_string(),
         "--redis".to_string(),
         redis.url(),
     ];
-    if let Some(s) = args.str("server-args") {
-        extra.extend(s.split_whitespace().map(str::to_string));
-    }
+    extra.extend(args.server_args());
     let mut servers: Vec<Server> = (0..n_nodes)
         .map(|k| {
             Server::start(
