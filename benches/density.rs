@@ -9,24 +9,10 @@
 //! Run: `cargo bench --bench density [-- --conns N --shards 2 ...]`, `--help`
 //! for all options.
 
-/// The shared bench modules this bench uses (benches/common/).
-mod common {
-    pub mod args;
-    pub mod connect;
-    pub mod kernel_memory;
-    pub mod memory;
-    pub mod net;
-    #[path = "../../tests/support/process.rs"]
-    #[allow(
-        dead_code,
-        reason = "shared with the e2e tests; a bench uses part of it"
-    )]
-    pub mod process;
-    pub mod reader;
-    pub mod safety;
-    pub mod server;
-    pub mod ws;
-}
+#[macro_use]
+#[path = "common/modules.rs"]
+mod modules;
+common_modules!("common"; args, connect, kernel_memory, memory, net, reader, safety, server, ws);
 
 use common::args::{conns_under_nofile, Args};
 use common::connect::connect_many;

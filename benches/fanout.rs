@@ -25,29 +25,14 @@
 //! Run: `cargo bench --bench fanout [-- --subs 1000 --rate 100 --secs 10 ...]`,
 //! `cargo bench --bench fanout -- --redis`, `--help` for all options.
 
-/// The shared bench modules this bench uses (benches/common/).
-mod common {
-    pub mod args;
-    pub mod clock;
-    pub mod connect;
-    pub mod cpu;
-    pub mod hist;
-    pub mod http;
-    pub mod machine;
-    pub mod net;
-    pub mod pinning;
-    #[path = "../../tests/support/process.rs"]
-    #[allow(
-        dead_code,
-        reason = "shared with the e2e tests; a bench uses part of it"
-    )]
-    pub mod process;
-    pub mod reader;
-    pub mod redis;
-    pub mod safety;
-    pub mod server;
-    pub mod ws;
-}
+#[macro_use]
+#[path = "common/modules.rs"]
+mod modules;
+common_modules!(
+    "common";
+    args, clock, connect, cpu, hist, http, machine, net, pinning, reader, redis, safety, server,
+    ws
+);
 
 use common::args::Args;
 use common::clock::wait_until;

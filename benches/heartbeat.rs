@@ -15,27 +15,13 @@
 //! Run: `cargo bench --bench heartbeat [-- --ping-secs 5 --rounds 4 ...]`,
 //! `--help` for all options.
 
-/// The shared bench modules this bench uses (benches/common/).
-mod common {
-    pub mod args;
-    pub mod clock;
-    pub mod connect;
-    pub mod cpu;
-    pub mod machine;
-    pub mod memory;
-    pub mod net;
-    pub mod pinning;
-    #[path = "../../tests/support/process.rs"]
-    #[allow(
-        dead_code,
-        reason = "shared with the e2e tests; a bench uses part of it"
-    )]
-    pub mod process;
-    pub mod reader;
-    pub mod safety;
-    pub mod server;
-    pub mod ws;
-}
+#[macro_use]
+#[path = "common/modules.rs"]
+mod modules;
+common_modules!(
+    "common";
+    args, clock, connect, cpu, machine, memory, net, pinning, reader, safety, server, ws
+);
 
 use common::args::{conns_under_nofile, Args};
 use common::clock::wait_until;

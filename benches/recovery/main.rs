@@ -36,27 +36,10 @@
 
 mod storm;
 
-/// The shared bench modules this bench uses (benches/common/).
-#[path = "../common"]
-mod common {
-    pub mod args;
-    pub mod clock;
-    pub mod cpu;
-    pub mod hist;
-    pub mod http;
-    pub mod net;
-    #[path = "../../tests/support/process.rs"]
-    #[allow(
-        dead_code,
-        reason = "shared with the e2e tests; a bench uses part of it"
-    )]
-    pub mod process;
-    pub mod redis;
-    pub mod resp;
-    pub mod safety;
-    pub mod server;
-    pub mod ws;
-}
+#[macro_use]
+#[path = "../common/modules.rs"]
+mod modules;
+common_modules!("../common"; args, clock, cpu, hist, http, net, redis, resp, safety, server, ws);
 
 use common::args::{conns_under_nofile, Args};
 use common::clock::wait_until;
