@@ -1041,7 +1041,7 @@ fn ramp(o: &Opts, ctx: &Ctx, ramp_pubs: &mut [Publisher], t_start: Instant) -> b
         }
         let name = format!("ramp-step{step}");
         let r = run_step(
-            &ctx,
+            ctx,
             &name,
             step,
             ramp_pubs,
