@@ -756,10 +756,6 @@ fn main() {
     let t_start = Instant::now();
     let o = Opts::parse(&args);
     o.print_header();
-    println!(
-        "# reference (design doc): kernel floor ~2.5-2.7 µs CPU per send() of one frame; \
-         uWebSockets.js 2.65 CPU-s per 1M deliveries at 1000 subs x 100 msg/s"
-    );
 
     // Spawn the server(s) (and redis-server) before pinning ourselves (they
     // also reset their own affinity in pre_exec), then pin every bench thread
