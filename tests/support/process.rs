@@ -4,9 +4,10 @@
 //!
 //! One file for both users: the e2e tests include it from `tests/e2e/harness.rs`, which adds the
 //! test constructors (`Server::start`, `Redis::start`: a config in a temp dir, panics on
-//! failure), and the benches include it with `#[path]` from `benches/common/server.rs`, which adds
-//! theirs (binary lookup, log files, a `fatal` exit instead of a panic). Only mechanism lives
-//! here: spawn, wait until ready, kill and reap.
+//! failure), and every bench includes it with `#[path]` as `common::process`
+//! (`benches/common/modules.rs`), wrapped by `benches/common/server.rs` and `redis.rs` (binary
+//! lookup, log files, a `fatal` exit instead of a panic). Only mechanism lives here: spawn, wait
+//! until ready, kill and reap.
 //!
 //! Every child's PID is also kept in a fixed registry that [`kill_registered`] empties with
 //! async-signal-safe calls only, for the benches' signal handler, panic hook and deadline thread
