@@ -9,10 +9,22 @@
 //! Run: `cargo bench --bench density [-- --conns N --shards 2 ...]`, `--help`
 //! for all options.
 
-mod common;
+#[macro_use]
+#[path = "common/modules.rs"]
+mod modules;
+common_modules!("common"; args, connect, kernel_memory, memory, net, reader, safety, server, ws);
 
-use common::*;
+use common::args::{conns_under_nofile, Args};
+use common::connect::connect_many;
+use common::kernel_memory::{meminfo, slabinfo, sockstat_tcp_mem_bytes};
+use common::memory::{mib, rss_bytes};
+use common::net::raise_nofile;
+use common::reader::{Handler, Reader};
+use common::safety::{fatal, install_safety_nets};
+use common::server::{bench_server_args, Server};
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -42,7 +54,7 @@ struct Idle {
     first: Option<String>,
 }
 
-impl LineHandler for Idle {
+impl Handler for Idle {
     fn on_line(&mut self, _conn: usize, line: &[u8], _now: u64) {
         self.unexpected += 1;
         if self.first.is_none() {
@@ -96,85 +108,131 @@ fn d(a: u64, b: u64) -> i64 {
     b as i64 - a as i64
 }
 
+/// The run's settings, from the command line.
+struct Opts {
+    n: usize,
+    hard: u64,
+    margin: u64,
+    shards: usize,
+    channels: usize,
+    threads: usize,
+    n_src: usize,
+    settle: Duration,
+}
+
+impl Opts {
+    fn parse(args: &Args) -> Opts {
+        let hard = raise_nofile();
+        let (n, margin) = conns_under_nofile(args, "conns", None, hard);
+        if n < 4 {
+            fatal("need at least 4 connections");
+        }
+        Opts {
+            n,
+            hard,
+            margin,
+            shards: args.get("shards", 2usize),
+            channels: args.get("channels", 1usize).max(1),
+            threads: args.get("threads", 8usize),
+            n_src: args.get("src-addrs", n.div_ceil(10_000).max(2)),
+            settle: Duration::from_millis(args.get("settle-ms", 3000u64)),
+        }
+    }
+}
+
 fn main() {
-    let args = Args::parse();
-    if args.has("help") {
-        println!("{USAGE}");
+    let Some(args) = Args::parse_or_help(USAGE) else {
         return;
-    }
-    let deadline = Duration::from_secs(args.get("deadline", 120u64));
-    install_safety_nets(deadline);
+    };
+    install_safety_nets(Duration::from_secs(args.get("deadline", 120u64)));
     let t_start = Instant::now();
-
-    let hard = raise_nofile();
-    let margin: u64 = args.get("margin", 300u64);
-    let max_conns = hard.saturating_sub(margin) as usize;
-    let mut n: usize = args.get("conns", max_conns);
-    if n > max_conns {
-        eprintln!(
-            "# --conns {n} exceeds RLIMIT_NOFILE hard limit {hard} - margin {margin}; using {max_conns}"
-        );
-        n = max_conns;
-    }
-    if n < 4 {
-        fatal("need at least 4 connections");
-    }
-    let shards: usize = args.get("shards", 2usize);
-    let channels: usize = args.get("channels", 1usize).max(1);
-    let threads: usize = args.get("threads", 8usize);
-    let n_src: usize = args.get("src-addrs", n.div_ceil(10_000).max(2));
-    let settle = Duration::from_millis(args.get("settle-ms", 3000u64));
-
+    let o = Opts::parse(&args);
     println!(
-        "# density: conns={n} (RLIMIT_NOFILE hard={hard}, margin={margin}) shards={shards} \
-         channels={channels} src_addrs=127.0.0.2..127.0.0.{} connect_threads={threads} settle={} ms",
-        n_src + 1,
-        settle.as_millis()
+        "# density: conns={} (RLIMIT_NOFILE hard={}, margin={}) shards={} \
+         channels={} src_addrs=127.0.0.2..127.0.0.{} connect_threads={} settle={} ms",
+        o.n,
+        o.hard,
+        o.margin,
+        o.shards,
+        o.channels,
+        o.n_src + 1,
+        o.threads,
+        o.settle.as_millis()
     );
-    let server = Server::start(
+    let mut server = Server::start(
         "density",
-        shards,
-        &args.server_args("density"),
+        o.shards,
+        &bench_server_args(&args, "density", ""),
         args.has("server-log"),
     );
     println!("# server: {}", server.describe());
-    thread::sleep(settle);
+    thread::sleep(o.settle);
     let base = Snap::take(server.pid, 0);
     println!(
         "density baseline: server RSS {:.2} MiB (after READY + {:.1} s settle)",
         mib(base.server_rss as f64),
-        settle.as_secs_f64()
+        o.settle.as_secs_f64()
     );
 
     let keeper = Reader::spawn("keeper", Idle::default());
+    let [s1, s2] = connect_in_two_stages(&o, server.addr, server.pid, &keeper, &base);
+    let user = report_user(&base, &s1, &s2);
+    let k_slope = report_kernel(&base, &s1, &s2);
+    report_projection(&base, user, k_slope);
+
+    let alive = server.alive();
+    let (stats, idle) = keeper.stop();
+    println!(
+        "# connections held: {} (closed by server: {}, pings answered: {}, unexpected messages: {}{}, errors: {}{}); server alive at end: {alive}; elapsed {:.1} s",
+        stats.conns,
+        stats.closed,
+        stats.pings,
+        idle.unexpected,
+        idle.first.map(|f| format!(" first={f}")).unwrap_or_default(),
+        stats.errors,
+        stats.first_error.map(|e| format!(" first={e}")).unwrap_or_default(),
+        t_start.elapsed().as_secs_f64()
+    );
+    drop(server);
+    if !alive || stats.closed > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// Opens N/4 connections, then the remaining 3N/4, handing them to the keeper; after each
+/// stage and a settle time, takes a snapshot and prints its RSS line.
+fn connect_in_two_stages(
+    o: &Opts,
+    addr: SocketAddr,
+    pid: i32,
+    keeper: &Reader<Idle>,
+    base: &Snap,
+) -> [Snap; 2] {
+    let channels = o.channels;
     let chan_fn: Arc<dyn Fn(usize) -> String + Send + Sync> =
         Arc::new(move |i| format!("bench:{}", i % channels));
-    let n1 = n / 4;
-    let mut snaps = vec![];
-    for (first, count) in [(0, n1), (n1, n - n1)] {
+    let n1 = o.n / 4;
+    [(0, n1), (n1, o.n - n1)].map(|(first, count)| {
         let t0 = Instant::now();
-        let conns = match connect_many(server.addr, first, count, threads, n_src, chan_fn.clone()) {
+        let conns = match connect_many(addr, first, count, o.threads, o.n_src, chan_fn.clone()) {
             Ok(c) => c,
             Err(e) => fatal(&format!("connecting: {e}")),
         };
         let dt = t0.elapsed().as_secs_f64();
-        let _ = keeper.add.send(conns);
+        keeper.add(conns);
         println!(
             "density connect: +{count} conns (connect+subscribe verified) in {dt:.2} s = {:.0} conn/s, total {}",
             count as f64 / dt,
             first + count
         );
-        thread::sleep(settle);
-        let closed = keeper
-            .live
-            .closed
-            .load(std::sync::atomic::Ordering::Relaxed);
+        thread::sleep(o.settle);
+        let closed = keeper.live.closed.load(Ordering::Relaxed);
         if closed > 0 {
             fatal(&format!(
                 "{closed} connections were closed by the server while idle"
             ));
         }
-        let s = Snap::take(server.pid, first + count);
+        let s = Snap::take(pid, first + count);
         println!(
             "density rss@{}: server RSS {:.2} MiB, Δ vs baseline {:+.2} MiB = {:.0} B/conn user-space (average)",
             s.conns,
@@ -182,13 +240,14 @@ fn main() {
             mib(d(base.server_rss, s.server_rss) as f64),
             d(base.server_rss, s.server_rss) as f64 / s.conns as f64
         );
-        snaps.push(s);
-    }
-    let (s1, s2) = (&snaps[0], &snaps[1]);
+        s
+    })
+}
+
+/// The user-space lines (RSS slope between the stages); returns (slope, average) in B/conn.
+fn report_user(base: &Snap, s1: &Snap, s2: &Snap) -> (f64, f64) {
     let dn = (s2.conns - s1.conns) as f64;
     let n2 = s2.conns as f64;
-
-    // --- user space -----------------------------------------------------
     let user_avg = d(base.server_rss, s2.server_rss) as f64 / n2;
     let user_slope = d(s1.server_rss, s2.server_rss) as f64 / dn;
     println!(
@@ -203,8 +262,13 @@ fn main() {
             mib(rss_step as f64)
         );
     }
+    (user_slope, user_avg)
+}
 
-    // --- kernel ---------------------------------------------------------
+/// The kernel lines (slab + TCP buffers per socket); returns B per server-side socket.
+fn report_kernel(base: &Snap, s1: &Snap, s2: &Snap) -> f64 {
+    let dn = (s2.conns - s1.conns) as f64;
+    let n2 = s2.conns as f64;
     // Both ends of every connection live on this machine and each end holds
     // the same kernel objects (tcp_sock, socket inode, file, dentry, an epoll
     // item: our reader uses epoll too), so kernel memory is divided by 2
@@ -284,8 +348,12 @@ fn main() {
         mib(d(s1.page_tables, s2.page_tables) as f64),
         d(s1.client_rss, s2.client_rss) as f64 / dn
     );
+    k_slope
+}
 
-    // --- projection -----------------------------------------------------
+/// The projection to 500,000 connections and the verdict against the 1 KiB target.
+fn report_projection(base: &Snap, user: (f64, f64), k_slope: f64) {
+    let (user_slope, user_avg) = user;
     let user_p = base.server_rss as f64 + user_slope * PROJECT_CONNS;
     let kern_p = k_slope * PROJECT_CONNS;
     println!(
@@ -315,23 +383,4 @@ fn main() {
         verdict(user_slope + k_slope),
         (user_slope + k_slope) / TARGET_BYTES_PER_CONN
     );
-
-    let mut server = server;
-    let alive = server.alive();
-    let (stats, idle) = keeper.stop();
-    println!(
-        "# connections held: {} (closed by server: {}, pings answered: {}, unexpected messages: {}{}, errors: {}{}); server alive at end: {alive}; elapsed {:.1} s",
-        stats.conns,
-        stats.closed,
-        stats.pings,
-        idle.unexpected,
-        idle.first.map(|f| format!(" first={f}")).unwrap_or_default(),
-        stats.errors,
-        stats.first_error.map(|e| format!(" first={e}")).unwrap_or_default(),
-        t_start.elapsed().as_secs_f64()
-    );
-    drop(server);
-    if !alive || stats.closed > 0 {
-        std::process::exit(1);
-    }
 }

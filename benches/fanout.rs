@@ -25,9 +25,28 @@
 //! Run: `cargo bench --bench fanout [-- --subs 1000 --rate 100 --secs 10 ...]`,
 //! `cargo bench --bench fanout -- --redis`, `--help` for all options.
 
-mod common;
+#[macro_use]
+#[path = "common/modules.rs"]
+mod modules;
+common_modules!(
+    "common";
+    args, clock, connect, cpu, hist, http, machine, net, pinning, reader, redis, safety, server,
+    ws
+);
 
-use common::*;
+use common::args::Args;
+use common::clock::wait_until;
+use common::connect::{connect_many, WsConn};
+use common::cpu::{cpu_secs, online_cpus, sched_ns, self_cpu_secs};
+use common::hist::{fmt_ns, Hist};
+use common::http::HttpClient;
+use common::machine::machine_cpu;
+use common::net::raise_nofile;
+use common::pinning::{client_cpus, own_thread_affinities, pin_bench_threads, threads_of};
+use common::reader::{unix_ns, Handler, Reader, ReaderLive};
+use common::redis::RedisServer;
+use common::safety::{fatal, install_safety_nets};
+use common::server::{bench_server_args, Server};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -99,9 +118,10 @@ impl Shared {
 }
 
 struct Subs {
+    /// Next expected seq per connection and stream.
     next: Vec<[u64; MAX_STREAMS]>,
-    /// Reader-local connection index → node (0 = A, 1 = B); missing = 0.
-    node: Vec<u8>,
+    /// Connections `0..a_subs` are on node A (0), the rest on node B (1).
+    a_subs: usize,
     shared: Arc<Shared>,
     pending: [u64; MAX_STEPS],
     first_malformed: Option<String>,
@@ -124,7 +144,7 @@ fn find_num(line: &[u8], key: &[u8]) -> Option<u64> {
     (i > start).then_some(v)
 }
 
-impl LineHandler for Subs {
+impl Handler for Subs {
     fn on_line(&mut self, conn: usize, line: &[u8], now: u64) {
         let parsed = (|| {
             if !line.windows(7).any(|w| w == b"\"push\":") {
@@ -158,7 +178,7 @@ impl LineHandler for Subs {
             std::cmp::Ordering::Less => st.reorder += 1,
         }
         st.delivered += 1;
-        let node = self.node.get(conn).copied().unwrap_or(0) as usize;
+        let node = usize::from(conn >= self.a_subs);
         st.node_hist[node].record(now.saturating_sub(t));
         st.last_ns = st.last_ns.max(now);
         drop(st);
@@ -531,7 +551,7 @@ fn run_step(
     let rcpu0 = redis_cpu();
     let rsch0 = redis_sched();
     let self0 = self_cpu_secs();
-    let sys0 = system_cpu_secs();
+    let sys0 = machine_cpu();
     let t0_ns = unix_ns();
     let t0 = Instant::now();
     let n = pubs.len();
@@ -566,9 +586,9 @@ fn run_step(
     let rsch = (redis_sched().saturating_sub(rsch0)) as f64 / 1e9;
     let client_cpu = self_cpu_secs() - self0;
     let client_util = client_cpu / wall;
-    let sys1 = system_cpu_secs();
-    let foreign_util = ((sys1.0 - sys0.0) - cpu - rcpu - client_cpu).max(0.0) / wall;
-    let irq_cpu = sys1.1 - sys0.1;
+    let sys1 = machine_cpu();
+    let foreign_util = ((sys1.task - sys0.task) - cpu - rcpu - client_cpu).max(0.0) / wall;
+    let irq_cpu = sys1.irq - sys0.irq;
     let mut stats = StepStats::default();
     for s in ctx.shared {
         let st = s.steps[step].lock().unwrap();
@@ -608,232 +628,149 @@ fn run_step(
     }
 }
 
-fn main() {
-    let args = Args::parse();
-    if args.has("help") {
-        println!("{USAGE}");
-        return;
-    }
-    let deadline = Duration::from_secs(args.get("deadline", 120u64));
-    install_safety_nets(deadline);
-    let t_start = Instant::now();
+/// The run's settings, from the command line.
+struct Opts {
+    subs: usize,
+    shards: usize,
+    rate: f64,
+    secs: f64,
+    ramp_start: f64,
+    ramp_factor: f64,
+    step_secs: f64,
+    max_steps: usize,
+    http_conns: usize,
+    window: usize,
+    p99_limit: Duration,
+    drain: Duration,
+    payload: usize,
+    readers: usize,
+    n_src: usize,
+    ncpu: usize,
+    client_cpus: Vec<usize>,
+    redis_mode: bool,
+    /// Output line prefix: `fanout` or `fanout-redis`.
+    tag: &'static str,
+    /// Subscribers per node: A (published to) gets the odd one; B none when standalone.
+    node_subs: [usize; 2],
+    deadline: Duration,
+}
 
-    let hard = raise_nofile();
-    let subs: usize = args.get("subs", 1000usize);
-    if subs as u64 + 300 > hard {
-        fatal(&format!(
-            "--subs {subs} needs more file descriptors than RLIMIT_NOFILE hard limit {hard} - 300"
-        ));
+impl Opts {
+    fn parse(args: &Args) -> Opts {
+        let hard = raise_nofile();
+        let subs: usize = args.get("subs", 1000usize);
+        if subs as u64 + 300 > hard {
+            fatal(&format!(
+                "--subs {subs} needs more file descriptors than RLIMIT_NOFILE hard limit {hard} - 300"
+            ));
+        }
+        let rate: f64 = args.get("rate", 100.0);
+        let secs: f64 = args.get("secs", 10.0);
+        let ramp_start: f64 = args.get("ramp-start", rate * 2.0);
+        let ramp_factor: f64 = args.get("ramp-factor", 1.5);
+        let step_secs: f64 = args.get("step-secs", 2.0);
+        let ncpu = online_cpus();
+        let client_cpus = client_cpus(args, ncpu);
+        if rate <= 0.0 || secs <= 0.0 || ramp_start <= 0.0 || ramp_factor <= 1.0 || step_secs <= 0.0
+        {
+            fatal("rates and durations must be > 0 and --ramp-factor > 1");
+        }
+        let redis_mode = args.has("redis");
+        if redis_mode && subs < 2 {
+            fatal("--redis needs --subs >= 2 (half on each node)");
+        }
+        Opts {
+            subs,
+            shards: args.get("shards", 1usize),
+            rate,
+            secs,
+            ramp_start,
+            ramp_factor,
+            step_secs,
+            max_steps: args.get("max-steps", 10usize).min(MAX_STEPS - 1),
+            http_conns: args.get("http-conns", 2usize).clamp(1, MAX_STREAMS - 1),
+            window: args.get("pipeline", 4usize).max(1),
+            p99_limit: Duration::from_secs_f64(args.get("p99-limit-ms", 50.0) / 1e3),
+            drain: Duration::from_millis(args.get("drain-ms", 3000u64)),
+            payload: args.get("payload", 64usize),
+            readers: args.get("readers", 1usize).max(1),
+            n_src: args.get("src-addrs", 2usize),
+            ncpu,
+            client_cpus,
+            redis_mode,
+            tag: if redis_mode { "fanout-redis" } else { "fanout" },
+            node_subs: if redis_mode {
+                [subs - subs / 2, subs / 2]
+            } else {
+                [subs, 0]
+            },
+            deadline: Duration::from_secs(args.get("deadline", 120u64)),
+        }
     }
-    let shards: usize = args.get("shards", 1usize);
-    let rate: f64 = args.get("rate", 100.0);
-    let secs: f64 = args.get("secs", 10.0);
-    let ramp_start: f64 = args.get("ramp-start", rate * 2.0);
-    let ramp_factor: f64 = args.get("ramp-factor", 1.5);
-    let step_secs: f64 = args.get("step-secs", 2.0);
-    let max_steps: usize = args.get("max-steps", 10usize).min(MAX_STEPS - 1);
-    let http_conns: usize = args.get("http-conns", 2usize).clamp(1, MAX_STREAMS - 1);
-    let window: usize = args.get("pipeline", 4usize).max(1);
-    let p99_limit = Duration::from_secs_f64(args.get("p99-limit-ms", 50.0) / 1e3);
-    let drain = Duration::from_millis(args.get("drain-ms", 3000u64));
-    let payload: usize = args.get("payload", 64usize);
-    let readers: usize = args.get("readers", 1usize).max(1);
-    let n_src: usize = args.get("src-addrs", 2usize);
-    let ncpu = online_cpus();
-    let client_cpus: Vec<usize> = match args.str("client-cpus") {
-        Some(s) => s
-            .split(',')
-            .map(|c| {
-                c.trim()
-                    .parse()
-                    .unwrap_or_else(|_| fatal(&format!("bad --client-cpus {s:?}")))
-            })
-            .collect(),
-        None => vec![ncpu - 1],
-    };
-    if rate <= 0.0 || secs <= 0.0 || ramp_start <= 0.0 || ramp_factor <= 1.0 || step_secs <= 0.0 {
-        fatal("rates and durations must be > 0 and --ramp-factor > 1");
-    }
-    let redis_mode = args.has("redis");
-    let tag = if redis_mode { "fanout-redis" } else { "fanout" };
-    if redis_mode && subs < 2 {
-        fatal("--redis needs --subs >= 2 (half on each node)");
-    }
-    // Subscribers per node: A (published to) gets the odd one.
-    let node_subs = if redis_mode {
-        [subs - subs / 2, subs / 2]
-    } else {
-        [subs, 0]
-    };
 
-    if redis_mode {
-        println!(
+    fn print_header(&self) {
+        let Opts {
+            subs,
+            shards,
+            rate,
+            secs,
+            ramp_start,
+            ramp_factor,
+            step_secs,
+            max_steps,
+            http_conns,
+            window,
+            p99_limit,
+            payload,
+            readers,
+            redis_mode,
+            node_subs,
+            ..
+        } = self;
+        if *redis_mode {
+            println!(
             "# fanout-redis: subs={subs} ({} on A, {} on B) nodes=2 x shards={shards}, publishing through A only, fixed={rate} msg/s x {secs} s, ramp from {ramp_start} msg/s x{ramp_factor} per {step_secs} s step (max {max_steps} steps, p99 limit {} ms), http_conns={http_conns} pipeline={window} payload~{payload} B readers={readers}",
             node_subs[0],
             node_subs[1],
             p99_limit.as_millis()
         );
-    } else {
-        println!(
+        } else {
+            println!(
             "# fanout: subs={subs} shards={shards} fixed={rate} msg/s x {secs} s, ramp from {ramp_start} msg/s x{ramp_factor} per {step_secs} s step (max {max_steps} steps, p99 limit {} ms), http_conns={http_conns} pipeline={window} payload~{payload} B readers={readers}",
             p99_limit.as_millis()
         );
-    }
-    println!(
-        "# reference (design doc): kernel floor ~2.5-2.7 µs CPU per send() of one frame; \
+        }
+        println!(
+            "# reference (design doc): kernel floor ~2.5-2.7 µs CPU per send() of one frame; \
          uWebSockets.js 2.65 CPU-s per 1M deliveries at 1000 subs x 100 msg/s"
-    );
+        );
+    }
+}
+
+fn main() {
+    let Some(args) = Args::parse_or_help(USAGE) else {
+        return;
+    };
+    let deadline = Duration::from_secs(args.get("deadline", 120u64));
+    install_safety_nets(deadline);
+    let t_start = Instant::now();
+    let o = Opts::parse(&args);
+    o.print_header();
 
     // Spawn the server(s) (and redis-server) before pinning ourselves (they
     // also reset their own affinity in pre_exec), then pin every bench thread
     // to the client CPUs.
-    let redis = redis_mode.then(|| RedisServer::start("fanout"));
-    let mut servers: Vec<Server> = Vec::new();
-    match &redis {
-        None => servers.push(Server::start(
-            "fanout",
-            shards,
-            &args.server_args("fanout"),
-            args.has("server-log"),
-        )),
-        Some(r) => {
-            println!("# redis-server: {}", r.describe());
-            let mut extra = args.server_args("fanout-redis");
-            extra.extend(["--redis".to_string(), r.url()]);
-            for name in ["a", "b"] {
-                servers.push(Server::start(
-                    &format!("fanout-redis-{name}"),
-                    shards,
-                    &extra,
-                    args.has("server-log"),
-                ));
-            }
-        }
-    }
-    for (i, server) in servers.iter().enumerate() {
-        if redis_mode {
-            let name = ["A", "B"][i];
-            println!("# node {name}: {}", server.describe());
-        } else {
-            println!("# server: {}", server.describe());
-        }
-    }
-    if let Err(e) = pin_all_threads(&client_cpus) {
-        fatal(&format!("sched_setaffinity({client_cpus:?}): {e}"));
-    }
-    if client_cpus.iter().any(|&c| c < shards) {
-        println!(
-            "# WARNING: client CPUs {client_cpus:?} overlap the server's pinned executor cores 0..{}",
-            shards - 1
-        );
-    }
-
-    // Subscribers: all on the server, or node_subs[0] on A and node_subs[1]
-    // on B (connection indexes 0.. on A, then the rest on B).
-    let t0 = Instant::now();
-    let mut node_conns = Vec::new();
-    let mut first = 0;
-    for (server, &count) in servers.iter().zip(&node_subs) {
-        match connect_many(
-            server.addr,
-            first,
-            count,
-            4,
-            n_src,
-            Arc::new(|_| "bench:0".to_string()),
-        ) {
-            Ok(c) => node_conns.push(c),
-            Err(e) => fatal(&format!("connecting subscribers to {}: {e}", server.addr)),
-        }
-        first += count;
-    }
-    if redis_mode {
-        println!(
-            "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s: {} on node A {}, {} on node B {} (spread by SO_REUSEPORT over {shards} shard(s) each)",
-            t0.elapsed().as_secs_f64(),
-            node_subs[0],
-            servers[0].addr,
-            node_subs[1],
-            servers[1].addr
-        );
-    } else {
-        println!(
-            "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s (spread by SO_REUSEPORT over {shards} shard(s); per-shard placement is not visible to the client)",
-            t0.elapsed().as_secs_f64()
-        );
-    }
-    // Round-robin over the readers, node A's connections first in each
-    // reader's batch, so the reader-local index tells the node.
-    let mut per: Vec<Vec<_>> = (0..readers).map(|_| Vec::new()).collect();
-    let mut per_node: Vec<Vec<u8>> = (0..readers).map(|_| Vec::new()).collect();
-    for (node, conns) in node_conns.into_iter().enumerate() {
-        for (i, c) in conns.into_iter().enumerate() {
-            per[i % readers].push(c);
-            per_node[i % readers].push(node as u8);
-        }
-    }
-    let shared: Vec<Arc<Shared>> = (0..readers).map(|_| Arc::new(Shared::new())).collect();
-    let rdrs: Vec<Reader<Subs>> = shared
-        .iter()
-        .zip(per_node)
-        .enumerate()
-        .map(|(i, (sh, node))| {
-            Reader::spawn(
-                &format!("reader{i}"),
-                Subs {
-                    next: Vec::new(),
-                    node,
-                    shared: sh.clone(),
-                    pending: [0; MAX_STEPS],
-                    first_malformed: None,
-                },
-            )
-        })
-        .collect();
-    for (r, batch) in rdrs.iter().zip(per) {
-        let _ = r.add.send(batch);
-    }
-    let all_registered = wait_until(Duration::from_secs(5), || {
-        rdrs.iter()
-            .map(|r| r.live.conns.load(Ordering::Relaxed))
-            .sum::<usize>()
-            == subs
-    });
-    if !all_registered {
-        fatal("readers did not register all subscribers");
-    }
-
-    // Pinning report.
-    let bench_threads = own_thread_affinities();
-    match &redis {
-        None => println!(
-            "# pinning: {ncpu} CPUs; server --shards {shards} threads [{}]; bench threads pinned to CPU {client_cpus:?} via sched_setaffinity [{}]",
-            threads_of(servers[0].pid),
-            bench_threads
-        ),
-        Some(r) => {
-            println!(
-                "# pinning: {ncpu} CPUs; node A --shards {shards} threads [{}]; node B --shards {shards} threads [{}]; redis-server threads [{}]; bench threads pinned to CPU {client_cpus:?} via sched_setaffinity [{}]",
-                threads_of(servers[0].pid),
-                threads_of(servers[1].pid),
-                threads_of(r.pid),
-                bench_threads
-            );
-            println!(
-                "# note: {ncpu} CPUs for two nodes (each: shard executor(s) pinned from core 0, Redis multiplexer thread on the next core when one is spare), redis-server and the bench; they share cores, so absolute figures are pessimistic and the comparison with the standalone run (`fanout` lines) is the point"
-            );
-            println!(
-                "# note: in Redis mode every publication goes node A -> Redis -> both nodes, so A's own subscribers also pay the Redis round trip; B's extra latency over A is the cross-node part"
-            );
-        }
-    }
+    let (redis, servers) = start_nodes(&o, &args);
+    pin_bench_threads(&o.client_cpus, o.shards);
+    let (rdrs, shared) = connect_subscribers(&o, &servers);
+    print_pinning(&o, &servers, redis.as_ref());
 
     let mut pub0 = vec![Publisher {
         http: None,
         stream: 0,
         seq: 0,
     }];
-    let mut ramp_pubs: Vec<Publisher> = (1..=http_conns)
+    let mut ramp_pubs: Vec<Publisher> = (1..=o.http_conns)
         .map(|s| Publisher {
             http: None,
             stream: s,
@@ -846,14 +783,14 @@ fn main() {
         publish_to: servers[0].addr,
         node_pids: servers.iter().map(|s| s.pid).collect(),
         redis_pid: redis.as_ref().map(|r| r.pid),
-        node_subs,
+        node_subs: o.node_subs,
         shared: &shared,
         closed: &closed,
-        subs,
-        drain,
-        payload,
-        window,
-        client_cores: client_cpus.len(),
+        subs: o.subs,
+        drain: o.drain,
+        payload: o.payload,
+        window: o.window,
+        client_cores: o.client_cpus.len(),
     };
 
     let mut failed = false;
@@ -863,114 +800,17 @@ fn main() {
             "fixed-rate",
             0,
             &mut pub0,
-            rate,
-            Duration::from_secs_f64(secs),
+            o.rate,
+            Duration::from_secs_f64(o.secs),
         );
-        r.print(subs);
+        r.print(o.subs);
         if let Err(why) = r.sustained(u64::MAX) {
             println!("# fixed-rate phase not sustained: {why}");
         }
         failed |= r.broken();
     }
-
     if !args.has("skip-ramp") {
-        let mut best: Option<StepReport> = None;
-        let mut peak: Option<StepReport> = None;
-        let mut r_rate = ramp_start;
-        let mut stop_reason = format!("{max_steps} steps done");
-        for step in 1..=max_steps {
-            let need = Duration::from_secs_f64(step_secs) + drain + Duration::from_secs(5);
-            if t_start.elapsed() + need > deadline {
-                stop_reason = "time budget (deadline) reached".into();
-                break;
-            }
-            let name = format!("ramp-step{step}");
-            let r = run_step(
-                &ctx,
-                &name,
-                step,
-                &mut ramp_pubs,
-                r_rate,
-                Duration::from_secs_f64(step_secs),
-            );
-            r.print(subs);
-            failed |= r.broken();
-            let clean = !r.broken() && r.pub_errors == 0;
-            let verdict = r.sustained(p99_limit.as_nanos() as u64);
-            let better = |b: &Option<StepReport>| {
-                b.as_ref()
-                    .is_none_or(|b| r.deliveries_per_s > b.deliveries_per_s)
-            };
-            if clean && better(&peak) {
-                peak = Some(r.clone_summary());
-            }
-            // Keep ramping past a latency-only miss (latency on a shared 2-core
-            // box is noisy); stop on loss/disconnects/errors or saturation.
-            let saturated = r.pub_rate < 0.95 * r.target_rate;
-            match verdict {
-                Ok(()) => best = Some(r),
-                Err(why) => {
-                    if !clean || saturated {
-                        stop_reason = format!("stopped at step {step} ({r_rate:.0} msg/s): {why}");
-                        break;
-                    }
-                    println!("# {}: not sustained ({why}); continuing the ramp", r.name);
-                }
-            }
-            r_rate *= ramp_factor;
-        }
-        match best {
-            Some(b) if redis_mode => {
-                let del = b.stats.delivered.max(1) as f64;
-                let node = |i: usize| {
-                    let h = &b.stats.node_hist[i];
-                    format!(
-                        "p50 {} p99 {}",
-                        fmt_ns(h.quantile(0.5)),
-                        fmt_ns(h.quantile(0.99))
-                    )
-                };
-                println!(
-                    "fanout-redis max-sustained: {:.0} msg/s x {subs} subs ({} on A, {} on B) = {:.0} deliveries/s, nodes CPU {:.3} µs/delivery, redis CPU {:.3} µs/delivery, nodes+redis {:.3} µs/delivery, latency p50 {} p99 {} max {} (A: {}; B: {}) [{}: {stop_reason}]",
-                    b.pub_rate,
-                    b.node_subs[0],
-                    b.node_subs[1],
-                    b.deliveries_per_s,
-                    b.server_cpu / del * 1e6,
-                    b.redis_cpu / del * 1e6,
-                    (b.server_cpu + b.redis_cpu) / del * 1e6,
-                    fmt_ns(b.stats.hist.quantile(0.5)),
-                    fmt_ns(b.stats.hist.quantile(0.99)),
-                    fmt_ns(b.stats.hist.max),
-                    node(0),
-                    node(1),
-                    b.name
-                );
-            }
-            Some(b) => println!(
-                "fanout max-sustained: {:.0} msg/s x {subs} subs = {:.0} deliveries/s, server {:.3} µs/delivery ({:.3} CPU-s per 1M), latency p50 {} p99 {} max {} [{}: {stop_reason}]",
-                b.pub_rate,
-                b.deliveries_per_s,
-                b.server_cpu / b.stats.delivered.max(1) as f64 * 1e6,
-                b.server_cpu / b.stats.delivered.max(1) as f64 * 1e6,
-                fmt_ns(b.stats.hist.quantile(0.5)),
-                fmt_ns(b.stats.hist.quantile(0.99)),
-                fmt_ns(b.stats.hist.max),
-                b.name
-            ),
-            None => println!("{tag} max-sustained: none of the ramp steps was sustained [{stop_reason}]"),
-        }
-        if let Some(p) = peak {
-            println!(
-                "{tag} peak-delivered: {:.0} msg/s x {subs} subs = {:.0} deliveries/s with no loss/reorder/disconnect (p99 {}, publisher offered {:.0} of {:.0} msg/s; {})",
-                p.pub_rate,
-                p.deliveries_per_s,
-                fmt_ns(p.stats.hist.quantile(0.99)),
-                p.pub_rate,
-                p.target_rate,
-                p.name
-            );
-        }
+        failed |= ramp(&o, &ctx, &mut ramp_pubs, t_start);
     }
 
     let mut servers = servers;
@@ -1019,4 +859,268 @@ fn main() {
     if failed || !alive || total_closed > 0 {
         std::process::exit(1);
     }
+}
+
+/// Starts redis-server and nodes A and B in Redis mode, else one server; prints what runs.
+fn start_nodes(o: &Opts, args: &Args) -> (Option<RedisServer>, Vec<Server>) {
+    let (redis_mode, shards) = (o.redis_mode, o.shards);
+    let redis = redis_mode.then(|| RedisServer::start("fanout"));
+    let mut servers: Vec<Server> = Vec::new();
+    match &redis {
+        None => servers.push(Server::start(
+            "fanout",
+            shards,
+            &bench_server_args(args, "fanout", ""),
+            args.has("server-log"),
+        )),
+        Some(r) => {
+            println!("# redis-server: {}", r.describe());
+            let mut extra = bench_server_args(args, "fanout-redis", "");
+            extra.extend(["--redis".to_string(), r.url()]);
+            for name in ["a", "b"] {
+                servers.push(Server::start(
+                    &format!("fanout-redis-{name}"),
+                    shards,
+                    &extra,
+                    args.has("server-log"),
+                ));
+            }
+        }
+    }
+    for (i, server) in servers.iter().enumerate() {
+        if redis_mode {
+            let name = ["A", "B"][i];
+            println!("# node {name}: {}", server.describe());
+        } else {
+            println!("# server: {}", server.describe());
+        }
+    }
+    (redis, servers)
+}
+
+/// Connects the subscribers (all on the server, or `node_subs[0]` on A and `node_subs[1]` on
+/// B: connection indexes 0.. on A, then the rest on B) and hands them to the readers.
+fn connect_subscribers(o: &Opts, servers: &[Server]) -> (Vec<Reader<Subs>>, Vec<Arc<Shared>>) {
+    let (subs, shards, n_src, readers, node_subs, redis_mode) = (
+        o.subs,
+        o.shards,
+        o.n_src,
+        o.readers,
+        o.node_subs,
+        o.redis_mode,
+    );
+    // Subscribers: all on the server, or node_subs[0] on A and node_subs[1]
+    // on B (connection indexes 0.. on A, then the rest on B).
+    let t0 = Instant::now();
+    let mut node_conns = Vec::new();
+    let mut first = 0;
+    for (server, &count) in servers.iter().zip(&node_subs) {
+        match connect_many(
+            server.addr,
+            first,
+            count,
+            4,
+            n_src,
+            Arc::new(|_| "bench:0".to_string()),
+        ) {
+            Ok(c) => node_conns.push(c),
+            Err(e) => fatal(&format!("connecting subscribers to {}: {e}", server.addr)),
+        }
+        first += count;
+    }
+    if redis_mode {
+        println!(
+            "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s: {} on node A {}, {} on node B {} (spread by SO_REUSEPORT over {shards} shard(s) each)",
+            t0.elapsed().as_secs_f64(),
+            node_subs[0],
+            servers[0].addr,
+            node_subs[1],
+            servers[1].addr
+        );
+    } else {
+        println!(
+            "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s (spread by SO_REUSEPORT over {shards} shard(s); per-shard placement is not visible to the client)",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    // Round-robin over the readers within each node; a connection's index tells its node.
+    let mut per: Vec<Vec<WsConn>> = (0..readers).map(|_| Vec::new()).collect();
+    for conns in node_conns {
+        for (i, c) in conns.into_iter().enumerate() {
+            per[i % readers].push(c);
+        }
+    }
+    let shared: Vec<Arc<Shared>> = (0..readers).map(|_| Arc::new(Shared::new())).collect();
+    let rdrs: Vec<Reader<Subs>> = shared
+        .iter()
+        .enumerate()
+        .map(|(i, sh)| {
+            Reader::spawn(
+                &format!("reader{i}"),
+                Subs {
+                    next: Vec::new(),
+                    a_subs: node_subs[0],
+                    shared: sh.clone(),
+                    pending: [0; MAX_STEPS],
+                    first_malformed: None,
+                },
+            )
+        })
+        .collect();
+    for (r, batch) in rdrs.iter().zip(per) {
+        r.add(batch);
+    }
+    let all_registered = wait_until(Duration::from_secs(5), || {
+        rdrs.iter()
+            .map(|r| r.live.conns.load(Ordering::Relaxed))
+            .sum::<usize>()
+            == subs
+    });
+    if !all_registered {
+        fatal("readers did not register all subscribers");
+    }
+
+    (rdrs, shared)
+}
+
+/// The pinning report: every thread of the server(s), redis-server and the bench.
+fn print_pinning(o: &Opts, servers: &[Server], redis: Option<&RedisServer>) {
+    let (ncpu, shards, client_cpus) = (o.ncpu, o.shards, &o.client_cpus);
+    let bench_threads = own_thread_affinities();
+    match &redis {
+        None => println!(
+            "# pinning: {ncpu} CPUs; server --shards {shards} threads [{}]; bench threads pinned to CPU {client_cpus:?} via sched_setaffinity [{}]",
+            threads_of(servers[0].pid),
+            bench_threads
+        ),
+        Some(r) => {
+            println!(
+                "# pinning: {ncpu} CPUs; node A --shards {shards} threads [{}]; node B --shards {shards} threads [{}]; redis-server threads [{}]; bench threads pinned to CPU {client_cpus:?} via sched_setaffinity [{}]",
+                threads_of(servers[0].pid),
+                threads_of(servers[1].pid),
+                threads_of(r.pid),
+                bench_threads
+            );
+            println!(
+                "# note: {ncpu} CPUs for two nodes (each: shard executor(s) pinned from core 0, Redis multiplexer thread on the next core when one is spare), redis-server and the bench; they share cores, so absolute figures are pessimistic and the comparison with the standalone run (`fanout` lines) is the point"
+            );
+            println!(
+                "# note: in Redis mode every publication goes node A -> Redis -> both nodes, so A's own subscribers also pay the Redis round trip; B's extra latency over A is the cross-node part"
+            );
+        }
+    }
+}
+
+/// The ramp: steps of rising rate until one loses, reorders, disconnects, errs or saturates
+/// (a latency-only miss goes on), then the max-sustained and peak-delivered lines. Returns
+/// whether a step was broken.
+fn ramp(o: &Opts, ctx: &Ctx, ramp_pubs: &mut [Publisher], t_start: Instant) -> bool {
+    let (subs, redis_mode, tag, deadline) = (o.subs, o.redis_mode, o.tag, o.deadline);
+    let (ramp_start, ramp_factor, step_secs, max_steps, p99_limit, drain) = (
+        o.ramp_start,
+        o.ramp_factor,
+        o.step_secs,
+        o.max_steps,
+        o.p99_limit,
+        o.drain,
+    );
+    let mut failed = false;
+    let mut best: Option<StepReport> = None;
+    let mut peak: Option<StepReport> = None;
+    let mut r_rate = ramp_start;
+    let mut stop_reason = format!("{max_steps} steps done");
+    for step in 1..=max_steps {
+        let need = Duration::from_secs_f64(step_secs) + drain + Duration::from_secs(5);
+        if t_start.elapsed() + need > deadline {
+            stop_reason = "time budget (deadline) reached".into();
+            break;
+        }
+        let name = format!("ramp-step{step}");
+        let r = run_step(
+            ctx,
+            &name,
+            step,
+            ramp_pubs,
+            r_rate,
+            Duration::from_secs_f64(step_secs),
+        );
+        r.print(subs);
+        failed |= r.broken();
+        let clean = !r.broken() && r.pub_errors == 0;
+        let verdict = r.sustained(p99_limit.as_nanos() as u64);
+        let better = |b: &Option<StepReport>| {
+            b.as_ref()
+                .is_none_or(|b| r.deliveries_per_s > b.deliveries_per_s)
+        };
+        if clean && better(&peak) {
+            peak = Some(r.clone_summary());
+        }
+        // Keep ramping past a latency-only miss (latency on a shared 2-core
+        // box is noisy); stop on loss/disconnects/errors or saturation.
+        let saturated = r.pub_rate < 0.95 * r.target_rate;
+        match verdict {
+            Ok(()) => best = Some(r),
+            Err(why) => {
+                if !clean || saturated {
+                    stop_reason = format!("stopped at step {step} ({r_rate:.0} msg/s): {why}");
+                    break;
+                }
+                println!("# {}: not sustained ({why}); continuing the ramp", r.name);
+            }
+        }
+        r_rate *= ramp_factor;
+    }
+    match best {
+        Some(b) if redis_mode => {
+            let del = b.stats.delivered.max(1) as f64;
+            let node = |i: usize| {
+                let h = &b.stats.node_hist[i];
+                format!(
+                    "p50 {} p99 {}",
+                    fmt_ns(h.quantile(0.5)),
+                    fmt_ns(h.quantile(0.99))
+                )
+            };
+            println!(
+                "fanout-redis max-sustained: {:.0} msg/s x {subs} subs ({} on A, {} on B) = {:.0} deliveries/s, nodes CPU {:.3} µs/delivery, redis CPU {:.3} µs/delivery, nodes+redis {:.3} µs/delivery, latency p50 {} p99 {} max {} (A: {}; B: {}) [{}: {stop_reason}]",
+                b.pub_rate,
+                b.node_subs[0],
+                b.node_subs[1],
+                b.deliveries_per_s,
+                b.server_cpu / del * 1e6,
+                b.redis_cpu / del * 1e6,
+                (b.server_cpu + b.redis_cpu) / del * 1e6,
+                fmt_ns(b.stats.hist.quantile(0.5)),
+                fmt_ns(b.stats.hist.quantile(0.99)),
+                fmt_ns(b.stats.hist.max),
+                node(0),
+                node(1),
+                b.name
+            );
+        }
+        Some(b) => println!(
+            "fanout max-sustained: {:.0} msg/s x {subs} subs = {:.0} deliveries/s, server {:.3} µs/delivery ({:.3} CPU-s per 1M), latency p50 {} p99 {} max {} [{}: {stop_reason}]",
+            b.pub_rate,
+            b.deliveries_per_s,
+            b.server_cpu / b.stats.delivered.max(1) as f64 * 1e6,
+            b.server_cpu / b.stats.delivered.max(1) as f64 * 1e6,
+            fmt_ns(b.stats.hist.quantile(0.5)),
+            fmt_ns(b.stats.hist.quantile(0.99)),
+            fmt_ns(b.stats.hist.max),
+            b.name
+        ),
+        None => println!("{tag} max-sustained: none of the ramp steps was sustained [{stop_reason}]"),
+    }
+    if let Some(p) = peak {
+        println!(
+            "{tag} peak-delivered: {:.0} msg/s x {subs} subs = {:.0} deliveries/s with no loss/reorder/disconnect (p99 {}, publisher offered {:.0} of {:.0} msg/s; {})",
+            p.pub_rate,
+            p.deliveries_per_s,
+            fmt_ns(p.stats.hist.quantile(0.99)),
+            p.pub_rate,
+            p.target_rate,
+            p.name
+        );
+    }
+    failed
 }

@@ -1,13 +1,14 @@
 //! Test world: a real `shardcast` process on an ephemeral port, and small blocking clients.
 //!
 //! The server is started from the binary cargo built for this test run, its `READY <addr>` line
-//! is awaited (no sleeps), and it is killed and reaped when the guard drops.
+//! is awaited (no sleeps), and it is killed and reaped when the guard drops. The process guards
+//! (`Server`, `Redis`) are shared with the benches: `tests/support/process.rs`; this file adds
+//! their test constructors.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tungstenite::{Message, WebSocket};
 
@@ -65,14 +66,19 @@ pub fn tap_count(stdout: &str, what: &str) -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-/// A running server, killed and reaped on drop.
-pub struct Server {
-    pub child: Child,
-    pub addr: SocketAddr,
-    _dir: tempfile::TempDir,
-    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
-}
+#[path = "../support/process.rs"]
+#[allow(
+    dead_code,
+    reason = "shared with the benches, which use other parts of it"
+)]
+mod process;
 
+pub use process::{Redis, Server};
+
+/// How long a server may take to print `READY <addr>` in a test.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// The test constructors of the shared guard (`tests/support/process.rs`).
 impl Server {
     /// Starts the binary with `config` (TOML text) plus extra flags, and waits for READY.
     pub fn start(config: &str, extra: &[&str]) -> Server {
@@ -84,54 +90,21 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("shardcast.toml");
         std::fs::write(&path, config).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
-            .arg("--config")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardcast"));
+        cmd.arg("--config")
             .arg(&path)
             .args(extra)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn shardcast");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("READY ") {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        });
-        let stderr_buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = stderr_buf.clone();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                if s.len() < 1 << 20 {
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse().expect("READY address"),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "server did not print READY; stderr:\n{}",
-                    stderr_buf.lock().unwrap()
-                );
-            }
-        };
-        Server {
-            child,
-            addr,
-            _dir: dir,
-            stderr: stderr_buf,
+            .stderr(Stdio::piped());
+        match Server::spawn(&mut cmd, READY_WITHIN, |_| {}, Some(dir)) {
+            Ok(server) => server,
+            Err(process::StartError::Spawn(e)) => panic!("spawn shardcast: {e}"),
+            Err(e) => panic!(
+                "server did not print READY ({e:?}); stderr:\n{}",
+                e.stderr()
+            ),
         }
     }
 
@@ -141,18 +114,6 @@ impl Server {
 
     pub fn http_url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -379,84 +340,27 @@ pub fn clients_on_every_shard(server: &Server, shards: u64, per_shard: usize) ->
     by_shard.into_iter().flatten().collect()
 }
 
-/// A real `redis-server` on an ephemeral port, killed and reaped on drop.
-pub struct Redis {
-    child: Option<Child>,
-    pub port: u16,
-    args: Vec<String>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// The test constructors and tools of the shared `redis-server` guard
+/// (`tests/support/process.rs`): an ephemeral port, killed and reaped on drop.
 impl Redis {
     /// Starts redis-server without persistence; `extra` are more server arguments.
     pub fn start(extra: &[&str]) -> Redis {
-        for _ in 0..5 {
-            let mut r = Redis {
-                child: None,
-                port: free_port(),
-                args: extra.iter().map(|s| s.to_string()).collect(),
-            };
-            if r.spawn() {
-                return r;
-            }
-        }
-        panic!(
-            "redis-server did not start (is it installed? the README's test command installs it)"
-        );
-    }
-
-    fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (apt-get install redis-server)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return true;
-            }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return false;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    /// Kills the server (SIGKILL: no persistence, everything in it is lost).
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let opts = process::RedisOptions {
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        Redis::launch(opts).unwrap_or_else(|e| {
+            panic!(
+                "redis-server did not start ({e}; is it installed? the README's test command installs it)"
+            )
+        })
     }
 
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
-        self.kill();
-        assert!(
-            self.spawn(),
-            "redis-server did not restart on port {}",
-            self.port
-        );
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if let Err(e) = self.respawn() {
+            panic!("redis-server did not restart on port {}: {e}", self.port);
+        }
     }
 
     /// Runs a command through redis-cli; returns its output lines.
@@ -474,20 +378,11 @@ impl Redis {
     }
 
     fn args_auth(&self) -> Vec<String> {
-        match self.args.iter().position(|a| a == "--requirepass") {
-            Some(i) => vec![
-                "-a".into(),
-                self.args[i + 1].clone(),
-                "--no-auth-warning".into(),
-            ],
+        let args = self.extra_args();
+        match args.iter().position(|a| a == "--requirepass") {
+            Some(i) => vec!["-a".into(), args[i + 1].clone(), "--no-auth-warning".into()],
             None => vec![],
         }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -1,0 +1,203 @@
+//! Blocking connect + subscribe for many connections at once: a few threads each open their
+//! share (from source addresses 127.0.0.2.., one retry each), verify the connect and subscribe
+//! replies, and return the sockets with their decoders for a reader thread to hold.
+
+use super::net::{src_addr, tcp_connect};
+use super::ws::{
+    check_handshake_response, connect_subscribe_frame, encode_client_frame, handshake_request,
+    is_ping_line, json_lines, response_head_end, WsDecoder, WsEvent,
+};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+/// Opens a WebSocket to `/connection/websocket`, sends connect + subscribe in
+/// one frame and waits for both replies. Returns the stream (still blocking)
+/// and any bytes read past the subscribe reply.
+fn ws_connect_subscribe(
+    dst: SocketAddr,
+    src: Option<Ipv4Addr>,
+    channel: &str,
+    timeout: Duration,
+) -> Result<(TcpStream, WsDecoder), String> {
+    let mut s = tcp_connect(dst, src, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout)).ok();
+    s.set_write_timeout(Some(timeout)).ok();
+    let key = tungstenite::handshake::client::generate_key();
+    s.write_all(handshake_request(dst, &key).as_bytes())
+        .map_err(|e| format!("write handshake: {e}"))?;
+    let mut buf = Vec::with_capacity(512);
+    let mut tmp = [0u8; 2048];
+    let hdr_end = loop {
+        let n = s
+            .read(&mut tmp)
+            .map_err(|e| format!("read handshake: {e}"))?;
+        if n == 0 {
+            return Err("EOF during handshake".into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(end) = response_head_end(&buf)? {
+            break end;
+        }
+    };
+    check_handshake_response(&buf[..hdr_end], &key)?;
+    let mut dec = WsDecoder::default();
+    s.write_all(&connect_subscribe_frame(channel, None))
+        .map_err(|e| format!("write connect: {e}"))?;
+    let (mut got_connect, mut got_sub) = (false, false);
+    let mut err: Option<String> = None;
+    let mut pings = 0;
+    let mut closed = false;
+    let mut data = buf.split_off(hdr_end);
+    loop {
+        let mut on = |ev: WsEvent| match ev {
+            WsEvent::Text(msg) => {
+                for line in json_lines(msg) {
+                    if is_ping_line(line) {
+                        pings += 1;
+                        continue;
+                    }
+                    let v: serde_json::Value = match serde_json::from_slice(line) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            err = Some(format!("bad JSON reply {e}"));
+                            continue;
+                        }
+                    };
+                    if let Some(e) = v.get("error") {
+                        err = Some(format!("error reply: {e}"));
+                    }
+                    match v.get("id").and_then(|x| x.as_u64()) {
+                        Some(1) if v.get("connect").is_some() => got_connect = true,
+                        Some(2) if v.get("subscribe").is_some() => got_sub = true,
+                        _ => {}
+                    }
+                }
+            }
+            WsEvent::Close(_) => closed = true,
+            _ => {}
+        };
+        dec.feed(&data, &mut on)?;
+        if let Some(e) = err.take() {
+            return Err(e);
+        }
+        if closed {
+            return Err("server closed during connect/subscribe".into());
+        }
+        for _ in 0..pings {
+            let mut out = Vec::new();
+            encode_client_frame(&mut out, 1, b"{}");
+            s.write_all(&out).map_err(|e| format!("write pong: {e}"))?;
+        }
+        pings = 0;
+        if got_connect && got_sub {
+            return Ok((s, dec));
+        }
+        let n = s
+            .read(&mut tmp)
+            .map_err(|e| format!("read connect/subscribe reply: {e}"))?;
+        if n == 0 {
+            return Err("EOF before subscribe reply".into());
+        }
+        data.clear();
+        data.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// A connected, subscribed WebSocket: its index (`first + i` in [`connect_many`]), the
+/// blocking stream, and the decoder holding any bytes read past the subscribe reply.
+pub struct WsConn {
+    pub id: usize,
+    pub stream: TcpStream,
+    pub dec: WsDecoder,
+}
+
+/// Connects `count` subscribers using `threads` blocking workers. Connection
+/// `first + i` uses source address `src_addr(first + i, n_src)` and channel
+/// `channel(first + i)`.
+pub fn connect_many(
+    dst: SocketAddr,
+    first: usize,
+    count: usize,
+    threads: usize,
+    n_src: usize,
+    channel: Arc<dyn Fn(usize) -> String + Send + Sync>,
+) -> Result<Vec<WsConn>, String> {
+    let threads = threads.clamp(1, count.max(1));
+    let abort = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let channel = channel.clone();
+        let abort = abort.clone();
+        handles.push(thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut i = t;
+            while i < count {
+                if abort.load(Ordering::Relaxed) {
+                    return Err(String::new());
+                }
+                let idx = first + i;
+                let mut last_err = String::new();
+                let mut ok = None;
+                // one retry: a transient failure (e.g. a SYN dropped on a full
+                // accept queue) should not kill a 20K-connection run.
+                for attempt in 0..2 {
+                    match ws_connect_subscribe(
+                        dst,
+                        Some(src_addr(idx, n_src)),
+                        &channel(idx),
+                        Duration::from_secs(10),
+                    ) {
+                        Ok(c) => {
+                            ok = Some(c);
+                            break;
+                        }
+                        Err(e) => {
+                            last_err = e;
+                            if attempt == 0 {
+                                thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                }
+                match ok {
+                    Some((stream, dec)) => out.push(WsConn {
+                        id: idx,
+                        stream,
+                        dec,
+                    }),
+                    None => {
+                        abort.store(true, Ordering::Relaxed);
+                        return Err(format!(
+                            "connection #{idx} from {}: {last_err}",
+                            src_addr(idx, n_src)
+                        ));
+                    }
+                }
+                i += threads;
+            }
+            Ok(out)
+        }));
+    }
+    let mut all = Vec::with_capacity(count);
+    let mut first_err = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(v)) => all.extend(v),
+            Ok(Err(e)) => {
+                if !e.is_empty() && first_err.is_none() {
+                    first_err = Some(e);
+                }
+            }
+            Err(_) => first_err = Some("connect thread panicked".into()),
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(format!("{e} ({} of {count} connected)", all.len()));
+    }
+    all.sort_by_key(|c| c.id);
+    Ok(all)
+}

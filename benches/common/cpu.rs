@@ -1,0 +1,60 @@
+//! CPU time per process, read from /proc and getrusage: a server's utime+stime (clock-tick
+//! resolution) and schedstat on-CPU nanoseconds over all its threads, and the bench's own.
+//! Sampled before and after a measurement window; the caller subtracts.
+
+fn sysconf_or(name: libc::c_int, default: u64) -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(name) };
+    if n < 1 {
+        default
+    } else {
+        n as u64
+    }
+}
+
+pub fn online_cpus() -> usize {
+    sysconf_or(libc::_SC_NPROCESSORS_ONLN, 1) as usize
+}
+
+pub fn clk_tck() -> f64 {
+    sysconf_or(libc::_SC_CLK_TCK, 100) as f64
+}
+
+/// utime+stime of a whole process, in seconds (from /proc/<pid>/stat).
+pub fn cpu_secs(pid: i32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // fields after ")" start at field 3 (state); utime = field 14, stime = 15.
+    let ut: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let st: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (ut + st) as f64 / clk_tck()
+}
+
+/// Sum of on-CPU nanoseconds over all live threads (/proc/<pid>/task/*/schedstat).
+/// Finer-grained cross-check of [`cpu_secs`] (which has clock-tick resolution).
+pub fn sched_ns(pid: i32) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in rd.flatten() {
+            if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
+                total += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// CPU seconds (user+sys) used by this process so far.
+pub fn self_cpu_secs() -> f64 {
+    // SAFETY: rusage is plain data.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
