@@ -201,11 +201,16 @@ impl Client {
 
     pub fn connect_addr(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).expect("tcp connect");
+        // The handshake gets a generous deadline (a loaded machine may take a while to answer
+        // the upgrade); the short read timeout the tests' polling relies on comes after it.
         stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
+            .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let url = format!("ws://{addr}/connection/websocket");
         let (ws, _) = tungstenite::client::client(url.as_str(), stream).expect("ws handshake");
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         Client {
             ws,
             next_id: 1,
