@@ -5,33 +5,63 @@
 //! HTTP API compatible with a subset of Centrifugo's.
 //!
 //! # Layout (where to start reading)
-//! - [`node`]: boot and teardown order: listeners, broker thread, one shard per core, `READY`.
+//! - [`node`]: boot and teardown order: listeners, broker thread, one shard per core, `READY`,
+//!   drain, and the join of every thread.
 //! - [`shard`]: one glommio executor per core. [`shard::tasks`] starts its tasks (accept, broker
 //!   inbox, I/O loop, one-second sweep); [`shard::Shard`] is its state. One file per noun:
-//!   [`shard::io`] services upgraded sockets from the shard's epoll set ([`shard::poller`]) and
-//!   tears connections down with their [`shard::reason::Reason`]; [`shard::connection`] is one
-//!   WebSocket connection (plain state, no task), which sees its shard only through
-//!   [`shard::context::ConnCtx`]; [`shard::host`] is the session's `Host`; [`shard::inbox`]
-//!   applies broker messages and [`shard::recovery`] the subscription answers among them;
-//!   [`shard::broker_link`] sends to the broker (with the bounded must-deliver backlog);
-//!   [`shard::table`], [`shard::users`], [`shard::index`] and [`shard::timer`] are its tables;
-//!   [`shard::counters`] its counters.
-//! - [`http`]: the request head that decides upgrade, API ([`http::api`]) or health check.
+//!   [`shard::front_door`] is an accepted socket's HTTP phase; [`shard::io`] services upgraded
+//!   sockets from the shard's epoll set ([`shard::poller`]) and tears connections down with
+//!   their [`shard::reason::Reason`]; [`shard::connection`] is one WebSocket connection (plain
+//!   state, no task), which sees its shard only through [`shard::context::ConnCtx`];
+//!   [`shard::host`] is the session's `Host`; [`shard::inbox`] applies broker messages and
+//!   [`shard::recovery`] the subscription answers among them; [`shard::requests`] waits for the
+//!   broker's answers; [`shard::broker_link`] sends to the broker (with the bounded
+//!   must-deliver backlog); [`shard::table`], [`shard::users`], [`shard::index`] and
+//!   [`shard::timer`] are its tables; [`shard::counters`] its counters; [`shard::drain`] paces
+//!   the shutdown.
+//! - [`http`]: HTTP/1.1 pieces beneath the shard: request heads, responses, the WebSocket
+//!   handshake ([`http::handshake`]) and the server API ([`http::api`], over
+//!   [`http::api::ApiContext`], which the shard implements).
+//! - [`broker`]: the broker interface, its in-memory implementation ([`broker::memory`]) and the
+//!   Redis multiplexer ([`broker::redis`]), sharing interest refcounts and gathering
+//!   ([`broker::gather`]); channel history ([`broker::history`]) and the multiplexer's
+//!   per-channel offsets and gap repair ([`broker::redis::tracker`]).
 //! - [`conn`]: one connection's plain state: [`conn::session`] (the protocol, no I/O),
 //!   [`conn::outbox`] (bounded queue of shared frames) and [`conn::bucket`] (rate limit).
-//! - [`ws`]: RFC 6455 framing over shared buffers; [`protocol`]: commands, replies, codes, tokens.
+//! - [`protocol`]: commands, replies, the publication wire form ([`protocol::publication`]), the
+//!   error and disconnect tables ([`protocol::codes`]), tokens; [`ws`]: RFC 6455 framing over
+//!   shared buffers.
 //! - [`bus`]: the only types that cross threads, the wake-up [`bus::doorbell`] and the node's
-//!   shared state ([`bus::node_state`]); [`broker`]: the broker interface, its in-memory
-//!   implementation and the Redis multiplexer ([`broker::redis`]); channel history
-//!   ([`broker::history`]) and the multiplexer's per-channel offsets and gap repair
-//!   ([`broker::redis::tracker`]).
-//! - [`config`]: every knob with unit, default and reason; [`clock`]: Unix time;
-//!   [`pattern`]: channel-name globs.
+//!   shared state ([`bus::node_state`]); [`config`]: every knob with unit, default and reason;
+//!   [`clock`]: Unix time; [`pattern`]: channel globs and origin patterns. [`metrics`] (the
+//!   internal listener) reads the bus only.
 //!
 //! Dependencies point one way: node → shard → (http, broker, conn) → (protocol, ws) → (bus,
-//! config, clock, pattern); metrics reads bus only. One circle is left: `http` and `shard` call
-//! each other (the accept loop hands sockets to `http`, which hands upgraded ones back to
-//! `shard::connection::start` and reads `Shard`'s public fields).
+//! config, clock, pattern), with nothing importing back up.
+//!
+//! # Follow one publication
+//! A backend's `POST /api/publish` on a standalone node, from the socket to every subscriber:
+//! 1. [`shard::tasks`] accepts the TCP connection on the shard's own listener and spawns its
+//!    front door, [`shard::front_door`], which reads the request head ([`http::parse_head`],
+//!    bounded in bytes and by one deadline) and sees `/api/`.
+//! 2. [`http::api`] checks the key and the declared length from the head, reads the body,
+//!    parses it and asks the shard, through [`http::api::ApiContext`], for a broker request:
+//!    [`shard::requests`] files it and [`shard::broker_link`] puts a `ToBroker::Publish`
+//!    ([`bus`]) on the bounded queue to the broker thread.
+//! 3. The broker, [`broker::memory`] (or, with Redis, the multiplexer of [`broker::redis`], its
+//!    Lua script and the publication's return on the subscriber connection through
+//!    [`broker::redis::tracker`]), gives the publication its offset ([`broker::history`]),
+//!    builds its wire form once ([`protocol::publication`]) and its WebSocket frame once
+//!    ([`ws`]), and sends the same bytes to every shard whose bit is set in the channel's
+//!    interest mask ([`broker`]), waking each shard once per batch ([`bus::doorbell`]); its
+//!    answer to the API request follows on the same queue.
+//! 4. Each shard's [`shard::inbox`] finds the channel in its [`shard::index`] and pushes a
+//!    reference to the frame into every subscriber's [`conn::outbox`]
+//!    ([`shard::connection`]), marking the connection dirty; at the end of the batch
+//!    [`shard::io`] flushes each dirty connection with one `send` for all its queued frames.
+//! 5. The broker's answer comes back on the same shard queue and wakes the waiting API call,
+//!    which answers `{"result":{...}}`; the front door then waits for the next request on the
+//!    keep-alive connection.
 
 /// The server's version, as the connect reply and `/api/info` report it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -25,7 +25,7 @@ const STATUS_HTML: &str = include_str!("status.html");
 /// Starts the internal listener; returns the bound address, or `None` (logged) if it could
 /// not bind. Never fatal: the node serves clients without it. `redis_mode` is what the status
 /// page's node entry reports as its broker.
-pub fn start(listen: &str, node: Arc<NodeInfo>, redis_mode: bool) -> Option<SocketAddr> {
+pub fn start(listen: &str, node: Arc<NodeInfo>, redis_mode: bool) -> Option<MetricsListener> {
     if listen.is_empty() {
         return None;
     }
@@ -37,18 +37,44 @@ pub fn start(listen: &str, node: Arc<NodeInfo>, redis_mode: bool) -> Option<Sock
         }
     };
     let addr = listener.local_addr().ok()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     let spawned = std::thread::Builder::new()
         .name("shardcast-metrics".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 let _ = serve(stream, &node, redis_mode);
             }
         });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "metrics thread not started");
-        return None;
+    match spawned {
+        Ok(thread) => Some(MetricsListener { addr, stop, thread }),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics thread not started");
+            None
+        }
     }
-    Some(addr)
+}
+
+/// The running metrics listener: its address, and the way to end its thread.
+pub struct MetricsListener {
+    pub addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl MetricsListener {
+    /// Ends the listener's thread: flags it, wakes its blocking accept with one connection
+    /// (bounded), and joins it (each request it serves is bounded in time).
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let woke = TcpStream::connect_timeout(&self.addr, std::time::Duration::from_secs(1));
+        if woke.is_ok() {
+            let _ = self.thread.join();
+        }
+    }
 }
 
 /// One request per connection (`Connection: close`), bounded in size and time.

@@ -155,6 +155,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("redis: {e}"))?,
         )
     };
+    let caps = broker.caps();
+    let _ = node.broker_queue.set(broker_inbox.rx.clone());
     let broker_thread = std::thread::Builder::new()
         .name("shardcast-broker".into())
         .spawn(move || broker.run(broker_inbox, links))?;
@@ -173,6 +175,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             cfg: cfg.clone(),
             node: node.clone(),
             to_broker: to_broker.clone(),
+            caps,
             inbox,
             listener,
             cpu,
@@ -189,7 +192,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     // Kept to tell the broker to leave the registry when draining, and for the queue's depth.
     let leave_tx = to_broker.clone();
-    let _ = node.broker_queue.set(to_broker.clone());
     drop(to_broker);
     drop(ready_tx);
     for _ in 0..shards {
@@ -216,9 +218,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, shards, nofile, broker = broker_kind, "shardcast ready");
     node.rss_baseline
         .store(crate::metrics::rss_bytes(), Ordering::Relaxed);
-    if let Some(m) = crate::metrics::start(&cfg.metrics_listen, node.clone(), cfg.redis.is_some()) {
-        tracing::info!(metrics = %m, "metrics and status page listening");
-        let _ = node.metrics_addr.set(m.to_string());
+    let metrics = crate::metrics::start(&cfg.metrics_listen, node.clone(), cfg.redis.is_some());
+    if let Some(m) = &metrics {
+        tracing::info!(metrics = %m.addr, "metrics and status page listening");
+        let _ = node.metrics_addr.set(m.addr.to_string());
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "READY {addr}")?;
@@ -232,9 +235,56 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let sig = wait_for_signal(&sigset);
     drain(&cfg, &node, &leave_tx, &sigset, sig);
+    // Every thread ends, in order: the shards (their sweep sees `stop` within a second), then
+    // the broker (its queue closes with the last shard's sender), then the metrics listener.
     stop.store(true, Ordering::SeqCst);
-    let _ = (handles, broker_thread);
+    let shard_joins = handles.into_iter().map(|h| move || drop(h.join()));
+    join_within("shards", JOIN_WAIT, shard_joins.collect());
+    // The shards are gone, so the queue has room for the last word.
+    for _ in 0..100 {
+        match leave_tx.try_send(bus::ToBroker::Stop) {
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => break,
+        }
+    }
+    drop(leave_tx);
+    join_within(
+        "broker",
+        JOIN_WAIT,
+        vec![move || drop(broker_thread.join())],
+    );
+    if let Some(m) = metrics {
+        m.stop();
+    }
     Ok(())
+}
+
+/// How long the node waits for its threads to end after the drain, per group.
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs `joins` (each waits for one thread) and returns when all are done or after `wait`,
+/// whichever comes first: a thread stuck past it is logged and left to the process exit.
+fn join_within<J: FnOnce() + Send + 'static>(what: &'static str, wait: Duration, joins: Vec<J>) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::Builder::new()
+        .name("shardcast-join".into())
+        .spawn(move || {
+            for join in joins {
+                join();
+            }
+            let _ = done_tx.send(());
+        });
+    match waiter {
+        Ok(_) if done_rx.recv_timeout(wait).is_ok() => tracing::debug!(what, "threads ended"),
+        Ok(_) => tracing::warn!(
+            what,
+            wait_ms = wait.as_millis() as u64,
+            "threads still running at exit"
+        ),
+        Err(e) => tracing::warn!(what, error = %e, "cannot wait for threads"),
+    }
 }
 
 /// The shutdown protocol, from the node's side (the shards pace their connections, see

@@ -98,6 +98,9 @@ struct State {
 }
 
 impl Broker for MemoryBroker {
+    fn caps(&self) -> crate::bus::BrokerCaps {
+        crate::bus::BrokerCaps::MEMORY
+    }
     fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>) {
         let inbox = inbox.rx;
         let mut state = State::new(self.cfg, shards, self.stats);
@@ -107,6 +110,7 @@ impl Broker for MemoryBroker {
         // shard has dropped its sender (shutdown).
         loop {
             match inbox.recv_timeout(sweep_every) {
+                Ok(ToBroker::Stop) => break,
                 Ok(msg) => state.handle(msg),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
@@ -354,6 +358,7 @@ impl State {
             // Standalone: presence is read from the shards and user commands go to every shard.
             ToBroker::PresenceAdd { .. }
             | ToBroker::Leave
+            | ToBroker::Stop
             | ToBroker::PresenceRemove { .. }
             | ToBroker::UserInterest { .. } => {}
         }

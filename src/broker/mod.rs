@@ -22,6 +22,9 @@ use crate::ws::{FrameBuf, OP_TEXT};
 
 /// A broker implementation. `run` owns the thread until every shard has dropped its sender.
 pub trait Broker: Send + 'static {
+    /// What this broker needs from the shards.
+    fn caps(&self) -> crate::bus::BrokerCaps;
+    /// Runs the broker on the calling thread until every shard's queue is gone.
     fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>);
 }
 

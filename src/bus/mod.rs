@@ -23,6 +23,37 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// What a broker needs from the shards, declared by the broker itself ([`BrokerCaps::MEMORY`],
+/// [`BrokerCaps::REDIS`]) and handed to every shard at start, so that a shard asks these
+/// instead of branching on the broker's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerCaps {
+    /// A shard's first subscriber of a channel waits for the broker's confirmation (the node's
+    /// upstream subscription) before it is answered; otherwise it is ready at once.
+    pub confirms_subscriptions: bool,
+    /// Presence joins and leaves are sent to the broker, which keeps them (Redis: a hash per
+    /// channel under the node's lease); otherwise presence is read from the shards' indexes.
+    pub keeps_presence: bool,
+    /// A shard's first and last connection of a user are announced (Redis: the node listens on
+    /// the user's personal channel); otherwise user commands reach every shard anyway.
+    pub routes_users: bool,
+}
+
+impl BrokerCaps {
+    /// The in-process broker: every shard of the node hears everything at once.
+    pub const MEMORY: BrokerCaps = BrokerCaps {
+        confirms_subscriptions: false,
+        keeps_presence: false,
+        routes_users: false,
+    };
+    /// The Redis multiplexer: subscriptions, presence and users go through Redis.
+    pub const REDIS: BrokerCaps = BrokerCaps {
+        confirms_subscriptions: true,
+        keeps_presence: true,
+        routes_users: true,
+    };
+}
+
 /// Who published or who is present: the protocol's `ClientInfo` (user, client id and the
 /// connection's `info`), carried with publications and presence entries between threads.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -220,6 +251,8 @@ pub enum ToBroker {
     PresenceRemove { channel: Arc<str>, client: Arc<str> },
     /// The node is draining: leave the cluster registry now.
     Leave,
+    /// The shards have ended: the broker ends too (sent by the node last).
+    Stop,
     /// The shard's first (`on`) or last (`!on`) connection of a user (personal channel).
     UserInterest {
         shard: ShardId,

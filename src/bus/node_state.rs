@@ -41,8 +41,9 @@ pub struct NodeInfo {
     pub cluster: Mutex<Vec<serde_json::Value>>,
     /// Where the metrics listener is, once bound.
     pub metrics_addr: OnceLock<String>,
-    /// The shards → broker queue, for its depth.
-    pub broker_queue: OnceLock<super::BrokerTx>,
+    /// A receiving handle on the shards → broker queue, for its depth only (unlike a sender, it
+    /// does not keep the queue open: the broker ends when the last shard's sender is gone).
+    pub broker_queue: OnceLock<crossbeam_channel::Receiver<super::ToBroker>>,
 }
 
 impl NodeInfo {

@@ -83,7 +83,7 @@ impl Host for ShardHost<'_> {
     }
     fn register_user(&mut self, user: &str) -> Rc<str> {
         let (name, first) = self.shard.users.borrow_mut().register(user, self.key);
-        if first && self.shard.redis_mode {
+        if first && self.shard.caps.routes_users {
             self.shard.send_broker_must(ToBroker::UserInterest {
                 shard: self.shard.id,
                 user: Arc::from(&*name),
@@ -99,7 +99,7 @@ impl Host for ShardHost<'_> {
         recovery: &Recovery,
     ) -> Result<(ChanId, Ack), ErrorCode> {
         let shard = self.shard;
-        let ready_new = !shard.redis_mode;
+        let ready_new = !shard.caps.confirms_subscriptions;
         let (ready, known) = match shard.index.borrow().lookup(channel) {
             Some(ch) => (ch.ready, ch.position.clone()),
             None => (ready_new, None),
@@ -267,8 +267,8 @@ impl Host for ShardHost<'_> {
         });
     }
     fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool) {
-        if !self.shard.redis_mode {
-            return; // standalone: presence is read from the shards' own indexes
+        if !self.shard.caps.keeps_presence {
+            return; // presence is read from the shards' own indexes
         }
         let channel: Arc<str> = Arc::from(channel);
         let msg = if joined {

@@ -44,7 +44,7 @@ pub use host::ShardHost;
 pub use io::spawn_io;
 pub use tasks::{run, ShardParts};
 
-use crate::bus::{BrokerTx, ShardCommand, ShardId, ToBroker, ToShard};
+use crate::bus::{BrokerCaps, BrokerTx, ShardCommand, ShardId, ToBroker, ToShard};
 use crate::config::Config;
 use crate::conn::session::{ChanId, SubExpiries};
 use crate::conn::ConnKey;
@@ -101,9 +101,8 @@ pub struct Shard {
     /// A handle on the broker inbox, to report its depth.
     inbox_probe: RefCell<Option<crossbeam_channel::Receiver<ToShard>>>,
     client_seq: Cell<u64>,
-    /// Redis mode: subscriptions wait for the broker's confirmation, presence and users are
-    /// announced to the broker.
-    redis_mode: bool,
+    /// What the broker needs from this shard (confirmations, presence, users).
+    caps: BrokerCaps,
 }
 
 impl Shard {
@@ -113,6 +112,7 @@ impl Shard {
         cfg: Arc<Config>,
         node: Arc<NodeInfo>,
         to_broker: BrokerTx,
+        caps: BrokerCaps,
         cpu: Option<usize>,
     ) -> Result<Rc<Shard>, ShardError> {
         let (poller, ready) = poller::Poller::start(id, cpu, cfg.limits.shard_queue_capacity)
@@ -122,7 +122,7 @@ impl Shard {
             id,
             io: SharedIo::new(&cfg),
             broker: BrokerLink::new(to_broker, cfg.limits.broker_backlog_capacity),
-            redis_mode: cfg.redis.is_some(),
+            caps,
             cfg,
             node,
             counters: Counters::default(),
@@ -149,7 +149,11 @@ impl Shard {
         to_broker: BrokerTx,
         cpu: Option<usize>,
     ) -> Rc<Shard> {
-        Shard::open(id, cfg, node, to_broker, cpu).expect("test shard")
+        let caps = match cfg.redis {
+            Some(_) => BrokerCaps::REDIS,
+            None => BrokerCaps::MEMORY,
+        };
+        Shard::open(id, cfg, node, to_broker, caps, cpu).expect("test shard")
     }
 
     /// What a connection may touch of this shard, for one call.
@@ -262,7 +266,7 @@ impl Shard {
     /// interest (Redis mode: the user's personal channel).
     fn forget_user(&self, user: &Rc<str>, key: ConnKey) {
         let last = self.users.borrow_mut().forget(user, key);
-        if last && self.redis_mode && !user.is_empty() {
+        if last && self.caps.routes_users && !user.is_empty() {
             self.send_broker_must(ToBroker::UserInterest {
                 shard: self.id,
                 user: Arc::from(&**user),

@@ -50,7 +50,9 @@ impl Shard {
     /// state, server unsubscribe): its presence entry goes too (Redis mode keeps presence in
     /// Redis; standalone reads it from the index).
     pub(super) fn presence_left(&self, conn: &Connection, channel: &str) {
-        if !self.redis_mode || !self.cfg.namespace_of(channel).is_some_and(|ns| ns.presence) {
+        if !self.caps.keeps_presence
+            || !self.cfg.namespace_of(channel).is_some_and(|ns| ns.presence)
+        {
             return;
         }
         if let Some(id) = conn.client_id() {

@@ -10,7 +10,7 @@ use super::drain::Drain;
 use super::inbox::inbox_loop;
 use super::io::spawn_io;
 use super::{Shard, ShardError};
-use crate::bus::{BrokerTx, NodeInfo, ShardId, ShardInbox};
+use crate::bus::{BrokerCaps, BrokerTx, NodeInfo, ShardId, ShardInbox};
 use crate::config::Config;
 use glommio::net::TcpListener;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -24,6 +24,8 @@ pub struct ShardParts {
     pub cfg: Arc<Config>,
     pub node: Arc<NodeInfo>,
     pub to_broker: BrokerTx,
+    /// What the node's broker needs from the shards.
+    pub caps: BrokerCaps,
     pub inbox: ShardInbox,
     /// The bound, listening socket of this shard (SO_REUSEPORT).
     pub listener: socket2::Socket,
@@ -42,13 +44,14 @@ pub async fn run(parts: ShardParts) {
         cfg,
         node,
         to_broker,
+        caps,
         inbox,
         listener,
         cpu,
         ready,
         stop,
     } = parts;
-    let shard = match Shard::open(id, cfg, node, to_broker, cpu) {
+    let shard = match Shard::open(id, cfg, node, to_broker, caps, cpu) {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -94,13 +97,25 @@ pub async fn run(parts: ShardParts) {
     })
     .detach();
 
-    // The one-second sweep: timers, and the drain once the node stops.
+    // The one-second sweep: timers, and the drain once the node stops. While the node drains
+    // it looks at `stop` ten times a second, so that the shard ends promptly once the node is
+    // done; an idle shard wakes once a second.
     let s = shard.clone();
-    glommio::spawn_local(async move {
+    let sweep = glommio::spawn_local(async move {
         let mut drain: Option<Drain> = None;
         let mut accept = Some(accept);
+        let mut since_tick = Duration::ZERO;
         while !stop.load(Ordering::Relaxed) {
-            glommio::timer::sleep(Duration::from_secs(1)).await;
+            let step = match s.node.draining.load(Ordering::Relaxed) {
+                true => Duration::from_millis(100),
+                false => Duration::from_secs(1),
+            };
+            glommio::timer::sleep(step).await;
+            since_tick += step;
+            if since_tick < Duration::from_secs(1) {
+                continue;
+            }
+            since_tick = Duration::ZERO;
             s.tick();
             if drain.is_none() && s.node.draining.load(Ordering::Relaxed) {
                 drain = Some(Drain::start(&s));
@@ -115,9 +130,9 @@ pub async fn run(parts: ShardParts) {
                 d.step(&s);
             }
         }
-    })
-    .detach();
+    });
     let _ = ready.send(Ok(id));
-    inbox_task.await;
+    // The shard ends when the node stops it, or when its broker is gone.
+    futures_lite::future::or(inbox_task, sweep).await;
     tracing::debug!(shard = id, "shard stopped");
 }

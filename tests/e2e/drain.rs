@@ -110,3 +110,46 @@ fn second_signal_closes_at_once() {
     };
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// After the drain the node ends every thread it started (shards, broker, metrics listener)
+/// before it exits, standalone and with Redis: each group reports "threads ended", none is left
+/// running at exit.
+#[test]
+fn every_thread_ends_before_exit() {
+    let redis = Redis::start(&[]);
+    let drain = "[drain]\nlistener_grace_secs = 0\nwindow_secs = 1\ndeadline_secs = 10\n";
+    let standalone = format!("{BASE_CONFIG}{drain}");
+    let with_redis = format!("redis = \"{}\"\n{BASE_CONFIG}{drain}", redis.url());
+    for cfg in [standalone, with_redis] {
+        let env = [("RUST_LOG", "info,shardcast::node=debug")];
+        let mut server = Server::start_with_env(&cfg, &["--log-format", "json"], &env);
+        let (mut c, _) = Client::connected(&server, "u");
+        let r = c.command("subscribe", serde_json::json!({"channel": "chat:t"}));
+        assert!(r["subscribe"].is_object(), "{r}");
+        signal(&server, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Ok(Some(s)) = server.child.try_wait() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "exit status {status:?}");
+        let joined = |logs: &str, what: &str| {
+            logs.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|v| v["fields"]["message"] == "threads ended" && v["fields"]["what"] == what)
+        };
+        // stderr is collected by a reader thread: give it a moment to reach the end.
+        let until = Instant::now() + Duration::from_secs(5);
+        while !joined(&server.stderr.lock().unwrap(), "broker") && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let logs = server.stderr.lock().unwrap().clone();
+        assert!(!logs.contains("threads still running at exit"), "{logs}");
+        for what in ["shards", "broker"] {
+            assert!(joined(&logs, what), "{what} not joined:\n{logs}");
+        }
+    }
+}

@@ -94,8 +94,8 @@ impl Server {
         cmd.arg("--config")
             .arg(&path)
             .args(extra)
+            .env("RUST_LOG", "info") // a test's own `env` may override it
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stderr(Stdio::piped());
         match Server::spawn(&mut cmd, READY_WITHIN, |_| {}, Some(dir)) {

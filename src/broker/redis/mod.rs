@@ -76,6 +76,9 @@ impl RedisBroker {
 }
 
 impl Broker for RedisBroker {
+    fn caps(&self) -> crate::bus::BrokerCaps {
+        crate::bus::BrokerCaps::REDIS
+    }
     fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>) {
         let placement = match self.cpu {
             Some(cpu) => glommio::Placement::Fixed(cpu),

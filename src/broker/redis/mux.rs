@@ -223,6 +223,10 @@ impl Mux {
             let mut n = 0u32;
             loop {
                 match rx.try_recv() {
+                    Ok(ToBroker::Stop) => {
+                        tracing::debug!("the node stops: multiplexer stops");
+                        return;
+                    }
                     Ok(msg) => self.handle(msg),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => {
@@ -298,6 +302,7 @@ impl Mux {
             ToBroker::PresenceAdd { channel, info } => self.presence_add(&channel, &info),
             ToBroker::PresenceRemove { channel, client } => self.presence_remove(&channel, &client),
             ToBroker::Leave => self.leave(),
+            ToBroker::Stop => {} // handled by the run loop
             ToBroker::UserInterest { shard, user, on } => self.user_interest(shard, user, on),
         }
     }
