@@ -106,14 +106,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     // Listeners: the first bind resolves port 0; the others share that port.
-    let first = bind_listener(cfg.listen, cfg.backlog)?;
+    let first = bind_listener(cfg.listen, cfg.backlog).context("listener")?;
     let addr: SocketAddr = first
-        .local_addr()?
+        .local_addr()
+        .context("listener address")?
         .as_socket()
         .context("listener has no socket address")?;
     let mut listeners = vec![first];
     for _ in 1..shards {
-        listeners.push(bind_listener(addr, cfg.backlog)?);
+        listeners.push(bind_listener(addr, cfg.backlog).context("a shard's listener")?);
     }
 
     let node = Arc::new(
@@ -127,11 +128,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let stats = node.bus.clone();
     let (to_broker, broker_inbox) =
-        bus::broker_queue(cfg.limits.broker_queue_capacity, cfg.redis.is_some())?;
+        bus::broker_queue(cfg.limits.broker_queue_capacity, cfg.redis.is_some())
+            .context("the shards → broker queue (its wake-up socket)")?;
     let mut links = Vec::with_capacity(shards);
     let mut inboxes = Vec::with_capacity(shards);
     for _ in 0..shards {
-        let (link, inbox) = bus::shard_link(cfg.limits.shard_queue_capacity, stats.clone())?;
+        let (link, inbox) = bus::shard_link(cfg.limits.shard_queue_capacity, stats.clone())
+            .context("a broker → shard queue (its wake-up socket)")?;
         links.push(link);
         inboxes.push(inbox);
     }
@@ -159,7 +162,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = node.broker_queue.set(broker_inbox.rx.clone());
     let broker_thread = std::thread::Builder::new()
         .name("shardcast-broker".into())
-        .spawn(move || broker.run(broker_inbox, links))?;
+        .spawn(move || broker.run(broker_inbox, links))
+        .context("cannot start the broker thread")?;
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ShardId, ShardError>>();
     let stop = Arc::new(AtomicBool::new(false));
@@ -197,7 +201,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     for _ in 0..shards {
         ready_rx
             .recv_timeout(Duration::from_secs(30))
-            .context("a shard did not start")??;
+            .context("a shard did not report within 30 s")?
+            .context("a shard did not start")?;
     }
     let broker_kind = if cfg.redis.is_none() {
         "memory"

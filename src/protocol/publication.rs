@@ -12,33 +12,42 @@
 //! Must never change its output: nodes of different versions share one Redis, and history
 //! written by one is replayed by another.
 
-use super::reply::{self, ClientInfo};
+use super::reply::ClientInfo;
 use serde_json::value::RawValue;
 use std::ops::Range;
 
 /// Closes a push around a complete publication object.
 pub const PUSH_CLOSE: &[u8] = b"}}";
 
+/// The text that puts an offset into an open publication object (`open` + this + N + `}`).
+const OFFSET_FIELD: &[u8] = b",\"offset\":";
+
 /// Appends an open publication object `{"data":D[,"info":I]` (no closing brace): the form the
 /// Redis publish script completes once it knows the offset.
 pub fn open(out: &mut Vec<u8>, data: &RawValue, info: Option<&ClientInfo>) {
-    reply::pub_open(out, data, info);
+    out.extend_from_slice(b"{\"data\":");
+    out.extend_from_slice(data.get().as_bytes());
+    if let Some(info) = info {
+        out.extend_from_slice(b",\"info\":");
+        serde_json::to_writer(&mut *out, info).expect("vec write");
+    }
 }
 
 /// Appends a complete publication object; `offset` in a history channel.
 pub fn object(out: &mut Vec<u8>, data: &RawValue, info: Option<&ClientInfo>, offset: Option<u64>) {
     open(out, data, info);
     if let Some(offset) = offset {
-        out.extend_from_slice(reply::OFFSET_FIELD);
-        let mut digits = [0u8; 20];
-        out.extend_from_slice(decimal(offset, &mut digits));
+        out.extend_from_slice(OFFSET_FIELD);
+        out.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
     }
     out.push(b'}');
 }
 
 /// Appends the start of a push, `{"push":{"channel":C,"pub":`.
 pub fn push_prefix(out: &mut Vec<u8>, channel: &str) {
-    reply::push_prefix(out, channel);
+    out.extend_from_slice(b"{\"push\":{\"channel\":");
+    serde_json::to_writer(&mut *out, channel).expect("vec write");
+    out.extend_from_slice(b",\"pub\":");
 }
 
 /// Appends the push of a complete publication object.
@@ -52,7 +61,8 @@ pub fn push(out: &mut Vec<u8>, channel: &str, object: &[u8]) {
 pub fn push_new(out: &mut Vec<u8>, channel: &str, data: &RawValue, info: Option<&ClientInfo>) {
     push_prefix(out, channel);
     open(out, data, info);
-    out.extend_from_slice(reply::PUSH_SUFFIX);
+    out.push(b'}');
+    out.extend_from_slice(PUSH_CLOSE);
 }
 
 /// Where the publication object is inside `push`, a push of `channel`; `None` when `push` is
@@ -66,22 +76,25 @@ pub fn object_in_push(channel: &str, push: &[u8]) -> Option<Range<usize>> {
     Some(prefix.len()..push.len() - PUSH_CLOSE.len())
 }
 
-/// `n` in decimal, written into `buf`.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publication_push_is_valid_json() {
+        let mut v = Vec::new();
+        let data = RawValue::from_string("{\"n\":1}".into()).unwrap();
+        let info = ClientInfo {
+            user: "u\"1".into(),
+            client: "c".into(),
+            conn_info: None,
+        };
+        push_new(&mut v, "chat:a\"b", &data, Some(&info));
+        let p: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(p["push"]["channel"], "chat:a\"b");
+        assert_eq!(p["push"]["pub"]["data"]["n"], 1);
+        assert_eq!(p["push"]["pub"]["info"]["user"], "u\"1");
+    }
 
     fn data() -> Box<RawValue> {
         RawValue::from_string("{\"n\":1}".into()).unwrap()

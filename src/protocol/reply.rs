@@ -6,7 +6,6 @@
 
 use super::ErrorCode;
 use serde::Serialize;
-use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 
 /// Who published or who is present (it crosses threads, so it lives in the bus).
@@ -114,38 +113,6 @@ pub fn error(out: &mut Vec<u8>, id: u32, code: ErrorCode, temporary: bool) {
     }
     out.extend_from_slice(b"}}");
 }
-
-/// Appends a publication push: `{"push":{"channel":C,"pub":{"data":D[,"info":I]}}}`.
-pub fn publication(out: &mut Vec<u8>, channel: &str, data: &RawValue, info: Option<&ClientInfo>) {
-    push_prefix(out, channel);
-    pub_open(out, data, info);
-    out.extend_from_slice(PUSH_SUFFIX);
-}
-
-/// Appends the start of a publication push, `{"push":{"channel":C,"pub":`; a publication
-/// object and [`PUSH_SUFFIX`] complete it.
-pub fn push_prefix(out: &mut Vec<u8>, channel: &str) {
-    out.extend_from_slice(b"{\"push\":{\"channel\":");
-    serde_json::to_writer(&mut *out, channel).expect("vec write");
-    out.extend_from_slice(b",\"pub\":");
-}
-
-/// Closes a publication object and the push around it.
-pub const PUSH_SUFFIX: &[u8] = b"}}}";
-
-/// Appends a publication object without its closing brace: `{"data":D[,"info":I]`. Close it
-/// with `}` or, in a history channel, with `,"offset":N}`.
-pub fn pub_open(out: &mut Vec<u8>, data: &RawValue, info: Option<&ClientInfo>) {
-    out.extend_from_slice(b"{\"data\":");
-    out.extend_from_slice(data.get().as_bytes());
-    if let Some(info) = info {
-        out.extend_from_slice(b",\"info\":");
-        serde_json::to_writer(&mut *out, info).expect("vec write");
-    }
-}
-
-/// The text that puts an offset into an open publication object (`pub_open` + this + N + `}`).
-pub const OFFSET_FIELD: &[u8] = b",\"offset\":";
 
 /// Appends `value` serialised, with `"publications":[P,...]` added (raw publication objects).
 pub fn with_publications<T: Serialize>(out: &mut Vec<u8>, value: &T, pubs: &[bytes::Bytes]) {
@@ -267,22 +234,6 @@ mod tests {
         );
         let parsed: serde_json::Value = serde_json::from_slice(&v).unwrap();
         assert_eq!(parsed["error"]["code"], 103);
-    }
-
-    #[test]
-    fn publication_push_is_valid_json() {
-        let mut v = Vec::new();
-        let data = RawValue::from_string("{\"n\":1}".into()).unwrap();
-        let info = ClientInfo {
-            user: "u\"1".into(),
-            client: "c".into(),
-            conn_info: None,
-        };
-        publication(&mut v, "chat:a\"b", &data, Some(&info));
-        let p: serde_json::Value = serde_json::from_slice(&v).unwrap();
-        assert_eq!(p["push"]["channel"], "chat:a\"b");
-        assert_eq!(p["push"]["pub"]["data"]["n"], 1);
-        assert_eq!(p["push"]["pub"]["info"]["user"], "u\"1");
     }
 
     #[test]

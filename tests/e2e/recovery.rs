@@ -4,10 +4,9 @@
 //! it a Redis of its own.
 
 use crate::harness::*;
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// The tests in recovery.cluster.mjs; every one must run and pass.
 const TESTS: u32 = 7;
@@ -27,49 +26,25 @@ fn official_js_sdk_recovers_across_nodes_and_redis_failures() {
     let a = Server::start(&cfg, &[]);
     let b = Server::start(&cfg, &[]);
 
-    let mut child = Command::new("node")
-        .arg("--test")
-        .arg("--test-concurrency=1")
-        .arg(dir.join("cluster/recovery.cluster.mjs"))
-        .current_dir(&dir)
-        .env("SHARDCAST_A_WS", a.ws_url())
-        .env("SHARDCAST_A_HTTP", a.http_url())
-        .env("SHARDCAST_B_WS", b.ws_url())
-        .env("SHARDCAST_B_HTTP", b.http_url())
-        .env("SHARDCAST_API_KEY", API_KEY)
-        .env("SHARDCAST_SECRET", SECRET)
-        .env("SHARDCAST_REDIS_PORT", redis.port.to_string())
-        .env("SHARDCAST_REDIS_CLI", "redis-cli")
-        .env("SHARDCAST_REDIS_SERVER", "redis-server")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node runs");
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            s
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    // Bounded: the tests take about 6 s; each has its own timeout well under this.
-    let deadline = Instant::now() + Duration::from_secs(50);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = stdout.join().unwrap();
-    let stderr = stderr.join().unwrap();
+    let ran = run_bounded(
+        Command::new("node")
+            .arg("--test")
+            .arg("--test-concurrency=1")
+            .arg(dir.join("cluster/recovery.cluster.mjs"))
+            .current_dir(&dir)
+            .env("SHARDCAST_A_WS", a.ws_url())
+            .env("SHARDCAST_A_HTTP", a.http_url())
+            .env("SHARDCAST_B_WS", b.ws_url())
+            .env("SHARDCAST_B_HTTP", b.http_url())
+            .env("SHARDCAST_API_KEY", API_KEY)
+            .env("SHARDCAST_SECRET", SECRET)
+            .env("SHARDCAST_REDIS_PORT", redis.port.to_string())
+            .env("SHARDCAST_REDIS_CLI", "redis-cli")
+            .env("SHARDCAST_REDIS_SERVER", "redis-server"),
+        // Bounded: the tests take about 6 s; each has its own timeout well under this.
+        Duration::from_secs(50),
+    );
+    let (status, stdout, stderr) = (ran.status, ran.stdout, ran.stderr);
     let logs = || {
         let tail = |s: &str| {
             let lines: Vec<&str> = s.lines().collect();

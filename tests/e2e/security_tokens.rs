@@ -6,9 +6,8 @@
 
 use crate::harness::*;
 use serde_json::{json, Value};
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn sign(claims: &Value, secret: &str) -> String {
@@ -152,45 +151,21 @@ fn official_js_sdk_refreshes_subscription_tokens() {
         &format!("client_expired_sub_close_delay_secs = 2\n{BASE_CONFIG}"),
         &[],
     );
-    let mut child = Command::new("node")
-        .arg("--test")
-        .arg("--test-concurrency=1")
-        .arg(dir.join("tokens/sub_expiry.tokens.mjs"))
-        .current_dir(&dir)
-        .env("SHARDCAST_WS", server.ws_url())
-        .env("SHARDCAST_HTTP", server.http_url())
-        .env("SHARDCAST_API_KEY", API_KEY)
-        .env("SHARDCAST_SECRET", SECRET)
-        .env("SHARDCAST_SUB_DELAY_SECS", "2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node runs");
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            s
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    // Bounded: the two tests take about 20 s; each has its own 30 s timeout.
-    let deadline = Instant::now() + Duration::from_secs(70);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = stdout.join().unwrap();
-    let stderr = stderr.join().unwrap();
+    let ran = run_bounded(
+        Command::new("node")
+            .arg("--test")
+            .arg("--test-concurrency=1")
+            .arg(dir.join("tokens/sub_expiry.tokens.mjs"))
+            .current_dir(&dir)
+            .env("SHARDCAST_WS", server.ws_url())
+            .env("SHARDCAST_HTTP", server.http_url())
+            .env("SHARDCAST_API_KEY", API_KEY)
+            .env("SHARDCAST_SECRET", SECRET)
+            .env("SHARDCAST_SUB_DELAY_SECS", "2"),
+        // Bounded: the two tests take about 20 s; each has its own 30 s timeout.
+        Duration::from_secs(70),
+    );
+    let (status, stdout, stderr) = (ran.status, ran.stdout, ran.stderr);
     let status = status.unwrap_or_else(|| panic!("SDK tests did not finish:\n{stdout}\n{stderr}"));
     assert!(status.success(), "SDK tests failed:\n{stdout}\n{stderr}");
     let count = |what: &str| tap_count(&stdout, what);

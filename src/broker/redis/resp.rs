@@ -22,7 +22,7 @@ impl<'a> Command<'a> {
     /// Starts a command of `args` arguments.
     pub fn new(out: &'a mut Vec<u8>, args: usize) -> Command<'a> {
         out.push(b'*');
-        out.extend_from_slice(decimal(args as u64, &mut [0; 20]));
+        out.extend_from_slice(itoa::Buffer::new().format(args).as_bytes());
         out.extend_from_slice(b"\r\n");
         Command {
             out,
@@ -42,7 +42,7 @@ impl<'a> Command<'a> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         self.out.push(b'$');
         self.out
-            .extend_from_slice(decimal(len as u64, &mut [0; 20]));
+            .extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
         self.out.extend_from_slice(b"\r\n");
         for p in parts {
             self.out.extend_from_slice(p);
@@ -53,7 +53,7 @@ impl<'a> Command<'a> {
 
     /// One argument: a non-negative integer in decimal.
     pub fn int(&mut self, n: u64) -> &mut Self {
-        self.arg(decimal(n, &mut [0; 20]))
+        self.arg(itoa::Buffer::new().format(n).as_bytes())
     }
 }
 
@@ -72,19 +72,6 @@ pub fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
     let mut cmd = Command::new(out, args.len());
     for a in args {
         cmd.arg(a);
-    }
-}
-
-/// `n` in decimal, written into `buf`.
-pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
     }
 }
 
