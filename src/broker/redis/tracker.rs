@@ -527,8 +527,15 @@ fn serve(
     let Some(s) = &req.since else {
         return Some(unrecovered);
     };
-    if *s.epoch != *p.epoch || s.offset > p.offset || p.offset - s.offset > size {
+    if *s.epoch != *p.epoch || p.offset.saturating_sub(s.offset) > size {
         return Some(unrecovered);
+    }
+    if s.offset > p.offset {
+        // The client saw publications this node has not forwarded yet: it comes from a node
+        // that is ahead on the live stream. The stream has them (the publish script appends
+        // before it publishes), so read it; only a client still ahead after a read claims
+        // offsets the stream never had.
+        return read_since.map(|_| unrecovered);
     }
     let from = s.offset + 1;
     let covered = s.offset == p.offset || t.cache.front().is_some_and(|(o, _)| *o <= from);
@@ -793,6 +800,42 @@ mod tests {
         t.position(&ch, req(7, Some(pos(8, "e"))), &mut out);
         assert_eq!(answers(&out), [(7, true, 11, 3)]);
         assert_eq!(t.stats.recoveries_from_cache.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_client_ahead_of_this_node_is_served_after_a_read() {
+        // The client saw 12 on a node that is ahead; this one has forwarded up to 10.
+        let (mut t, ch) = live_at(10);
+        let mut out = Vec::new();
+        let r = |token, offset| PosReq {
+            shard: 0,
+            token,
+            since: Some(pos(offset, "e")),
+        };
+        t.position(&ch, r(1, 12), &mut out);
+        assert_eq!(answers(&out), [], "not denied: read first");
+        let (gen, since) = read_of(&out);
+        assert_eq!(since, Some(10));
+        let mut out = Vec::new();
+        t.live(&ch, live(11, "e"), &mut out); // held during the read
+        t.read_done(&ch, gen, since, result("e", 13, 11..=13), &mut out);
+        assert_eq!(
+            answers(&out),
+            [(1, true, 13, 1)],
+            "13 only: 11 and 12 it had"
+        );
+        assert_eq!(
+            forwarded(&out),
+            [11, 12, 13],
+            "the node catches up, each once"
+        );
+        // A client claiming an offset the stream never had is told so after the read.
+        let mut out = Vec::new();
+        t.position(&ch, r(2, 40), &mut out);
+        let (gen, since) = read_of(&out);
+        let mut out = Vec::new();
+        t.read_done(&ch, gen, since, result("e", 13, 9..=13), &mut out);
+        assert_eq!(answers(&out), [(2, false, 13, 0)]);
     }
 
     #[test]
