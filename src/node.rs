@@ -175,7 +175,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             to_broker: to_broker.clone(),
             inbox,
             listener,
-            cpu,
             ready: ready_tx.clone(),
             stop: stop.clone(),
         };

@@ -38,8 +38,11 @@ pub struct Counters {
     pub messages_in: Cell<u64>,
     /// Bytes written to WebSocket clients.
     pub bytes_out: Cell<u64>,
-    /// send(2) calls to WebSocket clients (each carries every frame queued at the time).
+    /// Sends completed to WebSocket clients (each carries every frame queued at the time).
     pub writes: Cell<u64>,
+    /// Multishot receives ended because the shard's receive buffers were all in use (ENOBUFS);
+    /// each was re-armed once buffers were handed back, nothing lost (`ring.recv_buffers`).
+    pub recv_buffer_exhausted: Cell<u64>,
     /// Subscribes that recovered everything the client missed.
     pub recoveries: Cell<u64>,
     /// Subscribes that asked to recover and could not (`recovered: false` or error 112).
@@ -89,6 +92,7 @@ impl Counters {
             ("messages_in", self.messages_in.get()),
             ("bytes_out", self.bytes_out.get()),
             ("writes", self.writes.get()),
+            ("recv_buffer_exhausted", self.recv_buffer_exhausted.get()),
             ("recoveries", self.recoveries.get()),
             ("recoveries_failed", self.recoveries_failed.get()),
             (
