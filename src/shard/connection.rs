@@ -366,6 +366,7 @@ impl Connection {
         c.bytes_out.set(c.bytes_out.get() + n as u64);
         bump(&c.writes);
         if n < bytes.len() {
+            bump(&c.partial_writes);
             return Ok(Some(bytes.slice(n..)));
         }
         let mut st = self.state.borrow_mut();

@@ -43,6 +43,9 @@ pub struct Counters {
     /// Multishot receives ended because the shard's receive buffers were all in use (ENOBUFS);
     /// each was re-armed once buffers were handed back, nothing lost (`ring.recv_buffers`).
     pub recv_buffer_exhausted: Cell<u64>,
+    /// Sends the socket took only part of (its buffer was full); the rest followed at once and
+    /// waited in the kernel until the socket had room.
+    pub partial_writes: Cell<u64>,
     /// Subscribes that recovered everything the client missed.
     pub recoveries: Cell<u64>,
     /// Subscribes that asked to recover and could not (`recovered: false` or error 112).
@@ -93,6 +96,7 @@ impl Counters {
             ("bytes_out", self.bytes_out.get()),
             ("writes", self.writes.get()),
             ("recv_buffer_exhausted", self.recv_buffer_exhausted.get()),
+            ("partial_writes", self.partial_writes.get()),
             ("recoveries", self.recoveries.get()),
             ("recoveries_failed", self.recoveries_failed.get()),
             (

@@ -245,7 +245,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::shard::NodeInfo;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;
     use std::time::Duration;
@@ -329,5 +329,65 @@ mod tests {
         let mut b = [0u8; 8];
         // EOF, not a timeout: the server's end is closed (no close frame: the socket failed).
         assert_eq!(client.read(&mut b).unwrap(), 0);
+    }
+
+    #[test]
+    fn closing_cancels_the_pending_receive_and_its_late_completion_is_ignored() {
+        let (shard, conn, mut client) = connected();
+        let old = conn.key;
+        // The connection has one armed multishot receive; teardown cancels it and closes.
+        shard.teardown(&conn, Reason::Command);
+        drop(conn);
+        let mut b = [0u8; 8];
+        assert_eq!(client.read(&mut b).unwrap(), 0, "the socket is closed");
+        // A new connection takes the same slot with the next generation.
+        let (server2, mut client2) = UnixStream::pair().unwrap();
+        start(&shard, server2.into_raw_fd(), Vec::new(), true);
+        let new = shard.conns.borrow().all().pop().expect("started");
+        assert_eq!(new.key.slot, old.slot);
+        assert_ne!(new.key.generation, old.generation);
+        // The cancelled receive's completion arrives with the old generation: handled like
+        // every completion, it touches nothing.
+        let mut batch = Vec::new();
+        let mut rearm = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut cancelled = false;
+        while !cancelled && std::time::Instant::now() < deadline {
+            shard.ring.wait_for_test();
+            shard.ring.reap(&mut batch);
+            for c in batch.drain(..) {
+                if c.key == old && c.op == Op::Recv {
+                    assert_eq!(c.result, -libc::ECANCELED);
+                    cancelled = true;
+                }
+                assert!(shard.complete(c, &mut rearm).is_ok());
+            }
+        }
+        assert!(cancelled, "the pending receive was cancelled");
+        assert_eq!(shard.conns.borrow().len(), 1);
+        // The new connection (an echo endpoint) still works through its own receive.
+        client2
+            .write_all(&crate::ws::client_frame(1, true, b"hi", [1, 2, 3, 4]))
+            .unwrap();
+        client2
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut batch = Vec::new();
+        while shard.conns.borrow().len() == 1 {
+            shard.ring.wait_for_test();
+            shard.ring.reap(&mut batch);
+            let mut progressed = false;
+            for c in batch.drain(..) {
+                progressed |= c.key == new.key;
+                assert!(shard.complete(c, &mut rearm).is_ok());
+            }
+            shard.flush_dirty();
+            if progressed {
+                break;
+            }
+        }
+        let mut echo = [0u8; 16];
+        let n = client2.read(&mut echo).unwrap();
+        assert_eq!(&echo[..n], &[0x81, 2, b'h', b'i'], "echoed");
     }
 }
