@@ -207,8 +207,61 @@ impl Shard {
     }
 }
 
-/// Starts the task that handles the shard's ring completions.
+/// Wakes the flusher task once per batch: a flag and the task's waker (shard thread only).
+#[derive(Default)]
+pub struct FlushSignal {
+    wanted: std::cell::Cell<bool>,
+    waker: std::cell::RefCell<Option<std::task::Waker>>,
+}
+
+impl FlushSignal {
+    /// Asks for a flush (the flusher runs after the tasks woken before it).
+    fn raise(&self) {
+        if !self.wanted.replace(true) {
+            if let Some(w) = self.waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Resolves once a flush was asked for since the last one.
+    fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.wanted.replace(false) {
+                std::task::Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+    }
+}
+
+impl Shard {
+    /// Flushes the dirty connections soon, from the flusher task: after the tasks already
+    /// woken have run, so an API call whose publish this batch acknowledged writes its answer
+    /// before the fan-out writes, and publications arriving meanwhile join the same flush.
+    /// Without the flusher (a shard driven by hand in tests) it flushes at once.
+    pub(super) fn want_flush(&self) {
+        if self.flusher_running.get() {
+            self.flush_signal.raise();
+        } else {
+            self.flush_dirty();
+        }
+    }
+}
+
+/// Starts the task that handles the shard's ring completions, and the flusher task.
 pub fn spawn_io(shard: &Rc<Shard>) {
+    let s = shard.clone();
+    s.flusher_running.set(true);
+    glommio::spawn_local(async move {
+        loop {
+            s.flush_signal.wait().await;
+            s.flush_dirty();
+        }
+    })
+    .detach();
     let eventfd = match shard.ring.eventfd() {
         Ok(fd) => fd,
         Err(e) => {

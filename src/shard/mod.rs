@@ -97,6 +97,9 @@ pub struct Shard {
     io: SharedIo,
     /// The io_uring of the shard's WebSocket sockets.
     ring: ring::Ring,
+    /// Wakes the flusher task ([`io::spawn_io`]); set once it runs.
+    flush_signal: io::FlushSignal,
+    flusher_running: Cell<bool>,
     /// A handle on the broker inbox, to report its depth.
     inbox_probe: RefCell<Option<crossbeam_channel::Receiver<ToShard>>>,
     client_seq: Cell<u64>,
@@ -137,6 +140,8 @@ impl Shard {
             connects: RefCell::default(),
             sub_expiries: RefCell::default(),
             ring,
+            flush_signal: io::FlushSignal::default(),
+            flusher_running: Cell::new(false),
             inbox_probe: RefCell::default(),
             client_seq: Cell::new(0),
         }))
