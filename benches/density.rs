@@ -139,6 +139,25 @@ fn main() {
     );
     println!("# server: {}", server.describe());
     thread::sleep(settle);
+    // The shards' receive buffers (provided-buffer rings) are part of the baseline: resident
+    // only once written, so they show in the RSS as the first reads touch them.
+    match HttpClient::connect(server.addr).and_then(|mut c| {
+        c.send("POST", "/api/info", b"{}")?;
+        c.recv()
+    }) {
+        Ok((200, body)) => {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let ring = v["result"]["nodes"][0]["gauges"]["recv_buffer_ring_bytes"]
+                .as_u64()
+                .unwrap_or(0);
+            println!(
+                "density recv-buffer-rings: {:.2} MiB in all ({shards} shards; /api/info gauge recv_buffer_ring_bytes) = {:.0} B/conn at {n} conns",
+                mib(ring as f64),
+                ring as f64 / n as f64
+            );
+        }
+        other => println!("# /api/info unavailable: {other:?}"),
+    }
     let base = Snap::take(server.pid, 0);
     println!(
         "density baseline: server RSS {:.2} MiB (after READY + {:.1} s settle)",
@@ -206,9 +225,9 @@ fn main() {
 
     // --- kernel ---------------------------------------------------------
     // Both ends of every connection live on this machine and each end holds
-    // the same kernel objects (tcp_sock, socket inode, file, dentry, an epoll
-    // item: our reader uses epoll too), so kernel memory is divided by 2
-    // sockets per connection to get the cost of one server-side socket.
+    // mostly the same kernel objects (tcp_sock, socket inode, file, dentry), so
+    // kernel memory is divided by 2 sockets per connection to get the cost of
+    // one server-side socket (corrected below for what only one end holds).
     let k_avg = (s2.kernel() - base.kernel()) as f64 / (2.0 * n2);
     let k_slope = (s2.kernel() - s1.kernel()) as f64 / (2.0 * dn);
     println!(
@@ -228,10 +247,10 @@ fn main() {
         "# kernel division: each connection has 2 local sockets (bench client end + server end) holding \
          the same objects, so kernel Δ / (2 x conns) = one server-side socket; a server with remote clients pays one"
     );
-    // Both ends hold the same objects, an epoll registration included (the server watches its
-    // WebSocket sockets with epoll, the bench its client sockets). The one asymmetric item is
-    // io_kiocb (an in-flight io_uring request), which only the server end can hold:
-    // server end = (K - io) / 2 + io = (K + io) / 2.
+    // Both ends hold the same objects except two: an epoll registration (eventpoll_epi), which
+    // only the bench's end holds (the server has no epoll set: its sockets are on io_uring), and
+    // io_kiocb (the armed multishot receive), which only the server's end holds:
+    // server end = (K - epi - io) / 2 + io = (K - epi + io) / 2.
     let slab_d = |k: &str| {
         d(
             s1.slabs.get(k).copied().unwrap_or(0),
@@ -242,11 +261,11 @@ fn main() {
     let k_server = if s1.slabs.is_empty() {
         k_slope
     } else {
-        ((s2.kernel() - s1.kernel()) + io) as f64 / (2.0 * dn)
+        ((s2.kernel() - s1.kernel()) - epi + io) as f64 / (2.0 * dn)
     };
     println!(
-        "density kernel-server-socket: {k_server:.0} B/socket = (ΔK + Δio_kiocb) / (2 x {2}); \
-         eventpoll_epi {0:+.0} B/conn (one epoll entry on each end), io_kiocb {1:+.0} B/conn on the server end (io_uring)",
+        "density kernel-server-socket: {k_server:.0} B/socket = (ΔK - Δeventpoll_epi + Δio_kiocb) / (2 x {2}); \
+         eventpoll_epi {0:+.0} B/conn (the bench's epoll entries), io_kiocb {1:+.0} B/conn on the server end (its armed receive)",
         epi as f64 / dn,
         io as f64 / dn,
         dn as u64
