@@ -102,6 +102,8 @@ pub struct Config {
     pub ping: PingConfig,
     /// Bounds on every buffer and queue.
     pub limits: Limits,
+    /// Each shard's io_uring for WebSocket I/O: its size and its receive buffers.
+    pub ring: RingConfig,
     /// Options of channels without a `namespace:` prefix.
     pub default_namespace: NamespaceOptions,
     /// Options of `name:` prefixed channels, keyed by namespace name.
@@ -133,6 +135,7 @@ impl Default for Config {
             drain: DrainConfig::default(),
             ping: PingConfig::default(),
             limits: Limits::default(),
+            ring: RingConfig::default(),
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
         }
@@ -468,6 +471,43 @@ impl Default for Limits {
     }
 }
 
+/// Each shard's io_uring for WebSocket I/O (see `shard::ring`). The receive buffers are the
+/// only read memory a shard has: an idle connection holds none.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingConfig {
+    /// Submission queue entries of each shard's ring (the completion queue has four times as
+    /// many). A flush with more dirty connections than this submits in several system calls;
+    /// completions beyond the queue wait in the kernel (no completion is dropped).
+    pub entries: u32,
+    /// Receive buffers in each shard's provided-buffer ring, a power of two, at most 32768.
+    /// Exhausted (more completions waiting than buffers): the receive is re-armed once the
+    /// shard has handed the buffers back; nothing is lost, the data waits in the socket
+    /// (counter `recv_buffer_exhausted`).
+    pub recv_buffers: u32,
+    /// Bytes of each receive buffer (one completion carries at most this much).
+    pub recv_buffer_bytes: u32,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        // 64 x 4 KiB = 256 KiB per shard: client messages are small, and a buffer is handed
+        // back as soon as its completion is decoded, so a few dozen cover a busy batch.
+        RingConfig {
+            entries: 1024,
+            recv_buffers: 64,
+            recv_buffer_bytes: 4096,
+        }
+    }
+}
+
+impl RingConfig {
+    /// Bytes of receive buffers one shard holds.
+    pub fn recv_ring_bytes(&self) -> u64 {
+        self.recv_buffers as u64 * self.recv_buffer_bytes as u64
+    }
+}
+
 /// Per-namespace channel options (names follow Centrifugo's where the meaning is the same).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -729,6 +769,25 @@ impl Config {
             return Err(invalid(
                 "limits.handshake_timeout_secs",
                 "must be at least 1",
+            ));
+        }
+        let ring = &self.ring;
+        if !(8..=32768).contains(&ring.entries) || !ring.entries.is_power_of_two() {
+            return Err(invalid(
+                "ring.entries",
+                "must be a power of two from 8 to 32768",
+            ));
+        }
+        if !(1..=32768).contains(&ring.recv_buffers) || !ring.recv_buffers.is_power_of_two() {
+            return Err(invalid(
+                "ring.recv_buffers",
+                "must be a power of two from 1 to 32768",
+            ));
+        }
+        if !(64..=1024 * 1024).contains(&ring.recv_buffer_bytes) {
+            return Err(invalid(
+                "ring.recv_buffer_bytes",
+                "must be from 64 to 1048576",
             ));
         }
         for pattern in &self.allowed_origins {

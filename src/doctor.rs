@@ -171,6 +171,29 @@ pub fn check(cfg: &Config) -> (Vec<Finding>, u64) {
         },
         "sysctl -w kernel.io_uring_disabled=0; allow io_uring_* syscalls (see systemd/shardcast.service)".into(),
     );
+    // The data path's ring features (multishot receive, provided-buffer rings, ...): the same
+    // check every shard makes before it starts.
+    let data_path = if uring_ok {
+        crate::shard::ring::check_kernel()
+    } else {
+        Ok(())
+    };
+    add(
+        if uring_ok && data_path.is_ok() {
+            Verdict::Ok
+        } else {
+            Verdict::Fail
+        },
+        "io_uring data path (multishot receive, buffer rings)",
+        match &data_path {
+            Ok(()) if uring_ok => {
+                format!("available (Linux {})", crate::shard::ring::kernel_release())
+            }
+            Ok(()) => "not checked: io_uring is not available".into(),
+            Err(e) => e.to_string(),
+        },
+        "Linux 6.0 or later (multishot receive and provided-buffer rings)".into(),
+    );
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

@@ -9,9 +9,10 @@
 //!   drain, and the join of every thread.
 //! - [`shard`]: one glommio executor per core. [`shard::tasks`] starts its tasks (accept, broker
 //!   inbox, I/O loop, one-second sweep); [`shard::Shard`] is its state. One file per noun:
-//!   [`shard::front_door`] is an accepted socket's HTTP phase; [`shard::io`] services upgraded
-//!   sockets from the shard's epoll set ([`shard::poller`]) and tears connections down with
-//!   their [`shard::reason::Reason`]; [`shard::connection`] is one WebSocket connection (plain
+//!   [`shard::front_door`] is an accepted socket's HTTP phase; [`shard::io`] handles the
+//!   completions of the shard's own io_uring ([`shard::ring`]: multishot receives into provided
+//!   buffers, one send per dirty connection per flush) and tears connections down with their
+//!   [`shard::reason::Reason`]; [`shard::connection`] is one WebSocket connection (plain
 //!   state, no task), which sees its shard only through [`shard::context::ConnCtx`];
 //!   [`shard::host`] is the session's `Host`; [`shard::inbox`] applies broker messages and
 //!   [`shard::recovery`] the subscription answers among them; [`shard::requests`] waits for the

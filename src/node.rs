@@ -97,6 +97,8 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 /// Runs a node until SIGINT/SIGTERM. Prints `READY <addr>` on stdout once every shard accepts.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
+    // Refuse to start, naming the feature and the kernel, rather than fail in every shard.
+    shard::ring::check_kernel()?;
     let sigset = block_signals();
     let nofile = raise_nofile_limit();
     let cfg = Arc::new(cfg);
@@ -182,7 +184,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             caps,
             inbox,
             listener,
-            cpu,
             ready: ready_tx.clone(),
             stop: stop.clone(),
         };
@@ -190,6 +191,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .name(&format!("shardcast-shard-{id}"))
             // A network-only server needs little registered I/O memory (default 10 MiB).
             .io_memory(256 * 1024)
+            // No blocking-thread pool (glommio's default is one thread per executor): a shard
+            // makes no file-system calls, so a node is one thread per core (DESIGN §2).
+            .blocking_thread_pool_placement(glommio::PoolPlacement::Custom(Vec::new()))
             .spawn(move || shard::run(parts))
             .map_err(|e| anyhow::anyhow!("cannot start shard {id}: {e}"))?;
         handles.push(handle);

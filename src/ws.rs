@@ -1,7 +1,8 @@
 //! RFC 6455 framing over caller-owned buffers, with no I/O and no per-connection buffer while idle.
 //!
 //! Header parsing is tungstenite's ([`FrameHeader::parse`]); what is ours is the buffer policy
-//! (DESIGN §3): the shard reads into one scratch buffer, frames are parsed and unmasked in place,
+//! (DESIGN §3): the kernel receives into one of the shard's provided buffers, frames are parsed
+//! and unmasked in place there,
 //! and only the unparsed tail of a partial frame (or a fragmented message being reassembled) is
 //! kept per connection, in a [`Partial`] that exists only while needed. Outbound frames are built
 //! in one allocation with room for the header in front ([`FrameBuf`]), then shared as `Bytes`.

@@ -347,6 +347,9 @@ pub struct BusStats {
     /// Gauge: bytes in the multiplexer's recovery caches (bound
     /// `redis_options.recovery_cache_max_bytes`), refreshed with the lease.
     pub recovery_cache_bytes: AtomicU64,
+    /// Gauge: bytes of receive buffers in the shards' provided-buffer rings
+    /// (`ring.recv_buffers` x `ring.recv_buffer_bytes` per shard), set as the shards start.
+    pub recv_buffer_ring_bytes: AtomicU64,
 }
 
 impl BusStats {
@@ -357,6 +360,10 @@ impl BusStats {
             (
                 "recovery_cache_bytes",
                 self.recovery_cache_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "recv_buffer_ring_bytes",
+                self.recv_buffer_ring_bytes.load(Ordering::Relaxed),
             ),
         ]
     }

@@ -1,20 +1,20 @@
-//! The WebSocket phase of one connection: plain state, serviced by its shard on readiness.
+//! The WebSocket phase of one connection: plain state, serviced by its shard on completions.
 //!
-//! An upgraded connection is a [`Connection`] in the shard's table and its socket in the
-//! shard's epoll set ([`super::poller`]); no task, no future and no buffer wait for it. When the
-//! socket is readable the shard reads into its scratch buffer and decodes and answers in place
-//! ([`Connection::read`]); frames to send (fan-out, replies, pings) are queued as shared
-//! `Bytes` in the outbox and written by [`Connection::flush`], every queued frame in one `send`
-//! through the shard's cork buffer. A write that would block leaves the rest queued until the
-//! socket's writable edge.
+//! An upgraded connection is a [`Connection`] in the shard's table and one armed multishot
+//! receive in the shard's ring ([`super::ring`]); no task, no future and no buffer wait for it.
+//! When data arrives the kernel picks a buffer of the shard's provided-buffer ring and the shard
+//! decodes and answers in place ([`Connection::process`]); a partial frame's tail is copied out
+//! into the connection. Frames to send (fan-out, replies, pings) are queued as shared `Bytes` in
+//! the outbox; [`Connection::next_write`] hands the shard every queued frame as one send (the
+//! frame itself when there is one, else one buffer holding them all), and while that send is in
+//! flight new frames wait and go together in the next one ([`Connection::sent`]).
 //!
-//! Runs on the shard thread. Sees only [`ConnCtx`] (never the shard itself): when the
-//! connection must end, its methods return the [`Reason`] and the shard tears it down
-//! ([`super::io`]). Never blocks (non-blocking syscalls only) and holds no borrow past a call.
+//! Runs on the shard thread. Sees only [`ConnCtx`] (never the shard itself) and makes no system
+//! call: it says what to submit, and when the connection must end its methods return the
+//! [`Reason`] and the shard tears it down ([`super::io`]). Holds no borrow past a call.
 
 use super::context::{ConnCtx, Expiry, CORK_BYTES};
 use super::counters::bump;
-use super::poller;
 use super::reason::Reason;
 use crate::conn::bucket::Bucket;
 use crate::conn::outbox::{Outbox, Push};
@@ -24,8 +24,8 @@ use crate::protocol::reply::ClientInfo;
 use crate::protocol::Disconnect;
 use crate::ws::{self, Event, Flow, FrameBuf, Partial, OP_PONG, OP_TEXT};
 use bytes::Bytes;
-use std::cell::RefCell;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::cell::{Cell, RefCell};
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 #[cfg(test)]
 use std::time::Duration;
 
@@ -34,9 +34,6 @@ pub use super::io::start;
 
 /// Seconds a connection may take to answer our close frame before it is dropped.
 const CLOSE_TIMEOUT_SECS: u32 = 3;
-/// Reads of one connection per readiness event before the others get their turn; the rest is
-/// read on the next round (edge-triggered readiness does not repeat).
-const READS_PER_ROUND: u32 = 8;
 
 /// The server ping: an empty JSON object in a text frame.
 static PING_FRAME: [u8; 4] = [0x81, 0x02, b'{', b'}'];
@@ -71,8 +68,8 @@ pub struct ConnState {
     /// Tick the earliest expiring subscription ends at; 0 = none (the deadlines themselves are
     /// in the shard's `sub_expiries`, only for connections that have one).
     sub_expires_at: u32,
-    /// A write would block: wait for the writable edge before writing again.
-    blocked: bool,
+    /// A send is in flight: frames queued meanwhile go in the next one.
+    sending: bool,
     /// Queued in the shard's dirty list (to be flushed at the end of the batch).
     dirty: bool,
     /// Conformance echo endpoint: messages are echoed, no protocol session.
@@ -84,9 +81,9 @@ pub struct ConnState {
 /// One WebSocket connection, owned by its shard's table.
 pub struct Connection {
     pub key: ConnKey,
-    /// The socket, closed when the connection is dropped (the table's entry is its owner;
-    /// teardown removes the entry and the epoll registration).
-    fd: OwnedFd,
+    /// The socket; -1 once teardown handed it to the ring to be closed. A connection dropped
+    /// with its socket still here closes it itself.
+    fd: Cell<RawFd>,
     pub state: RefCell<ConnState>,
 }
 
@@ -94,7 +91,7 @@ impl Connection {
     pub fn new(key: ConnKey, fd: OwnedFd, now: u32, echo: bool, bucket: Bucket) -> Connection {
         Connection {
             key,
-            fd,
+            fd: Cell::new(fd.into_raw_fd()),
             state: RefCell::new(ConnState {
                 session: Session::default(),
                 outbox: Outbox::default(),
@@ -106,7 +103,7 @@ impl Connection {
                 awaiting_pong: false,
                 expires_at: 0,
                 sub_expires_at: 0,
-                blocked: false,
+                sending: false,
                 dirty: false,
                 echo,
                 bucket,
@@ -114,13 +111,15 @@ impl Connection {
         }
     }
 
-    /// The socket.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The socket (-1 once teardown took it).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.get()
     }
 
-    fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    /// Takes the socket away to be closed by the shard (teardown); `None` the second time.
+    pub fn take_fd(&self) -> Option<RawFd> {
+        let fd = self.fd.replace(-1);
+        (fd >= 0).then_some(fd)
     }
 
     /// Puts the connection on the shard's list of connections to flush after this batch.
@@ -315,93 +314,69 @@ impl Connection {
         self.arm(ctx, &mut st);
     }
 
-    /// Handles a readiness event. `Err` when the connection must end now.
-    pub fn service(&self, ctx: &ConnCtx, events: u32) -> Result<(), Reason> {
-        if events & poller::WRITABLE != 0 {
-            self.state.borrow_mut().blocked = false;
-        }
-        self.flush(ctx)?;
-        if events & (poller::READABLE | poller::HANGUP) != 0 {
-            self.read(ctx)?;
-        }
-        Ok(())
-    }
-
-    /// Reads what the socket has (up to a round's budget) and answers it. `Err` on EOF or a
-    /// socket error: the connection must end.
-    pub fn read(&self, ctx: &ConnCtx) -> Result<(), Reason> {
-        for _ in 0..READS_PER_ROUND {
-            let n = ctx.io.with_scratch(|scratch| {
-                // SAFETY: recv into a buffer we own, on a socket we own.
-                let n = unsafe {
-                    libc::recv(
-                        self.raw_fd(),
-                        scratch.as_mut_ptr().cast(),
-                        scratch.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n > 0 {
-                    self.process(ctx, &mut scratch[..n as usize]);
-                }
-                n
-            });
-            if n == 0 {
-                return Err(Reason::PeerClosed);
-            }
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::WouldBlock {
-                    return self.flush(ctx);
-                }
-                if err.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(Reason::SocketError);
-                }
-            }
-            self.flush(ctx)?;
-        }
-        // Budget spent with data possibly left: read again after the others had their turn.
-        ctx.io.read_again(self.key);
-        Ok(())
-    }
-
-    /// Writes what is queued, every frame in one `send` where possible. `Err` when the
-    /// connection must end (a write error, or its close timed out).
-    pub fn flush(&self, ctx: &ConnCtx) -> Result<(), Reason> {
+    /// What to submit for this connection now, called when it was dirty: every queued frame
+    /// in one send (unless a send is in flight: its completion brings the next one), or the
+    /// half-close once the close frame is out. `Err` when the connection must end now.
+    pub fn next_write(&self, ctx: &ConnCtx) -> Result<Write, Reason> {
         let mut st = self.state.borrow_mut();
         st.dirty = false;
         if st.phase == Phase::Abort {
             return Err(st.end.unwrap_or(Reason::SocketError));
         }
-        while !st.outbox.is_empty() && !st.blocked {
-            let sent = if let Some(frame) = st.outbox.single() {
-                send(self.raw_fd(), frame)
-            } else {
-                ctx.io.with_cork(|cork| {
-                    st.outbox.fill(cork, CORK_BYTES);
-                    send(self.raw_fd(), cork)
-                })
-            };
-            match sent {
-                Ok(n) => {
-                    st.outbox.consume(n);
-                    let c = ctx.counters;
-                    c.bytes_out.set(c.bytes_out.get() + n as u64);
-                    bump(&c.writes);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => st.blocked = true,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return Err(Reason::SocketError),
-            }
+        if st.sending {
+            return Ok(Write::Nothing);
         }
-        if st.phase == Phase::Closing && st.outbox.is_empty() {
+        if !st.outbox.is_empty() {
+            // One frame goes as it is (shared, no copy); several are copied into one buffer
+            // of their own (a send in flight owns its bytes), at most CORK_BYTES.
+            let bytes = match st.outbox.single() {
+                Some(frame) => frame.clone(),
+                None => {
+                    let mut buf = Vec::with_capacity(st.outbox.len_bytes().min(CORK_BYTES));
+                    st.outbox.fill(&mut buf, CORK_BYTES);
+                    Bytes::from(buf)
+                }
+            };
+            st.outbox.consume(bytes.len());
+            st.sending = true;
+            return Ok(Write::Send(bytes));
+        }
+        if st.phase == Phase::Closing {
             // Close frame written: half-close and wait (bounded) for the peer's EOF.
-            // SAFETY: shutdown(2) on a socket we own.
-            unsafe { libc::shutdown(self.raw_fd(), libc::SHUT_WR) };
             st.phase = Phase::Closed;
             self.arm(ctx, &mut st);
+            return Ok(Write::Shutdown);
         }
-        Ok(())
+        Ok(Write::Nothing)
+    }
+
+    /// A send of `bytes` completed with `result` (bytes written or a negated errno). Returns
+    /// the rest to send at once after a partial write; otherwise the connection is marked
+    /// dirty again if frames were queued meanwhile (they go together in the next send). `Err`
+    /// when the socket failed.
+    pub fn sent(&self, ctx: &ConnCtx, result: i32, bytes: Bytes) -> Result<Option<Bytes>, Reason> {
+        if result < 0 {
+            return match -result {
+                libc::EAGAIN | libc::EINTR => Ok(Some(bytes)),
+                _ => Err(Reason::SocketError),
+            };
+        }
+        let n = (result as usize).min(bytes.len());
+        let c = ctx.counters;
+        c.bytes_out.set(c.bytes_out.get() + n as u64);
+        bump(&c.writes);
+        if n < bytes.len() {
+            bump(&c.partial_writes);
+            return Ok(Some(bytes.slice(n..)));
+        }
+        let mut st = self.state.borrow_mut();
+        st.sending = false;
+        let more = !st.outbox.is_empty() || st.phase == Phase::Closing;
+        drop(st);
+        if more {
+            self.wake(ctx);
+        }
+        Ok(None)
     }
 
     /// The end of the connection's life on its shard: the session leaves everything, queued
@@ -541,7 +516,32 @@ impl Connection {
         if just_connected || expires_now != expires_before || st.phase != Phase::Open {
             self.arm(ctx, st);
         }
+        if !st.outbox.is_empty() && !st.dirty {
+            // Replies go out with the flush that ends this batch of completions.
+            st.dirty = true;
+            ctx.io.mark_dirty(self.key);
+        }
     }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(fd) = self.take_fd() {
+            // Never torn down (a shard stopping, a test): close it here.
+            // SAFETY: the descriptor is ours and was not handed to the ring.
+            drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        }
+    }
+}
+
+/// What the shard submits for a connection after [`Connection::next_write`].
+#[derive(Debug)]
+pub enum Write {
+    Nothing,
+    /// Send these bytes (the ring keeps them until the send completes).
+    Send(Bytes),
+    /// The close frame is out: shut the sending side down.
+    Shutdown,
 }
 
 /// Queues the close frame of a reason with a fixed code.
@@ -560,23 +560,6 @@ fn queue_close(st: &mut ConnState, why: Reason, code: u16, text: &str) {
     st.outbox.push_unbounded(ws::close_frame(code, text));
     st.phase = Phase::Closing;
     st.end.get_or_insert(why);
-}
-
-fn send(fd: RawFd, bytes: &[u8]) -> std::io::Result<usize> {
-    // SAFETY: send from a buffer we own on a socket we own.
-    let n = unsafe {
-        libc::send(
-            fd,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
 }
 
 #[cfg(test)]
@@ -616,7 +599,7 @@ mod heap_tests {
                 };
                 let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
                 let (tx, _rx) = crate::bus::broker_queue(1 << 16, false).unwrap();
-                let shard = Shard::new(0, Arc::new(cfg), node, tx, None);
+                let shard = Shard::new(0, Arc::new(cfg), node, tx);
                 crate::shard::spawn_io(&shard);
                 // Clients on another thread: their allocations are not counted here.
                 let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();

@@ -2,11 +2,11 @@
 //! [`super::connection::Connection`] method, so connection code never reaches into `Shard`.
 //!
 //! It holds the configuration, the counters, the shard's shared I/O state ([`SharedIo`]: the
-//! scratch and cork buffers, the frame decoder, the dirty and read-again lists, the timer wheel
-//! and the shard's clocks) and the protocol side ([`SessionDriver`], implemented by the shard
-//! with its session host). Shard thread only. Every `RefCell` here is borrowed for one call and
-//! never across an `.await`; the scratch buffer may be held while a message is processed, so
-//! nothing reached from [`SessionDriver`] may read a socket.
+//! frame decoder, the dirty list, the timer wheel and the shard's clocks) and the protocol side
+//! ([`SessionDriver`], implemented by the shard with its session host). The ring and its
+//! receive buffers are not here: a connection never submits I/O, the shard does
+//! ([`super::io`]). Shard thread only. Every `RefCell` here is borrowed for one call and never
+//! across an `.await`.
 
 use super::counters::Counters;
 use super::timer::TimerWheel;
@@ -19,23 +19,16 @@ use crate::ws;
 use std::cell::RefCell;
 use std::time::Instant;
 
-/// Size of the shard's shared read buffer: one read never holds more than this, bytes.
-pub const SCRATCH_BYTES: usize = 64 * 1024;
-/// Most bytes coalesced into one write (one syscall for many queued frames), bytes.
+/// Most bytes coalesced into one send (one write for many queued frames), bytes. A send of
+/// several frames owns a buffer of at most this size while it is in flight.
 pub const CORK_BYTES: usize = 64 * 1024;
 
 /// The I/O state a shard shares between its connections (DESIGN §3: no per-connection read or
 /// write buffer while idle, one timer wheel per shard).
 pub struct SharedIo {
-    /// Shared read buffer.
-    scratch: RefCell<Vec<u8>>,
-    /// Shared write-coalescing buffer.
-    cork: RefCell<Vec<u8>>,
     decoder: ws::Decoder,
     /// Connections with frames queued since the last flush (flushed at the end of each batch).
     dirty: RefCell<Vec<ConnKey>>,
-    /// Connections that may have more to read (their read budget ran out).
-    again: RefCell<Vec<ConnKey>>,
     wheel: RefCell<TimerWheel>,
     started: Instant,
 }
@@ -43,13 +36,10 @@ pub struct SharedIo {
 impl SharedIo {
     pub fn new(cfg: &Config) -> SharedIo {
         SharedIo {
-            scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
-            cork: RefCell::new(Vec::with_capacity(CORK_BYTES)),
             decoder: ws::Decoder {
                 max_message_bytes: cfg.limits.max_message_bytes,
             },
             dirty: RefCell::default(),
-            again: RefCell::default(),
             wheel: RefCell::default(),
             started: Instant::now(),
         }
@@ -88,33 +78,6 @@ impl SharedIo {
     /// Takes the dirty list.
     pub fn take_dirty(&self) -> Vec<ConnKey> {
         std::mem::take(&mut *self.dirty.borrow_mut())
-    }
-
-    /// `key` spent its read budget: read it again after the others had their turn.
-    pub fn read_again(&self, key: ConnKey) {
-        self.again.borrow_mut().push(key);
-    }
-
-    /// Takes the read-again list.
-    pub fn take_again(&self) -> Vec<ConnKey> {
-        std::mem::take(&mut *self.again.borrow_mut())
-    }
-
-    /// Whether a connection waits to be read again.
-    pub fn has_again(&self) -> bool {
-        !self.again.borrow().is_empty()
-    }
-
-    /// Runs `f` on the shared read buffer.
-    pub fn with_scratch<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        f(&mut self.scratch.borrow_mut())
-    }
-
-    /// Runs `f` on the shared write buffer, cleared first.
-    pub fn with_cork<R>(&self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
-        let mut cork = self.cork.borrow_mut();
-        cork.clear();
-        f(&mut cork)
     }
 
     pub fn decoder(&self) -> &ws::Decoder {

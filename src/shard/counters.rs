@@ -38,8 +38,14 @@ pub struct Counters {
     pub messages_in: Cell<u64>,
     /// Bytes written to WebSocket clients.
     pub bytes_out: Cell<u64>,
-    /// send(2) calls to WebSocket clients (each carries every frame queued at the time).
+    /// Sends completed to WebSocket clients (each carries every frame queued at the time).
     pub writes: Cell<u64>,
+    /// Multishot receives ended because the shard's receive buffers were all in use (ENOBUFS);
+    /// each was re-armed once buffers were handed back, nothing lost (`ring.recv_buffers`).
+    pub recv_buffer_exhausted: Cell<u64>,
+    /// Sends the socket took only part of (its buffer was full); the rest followed at once and
+    /// waited in the kernel until the socket had room.
+    pub partial_writes: Cell<u64>,
     /// Subscribes that recovered everything the client missed.
     pub recoveries: Cell<u64>,
     /// Subscribes that asked to recover and could not (`recovered: false` or error 112).
@@ -89,6 +95,8 @@ impl Counters {
             ("messages_in", self.messages_in.get()),
             ("bytes_out", self.bytes_out.get()),
             ("writes", self.writes.get()),
+            ("recv_buffer_exhausted", self.recv_buffer_exhausted.get()),
+            ("partial_writes", self.partial_writes.get()),
             ("recoveries", self.recoveries.get()),
             ("recoveries_failed", self.recoveries_failed.get()),
             (

@@ -95,8 +95,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 drop(buf);
                 if let Some(stream) = upgrade(&shard, stream, &head).await {
                     // The WebSocket phase leaves glommio's socket type (and this task): the
-                    // shard services the socket on readiness from its epoll set, so an idle
-                    // connection holds no task, no future and no armed glommio source.
+                    // shard arms a multishot receive for it on its own ring, so an idle
+                    // connection holds no task, no future, no buffer and no glommio source.
                     // SAFETY: dup(2) of a socket we own; the copy is handed to the shard.
                     let fd = unsafe { libc::dup(stream.as_raw_fd()) };
                     drop(stream);
@@ -235,7 +235,7 @@ mod size_tests {
                 };
                 let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
                 let (tx, _rx) = crate::bus::broker_queue(1, false).unwrap();
-                let shard = Shard::new(0, Arc::new(cfg), node, tx, None);
+                let shard = Shard::new(0, Arc::new(cfg), node, tx);
                 let stream_size = std::mem::size_of_val(&stream);
                 let ws_size = std::mem::size_of::<crate::shard::connection::Connection>();
                 let fut = serve(shard, stream);

@@ -38,7 +38,9 @@ pub(super) async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
             }
         }
         shard.flush_backlog();
-        shard.flush_dirty();
+        // The fan-out is flushed by the I/O side's flusher task, which runs after the tasks
+        // this batch woke (API calls whose publish was just acknowledged answer first).
+        shard.want_flush();
         match wake.read(&mut bytes).await {
             Ok(0) | Err(_) => {
                 // The broker is gone: close every connection and end the shard.
@@ -46,6 +48,7 @@ pub(super) async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
                 for c in conns {
                     c.close(&shard.ctx(), Reason::Shutdown);
                 }
+                shard.flush_dirty();
                 return;
             }
             Ok(_) => {}

@@ -3,11 +3,11 @@
 //! shared with other shards except the messages of [`crate::bus`].
 //!
 //! Tasks of a shard ([`tasks`]): the accept loop, one task per connection while it is in its HTTP
-//! phase (request head, API call, upgrade), the I/O loop that services upgraded WebSocket
-//! sockets from the shard's epoll set ([`io`], [`poller`]), the broker inbox ([`inbox`]), and
-//! the one-second sweep (timer wheel, drain). The I/O loop and the inbox are woken through a
-//! socketpair byte at most once per batch. None of them blocks, and no `RefCell` borrow is held
-//! across an `.await`.
+//! phase (request head, API call, upgrade), the I/O loop that handles the completions of the
+//! shard's own io_uring for upgraded WebSocket sockets ([`io`], [`ring`]; woken through the
+//! ring's eventfd), the broker inbox ([`inbox`], woken through a socketpair byte at most once
+//! per batch), and the one-second sweep (timer wheel, drain). All of them run on the shard's one
+//! thread; none of them blocks, and no `RefCell` borrow is held across an `.await`.
 //!
 //! Files, one noun each: [`Shard`] itself (this file: its state, clocks and tick); [`tasks`]
 //! (start-up, accept loop, sweep); [`io`] (servicing sockets, teardown); [`connection`] (one WebSocket
@@ -15,7 +15,8 @@
 //! key); [`users`]; [`index`] (channels); [`timer`]; [`host`] (the session's `Host`);
 //! [`broker_link`] (sending to the broker, the must-deliver backlog); [`requests`] (waiting for
 //! broker answers); [`inbox`] (broker messages); [`recovery`] (positions, recovery, insufficient
-//! state); [`drain`]; [`counters`]; [`reason`] (why a connection ended); [`poller`].
+//! state); [`drain`]; [`counters`]; [`reason`] (why a connection ended); [`ring`] (the io_uring,
+//! its receive buffers and sends in flight).
 
 pub mod broker_link;
 pub mod connection;
@@ -27,10 +28,10 @@ pub mod host;
 pub mod inbox;
 pub mod index;
 pub mod io;
-pub mod poller;
 pub mod reason;
 pub mod recovery;
 pub mod requests;
+pub mod ring;
 pub mod table;
 pub mod tasks;
 pub mod timer;
@@ -65,11 +66,11 @@ use users::UserTable;
 /// Why a shard could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
-    /// Its epoll set (or the relay thread serving it) could not be created.
-    #[error("shard {shard}: cannot create its epoll set: {source}")]
-    Poller {
+    /// Its io_uring could not be set up (a feature this kernel lacks, or a resource limit).
+    #[error("shard {shard}: {source}")]
+    Ring {
         shard: ShardId,
-        source: std::io::Error,
+        source: ring::RingError,
     },
 }
 
@@ -94,10 +95,11 @@ pub struct Shard {
     sub_expiries: RefCell<SubExpiries>,
     /// Buffers, decoder, dirty lists, timer wheel and clocks shared by the connections.
     io: SharedIo,
-    /// The epoll set of the shard's WebSocket sockets.
-    poller: poller::Poller,
-    /// Its relay's queue, until the I/O task takes it.
-    ready: RefCell<Option<poller::ReadyInbox>>,
+    /// The io_uring of the shard's WebSocket sockets.
+    ring: ring::Ring,
+    /// Wakes the flusher task ([`io::spawn_io`]); set once it runs.
+    flush_signal: io::FlushSignal,
+    flusher_running: Cell<bool>,
     /// A handle on the broker inbox, to report its depth.
     inbox_probe: RefCell<Option<crossbeam_channel::Receiver<ToShard>>>,
     client_seq: Cell<u64>,
@@ -106,17 +108,21 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Creates a shard's state and its epoll set (with the relay thread, pinned to `cpu`).
+    /// Creates a shard's state and its ring (call on the shard's thread: the ring is used
+    /// there only).
     pub fn open(
         id: ShardId,
         cfg: Arc<Config>,
         node: Arc<NodeInfo>,
         to_broker: BrokerTx,
         caps: BrokerCaps,
-        cpu: Option<usize>,
     ) -> Result<Rc<Shard>, ShardError> {
-        let (poller, ready) = poller::Poller::start(id, cpu, cfg.limits.shard_queue_capacity)
-            .map_err(|source| ShardError::Poller { shard: id, source })?;
+        let ring =
+            ring::Ring::open(&cfg.ring).map_err(|source| ShardError::Ring { shard: id, source })?;
+        node.bus.recv_buffer_ring_bytes.fetch_add(
+            cfg.ring.recv_ring_bytes(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let verifier = TokenVerifier::from_config(&cfg);
         Ok(Rc::new(Shard {
             id,
@@ -133,27 +139,27 @@ impl Shard {
             users: RefCell::default(),
             connects: RefCell::default(),
             sub_expiries: RefCell::default(),
-            poller,
-            ready: RefCell::new(Some(ready)),
+            ring,
+            flush_signal: io::FlushSignal::default(),
+            flusher_running: Cell::new(false),
             inbox_probe: RefCell::default(),
             client_seq: Cell::new(0),
         }))
     }
 
-    /// [`Shard::open`] for tests: panics if the epoll set cannot be created.
+    /// [`Shard::open`] for tests: panics if the ring cannot be set up.
     #[cfg(test)]
     pub fn new(
         id: ShardId,
         cfg: Arc<Config>,
         node: Arc<NodeInfo>,
         to_broker: BrokerTx,
-        cpu: Option<usize>,
     ) -> Rc<Shard> {
         let caps = match cfg.redis {
             Some(_) => BrokerCaps::REDIS,
             None => BrokerCaps::MEMORY,
         };
-        Shard::open(id, cfg, node, to_broker, caps, cpu).expect("test shard")
+        Shard::open(id, cfg, node, to_broker, caps).expect("test shard")
     }
 
     /// What a connection may touch of this shard, for one call.
@@ -303,7 +309,7 @@ mod tests {
             insecure: true,
             ..Config::default()
         };
-        (Shard::new(0, Arc::new(cfg), node, tx, None), rx)
+        (Shard::new(0, Arc::new(cfg), node, tx), rx)
     }
 
     fn unsub(ch: &str) -> ToBroker {

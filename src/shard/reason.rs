@@ -41,7 +41,8 @@ pub enum Reason {
     ServerError,
     /// `/api/disconnect` (the code is the one the API call gave).
     Command,
-    /// The upgraded socket could not join the shard's epoll set (no close frame: never watched).
+    /// The upgraded socket could not get a receive on the shard's ring (no close frame: never
+    /// watched).
     NotWatched,
 }
 

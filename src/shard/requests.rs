@@ -171,7 +171,7 @@ mod tests {
                 cfg.limits.broker_reply_timeout_ms = 100;
                 let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
                 let (tx, inbox) = crate::bus::broker_queue(4, false).unwrap();
-                let shard = Shard::new(0, Arc::new(cfg), node, tx, None);
+                let shard = Shard::new(0, Arc::new(cfg), node, tx);
                 let started = Instant::now();
                 let result = shard
                     .request(|reply| ToBroker::Gather {

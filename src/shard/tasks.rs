@@ -3,8 +3,8 @@
 //! drain).
 //!
 //! Runs inside the shard's glommio executor (`shardcast-shard-N`). The start-up result goes
-//! back to the node on `ready` (an epoll set that cannot be created is an error naming the
-//! shard, not a panic). No task blocks; each one borrows the shard's cells only between awaits.
+//! back to the node on `ready` (a ring that cannot be set up is an error naming the shard,
+//! the missing feature and the kernel, not a panic). No task blocks; each one borrows the shard's cells only between awaits.
 
 use super::drain::Drain;
 use super::inbox::inbox_loop;
@@ -29,8 +29,6 @@ pub struct ShardParts {
     pub inbox: ShardInbox,
     /// The bound, listening socket of this shard (SO_REUSEPORT).
     pub listener: socket2::Socket,
-    /// The core the shard is pinned to, if any (its poll relay goes there too).
-    pub cpu: Option<usize>,
     /// Told once the accept loop runs, or why the shard could not start.
     pub ready: std::sync::mpsc::Sender<Result<ShardId, ShardError>>,
     /// Set by the node to stop the shard.
@@ -47,11 +45,10 @@ pub async fn run(parts: ShardParts) {
         caps,
         inbox,
         listener,
-        cpu,
         ready,
         stop,
     } = parts;
-    let shard = match Shard::open(id, cfg, node, to_broker, caps, cpu) {
+    let shard = match Shard::open(id, cfg, node, to_broker, caps) {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(e));

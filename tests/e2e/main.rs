@@ -12,6 +12,7 @@ mod http_api;
 mod protocol;
 mod recovery;
 mod redis;
+mod ring;
 mod sdk;
 mod security_api;
 mod security_edge;

@@ -87,6 +87,8 @@ impl Broker for RedisBroker {
         let executor = glommio::LocalExecutorBuilder::new(placement)
             .name("shardcast-broker")
             .io_memory(256 * 1024)
+            // No blocking-thread pool: the multiplexer makes no file-system calls.
+            .blocking_thread_pool_placement(glommio::PoolPlacement::Custom(Vec::new()))
             .make();
         let executor = match executor {
             Ok(e) => e,
