@@ -444,6 +444,13 @@ pub struct Limits {
     /// stay, so recovering from them reports `recovered: false`), counted as
     /// `history_evictions`. In Redis mode Redis holds history (bound it with `maxmemory`).
     pub max_history_bytes: usize,
+    /// HTTP API requests one keep-alive connection has started together: a request and those
+    /// that follow it whole in the bytes already read (pipelined), dispatched at once and
+    /// answered in order in one write. More: the rest waits for the next batch (counted as
+    /// `api_pipelined` when served with one). 16 covers a client's usual pipeline depth while
+    /// keeping one connection's share of the broker queue and of the answers held at once
+    /// small.
+    pub max_pipelined_requests: usize,
 }
 
 impl Default for Limits {
@@ -467,6 +474,7 @@ impl Default for Limits {
             idempotency_window_secs: 300,
             max_idempotency_keys: 100_000,
             max_history_bytes: 256 * 1024 * 1024,
+            max_pipelined_requests: 16,
         }
     }
 }
@@ -714,7 +722,7 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        let positive: [(&str, usize); 14] = [
+        let positive: [(&str, usize); 15] = [
             (
                 "limits.command_rate_per_sec",
                 l.command_rate_per_sec as usize,
@@ -734,6 +742,7 @@ impl Config {
             ),
             ("limits.max_channel_name_bytes", l.max_channel_name_bytes),
             ("limits.max_connections", l.max_connections),
+            ("limits.max_pipelined_requests", l.max_pipelined_requests),
             ("limits.broker_queue_capacity", l.broker_queue_capacity),
             ("limits.shard_queue_capacity", l.shard_queue_capacity),
             ("limits.broker_backlog_capacity", l.broker_backlog_capacity),

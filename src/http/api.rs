@@ -12,6 +12,11 @@
 //! only once the head passed all of them. Bodies come with `Content-Length` or
 //! `Transfer-Encoding: chunked` (decoded here, bounded in decoded bytes), within the request's
 //! deadline (408 past it).
+//!
+//! Requests pipelined on one connection are answered as a batch ([`answer_all`]): every call
+//! is started (its broker message sent, in request order) before any answer is awaited, and
+//! the answers are written in order. A request already read whole ([`take_buffered`]) goes
+//! through the same head checks without any I/O.
 
 use super::{read_within, response, Head, ReadError};
 use crate::bus::NodeCounts;
@@ -146,38 +151,97 @@ fn framing(head: &Head) -> Result<Framing, (u16, &'static str)> {
     Ok(Framing::Chunked)
 }
 
-/// Answers an API request. Everything that can be decided from the head is decided before a
-/// byte of the body is read (method, key, framing, declared length, `Expect`); then the body is
-/// read before `deadline` (408 past it) and the call dispatched. `buf` holds the head and
-/// whatever followed it; on return it holds only the bytes of the next request. `None` when
-/// the connection is unusable (closed by the client).
-pub async fn serve(
+/// One API request of a connection, read whole: a call to dispatch, or an answer decided
+/// without the broker (a refusal from the head, a bad body, the deadline).
+pub enum Request {
+    Call(Call),
+    Answered(Answer),
+}
+
+/// A request whose head passed every check and whose body is read: ready to dispatch.
+pub struct Call {
+    /// The API method (`publish`, ...): the path after `/api/`, without the query.
+    method: String,
+    body: Vec<u8>,
+    /// The head asked to keep the connection open.
+    keep: bool,
+}
+
+impl Request {
+    /// Whether the connection may serve another request after this one.
+    pub fn keeps_alive(&self) -> bool {
+        match self {
+            Request::Call(call) => call.keep,
+            Request::Answered(answer) => answer.after == After::KeepAlive,
+        }
+    }
+
+    /// Whether answering it sends several broker messages one after another (`broadcast`: one
+    /// publish per channel; `info`: three gathers). A call started after it in the same batch
+    /// could otherwise slip a message in between, so a batch waits for such a call before it
+    /// starts the next ones (see [`answer_all`]).
+    fn sends_in_sequence(&self) -> bool {
+        matches!(self, Request::Call(c) if c.method == "broadcast" || c.method == "info")
+    }
+}
+
+/// The checks a head decides alone, before a byte of the body is read: method (405), key
+/// (401), framing (400/501), declared length (413), `Expect` (417). `Ok` with the framing.
+fn check_head(shard: &impl ApiContext, head: &Head) -> Result<Framing, Answer> {
+    if head.method != "POST" {
+        return Err(refuse(405, "use POST\n"));
+    }
+    if !authorized(&shard.config().api_key, head) {
+        return Err(refuse(401, "Unauthorized\n"));
+    }
+    let framing = framing(head).map_err(|(status, message)| refuse(status, message))?;
+    let max = shard.config().limits.max_api_body_bytes;
+    if matches!(framing, Framing::Length(n) if n > max) {
+        return Err(refuse(413, "body too large\n"));
+    }
+    if let Some(expect) = head.header("expect").filter(|_| head.version >= 1) {
+        if !expect.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+            return Err(refuse(417, "only Expect: 100-continue is supported\n"));
+        }
+    }
+    Ok(framing)
+}
+
+/// The call a checked head and its body make.
+fn call(head: &Head, body: Vec<u8>) -> Request {
+    let method = head
+        .path
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("/api")
+        .trim_start_matches('/');
+    Request::Call(Call {
+        method: method.to_string(),
+        body,
+        keep: head.keep_alive(),
+    })
+}
+
+/// Reads an API request whose head is in `buf`. Everything that can be decided from the head
+/// is decided before a byte of the body is read (see [`check_head`]); then the body is read
+/// before `deadline` (408 past it). `buf` holds the head and whatever followed it; on return
+/// it holds only the bytes after this request. `None` when the connection is unusable (closed
+/// by the client).
+pub async fn read(
     shard: &impl ApiContext,
     stream: &mut TcpStream,
     head: &Head,
     buf: &mut Vec<u8>,
     deadline: Instant,
-) -> Option<Answer> {
+) -> Option<Request> {
     buf.drain(..head.len.min(buf.len()));
-    let max = shard.config().limits.max_api_body_bytes;
-    if head.method != "POST" {
-        return Some(refuse(405, "use POST\n"));
-    }
-    if !authorized(&shard.config().api_key, head) {
-        return Some(refuse(401, "Unauthorized\n"));
-    }
-    let framing = match framing(head) {
+    let framing = match check_head(shard, head) {
         Ok(f) => f,
-        Err((status, message)) => return Some(refuse(status, message)),
+        Err(refusal) => return Some(Request::Answered(refusal)),
     };
-    if matches!(framing, Framing::Length(n) if n > max) {
-        return Some(refuse(413, "body too large\n"));
-    }
-    if let Some(expect) = head.header("expect").filter(|_| head.version >= 1) {
-        if !expect.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
-            return Some(refuse(417, "only Expect: 100-continue is supported\n"));
-        }
-        // The head passed: ask for the body, unless it is already here.
+    if head.header("expect").is_some() && head.version >= 1 {
+        // The head passed (so this is `100-continue`): ask for the body, unless it is here.
         let body_pending = match framing {
             Framing::Length(n) => buf.len() < n,
             Framing::Chunked => buf.is_empty(),
@@ -191,6 +255,7 @@ pub async fn serve(
             return None;
         }
     }
+    let max = shard.config().limits.max_api_body_bytes;
     let read = match framing {
         Framing::Length(n) => read_length(stream, buf, n, deadline).await,
         Framing::Chunked => {
@@ -198,34 +263,140 @@ pub async fn serve(
             read_chunked(stream, buf, max, line_max, deadline).await
         }
     };
-    let body = match read {
-        Ok(body) => body,
+    let answer = match read {
+        Ok(body) => return Some(call(head, body)),
         Err(BodyError::Closed) => return None,
         Err(BodyError::Timeout) => {
-            return Some(Answer {
-                bytes: {
-                    shard.request_timed_out();
-                    super::request_timeout()
-                },
+            shard.request_timed_out();
+            Answer {
+                bytes: super::request_timeout(),
                 after: After::Close,
-            })
+            }
         }
-        Err(BodyError::TooBig) => return Some(refuse(413, "body too large\n")),
-        Err(BodyError::Malformed) => return Some(refuse(400, "bad chunked body\n")),
+        Err(BodyError::TooBig) => refuse(413, "body too large\n"),
+        Err(BodyError::Malformed) => refuse(400, "bad chunked body\n"),
     };
-    let keep = head.keep_alive();
-    let method = head
-        .path
-        .split('?')
-        .next()
-        .unwrap_or("")
-        .trim_start_matches("/api")
-        .trim_start_matches('/');
-    let (status, value) = dispatch(shard, method, &body).await;
-    Some(Answer {
-        bytes: json_response(status, &value, keep),
-        after: if keep { After::KeepAlive } else { After::Close },
+    Some(Request::Answered(answer))
+}
+
+/// The API request whose head `head` starts `buf`, if `buf` already holds all of it (a
+/// pipelined request): no I/O, no deadline (nothing is waited for). The same checks as
+/// [`read`]: a refused head is answered without its body. `None` when the body has not all
+/// arrived (`buf` is left untouched: the request is read the ordinary way, with its deadline
+/// and its `100 Continue`); otherwise the request's bytes are drained from `buf`.
+pub fn take_buffered(shard: &impl ApiContext, head: &Head, buf: &mut Vec<u8>) -> Option<Request> {
+    let framing = match check_head(shard, head) {
+        Ok(f) => f,
+        Err(refusal) => {
+            buf.drain(..head.len.min(buf.len()));
+            return Some(Request::Answered(refusal));
+        }
+    };
+    let rest = &buf[head.len.min(buf.len())..];
+    let (body, used) = match framing {
+        Framing::Length(n) if rest.len() >= n => (Ok(rest[..n].to_vec()), n),
+        Framing::Length(_) => return None,
+        Framing::Chunked => {
+            let limits = &shard.config().limits;
+            let mut decoder = ChunkedBody::default();
+            match decoder.feed(rest, limits.max_api_body_bytes, limits.max_request_head_bytes) {
+                Ok(used) if decoder.is_done() => (Ok(decoder.body), used),
+                Ok(_) => return None,
+                Err(e) => (Err(e), 0),
+            }
+        }
+    };
+    buf.drain(..(head.len + used).min(buf.len()));
+    Some(match body {
+        Ok(body) => call(head, body),
+        Err(BodyError::TooBig) => Request::Answered(refuse(413, "body too large\n")),
+        Err(_) => Request::Answered(refuse(400, "bad chunked body\n")),
     })
+}
+
+/// Answers a connection's requests, in order, as one write's bytes; the connection's fate is
+/// the last request's (only the last may close it). Calls are started together: every call's
+/// first broker message is sent, in the order of the requests, before any answer is awaited,
+/// so N pipelined publishes cost about one broker round trip, not N, and two publishes to
+/// one channel keep their order. A call that sends several messages in sequence
+/// ([`Request::sends_in_sequence`]) is awaited before the calls after it start.
+pub async fn answer_all(shard: &impl ApiContext, requests: Vec<Request>) -> Answer {
+    let mut out = Answer {
+        bytes: Vec::new(),
+        after: After::KeepAlive,
+    };
+    let mut requests = requests.into_iter().peekable();
+    while requests.peek().is_some() {
+        let mut group = Vec::new();
+        for request in requests.by_ref() {
+            let last = request.sends_in_sequence();
+            group.push(request);
+            if last {
+                break;
+            }
+        }
+        let answers = if group.len() == 1 {
+            vec![respond(shard, group.pop().expect("one request")).await]
+        } else {
+            join_in_order(group.into_iter().map(|r| respond(shard, r)).collect()).await
+        };
+        for answer in answers {
+            if out.bytes.is_empty() {
+                out.bytes = answer.bytes;
+            } else {
+                out.bytes.extend_from_slice(&answer.bytes);
+            }
+            out.after = answer.after;
+        }
+    }
+    out
+}
+
+/// The answer to one request: its call dispatched, or the answer it already has.
+async fn respond(shard: &impl ApiContext, request: Request) -> Answer {
+    match request {
+        Request::Answered(answer) => answer,
+        Request::Call(call) => {
+            let (status, value) = dispatch(shard, &call.method, &call.body).await;
+            Answer {
+                bytes: json_response(status, &value, call.keep),
+                after: if call.keep {
+                    After::KeepAlive
+                } else {
+                    After::Close
+                },
+            }
+        }
+    }
+}
+
+/// Runs `futures` together and returns their outputs in order. Each poll polls the unfinished
+/// ones in order, so the first poll runs every future up to its first wait, in order (this is
+/// what keeps the broker messages in the order of the requests). One task, one waker.
+async fn join_in_order<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *output = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
 }
 
 /// Why a body could not be read.

@@ -61,6 +61,9 @@ pub struct Counters {
     /// WebSocket upgrades refused with 403: an `Origin` neither the request's host nor in
     /// `allowed_origins`.
     pub origin_refusals: Cell<u64>,
+    /// HTTP API requests found whole behind another in one read (pipelined on a keep-alive
+    /// connection) and started together with it (`limits.max_pipelined_requests`).
+    pub api_pipelined: Cell<u64>,
     /// WebSocket connections ended, by [`Reason`] (`ended_<label>`, one slot per label).
     ended: [Cell<u64>; SLOTS],
 }
@@ -109,6 +112,7 @@ impl Counters {
             ),
             ("request_timeouts", self.request_timeouts.get()),
             ("origin_refusals", self.origin_refusals.get()),
+            ("api_pipelined", self.api_pipelined.get()),
         ];
         all.extend(
             reason::counter_names()

@@ -5,6 +5,9 @@
 //! bytes, and the whole request (head and, for the API, body) in time: one deadline of
 //! `limits.handshake_timeout_secs` from the request's first byte (from the accept for a
 //! connection's first request), past which it gets 408 and is closed (`request_timeouts`).
+//! API requests pipelined on a keep-alive connection and already read whole behind the
+//! current one are served with it as one batch ([`pipelined`], [`api::answer_all`]): started
+//! together, answered in order in one write.
 //!
 //! The HTTP pieces (heads, responses, the handshake and origin checks, the API) live in
 //! [`crate::http`]; this task only puts them together with the shard's state: its counters, the
@@ -122,12 +125,14 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 }
                 buf.drain(..head.len);
             }
-            (_, p) if p.starts_with("/api/") || p == "/api" => {
-                let Some(answer) =
-                    Box::pin(api::serve(&*shard, &mut stream, &head, &mut buf, deadline)).await
+            (_, p) if is_api_path(p) => {
+                let Some(first) =
+                    Box::pin(api::read(&*shard, &mut stream, &head, &mut buf, deadline)).await
                 else {
                     return;
                 };
+                let batch = pipelined(&shard, first, &mut buf);
+                let answer = Box::pin(api::answer_all(&*shard, batch)).await;
                 if stream.write_all(&answer.bytes).await.is_err() {
                     return;
                 }
@@ -148,6 +153,43 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             }
         }
     }
+}
+
+fn is_api_path(path: &str) -> bool {
+    path.starts_with("/api/") || path == "/api"
+}
+
+/// The API requests served together with `first`: those that follow it whole in the bytes
+/// already read (pipelined on the keep-alive connection), at most
+/// `limits.max_pipelined_requests` in all (the rest waits for the next batch), drained from
+/// `buf`. Nothing is read from the socket for them, so a batch is also bounded by what one
+/// read brought; each body is bounded by `limits.max_api_body_bytes` as usual. The batch ends
+/// after a request that closes the connection (a refusal, `Connection: close`), and before
+/// anything that is not a complete API request: a partial one, another path, a bad or too big
+/// head. That is left in `buf` for the loop, read and answered the ordinary way after this
+/// batch's answers.
+fn pipelined(shard: &Shard, first: api::Request, buf: &mut Vec<u8>) -> Vec<api::Request> {
+    let limits = &shard.cfg.limits;
+    let mut batch = vec![first];
+    while batch.len() < limits.max_pipelined_requests
+        && batch.last().is_some_and(api::Request::keeps_alive)
+        && !buf.is_empty()
+    {
+        let Ok(Some(head)) = http::parse_head(buf) else {
+            break;
+        };
+        let path = head.path.split('?').next().unwrap_or("");
+        if head.len > limits.max_request_head_bytes || !is_api_path(path) {
+            break;
+        }
+        let Some(next) = api::take_buffered(shard, &head, buf) else {
+            break;
+        };
+        bump(&shard.counters.http_requests);
+        bump(&shard.counters.api_pipelined);
+        batch.push(next);
+    }
+    batch
 }
 
 /// Checks the upgrade ([`http::handshake`]), applies the node's own limits (draining, the
