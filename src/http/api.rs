@@ -299,7 +299,11 @@ pub fn take_buffered(shard: &impl ApiContext, head: &Head, buf: &mut Vec<u8>) ->
         Framing::Chunked => {
             let limits = &shard.config().limits;
             let mut decoder = ChunkedBody::default();
-            match decoder.feed(rest, limits.max_api_body_bytes, limits.max_request_head_bytes) {
+            match decoder.feed(
+                rest,
+                limits.max_api_body_bytes,
+                limits.max_request_head_bytes,
+            ) {
                 Ok(used) if decoder.is_done() => (Ok(decoder.body), used),
                 Ok(_) => return None,
                 Err(e) => (Err(e), 0),

@@ -25,6 +25,13 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// Bytes the first read of a keep-alive connection's next request may take. Requests
+/// pipelined behind it are served together only when this read brought them whole
+/// ([`pipelined`]), so it is sized for a batch of small API calls (16 publishes of ~1 KiB);
+/// the buffer lives only while the connection is in its HTTP phase (API clients, not idle
+/// WebSockets).
+const KEEP_ALIVE_READ_BYTES: usize = 16 * 1024;
+
 /// Serves one accepted connection until it is upgraded, closed or times out.
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let limits = &shard.cfg.limits;
@@ -40,7 +47,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                     // Idle keep-alive: the next request's first bytes within the timeout, or
                     // a silent close (no request was started).
                     let idle_until = Instant::now() + timeout;
-                    if http::read_within(&mut stream, &mut buf, 2048, idle_until)
+                    if http::read_within(&mut stream, &mut buf, KEEP_ALIVE_READ_BYTES, idle_until)
                         .await
                         .is_err()
                     {

@@ -9,6 +9,7 @@ mod drain;
 mod harness;
 mod history;
 mod http_api;
+mod pipelining;
 mod protocol;
 mod recovery;
 mod redis;
