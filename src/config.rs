@@ -921,6 +921,15 @@ mod tests {
     }
 
     #[test]
+    fn max_pipelined_requests_is_at_least_one() {
+        let c =
+            Config::from_toml("insecure = true\n[limits]\nmax_pipelined_requests = 0\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.max_pipelined_requests"), "{err}");
+        assert_eq!(Config::default().limits.max_pipelined_requests, 16);
+    }
+
+    #[test]
     fn urls() {
         let t = RedisTarget::parse("redis://127.0.0.1:6380/2").unwrap();
         assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6380, 2));

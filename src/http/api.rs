@@ -965,6 +965,179 @@ mod tests {
         }
     }
 
+    /// A shard stand-in: records the channel of every publish it is sent, and answers a
+    /// publish only once `together` publishes were sent (a batch that awaited each call before
+    /// starting the next would never get there: after `MAX_POLLS` its call fails instead).
+    struct Recorder {
+        cfg: Config,
+        node: NodeInfo,
+        sent: std::cell::RefCell<Vec<String>>,
+        together: usize,
+    }
+
+    const MAX_POLLS: usize = 1000;
+
+    impl Recorder {
+        fn new(together: usize) -> Recorder {
+            let mut cfg = Config {
+                api_key: "k".into(),
+                ..Config::default()
+            };
+            cfg.limits.max_api_body_bytes = 100;
+            Recorder {
+                cfg,
+                node: NodeInfo::new("t".into(), "t".into(), "t".into(), 1),
+                sent: Default::default(),
+                together,
+            }
+        }
+    }
+
+    impl ApiContext for Recorder {
+        fn config(&self) -> &Config {
+            &self.cfg
+        }
+        fn node(&self) -> &NodeInfo {
+            &self.node
+        }
+        fn request(
+            &self,
+            make: impl FnOnce(ReplyTo) -> ToBroker,
+        ) -> impl Future<Output = Result<BrokerReply, ErrorCode>> {
+            let sent = &self.sent;
+            let together = self.together;
+            let mut polls = 0;
+            let offset = match make(ReplyTo { shard: 0, token: 0 }) {
+                ToBroker::Publish { channel, .. } => {
+                    sent.borrow_mut().push(channel.to_string());
+                    sent.borrow().len() as u64
+                }
+                _ => 0,
+            };
+            std::future::poll_fn(move |cx| {
+                polls += 1;
+                if sent.borrow().len() >= together {
+                    let pos = StreamPos {
+                        offset,
+                        epoch: "e".into(),
+                    };
+                    std::task::Poll::Ready(Ok(BrokerReply::Published(Ok(Some(pos)))))
+                } else if polls > MAX_POLLS {
+                    std::task::Poll::Ready(Err(ErrorCode::Internal))
+                } else {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                }
+            })
+        }
+        fn send_command(&self, _: ShardCommand) -> Result<(), ErrorCode> {
+            Ok(())
+        }
+        fn request_timed_out(&self) {}
+    }
+
+    fn publish_wire(channel: &str, extra: &str) -> String {
+        let body = format!(r#"{{"channel":"{channel}","data":1}}"#);
+        format!(
+            "POST /api/publish HTTP/1.1\r\nX-API-Key: k\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// Takes every request whole at the front of `wire` the way the front door does.
+    fn take_all(shard: &Recorder, wire: &[u8]) -> (Vec<Request>, Vec<u8>) {
+        let mut buf = wire.to_vec();
+        let mut out = Vec::new();
+        while let Ok(Some(head)) = super::super::parse_head(&buf) {
+            let Some(r) = take_buffered(shard, &head, &mut buf) else {
+                break;
+            };
+            let keep = r.keeps_alive();
+            out.push(r);
+            if !keep {
+                break;
+            }
+        }
+        (out, buf)
+    }
+
+    #[test]
+    fn buffered_requests_are_taken_only_whole() {
+        let shard = Recorder::new(1);
+        let one = publish_wire("a", "");
+        let chunked = "POST /api/publish HTTP/1.1\r\nX-API-Key: k\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"ch\r\n18\r\nannel\":\"b\",\"data\":2}    \r\n0\r\n\r\n";
+        let wire = format!("{one}{chunked}{one}");
+        // Cut anywhere: the whole requests before the cut are taken, the rest stays as it was.
+        for cut in 0..=wire.len() {
+            let (taken, rest) = take_all(&shard, &wire.as_bytes()[..cut]);
+            let whole = [one.len(), one.len() + chunked.len(), wire.len()]
+                .iter()
+                .filter(|&&end| end <= cut)
+                .count();
+            assert_eq!(taken.len(), whole, "cut at {cut}");
+            let used: usize = [one.len(), chunked.len(), one.len()][..whole].iter().sum();
+            assert_eq!(rest, &wire.as_bytes()[used..cut], "cut at {cut}");
+            assert!(taken.iter().all(|r| matches!(r, Request::Call(_))));
+        }
+        let (taken, _) = take_all(&shard, wire.as_bytes());
+        let Request::Call(c) = &taken[1] else {
+            unreachable!()
+        };
+        assert_eq!(
+            (c.method.as_str(), &c.body[..]),
+            ("publish", &br#"{"channel":"b","data":2}    "#[..])
+        );
+    }
+
+    #[test]
+    fn buffered_refusals_end_the_batch_as_read_ones_do() {
+        let shard = Recorder::new(1);
+        let ok = publish_wire("a", "");
+        for (bad, status) in [
+            (publish_wire("a", "X-API-Key: wrong\r\n").replacen("X-API-Key: k\r\n", "", 1), 401),
+            (ok.replacen("POST", "PUT", 1), 405),
+            (publish_wire("a", "Expect: later\r\n"), 417),
+            ("POST /api/publish HTTP/1.1\r\nX-API-Key: k\r\nContent-Length: 101\r\n\r\n".into(), 413),
+            ("POST /api/publish HTTP/1.1\r\nX-API-Key: k\r\nTransfer-Encoding: chunked\r\n\r\n65\r\n".into(), 413),
+            ("POST /api/publish HTTP/1.1\r\nX-API-Key: k\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".into(), 400),
+            ("POST /api/publish HTTP/1.1\r\nX-API-Key: k\r\nTransfer-Encoding: gzip\r\n\r\n".into(), 501),
+        ] {
+            let (taken, _) = take_all(&shard, format!("{ok}{bad}{ok}").as_bytes());
+            assert_eq!(taken.len(), 2, "{bad:?}");
+            let Request::Answered(a) = &taken[1] else {
+                panic!("{bad:?} is refused");
+            };
+            assert!(a.bytes.starts_with(format!("HTTP/1.1 {status} ").as_bytes()), "{bad:?}");
+            assert_eq!(a.after, After::DiscardThenClose);
+        }
+        // `Connection: close` is served, and is the last.
+        let close = publish_wire("a", "Connection: close\r\n");
+        let (taken, rest) = take_all(&shard, format!("{ok}{close}{ok}").as_bytes());
+        assert_eq!((taken.len(), rest), (2, ok.into_bytes()));
+        assert!(matches!(&taken[1], Request::Call(c) if !c.keep));
+    }
+
+    /// Every call of a batch is sent before any is awaited, in request order, and the answers
+    /// come in request order.
+    #[test]
+    fn a_batch_is_started_together_and_answered_in_order() {
+        let channels = ["c1", "c2", "c1", "c3", "c1"];
+        let shard = Recorder::new(channels.len());
+        let wire: String = channels.iter().map(|c| publish_wire(c, "")).collect();
+        let (batch, _) = take_all(&shard, wire.as_bytes());
+        let answer = futures_lite::future::block_on(answer_all(&shard, batch));
+        assert_eq!(*shard.sent.borrow(), channels);
+        assert_eq!(answer.after, After::KeepAlive);
+        let text = String::from_utf8(answer.bytes).unwrap();
+        let offsets: Vec<&str> = text
+            .split("\"offset\":")
+            .skip(1)
+            .map(|s| s.split('}').next().unwrap())
+            .collect();
+        assert_eq!(offsets, ["1", "2", "3", "4", "5"], "{text}");
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 5);
+    }
+
     /// Feeds `input` in pieces of `cut` bytes the way `read_chunked` does (unconsumed bytes
     /// stay in front of the next piece); returns the body and the bytes left after it.
     fn decode(input: &[u8], cut: usize, max: usize) -> Result<(Vec<u8>, Vec<u8>), BodyError> {
