@@ -25,7 +25,7 @@ use common::args::{conns_under_nofile, Args};
 use common::connect::connect_many;
 use common::kernel_memory::{meminfo, slabinfo, sockstat_tcp_mem_bytes};
 use common::info::NodeInfo;
-use common::memory::{mib, rss_bytes, status_bytes};
+use common::memory::{mib, rss_bytes, smaps_rollup_bytes, status_bytes};
 use common::net::raise_nofile;
 use common::reader::{Handler, Reader};
 use common::safety::{fatal, install_safety_nets};
@@ -49,6 +49,8 @@ cargo bench --bench density -- [options]
   --runs N          measurements, each with a fresh server; summary with median and spread (default 3)
   --deadline S      hard overall deadline in seconds (default 60 + 60 per run)
   --server-env L    environment for the server, comma-separated K=V (e.g. MIMALLOC_PURGE_DELAY=0)
+  --no-thp          start the server with transparent huge pages disabled (PR_SET_THP_DISABLE,
+                    inherited): its anonymous memory then grows by 4 KiB pages, not 2 MiB ones
   --server-args S   extra server arguments (whitespace separated)
   --no-bench-config do not pass --config with the [namespaces.bench] section
   --server-log      server stderr to our stderr (default: a log file under target/)
@@ -79,6 +81,8 @@ struct Snap {
     /// RssAnon and RssFile of the server (/proc/<pid>/status), 0 when absent.
     server_anon: u64,
     server_file: u64,
+    /// AnonHugePages (smaps_rollup): anonymous memory backed by 2 MiB transparent huge pages.
+    server_thp: u64,
     client_rss: u64,
     mem_used: u64,
     slab: u64,
@@ -96,6 +100,7 @@ impl Snap {
             server_rss: rss_bytes(pid),
             server_anon: status_bytes(pid, "RssAnon:").unwrap_or(0),
             server_file: status_bytes(pid, "RssFile:").unwrap_or(0),
+            server_thp: smaps_rollup_bytes(pid, "AnonHugePages:").unwrap_or(0),
             // SAFETY: getpid has no preconditions.
             client_rss: rss_bytes(unsafe { libc::getpid() }),
             mem_used: g("MemTotal").saturating_sub(g("MemAvailable")),
@@ -168,6 +173,16 @@ fn main() {
     let t_start = Instant::now();
     let o = Opts::parse(&args);
     set_server_env(&args);
+    if args.has("no-thp") {
+        // SAFETY: prctl with integer arguments; inherited by the server across fork and exec.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+            fatal(&format!(
+                "prctl(PR_SET_THP_DISABLE): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        println!("# transparent huge pages disabled for the server (PR_SET_THP_DISABLE)");
+    }
     println!(
         "# density: conns={} (RLIMIT_NOFILE hard={}, margin={}) shards={} \
          channels={} src_addrs=127.0.0.2..127.0.0.{} connect_threads={} settle={} ms runs={}",
@@ -256,9 +271,10 @@ fn run_once(o: &Opts, args: &Args, t_start: Instant) -> (RunResult, bool) {
     }
     let base = Snap::take(server.pid, 0);
     println!(
-        "density baseline: server RSS {:.2} MiB (anon {:.2}, file {:.2}; after READY + {:.1} s settle)",
+        "density baseline: server RSS {:.2} MiB (anon {:.2} of which huge pages {:.2}, file {:.2}; after READY + {:.1} s settle)",
         mib(base.server_rss as f64),
         mib(base.server_anon as f64),
+        mib(base.server_thp as f64),
         mib(base.server_file as f64),
         o.settle.as_secs_f64()
     );
@@ -363,12 +379,13 @@ fn connect_in_two_stages(
         }
         let s = Snap::take(pid, first + count);
         println!(
-            "density rss@{}: server RSS {:.2} MiB, Δ vs baseline {:+.2} MiB = {:.0} B/conn user-space (average; anon {:+.2} MiB, file-backed {:+.2} MiB)",
+            "density rss@{}: server RSS {:.2} MiB, Δ vs baseline {:+.2} MiB = {:.0} B/conn user-space (average; anon {:+.2} MiB of which huge pages {:+.2} MiB, file-backed {:+.2} MiB)",
             s.conns,
             mib(s.server_rss as f64),
             mib(d(base.server_rss, s.server_rss) as f64),
             d(base.server_rss, s.server_rss) as f64 / s.conns as f64,
             mib(d(base.server_anon, s.server_anon) as f64),
+            mib(d(base.server_thp, s.server_thp) as f64),
             mib(d(base.server_file, s.server_file) as f64)
         );
         s

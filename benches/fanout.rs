@@ -149,10 +149,12 @@ struct Subs {
     first_malformed: Option<String>,
 }
 
-/// Finds `"key":<digits>` and parses the number (no allocation; this runs for
-/// every delivery on a single client core).
-fn find_num(line: &[u8], key: &[u8]) -> Option<u64> {
-    let pos = line.windows(key.len()).position(|w| w == key)?;
+/// Finds `"key":<digits>` at or after `from` and parses the number; returns it and where it
+/// ends (no allocation; this runs for every delivery on a single client core, so the keys are
+/// looked up in their order, each search starting where the previous one ended).
+fn find_num(line: &[u8], key: &[u8], from: usize) -> Option<(u64, usize)> {
+    let rest = line.get(from..)?;
+    let pos = from + rest.windows(key.len()).position(|w| w == key)?;
     let mut i = pos + key.len();
     while i < line.len() && line[i] == b' ' {
         i += 1;
@@ -163,19 +165,21 @@ fn find_num(line: &[u8], key: &[u8]) -> Option<u64> {
         v = v.checked_mul(10)?.checked_add((line[i] - b'0') as u64)?;
         i += 1;
     }
-    (i > start).then_some(v)
+    (i > start).then_some((v, i))
 }
 
 impl Handler for Subs {
     fn on_line(&mut self, conn: usize, line: &[u8], now: u64) {
         let parsed = (|| {
-            if !line.windows(7).any(|w| w == b"\"push\":") {
+            if !line.starts_with(b"{\"push\":") {
                 return None;
             }
-            let t = find_num(line, b"\"t\":")?;
-            let s = find_num(line, b"\"s\":")? as usize;
-            let seq = find_num(line, b"\"seq\":")?;
-            let p = find_num(line, b"\"p\":")? as usize;
+            // The data's keys come in this order (see `data`).
+            let (t, at) = find_num(line, b"\"t\":", 0)?;
+            let (s, at) = find_num(line, b"\"s\":", at)?;
+            let (seq, at) = find_num(line, b"\"seq\":", at)?;
+            let (p, _) = find_num(line, b"\"p\":", at)?;
+            let (s, p) = (s as usize, p as usize);
             (s < MAX_STREAMS && p < MAX_STEPS).then_some((t, s, seq, p))
         })();
         let Some((t, s, seq, p)) = parsed else {
