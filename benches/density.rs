@@ -23,8 +23,8 @@ common_modules!("common"; args, connect, http, info, kernel_memory, memory, net,
 
 use common::args::{conns_under_nofile, Args};
 use common::connect::connect_many;
-use common::kernel_memory::{meminfo, slabinfo, sockstat_tcp_mem_bytes};
 use common::info::NodeInfo;
+use common::kernel_memory::{meminfo, slabinfo, sockstat_tcp_mem_bytes};
 use common::memory::{mib, rss_bytes, smaps_rollup_bytes, status_bytes};
 use common::net::raise_nofile;
 use common::reader::{Handler, Reader};
@@ -330,9 +330,7 @@ fn report_summary(o: &Opts, rs: &[RunResult]) {
         o.n,
         o.shards
     );
-    let list = |f: &dyn Fn(&RunResult) -> String| {
-        rs.iter().map(f).collect::<Vec<_>>().join(", ")
-    };
+    let list = |f: &dyn Fn(&RunResult) -> String| rs.iter().map(f).collect::<Vec<_>>().join(", ");
     println!(
         "# per run: average B/conn [{}]; slope [{}]; fixed part (intercept) MiB [{}]; average anon/file B/conn [{}]; baseline MiB [{}]; kernel B/server socket [{}]",
         list(&|r| format!("{:.0}", r.avg)),

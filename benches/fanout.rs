@@ -1159,7 +1159,10 @@ fn start_nodes(o: &Opts, args: &Args) -> (Option<RedisServer>, Vec<Server>) {
 fn print_ratio(server: &StepReport, floor: &StepReport) {
     let us = |r: &StepReport, cpu: f64| cpu / r.stats.delivered.max(1) as f64 * 1e6;
     let (s, f) = (us(server, server.server_cpu), us(floor, floor.server_cpu));
-    let (ss, fs) = (us(server, server.server_sched), us(floor, floor.server_sched));
+    let (ss, fs) = (
+        us(server, server.server_sched),
+        us(floor, floor.server_sched),
+    );
     println!(
         "fanout server/floor: CPU per delivery server {s:.3} µs / floor {f:.3} µs = {:.3} (schedstat {ss:.3} / {fs:.3} µs = {:.3}); latency p99 server {} vs floor {}; same {} subs x {:.0} msg/s",
         s / f.max(1e-9),
