@@ -6,18 +6,26 @@
 //! server RSS and kernel memory before, at N/4 and at N, the per-connection
 //! average and slope, and a projection to 500,000 connections.
 //!
+//! `--runs N` (default 3) repeats the whole measurement N times, each with a fresh server, and
+//! ends with a summary line: the median and the spread (min..max) of the average (RSS growth
+//! over the baseline, what the first connections add included) and of the N/4 -> N slope. Each
+//! RSS line splits the growth into anonymous memory (heap, stacks, io_uring buffers) and
+//! file-backed pages (the binary's code touched for the first time), and the fixed part
+//! (intercept: growth at N minus slope x N) tells how much of the average is not per connection.
+//!
 //! Run: `cargo bench --bench density [-- --conns N --shards 2 ...]`, `--help`
 //! for all options.
 
 #[macro_use]
 #[path = "common/modules.rs"]
 mod modules;
-common_modules!("common"; args, connect, kernel_memory, memory, net, reader, safety, server, ws);
+common_modules!("common"; args, connect, http, info, kernel_memory, memory, net, reader, safety, server, ws);
 
 use common::args::{conns_under_nofile, Args};
 use common::connect::connect_many;
+use common::info::NodeInfo;
 use common::kernel_memory::{meminfo, slabinfo, sockstat_tcp_mem_bytes};
-use common::memory::{mib, rss_bytes};
+use common::memory::{mib, rss_bytes, smaps_rollup_bytes, status_bytes};
 use common::net::raise_nofile;
 use common::reader::{Handler, Reader};
 use common::safety::{fatal, install_safety_nets};
@@ -38,7 +46,11 @@ cargo bench --bench density -- [options]
   --threads N       connecting threads (default 8)
   --src-addrs N     number of source addresses 127.0.0.2.. (default: 1 per 10K conns, min 2)
   --settle-ms MS    settle time before each measurement (default 3000)
-  --deadline S      hard overall deadline in seconds (default 120)
+  --runs N          measurements, each with a fresh server; summary with median and spread (default 3)
+  --deadline S      hard overall deadline in seconds (default 60 + 60 per run)
+  --server-env L    environment for the server, comma-separated K=V (e.g. MIMALLOC_PURGE_DELAY=0)
+  --no-thp          start the server with transparent huge pages disabled (PR_SET_THP_DISABLE,
+                    inherited): its anonymous memory then grows by 4 KiB pages, not 2 MiB ones
   --server-args S   extra server arguments (whitespace separated)
   --no-bench-config do not pass --config with the [namespaces.bench] section
   --server-log      server stderr to our stderr (default: a log file under target/)
@@ -66,6 +78,11 @@ impl Handler for Idle {
 struct Snap {
     conns: usize,
     server_rss: u64,
+    /// RssAnon and RssFile of the server (/proc/<pid>/status), 0 when absent.
+    server_anon: u64,
+    server_file: u64,
+    /// AnonHugePages (smaps_rollup): anonymous memory backed by 2 MiB transparent huge pages.
+    server_thp: u64,
     client_rss: u64,
     mem_used: u64,
     slab: u64,
@@ -81,6 +98,9 @@ impl Snap {
         Snap {
             conns,
             server_rss: rss_bytes(pid),
+            server_anon: status_bytes(pid, "RssAnon:").unwrap_or(0),
+            server_file: status_bytes(pid, "RssFile:").unwrap_or(0),
+            server_thp: smaps_rollup_bytes(pid, "AnonHugePages:").unwrap_or(0),
             // SAFETY: getpid has no preconditions.
             client_rss: rss_bytes(unsafe { libc::getpid() }),
             mem_used: g("MemTotal").saturating_sub(g("MemAvailable")),
@@ -118,6 +138,7 @@ struct Opts {
     threads: usize,
     n_src: usize,
     settle: Duration,
+    runs: usize,
 }
 
 impl Opts {
@@ -136,6 +157,7 @@ impl Opts {
             threads: args.get("threads", 8usize),
             n_src: args.get("src-addrs", n.div_ceil(10_000).max(2)),
             settle: Duration::from_millis(args.get("settle-ms", 3000u64)),
+            runs: args.get("runs", 3usize).max(1),
         }
     }
 }
@@ -144,12 +166,26 @@ fn main() {
     let Some(args) = Args::parse_or_help(USAGE) else {
         return;
     };
-    install_safety_nets(Duration::from_secs(args.get("deadline", 120u64)));
+    let runs_hint = args.get("runs", 3u64).max(1);
+    install_safety_nets(Duration::from_secs(
+        args.get("deadline", 60 + 60 * runs_hint),
+    ));
     let t_start = Instant::now();
     let o = Opts::parse(&args);
+    set_server_env(&args);
+    if args.has("no-thp") {
+        // SAFETY: prctl with integer arguments; inherited by the server across fork and exec.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+            fatal(&format!(
+                "prctl(PR_SET_THP_DISABLE): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        println!("# transparent huge pages disabled for the server (PR_SET_THP_DISABLE)");
+    }
     println!(
         "# density: conns={} (RLIMIT_NOFILE hard={}, margin={}) shards={} \
-         channels={} src_addrs=127.0.0.2..127.0.0.{} connect_threads={} settle={} ms",
+         channels={} src_addrs=127.0.0.2..127.0.0.{} connect_threads={} settle={} ms runs={}",
         o.n,
         o.hard,
         o.margin,
@@ -157,25 +193,94 @@ fn main() {
         o.channels,
         o.n_src + 1,
         o.threads,
-        o.settle.as_millis()
+        o.settle.as_millis(),
+        o.runs
     );
+    let mut results = Vec::new();
+    let mut failed = false;
+    for run in 1..=o.runs {
+        if o.runs > 1 {
+            println!("# run {run}/{}", o.runs);
+        }
+        let (r, ok) = run_once(&o, &args, t_start);
+        results.push(r);
+        failed |= !ok;
+    }
+    report_summary(&o, &results);
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// `--server-env K=V,...`: set in this process before the server starts, which inherits it.
+fn set_server_env(args: &Args) {
+    let Some(list) = args.str("server-env") else {
+        return;
+    };
+    for kv in list.split(',').filter(|kv| !kv.trim().is_empty()) {
+        let Some((k, v)) = kv.trim().split_once('=') else {
+            fatal(&format!("bad --server-env entry {kv:?}: want K=V"));
+        };
+        std::env::set_var(k, v);
+        println!("# server environment: {k}={v}");
+    }
+}
+
+/// What one run measured, for the summary.
+struct RunResult {
+    /// (RSS(N) - RSS(baseline)) / N, B/conn.
+    avg: f64,
+    /// (RSS(N) - RSS(N/4)) / (3N/4), B/conn.
+    slope: f64,
+    /// RSS(N) - RSS(baseline) - slope x N: what is not per connection, bytes.
+    intercept: f64,
+    /// Anonymous share of the growth over the baseline, B/conn.
+    anon_avg: f64,
+    /// File-backed share of the growth over the baseline, B/conn.
+    file_avg: f64,
+    baseline: u64,
+    kernel: f64,
+}
+
+/// One measurement with a fresh server; returns its figures and whether it went cleanly.
+fn run_once(o: &Opts, args: &Args, t_start: Instant) -> (RunResult, bool) {
     let mut server = Server::start(
         "density",
         o.shards,
-        &bench_server_args(&args, "density", ""),
+        &bench_server_args(args, "density", ""),
         args.has("server-log"),
     );
     println!("# server: {}", server.describe());
     thread::sleep(o.settle);
+    // The shards' receive buffers (provided-buffer rings) are part of the baseline: resident
+    // only once written, so they show in the RSS as the first reads touch them.
+    match NodeInfo::fetch(server.addr) {
+        Ok(info) => match info.gauge("recv_buffer_ring_bytes") {
+            Some(ring) => println!(
+                "density recv-buffer-rings: {:.2} MiB in all ({} shards; /api/info gauge recv_buffer_ring_bytes) = {:.0} B/conn at {} conns",
+                mib(ring as f64),
+                o.shards,
+                ring as f64 / o.n as f64,
+                o.n
+            ),
+            None => println!(
+                "density recv-buffer-rings: n/a (this server's /api/info has no gauge recv_buffer_ring_bytes)"
+            ),
+        },
+        Err(e) => println!("density recv-buffer-rings: n/a (/api/info unavailable: {e})"),
+    }
     let base = Snap::take(server.pid, 0);
     println!(
-        "density baseline: server RSS {:.2} MiB (after READY + {:.1} s settle)",
+        "density baseline: server RSS {:.2} MiB (anon {:.2} of which huge pages {:.2}, file {:.2}; after READY + {:.1} s settle)",
         mib(base.server_rss as f64),
+        mib(base.server_anon as f64),
+        mib(base.server_thp as f64),
+        mib(base.server_file as f64),
         o.settle.as_secs_f64()
     );
 
     let keeper = Reader::spawn("keeper", Idle::default());
-    let [s1, s2] = connect_in_two_stages(&o, server.addr, server.pid, &keeper, &base);
+    let [s1, s2] = connect_in_two_stages(o, server.addr, server.pid, &keeper, &base);
     let user = report_user(&base, &s1, &s2);
     let k_slope = report_kernel(&base, &s1, &s2);
     report_projection(&base, user, k_slope);
@@ -194,9 +299,47 @@ fn main() {
         t_start.elapsed().as_secs_f64()
     );
     drop(server);
-    if !alive || stats.closed > 0 {
-        std::process::exit(1);
-    }
+    let n2 = s2.conns as f64;
+    let (user_slope, user_avg) = user;
+    let r = RunResult {
+        avg: user_avg,
+        slope: user_slope,
+        intercept: d(base.server_rss, s2.server_rss) as f64 - user_slope * n2,
+        anon_avg: d(base.server_anon, s2.server_anon) as f64 / n2,
+        file_avg: d(base.server_file, s2.server_file) as f64 / n2,
+        baseline: base.server_rss,
+        kernel: k_slope,
+    };
+    (r, alive && stats.closed == 0)
+}
+
+/// The median (upper of the two middle ones for an even count) and the range.
+fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// The summary over the runs: median and spread of the average and of the slope.
+fn report_summary(o: &Opts, rs: &[RunResult]) {
+    let stat = |f: &dyn Fn(&RunResult) -> f64| median_spread(rs.iter().map(f).collect());
+    let (avg, avg_lo, avg_hi) = stat(&|r| r.avg);
+    let (slope, slope_lo, slope_hi) = stat(&|r| r.slope);
+    println!(
+        "density summary: {} runs at {} conns ({} shards): average {avg:.0} B/conn median (spread {avg_lo:.0}..{avg_hi:.0}; RSS growth over the baseline, start-up included); slope N/4->N {slope:.0} B/conn median (spread {slope_lo:.0}..{slope_hi:.0})",
+        rs.len(),
+        o.n,
+        o.shards
+    );
+    let list = |f: &dyn Fn(&RunResult) -> String| rs.iter().map(f).collect::<Vec<_>>().join(", ");
+    println!(
+        "# per run: average B/conn [{}]; slope [{}]; fixed part (intercept) MiB [{}]; average anon/file B/conn [{}]; baseline MiB [{}]; kernel B/server socket [{}]",
+        list(&|r| format!("{:.0}", r.avg)),
+        list(&|r| format!("{:.0}", r.slope)),
+        list(&|r| format!("{:.2}", mib(r.intercept))),
+        list(&|r| format!("{:.0}/{:.0}", r.anon_avg, r.file_avg)),
+        list(&|r| format!("{:.2}", mib(r.baseline as f64))),
+        list(&|r| format!("{:.0}", r.kernel)),
+    );
 }
 
 /// Opens N/4 connections, then the remaining 3N/4, handing them to the keeper; after each
@@ -234,11 +377,14 @@ fn connect_in_two_stages(
         }
         let s = Snap::take(pid, first + count);
         println!(
-            "density rss@{}: server RSS {:.2} MiB, Δ vs baseline {:+.2} MiB = {:.0} B/conn user-space (average)",
+            "density rss@{}: server RSS {:.2} MiB, Δ vs baseline {:+.2} MiB = {:.0} B/conn user-space (average; anon {:+.2} MiB of which huge pages {:+.2} MiB, file-backed {:+.2} MiB)",
             s.conns,
             mib(s.server_rss as f64),
             mib(d(base.server_rss, s.server_rss) as f64),
-            d(base.server_rss, s.server_rss) as f64 / s.conns as f64
+            d(base.server_rss, s.server_rss) as f64 / s.conns as f64,
+            mib(d(base.server_anon, s.server_anon) as f64),
+            mib(d(base.server_thp, s.server_thp) as f64),
+            mib(d(base.server_file, s.server_file) as f64)
         );
         s
     })
@@ -253,6 +399,14 @@ fn report_user(base: &Snap, s1: &Snap, s2: &Snap) -> (f64, f64) {
     println!(
         "density user-slope: (RSS({}) - RSS({})) / {} = {:.0} B/conn user-space",
         s2.conns, s1.conns, dn as u64, user_slope
+    );
+    println!(
+        "density user-fixed: RSS({}) - RSS(baseline) - slope x {} = {:+.2} MiB not per connection (what the first connections add: code pages, allocator heaps, tables); anon slope {:.0} B/conn, file-backed slope {:.0} B/conn",
+        s2.conns,
+        s2.conns,
+        mib(d(base.server_rss, s2.server_rss) as f64 - user_slope * n2),
+        d(s1.server_anon, s2.server_anon) as f64 / dn,
+        d(s1.server_file, s2.server_file) as f64 / dn
     );
     let rss_step = d(s1.server_rss, s2.server_rss).unsigned_abs();
     if rss_step < 8 << 20 {
@@ -270,9 +424,9 @@ fn report_kernel(base: &Snap, s1: &Snap, s2: &Snap) -> f64 {
     let dn = (s2.conns - s1.conns) as f64;
     let n2 = s2.conns as f64;
     // Both ends of every connection live on this machine and each end holds
-    // the same kernel objects (tcp_sock, socket inode, file, dentry, an epoll
-    // item: our reader uses epoll too), so kernel memory is divided by 2
-    // sockets per connection to get the cost of one server-side socket.
+    // mostly the same kernel objects (tcp_sock, socket inode, file, dentry), so
+    // kernel memory is divided by 2 sockets per connection to get the cost of
+    // one server-side socket (corrected below for what only one end holds).
     let k_avg = (s2.kernel() - base.kernel()) as f64 / (2.0 * n2);
     let k_slope = (s2.kernel() - s1.kernel()) as f64 / (2.0 * dn);
     println!(
@@ -292,10 +446,10 @@ fn report_kernel(base: &Snap, s1: &Snap, s2: &Snap) -> f64 {
         "# kernel division: each connection has 2 local sockets (bench client end + server end) holding \
          the same objects, so kernel Δ / (2 x conns) = one server-side socket; a server with remote clients pays one"
     );
-    // Both ends hold the same objects, an epoll registration included (the server watches its
-    // WebSocket sockets with epoll, the bench its client sockets). The one asymmetric item is
-    // io_kiocb (an in-flight io_uring request), which only the server end can hold:
-    // server end = (K - io) / 2 + io = (K + io) / 2.
+    // Both ends hold the same objects except two: an epoll registration (eventpoll_epi), which
+    // only the bench's end holds (the server has no epoll set: its sockets are on io_uring), and
+    // io_kiocb (the armed multishot receive), which only the server's end holds:
+    // server end = (K - epi - io) / 2 + io = (K - epi + io) / 2.
     let slab_d = |k: &str| {
         d(
             s1.slabs.get(k).copied().unwrap_or(0),
@@ -306,11 +460,11 @@ fn report_kernel(base: &Snap, s1: &Snap, s2: &Snap) -> f64 {
     let k_server = if s1.slabs.is_empty() {
         k_slope
     } else {
-        ((s2.kernel() - s1.kernel()) + io) as f64 / (2.0 * dn)
+        ((s2.kernel() - s1.kernel()) - epi + io) as f64 / (2.0 * dn)
     };
     println!(
-        "density kernel-server-socket: {k_server:.0} B/socket = (ΔK + Δio_kiocb) / (2 x {2}); \
-         eventpoll_epi {0:+.0} B/conn (one epoll entry on each end), io_kiocb {1:+.0} B/conn on the server end (io_uring)",
+        "density kernel-server-socket: {k_server:.0} B/socket = (ΔK - Δeventpoll_epi + Δio_kiocb) / (2 x {2}); \
+         eventpoll_epi {0:+.0} B/conn (the bench's epoll entries), io_kiocb {1:+.0} B/conn on the server end (its armed receive)",
         epi as f64 / dn,
         io as f64 / dn,
         dn as u64

@@ -22,6 +22,17 @@
 //! every node, A's own subscribers included). Same phases and figures, plus
 //! latency per node and CPU per delivery of both nodes and of redis-server.
 //!
+//! `--floor` (line `fanout floor`): no server; the bench stands in for it, writing the same
+//! frames at the same paced rate to as many loopback sockets with a bare `send()` loop from one
+//! thread pinned to core 0, read by the same readers: the kernel floor of CPU per delivery.
+//! `--with-floor` runs it right after the server's fixed-rate phase, in the same run, and
+//! prints the ratio `fanout server/floor`.
+//!
+//! Every step also reports the server's own counters over the step (`deliveries` and `writes`
+//! from /api/info: frames per write, "n/a" on a server without them) and the client's messages
+//! per read(), so a max-rate figure shows whether the server coalesced and whether the reader
+//! kept up.
+//!
 //! Run: `cargo bench --bench fanout [-- --subs 1000 --rate 100 --secs 10 ...]`,
 //! `cargo bench --bench fanout -- --redis`, `--help` for all options.
 
@@ -30,16 +41,18 @@
 mod modules;
 common_modules!(
     "common";
-    args, clock, connect, cpu, hist, http, machine, net, pinning, reader, redis, safety, server,
-    ws
+    args, clock, connect, cpu, floor, hist, http, info, machine, net, pinning, reader, redis,
+    safety, server, ws
 );
 
 use common::args::Args;
 use common::clock::wait_until;
 use common::connect::{connect_many, WsConn};
 use common::cpu::{cpu_secs, online_cpus, sched_ns, self_cpu_secs};
+use common::floor::{Floor, Job};
 use common::hist::{fmt_ns, Hist};
 use common::http::HttpClient;
+use common::info::{counter_delta, NodeInfo};
 use common::machine::machine_cpu;
 use common::net::raise_nofile;
 use common::pinning::{client_cpus, own_thread_affinities, pin_bench_threads, threads_of};
@@ -62,12 +75,18 @@ cargo bench --bench fanout -- [options]
   --ramp-factor F    rate multiplier per step (default 1.5)
   --step-secs S      ramp step duration (default 2)
   --max-steps N      ramp steps at most (default 10)
-  --http-conns N     keep-alive publish connections in the ramp, 1..4 (default 2)
+  --http-conns N     keep-alive publish connections in the ramp, 1..4 (default 2), each its
+                     own publisher thread; --publishers N is the same option
   --pipeline W       outstanding (pipelined) requests per HTTP connection (default 4)
   --p99-limit-ms MS  a ramp step with p99 above this is not sustained (default 50)
   --drain-ms MS      wait for late deliveries after each step (default 3000)
   --payload B        approximate size of the published JSON data (default 64)
   --readers N        epoll reader threads (default 1)
+  --reader-pause-us U  in the ramp, the readers sleep U µs between epoll batches so each
+                     read() takes more frames (default 0; the fixed rate and floor never pause)
+  --floor            no server: the kernel floor (bare send() loop from a thread pinned to
+                     core 0 to --subs loopback sockets, same frames, same paced rate)
+  --with-floor       the floor right after the server's fixed-rate phase, then the ratio line
   --client-cpus L    comma-separated CPUs for the bench threads (default: last CPU)
   --src-addrs N      source addresses 127.0.0.2.. for subscribers (default 2)
   --skip-fixed / --skip-ramp
@@ -86,8 +105,11 @@ env SHARDCAST_BIN overrides the server binary, REDIS_SERVER the redis-server bin
 
 /// Stream 0 = fixed-rate publisher, 1..=4 = ramp publishers (one per HTTP
 /// connection); each stream has its own gap-free seq sequence.
-const MAX_STREAMS: usize = 5;
+const MAX_STREAMS: usize = 6;
 const MAX_STEPS: usize = 64;
+/// The floor's stream and step slot (the ramp uses steps 1..MAX_STEPS-1 and streams 1..=4).
+const FLOOR_STREAM: usize = MAX_STREAMS - 1;
+const FLOOR_STEP: usize = MAX_STEPS - 1;
 
 #[derive(Default, Clone)]
 struct StepStats {
@@ -127,10 +149,12 @@ struct Subs {
     first_malformed: Option<String>,
 }
 
-/// Finds `"key":<digits>` and parses the number (no allocation; this runs for
-/// every delivery on a single client core).
-fn find_num(line: &[u8], key: &[u8]) -> Option<u64> {
-    let pos = line.windows(key.len()).position(|w| w == key)?;
+/// Finds `"key":<digits>` at or after `from` and parses the number; returns it and where it
+/// ends (no allocation; this runs for every delivery on a single client core, so the keys are
+/// looked up in their order, each search starting where the previous one ended).
+fn find_num(line: &[u8], key: &[u8], from: usize) -> Option<(u64, usize)> {
+    let rest = line.get(from..)?;
+    let pos = from + rest.windows(key.len()).position(|w| w == key)?;
     let mut i = pos + key.len();
     while i < line.len() && line[i] == b' ' {
         i += 1;
@@ -141,19 +165,21 @@ fn find_num(line: &[u8], key: &[u8]) -> Option<u64> {
         v = v.checked_mul(10)?.checked_add((line[i] - b'0') as u64)?;
         i += 1;
     }
-    (i > start).then_some(v)
+    (i > start).then_some((v, i))
 }
 
 impl Handler for Subs {
     fn on_line(&mut self, conn: usize, line: &[u8], now: u64) {
         let parsed = (|| {
-            if !line.windows(7).any(|w| w == b"\"push\":") {
+            if !line.starts_with(b"{\"push\":") {
                 return None;
             }
-            let t = find_num(line, b"\"t\":")?;
-            let s = find_num(line, b"\"s\":")? as usize;
-            let seq = find_num(line, b"\"seq\":")?;
-            let p = find_num(line, b"\"p\":")? as usize;
+            // The data's keys come in this order (see `data`).
+            let (t, at) = find_num(line, b"\"t\":", 0)?;
+            let (s, at) = find_num(line, b"\"s\":", at)?;
+            let (seq, at) = find_num(line, b"\"seq\":", at)?;
+            let (p, _) = find_num(line, b"\"p\":", at)?;
+            let (s, p) = (s as usize, p as usize);
             (s < MAX_STREAMS && p < MAX_STEPS).then_some((t, s, seq, p))
         })();
         let Some((t, s, seq, p)) = parsed else {
@@ -210,13 +236,38 @@ struct PubResult {
     first_error: Option<String>,
 }
 
-fn body(stream: usize, seq: u64, step: usize, payload: usize) -> Vec<u8> {
+/// The publication's data, stamped now: `{"t":..,"s":..,"seq":..,"p":..,"pad":"x.."}` of
+/// about `payload` bytes.
+fn data(stream: usize, seq: u64, step: usize, payload: usize) -> String {
     let t = unix_ns();
     let base = format!("{{\"t\":{t},\"s\":{stream},\"seq\":{seq},\"p\":{step},\"pad\":\"\"}}");
     let pad = payload.saturating_sub(base.len());
     format!(
-        "{{\"channel\":\"bench:0\",\"data\":{{\"t\":{t},\"s\":{stream},\"seq\":{seq},\"p\":{step},\"pad\":\"{}\"}}}}",
+        "{{\"t\":{t},\"s\":{stream},\"seq\":{seq},\"p\":{step},\"pad\":\"{}\"}}",
         "x".repeat(pad)
+    )
+}
+
+/// The publish request's body.
+fn body(stream: usize, seq: u64, step: usize, payload: usize) -> Vec<u8> {
+    format!(
+        "{{\"channel\":\"bench:0\",\"data\":{}}}",
+        data(stream, seq, step, payload)
+    )
+    .into_bytes()
+}
+
+/// The push a subscriber of bench:0 receives for that publication, as the server writes it
+/// (`offset` too when the channel has history): what the floor sends.
+fn push(stream: usize, seq: u64, step: usize, payload: usize, history: bool) -> Vec<u8> {
+    let offset = if history {
+        format!(",\"offset\":{}", seq + 1)
+    } else {
+        String::new()
+    };
+    format!(
+        "{{\"push\":{{\"channel\":\"bench:0\",\"pub\":{{\"data\":{}{offset}}}}}}}",
+        data(stream, seq, step, payload)
     )
     .into_bytes()
 }
@@ -327,9 +378,55 @@ struct StepReport {
     closed: usize,
     drained: bool,
     first_error: Option<String>,
+    /// Server counters over the step (summed over nodes), `None` when /api/info lacks them.
+    srv_deliveries: Option<u64>,
+    srv_writes: Option<u64>,
+    /// Client side: read() calls with data and WebSocket messages, over the step.
+    client_reads: u64,
+    client_messages: u64,
+    reader_pause_us: u64,
 }
 
 impl StepReport {
+    /// Frames per write from the server's counters, or "n/a".
+    fn frames_per_write(&self) -> String {
+        match (self.srv_deliveries, self.srv_writes) {
+            (Some(d), Some(w)) if w > 0 => format!("{:.2}", d as f64 / w as f64),
+            _ => "n/a".into(),
+        }
+    }
+
+    fn messages_per_read(&self) -> f64 {
+        self.client_messages as f64 / self.client_reads.max(1) as f64
+    }
+
+    fn client_saturated(&self) -> bool {
+        self.client_util > 0.9 * self.client_cores as f64
+    }
+
+    /// The counters line of a step: server frames per write, client messages per read.
+    fn print_io(&self) {
+        let opt = |v: Option<u64>| v.map_or("n/a".to_string(), |v| v.to_string());
+        println!(
+            "fanout {} io: server counters deliveries {} writes {} = {} frames/write; client {} messages in {} reads = {:.2} messages/read (reader pause {} µs), client CPU {:.0}% of {} core(s){}",
+            self.name,
+            opt(self.srv_deliveries),
+            opt(self.srv_writes),
+            self.frames_per_write(),
+            self.client_messages,
+            self.client_reads,
+            self.messages_per_read(),
+            self.reader_pause_us,
+            self.client_util * 100.0,
+            self.client_cores,
+            if self.client_saturated() {
+                ": CLIENT SATURATED (figures are client-bound)"
+            } else {
+                ": client not saturated"
+            }
+        );
+    }
+
     fn clone_summary(&self) -> StepReport {
         StepReport {
             name: self.name.clone(),
@@ -378,6 +475,7 @@ impl StepReport {
                 self.foreign_util * 100.0
             );
         }
+        self.print_io();
         if let Some(e) = &self.first_error {
             println!("# {}: first publish error: {e}", self.name);
         }
@@ -388,7 +486,7 @@ impl StepReport {
                 self.foreign_util * 100.0
             );
         }
-        if self.client_util > 0.9 * self.client_cores as f64 {
+        if self.client_saturated() {
             println!(
                 "# {}: WARNING: bench client CPU saturated ({:.0}%), this step may be client-bound",
                 self.name,
@@ -518,6 +616,29 @@ struct Ctx<'a> {
     payload: usize,
     window: usize,
     client_cores: usize,
+    /// Every node's address, for its /api/info counters (empty for the floor).
+    node_addrs: Vec<std::net::SocketAddr>,
+    lives: Vec<Arc<ReaderLive>>,
+    /// The floor stands in for the server (no HTTP publishers, CPU of its sender thread).
+    floor: Option<&'a Floor>,
+    history: bool,
+}
+
+/// The counters of every node (`None` for a node whose /api/info failed).
+fn node_infos(addrs: &[std::net::SocketAddr]) -> Vec<Option<NodeInfo>> {
+    addrs.iter().map(|&a| NodeInfo::fetch(a).ok()).collect()
+}
+
+/// A counter's delta summed over the nodes; `None` if any node lacks it.
+fn nodes_delta(before: &[Option<NodeInfo>], after: &[Option<NodeInfo>], name: &str) -> Option<u64> {
+    if before.is_empty() {
+        return None;
+    }
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| counter_delta(b.as_ref(), a.as_ref(), name))
+        .sum()
 }
 
 fn run_step(
@@ -528,12 +649,26 @@ fn run_step(
     rate: f64,
     dur: Duration,
 ) -> StepReport {
-    for p in pubs.iter_mut() {
-        match HttpClient::connect(ctx.publish_to) {
-            Ok(h) => p.http = Some(h),
-            Err(e) => fatal(&format!("HTTP connect: {e}")),
+    if ctx.floor.is_none() {
+        for p in pubs.iter_mut() {
+            match HttpClient::connect(ctx.publish_to) {
+                Ok(h) => p.http = Some(h),
+                Err(e) => fatal(&format!("HTTP connect: {e}")),
+            }
         }
     }
+    let info0 = node_infos(&ctx.node_addrs);
+    let io = || -> (u64, u64) {
+        ctx.lives.iter().fold((0, 0), |(r, m), l| {
+            (
+                r + l.reads.load(Ordering::Relaxed),
+                m + l.messages.load(Ordering::Relaxed),
+            )
+        })
+    };
+    let floor_cpu = || ctx.floor.map_or((0.0, 0), |f| f.cpu());
+    let io0 = io();
+    let f0 = floor_cpu();
     let closed0 = (ctx.closed)();
     let subs_live = ctx.subs - closed0;
     let node_cpu = || -> [f64; 2] {
@@ -556,13 +691,41 @@ fn run_step(
     let t0 = Instant::now();
     let n = pubs.len();
     let (window, payload) = (ctx.window, ctx.payload);
-    let results: Vec<PubResult> = thread::scope(|sc| {
-        let hs: Vec<_> = pubs
-            .iter_mut()
-            .map(|p| sc.spawn(move || publish_loop(p, rate / n as f64, dur, step, window, payload)))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results: Vec<PubResult> = match ctx.floor {
+        Some(floor) => {
+            let (mut seq, history) = (0u64, ctx.history);
+            let sent = floor.run(Job {
+                rate,
+                dur,
+                make: Box::new(move || {
+                    seq += 1;
+                    push(FLOOR_STREAM, seq - 1, step, payload, history)
+                }),
+            });
+            println!(
+                "# {name}: the floor thread sent {} frames of {} B in {} send() calls ({} partial, {} errors)",
+                sent.publications * ctx.subs as u64,
+                sent.frame_bytes,
+                sent.sends,
+                sent.partial,
+                sent.errors
+            );
+            vec![PubResult {
+                ok: sent.publications,
+                errors: sent.errors,
+                first_error: sent.first_error,
+            }]
+        }
+        None => thread::scope(|sc| {
+            let hs: Vec<_> = pubs
+                .iter_mut()
+                .map(|p| {
+                    sc.spawn(move || publish_loop(p, rate / n as f64, dur, step, window, payload))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        }),
+    };
     let pub_secs = t0.elapsed().as_secs_f64();
     let published: u64 = results.iter().map(|r| r.ok).sum();
     let pub_errors: u64 = results.iter().map(|r| r.errors).sum();
@@ -580,11 +743,15 @@ fn run_step(
     let wall = t0.elapsed().as_secs_f64();
     let cpu1 = node_cpu();
     let node_cpu = [cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]];
-    let cpu = node_cpu[0] + node_cpu[1];
-    let sch = (node_sched().saturating_sub(sch0)) as f64 / 1e9;
+    let f1 = floor_cpu();
+    let floor_secs = f1.0 - f0.0;
+    let cpu = node_cpu[0] + node_cpu[1] + floor_secs;
+    let sch = (node_sched().saturating_sub(sch0) + f1.1.saturating_sub(f0.1)) as f64 / 1e9;
+    let io1 = io();
     let rcpu = redis_cpu() - rcpu0;
     let rsch = (redis_sched().saturating_sub(rsch0)) as f64 / 1e9;
-    let client_cpu = self_cpu_secs() - self0;
+    // The floor's sender thread is the "server": not part of the client.
+    let client_cpu = self_cpu_secs() - self0 - floor_secs;
     let client_util = client_cpu / wall;
     let sys1 = machine_cpu();
     let foreign_util = ((sys1.task - sys0.task) - cpu - rcpu - client_cpu).max(0.0) / wall;
@@ -602,6 +769,7 @@ fn run_step(
         stats.last_ns = stats.last_ns.max(st.last_ns);
     }
     let span = (stats.last_ns.saturating_sub(t0_ns) as f64 / 1e9).max(1e-9);
+    let info1 = node_infos(&ctx.node_addrs);
     StepReport {
         name: name.to_string(),
         target_rate: rate,
@@ -625,6 +793,14 @@ fn run_step(
         closed: (ctx.closed)() - closed0,
         drained,
         first_error,
+        srv_deliveries: nodes_delta(&info0, &info1, "deliveries"),
+        srv_writes: nodes_delta(&info0, &info1, "writes"),
+        client_reads: io1.0 - io0.0,
+        client_messages: io1.1 - io0.1,
+        reader_pause_us: ctx
+            .lives
+            .first()
+            .map_or(0, |l| l.pause_us.load(Ordering::Relaxed)),
     }
 }
 
@@ -648,6 +824,11 @@ struct Opts {
     ncpu: usize,
     client_cpus: Vec<usize>,
     redis_mode: bool,
+    /// `--floor`: no server, the floor only; `--with-floor`: after the fixed-rate phase.
+    floor_only: bool,
+    with_floor: bool,
+    reader_pause_us: u64,
+    history: bool,
     /// Output line prefix: `fanout` or `fanout-redis`.
     tag: &'static str,
     /// Subscribers per node: A (published to) gets the odd one; B none when standalone.
@@ -679,6 +860,15 @@ impl Opts {
         if redis_mode && subs < 2 {
             fatal("--redis needs --subs >= 2 (half on each node)");
         }
+        if args.has("floor") && (redis_mode || args.has("with-floor")) {
+            fatal("--floor runs without a server: not with --redis or --with-floor");
+        }
+        let floor_pairs = usize::from(args.has("floor") || args.has("with-floor")) * 2 * subs;
+        if (subs + floor_pairs) as u64 + 300 > hard {
+            fatal(&format!(
+                "--subs {subs} with the floor's {floor_pairs} sockets needs more file descriptors than RLIMIT_NOFILE hard limit {hard} - 300"
+            ));
+        }
         Opts {
             subs,
             shards: args.get("shards", 1usize),
@@ -687,8 +877,10 @@ impl Opts {
             ramp_start,
             ramp_factor,
             step_secs,
-            max_steps: args.get("max-steps", 10usize).min(MAX_STEPS - 1),
-            http_conns: args.get("http-conns", 2usize).clamp(1, MAX_STREAMS - 1),
+            max_steps: args.get("max-steps", 10usize).min(MAX_STEPS - 2),
+            http_conns: args
+                .get("http-conns", args.get("publishers", 2usize))
+                .clamp(1, MAX_STREAMS - 2),
             window: args.get("pipeline", 4usize).max(1),
             p99_limit: Duration::from_secs_f64(args.get("p99-limit-ms", 50.0) / 1e3),
             drain: Duration::from_millis(args.get("drain-ms", 3000u64)),
@@ -698,6 +890,10 @@ impl Opts {
             ncpu,
             client_cpus,
             redis_mode,
+            floor_only: args.has("floor"),
+            with_floor: args.has("with-floor"),
+            reader_pause_us: args.get("reader-pause-us", 0u64),
+            history: args.get("history", 0u32) > 0,
             tag: if redis_mode { "fanout-redis" } else { "fanout" },
             node_subs: if redis_mode {
                 [subs - subs / 2, subs / 2]
@@ -760,10 +956,36 @@ fn main() {
     // Spawn the server(s) (and redis-server) before pinning ourselves (they
     // also reset their own affinity in pre_exec), then pin every bench thread
     // to the client CPUs.
-    let (redis, servers) = start_nodes(&o, &args);
+    let (redis, servers) = if o.floor_only {
+        (None, Vec::new())
+    } else {
+        start_nodes(&o, &args)
+    };
     pin_bench_threads(&o.client_cpus, o.shards);
     let (rdrs, shared) = connect_subscribers(&o, &servers);
-    print_pinning(&o, &servers, redis.as_ref());
+    let floor = (o.floor_only || o.with_floor).then(|| {
+        // The floor's client ends follow the server's subscribers (ids subs..) in the readers.
+        let first = if o.floor_only { 0 } else { o.subs };
+        let (floor, conns) = Floor::start(o.subs, first, o.n_src, 0);
+        hand_to_readers(&rdrs, vec![conns], first + o.subs);
+        println!(
+            "# floor: {} loopback TCP pairs (client ends from 127.0.0.2..127.0.0.{}, read by the same readers); sender thread tid {} pinned to CPU {} (where the server's shard 0 runs), one blocking send() per socket per publication",
+            o.subs,
+            o.n_src + 1,
+            floor.tid,
+            floor.cpu
+        );
+        floor
+    });
+    if o.floor_only {
+        println!(
+            "# pinning: {} CPUs; no server (--floor); bench threads [{}]",
+            o.ncpu,
+            own_thread_affinities()
+        );
+    } else {
+        print_pinning(&o, &servers, redis.as_ref());
+    }
 
     let mut pub0 = vec![Publisher {
         http: None,
@@ -777,10 +999,13 @@ fn main() {
             seq: 0,
         })
         .collect();
-    let live: Vec<Arc<ReaderLive>> = rdrs.iter().map(|r| r.live.clone()).collect();
+    let lives: Vec<Arc<ReaderLive>> = rdrs.iter().map(|r| r.live.clone()).collect();
+    let live = lives.clone();
     let closed = move || -> usize { live.iter().map(|l| l.closed.load(Ordering::Relaxed)).sum() };
     let ctx = Ctx {
-        publish_to: servers[0].addr,
+        publish_to: servers
+            .first()
+            .map_or(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), |s| s.addr),
         node_pids: servers.iter().map(|s| s.pid).collect(),
         redis_pid: redis.as_ref().map(|r| r.pid),
         node_subs: o.node_subs,
@@ -791,10 +1016,23 @@ fn main() {
         payload: o.payload,
         window: o.window,
         client_cores: o.client_cpus.len(),
+        node_addrs: servers.iter().map(|s| s.addr).collect(),
+        lives: lives.clone(),
+        floor: None,
+        history: o.history,
     };
+    let floor_ctx = floor.as_ref().map(|f| Ctx {
+        node_pids: Vec::new(),
+        redis_pid: None,
+        node_addrs: Vec::new(),
+        lives: lives.clone(),
+        floor: Some(f),
+        ..ctx
+    });
 
     let mut failed = false;
-    if !args.has("skip-fixed") {
+    let mut fixed = None;
+    if !o.floor_only && !args.has("skip-fixed") {
         let r = run_step(
             &ctx,
             "fixed-rate",
@@ -808,8 +1046,27 @@ fn main() {
             println!("# fixed-rate phase not sustained: {why}");
         }
         failed |= r.broken();
+        fixed = Some(r);
     }
-    if !args.has("skip-ramp") {
+    if let Some(fctx) = &floor_ctx {
+        let r = run_step(
+            fctx,
+            "floor",
+            FLOOR_STEP,
+            &mut [],
+            o.rate,
+            Duration::from_secs_f64(o.secs),
+        );
+        r.print(o.subs);
+        failed |= r.broken();
+        if let Some(s) = &fixed {
+            print_ratio(s, &r);
+        }
+    }
+    if !o.floor_only && !args.has("skip-ramp") {
+        for l in &lives {
+            l.pause_us.store(o.reader_pause_us, Ordering::Relaxed);
+        }
         failed |= ramp(&o, &ctx, &mut ramp_pubs, t_start);
     }
 
@@ -898,8 +1155,50 @@ fn start_nodes(o: &Opts, args: &Args) -> (Option<RedisServer>, Vec<Server>) {
     (redis, servers)
 }
 
+/// The server's and the floor's CPU per delivery, side by side.
+fn print_ratio(server: &StepReport, floor: &StepReport) {
+    let us = |r: &StepReport, cpu: f64| cpu / r.stats.delivered.max(1) as f64 * 1e6;
+    let (s, f) = (us(server, server.server_cpu), us(floor, floor.server_cpu));
+    let (ss, fs) = (
+        us(server, server.server_sched),
+        us(floor, floor.server_sched),
+    );
+    println!(
+        "fanout server/floor: CPU per delivery server {s:.3} µs / floor {f:.3} µs = {:.3} (schedstat {ss:.3} / {fs:.3} µs = {:.3}); latency p99 server {} vs floor {}; same {} subs x {:.0} msg/s",
+        s / f.max(1e-9),
+        ss / fs.max(1e-9),
+        fmt_ns(server.stats.hist.quantile(0.99)),
+        fmt_ns(floor.stats.hist.quantile(0.99)),
+        server.expected / server.published.max(1),
+        server.target_rate
+    );
+}
+
+/// Hands connection batches to the readers round-robin and waits until they hold `total`.
+fn hand_to_readers<H: Handler>(rdrs: &[Reader<H>], batches: Vec<Vec<WsConn>>, total: usize) {
+    let mut per: Vec<Vec<WsConn>> = (0..rdrs.len()).map(|_| Vec::new()).collect();
+    for conns in batches {
+        for (i, c) in conns.into_iter().enumerate() {
+            per[i % rdrs.len()].push(c);
+        }
+    }
+    for (r, batch) in rdrs.iter().zip(per) {
+        r.add(batch);
+    }
+    let all_registered = wait_until(Duration::from_secs(5), || {
+        rdrs.iter()
+            .map(|r| r.live.conns.load(Ordering::Relaxed))
+            .sum::<usize>()
+            == total
+    });
+    if !all_registered {
+        fatal("readers did not register all subscribers");
+    }
+}
+
 /// Connects the subscribers (all on the server, or `node_subs[0]` on A and `node_subs[1]` on
-/// B: connection indexes 0.. on A, then the rest on B) and hands them to the readers.
+/// B: connection indexes 0.. on A, then the rest on B) and hands them to the readers. No
+/// server (the floor only): the readers start empty.
 fn connect_subscribers(o: &Opts, servers: &[Server]) -> (Vec<Reader<Subs>>, Vec<Arc<Shared>>) {
     let (subs, shards, n_src, readers, node_subs, redis_mode) = (
         o.subs,
@@ -928,7 +1227,8 @@ fn connect_subscribers(o: &Opts, servers: &[Server]) -> (Vec<Reader<Subs>>, Vec<
         }
         first += count;
     }
-    if redis_mode {
+    if servers.is_empty() {
+    } else if redis_mode {
         println!(
             "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s: {} on node A {}, {} on node B {} (spread by SO_REUSEPORT over {shards} shard(s) each)",
             t0.elapsed().as_secs_f64(),
@@ -942,13 +1242,6 @@ fn connect_subscribers(o: &Opts, servers: &[Server]) -> (Vec<Reader<Subs>>, Vec<
             "# {subs} subscribers connected+subscribed to bench:0 in {:.2} s (spread by SO_REUSEPORT over {shards} shard(s); per-shard placement is not visible to the client)",
             t0.elapsed().as_secs_f64()
         );
-    }
-    // Round-robin over the readers within each node; a connection's index tells its node.
-    let mut per: Vec<Vec<WsConn>> = (0..readers).map(|_| Vec::new()).collect();
-    for conns in node_conns {
-        for (i, c) in conns.into_iter().enumerate() {
-            per[i % readers].push(c);
-        }
     }
     let shared: Vec<Arc<Shared>> = (0..readers).map(|_| Arc::new(Shared::new())).collect();
     let rdrs: Vec<Reader<Subs>> = shared
@@ -967,19 +1260,9 @@ fn connect_subscribers(o: &Opts, servers: &[Server]) -> (Vec<Reader<Subs>>, Vec<
             )
         })
         .collect();
-    for (r, batch) in rdrs.iter().zip(per) {
-        r.add(batch);
-    }
-    let all_registered = wait_until(Duration::from_secs(5), || {
-        rdrs.iter()
-            .map(|r| r.live.conns.load(Ordering::Relaxed))
-            .sum::<usize>()
-            == subs
-    });
-    if !all_registered {
-        fatal("readers did not register all subscribers");
-    }
-
+    // Round-robin over the readers within each node; a connection's index tells its node.
+    let total = node_conns.iter().map(Vec::len).sum();
+    hand_to_readers(&rdrs, node_conns, total);
     (rdrs, shared)
 }
 
@@ -1110,6 +1393,24 @@ fn ramp(o: &Opts, ctx: &Ctx, ramp_pubs: &mut [Publisher], t_start: Instant) -> b
             b.name
         ),
         None => println!("{tag} max-sustained: none of the ramp steps was sustained [{stop_reason}]"),
+    }
+    if let Some(b) = &peak {
+        println!(
+            "{tag} max-rate: {} publisher(s) x pipeline {}: {:.0} deliveries/s, server {:.3} µs/delivery, {} frames/write (server counters), client {:.2} messages/read, client CPU {:.0}%{} [{}]",
+            o.http_conns,
+            o.window,
+            b.deliveries_per_s,
+            b.server_cpu / b.stats.delivered.max(1) as f64 * 1e6,
+            b.frames_per_write(),
+            b.messages_per_read(),
+            b.client_util * 100.0,
+            if b.client_saturated() {
+                " (CLIENT SATURATED: the server may go faster)"
+            } else {
+                ""
+            },
+            b.name
+        );
     }
     if let Some(p) = peak {
         println!(

@@ -58,3 +58,20 @@ pub fn self_cpu_secs() -> f64 {
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
+
+/// One thread of this process: (utime+stime in seconds, on-CPU nanoseconds from schedstat),
+/// from /proc/self/task/<tid>/ (the same sources as [`cpu_secs`] and [`sched_ns`]).
+#[allow(dead_code, reason = "fanout's floor thread; other benches measure processes")]
+pub fn thread_cpu(tid: i32) -> (f64, u64) {
+    let dir = format!("/proc/self/task/{tid}");
+    let s = std::fs::read_to_string(format!("{dir}/stat")).unwrap_or_default();
+    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ut: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let st: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ns = std::fs::read_to_string(format!("{dir}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    ((ut + st) as f64 / clk_tck(), ns)
+}

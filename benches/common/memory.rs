@@ -19,3 +19,25 @@ pub fn rss_bytes(pid: i32) -> u64 {
 pub fn mib(b: f64) -> f64 {
     b / (1024.0 * 1024.0)
 }
+
+/// A field of /proc/<pid>/status given in kB (`RssAnon:`, `RssFile:`, ...), in bytes.
+#[allow(dead_code, reason = "density splits the RSS; other benches read the total")]
+pub fn status_bytes(pid: i32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// A field of /proc/<pid>/smaps_rollup given in kB (`AnonHugePages:`, ...), in bytes.
+#[allow(dead_code, reason = "density reads huge pages; other benches read the total")]
+pub fn smaps_rollup_bytes(pid: i32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}

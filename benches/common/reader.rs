@@ -63,6 +63,13 @@ pub struct ReaderLive {
     /// Connections handed to the reader so far.
     pub conns: AtomicUsize,
     pub pings: AtomicU64,
+    /// read() calls that returned data, and the WebSocket messages they carried (added after
+    /// each epoll batch): messages per read tells whether the reader keeps up by batching.
+    pub reads: AtomicU64,
+    pub messages: AtomicU64,
+    /// Microseconds to sleep between epoll batches (0: none), so that each read() collects
+    /// the frames that arrived meanwhile; set by the owner at any time.
+    pub pause_us: AtomicU64,
 }
 
 pub struct Reader<H: Handler> {
@@ -118,6 +125,9 @@ struct Loop<'a, H: Handler> {
     live: &'a ReaderLive,
     handler: &'a mut H,
     replies: Vec<u8>,
+    /// Reads and messages since the last publication to `live`.
+    reads: u64,
+    messages: u64,
 }
 
 impl<'a, H: Handler> Loop<'a, H> {
@@ -130,6 +140,8 @@ impl<'a, H: Handler> Loop<'a, H> {
             live,
             handler,
             replies: Vec::new(),
+            reads: 0,
+            messages: 0,
         }
     }
 
@@ -157,6 +169,15 @@ impl<'a, H: Handler> Loop<'a, H> {
                 }
             }
             self.handler.flush();
+            if self.reads > 0 {
+                self.live.reads.fetch_add(self.reads, Ordering::Relaxed);
+                self.live.messages.fetch_add(self.messages, Ordering::Relaxed);
+                (self.reads, self.messages) = (0, 0);
+            }
+            let pause = self.live.pause_us.load(Ordering::Relaxed);
+            if pause > 0 {
+                thread::sleep(std::time::Duration::from_micros(pause));
+            }
         }
         self.stats.conns = self.conns.len();
         self.stats
@@ -206,6 +227,7 @@ impl<'a, H: Handler> Loop<'a, H> {
                 }
             }
             let r = r as usize;
+            self.reads += 1;
             self.process(idx, &buf[..r]);
             if !self.conns[idx].open || r < buf.len() {
                 return;
@@ -221,8 +243,10 @@ impl<'a, H: Handler> Loop<'a, H> {
         let c = &mut self.conns[idx];
         let id = c.id;
         let handler = &mut *self.handler;
+        let messages = &mut self.messages;
         let res = c.dec.feed(data, &mut |ev| match ev {
             WsEvent::Text(m) => {
+                *messages += 1;
                 for l in json_lines(m) {
                     if is_ping_line(l) {
                         pings += 1;
