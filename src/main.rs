@@ -121,6 +121,13 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> std::process::ExitCode {
+    // No transparent huge pages for this process (before anything is allocated): the heap
+    // then grows in 4 KiB pages, not 2 MiB ones, which halves the start-up RSS (46 → 24 MiB
+    // with 2 shards) and makes the memory per idle connection low and steady (the density
+    // bench: 731 B/conn median with a 546..749 spread with them, 362 with 359..363 without).
+    // Best effort: an old kernel without the option keeps its default.
+    // SAFETY: prctl with integer arguments only; it changes this process's THP policy.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     let cli = Cli::parse();
     let result = match cli.command {
         None => load(&cli.run).and_then(|cfg| {

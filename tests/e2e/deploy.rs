@@ -184,3 +184,16 @@ fn doctor_reports_findings_fixes_and_capacity() {
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     assert!(capacity > 0 && capacity <= lim.rlim_max, "{capacity}");
 }
+
+/// The server runs without transparent huge pages (its heap grows in 4 KiB pages: the memory
+/// per idle connection stays low and steady).
+#[test]
+fn the_server_runs_without_transparent_huge_pages() {
+    let server = Server::start(BASE_CONFIG, &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("THP_enabled in /proc/PID/status (Linux 5.0+)");
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
