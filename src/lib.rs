@@ -21,7 +21,8 @@
 //!   [`shard::timer`] are its tables; [`shard::counters`] its counters; [`shard::drain`] paces
 //!   the shutdown.
 //! - [`http`]: HTTP/1.1 pieces beneath the shard: request heads, responses, the WebSocket
-//!   handshake ([`http::handshake`]) and the server API ([`http::api`], over
+//!   handshake ([`http::handshake`]), request bodies ([`http::body`]) and the server API
+//!   ([`http::api`], over
 //!   [`http::api::ApiContext`], which the shard implements).
 //! - [`broker`]: the broker interface, its in-memory implementation ([`broker::memory`]) and the
 //!   Redis multiplexer ([`broker::redis`]), sharing interest refcounts and gathering

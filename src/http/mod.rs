@@ -8,6 +8,7 @@
 //! deadline; a refused request gets a proper 4xx, never a hang.
 
 pub mod api;
+pub mod body;
 pub mod handshake;
 
 use futures_lite::AsyncReadExt;
