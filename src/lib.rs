@@ -22,8 +22,7 @@
 //!   the shutdown.
 //! - [`http`]: HTTP/1.1 pieces beneath the shard: request heads, responses, the WebSocket
 //!   handshake ([`http::handshake`]), request bodies ([`http::body`]) and the server API
-//!   ([`http::api`], over
-//!   [`http::api::ApiContext`], which the shard implements).
+//!   ([`http::api`], over [`http::api::ApiContext`], which the shard implements).
 //! - [`broker`]: the broker interface, its in-memory implementation ([`broker::memory`]) and the
 //!   Redis multiplexer ([`broker::redis`]), sharing interest refcounts and gathering
 //!   ([`broker::gather`]); channel history ([`broker::history`]) and the multiplexer's
