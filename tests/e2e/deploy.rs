@@ -54,12 +54,9 @@ fn json_logs_are_one_object_per_line() {
     let _ = Client::connected(&server, "x");
     // stderr is collected by a reader thread: wait (bounded) until it has caught up with the
     // start-up line rather than reading whatever it holds at this instant.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !server.stderr.lock().unwrap().contains("shardcast ready")
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(Duration::from_secs(10), "stderr reader caught up", || {
+        server.stderr.lock().unwrap().contains("shardcast ready")
+    });
     let logs = server.stderr.lock().unwrap().clone();
     assert!(!logs.is_empty());
     for line in logs.lines() {
