@@ -51,8 +51,30 @@ pub struct Config {
     pub redis: Option<RedisTarget>,
     /// Redis mode tuning.
     pub redis_options: RedisOptions,
-    /// HS256 secret that connection and subscription tokens are signed with.
+    /// HMAC secret for HS256/HS384/HS512 connection and subscription tokens. Empty = HMAC
+    /// tokens are refused.
     pub token_hmac_secret: String,
+    /// Path of a PEM RSA public key (`PUBLIC KEY` or `RSA PUBLIC KEY` block, at least 2048 bits)
+    /// for RS256/384/512 and PS256/384/512 tokens. Read once at start. Empty (the default) = off.
+    pub token_rsa_public_key_file: String,
+    /// Path of a PEM ECDSA public key (`PUBLIC KEY` block, P-256 for ES256 or P-384 for ES384)
+    /// for ES256/ES384 tokens. Read once at start. Empty (the default) = off.
+    pub token_ecdsa_public_key_file: String,
+    /// URL (`http://` or `https://`; `proxy.ca_file` for a private CA) of a JWK Set whose RSA
+    /// and EC keys verify tokens that name them in their `kid` header. Each shard keeps the last
+    /// good set: a fetch that fails or returns no usable key changes nothing. Empty (the
+    /// default) = off.
+    pub token_jwks_url: String,
+    /// Seconds, at least 1: the least time between two fetches of `token_jwks_url` that were
+    /// not the first one (a token with a `kid` the set lacks, or a retry of a failed periodic
+    /// refresh). Default 10: a key rotated in at the identity provider is picked up by the first
+    /// token that names it, while a flood of tokens with made-up `kid`s costs each shard at most
+    /// one request per 10 s at the provider (over the limit the token is refused, counted).
+    pub token_jwks_min_fetch_interval_secs: u32,
+    /// Seconds between periodic fetches of `token_jwks_url`, so that keys the provider
+    /// withdrew stop verifying; 0 = fetch only at start and for unknown `kid`s. Default 3600,
+    /// the lifetime Centrifugo gives a cached JWK. At least `token_jwks_min_fetch_interval_secs`.
+    pub token_jwks_refresh_interval_secs: u32,
     /// When set, connection and subscription tokens must carry this `aud` (a string, or a list
     /// holding it); others are refused (connect: close 3500, subscribe: error 103). Empty = `aud`
     /// is not checked.
@@ -120,6 +142,11 @@ impl Default for Config {
             redis: None,
             redis_options: RedisOptions::default(),
             token_hmac_secret: String::new(),
+            token_rsa_public_key_file: String::new(),
+            token_ecdsa_public_key_file: String::new(),
+            token_jwks_url: String::new(),
+            token_jwks_min_fetch_interval_secs: 10,
+            token_jwks_refresh_interval_secs: 3600,
             token_audience: String::new(),
             token_issuer: String::new(),
             api_key: String::new(),
@@ -607,6 +634,55 @@ impl Config {
         })
     }
 
+    /// Whether clients can authenticate with a token: a key source is configured.
+    pub fn has_token_keys(&self) -> bool {
+        !self.token_hmac_secret.is_empty()
+            || !self.token_rsa_public_key_file.is_empty()
+            || !self.token_ecdsa_public_key_file.is_empty()
+            || !self.token_jwks_url.is_empty()
+    }
+
+    /// The token keys' settings. The key files themselves are read and parsed by
+    /// [`crate::protocol::token::TokenVerifier::from_config`], which `node::run` calls right
+    /// after [`Config::validate`], so that a bad file stops the node at start too.
+    fn validate_tokens(&self) -> Result<(), ConfigError> {
+        // Clients need some way in. (Any further way of authenticating a connection, such as
+        // a connect proxy endpoint, belongs in this condition too.)
+        if !self.insecure && !self.has_token_keys() {
+            return Err(invalid(
+                "token_hmac_secret",
+                "is required unless `insecure` is set or another token key is configured \
+                 (token_rsa_public_key_file, token_ecdsa_public_key_file, token_jwks_url): \
+                 clients could not authenticate",
+            ));
+        }
+        if !self.token_jwks_url.is_empty() {
+            let url = url::Url::parse(&self.token_jwks_url)
+                .map_err(|e| invalid("token_jwks_url", format!("is not a URL ({e})")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(invalid(
+                    "token_jwks_url",
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+        }
+        if self.token_jwks_min_fetch_interval_secs == 0 {
+            return Err(invalid(
+                "token_jwks_min_fetch_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.token_jwks_refresh_interval_secs != 0
+            && self.token_jwks_refresh_interval_secs < self.token_jwks_min_fetch_interval_secs
+        {
+            return Err(invalid(
+                "token_jwks_refresh_interval_secs",
+                "must be 0 (off) or at least token_jwks_min_fetch_interval_secs",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks ranges and cross-field consistency; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.shards > crate::bus::MAX_SHARDS {
@@ -697,12 +773,7 @@ impl Config {
                 "idempotency_window_secs and max_idempotency_keys must be at least 1",
             ));
         }
-        if !self.insecure && self.token_hmac_secret.is_empty() {
-            return Err(invalid(
-                "token_hmac_secret",
-                "is required unless `insecure` is set (clients could not authenticate)",
-            ));
-        }
+        self.validate_tokens()?;
         if self.drain.listener_grace_secs + self.drain.window_secs >= self.drain.deadline_secs {
             return Err(invalid(
                 "drain.deadline_secs",
@@ -1075,6 +1146,55 @@ mod tests {
                 .allow_subscribe_for_client
         );
         assert!(!dev.insecure, "dev.toml needs tokens like production");
+    }
+
+    #[test]
+    fn any_token_key_source_lets_a_secure_node_start_and_jwks_settings_are_checked() {
+        let c = Config::default();
+        assert_eq!(
+            (
+                c.token_jwks_min_fetch_interval_secs,
+                c.token_jwks_refresh_interval_secs
+            ),
+            (10, 3600)
+        );
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("token_hmac_secret") && err.contains("token_jwks_url"),
+            "{err}"
+        );
+        for source in [
+            "token_rsa_public_key_file = \"/etc/shardcast/rsa.pem\"",
+            "token_ecdsa_public_key_file = \"/etc/shardcast/ec.pem\"",
+            "token_jwks_url = \"https://auth.example.com/jwks\"",
+            "token_jwks_url = \"http://127.0.0.1:8080/certs\"",
+        ] {
+            Config::from_toml(source).unwrap().validate().unwrap();
+        }
+        for (bad, key) in [
+            ("token_jwks_url = \"ftp://h/jwks\"", "token_jwks_url"),
+            ("token_jwks_url = \"jwks.json\"", "token_jwks_url"),
+            (
+                "token_jwks_url = \"https://h/\"\ntoken_jwks_min_fetch_interval_secs = 0",
+                "token_jwks_min_fetch_interval_secs",
+            ),
+            (
+                "token_jwks_url = \"https://h/\"\ntoken_jwks_refresh_interval_secs = 5",
+                "token_jwks_refresh_interval_secs",
+            ),
+        ] {
+            let err = Config::from_toml(bad)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        let off = Config::from_toml(
+            "token_jwks_url = \"https://h/\"\ntoken_jwks_refresh_interval_secs = 0",
+        )
+        .unwrap();
+        off.validate().unwrap();
     }
 
     #[test]

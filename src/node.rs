@@ -97,6 +97,9 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 /// Runs a node until SIGINT/SIGTERM. Prints `READY <addr>` on stdout once every shard accepts.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
+    // The token key files: a missing or bad one stops the node here, naming key and file (each
+    // shard reads them again for its own verifier).
+    crate::protocol::token::TokenVerifier::from_config(&cfg)?;
     // Refuse to start, naming the feature and the kernel, rather than fail in every shard.
     shard::ring::check_kernel()?;
     let sigset = block_signals();

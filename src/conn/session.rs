@@ -418,7 +418,10 @@ impl Session {
                         reply::result(out, id, "refresh", &result);
                         Ok(())
                     }
-                    Ok(_) | Err(TokenError::Invalid) => Err(Disconnect::InvalidToken),
+                    // UnknownKey: a `kid` the JWK Set lacks (the fetch-and-retry belongs here).
+                    Ok(_) | Err(TokenError::Invalid | TokenError::UnknownKey) => {
+                        Err(Disconnect::InvalidToken)
+                    }
                     Err(TokenError::Expired) => {
                         reply::error(out, id, ErrorCode::TokenExpired, false);
                         Ok(())
@@ -452,7 +455,7 @@ impl Session {
                     Err(TokenError::Expired) => {
                         reply::error(out, id, ErrorCode::TokenExpired, false)
                     }
-                    Err(TokenError::Invalid) => {
+                    Err(TokenError::Invalid | TokenError::UnknownKey) => {
                         reply::error(out, id, ErrorCode::PermissionDenied, false)
                     }
                 }
@@ -478,7 +481,9 @@ impl Session {
                     reply::error(out, id, ErrorCode::TokenExpired, false);
                     return Ok(());
                 }
-                Err(TokenError::Invalid) => return Err(Disconnect::InvalidToken),
+                Err(TokenError::Invalid | TokenError::UnknownKey) => {
+                    return Err(Disconnect::InvalidToken)
+                }
             },
             None if host.config().insecure => Default::default(),
             None => return Err(Disconnect::InvalidToken),
@@ -708,7 +713,7 @@ fn permit(
             Ok(claims) => Ok(claims.exp.unwrap_or(0)),
             // The SDK gets a new token and subscribes again.
             Err(TokenError::Expired) => Err(ErrorCode::TokenExpired),
-            Err(TokenError::Invalid) => Err(ErrorCode::PermissionDenied),
+            Err(TokenError::Invalid | TokenError::UnknownKey) => Err(ErrorCode::PermissionDenied),
         };
     }
     if host.config().insecure {
@@ -783,7 +788,7 @@ mod tests {
         fn new(toml: &str) -> Self {
             let cfg = Config::from_toml(toml).unwrap();
             cfg.validate().unwrap();
-            let verifier = TokenVerifier::from_config(&cfg);
+            let verifier = TokenVerifier::from_config(&cfg).unwrap();
             FakeHost {
                 cfg,
                 verifier,

@@ -72,6 +72,12 @@ pub enum ShardError {
         shard: ShardId,
         source: ring::RingError,
     },
+    /// Its token keys could not be loaded (a key file changed since the node checked it).
+    #[error("shard {shard}: {source}")]
+    TokenKeys {
+        shard: ShardId,
+        source: crate::config::ConfigError,
+    },
 }
 
 /// The shard's state, shared by its tasks through `Rc`. Fields are private: connections see
@@ -123,7 +129,8 @@ impl Shard {
             cfg.ring.recv_ring_bytes(),
             std::sync::atomic::Ordering::Relaxed,
         );
-        let verifier = TokenVerifier::from_config(&cfg);
+        let verifier = TokenVerifier::from_config(&cfg)
+            .map_err(|source| ShardError::TokenKeys { shard: id, source })?;
         Ok(Rc::new(Shard {
             id,
             io: SharedIo::new(&cfg),
