@@ -9,6 +9,9 @@ mod drain;
 mod harness;
 mod history;
 mod http_api;
+#[path = "../support/keys.rs"]
+#[allow(dead_code, reason = "shared with the library's token tests")]
+mod keys;
 mod pipelining;
 mod protocol;
 mod recovery;
@@ -19,3 +22,4 @@ mod security_api;
 mod security_edge;
 mod security_tokens;
 mod status_page;
+mod tokens_asym;
