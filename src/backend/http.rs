@@ -21,9 +21,10 @@
 //!   [`CallError::Http`].
 //!
 //! A request on a reused connection that the backend had closed meanwhile (the keep-alive
-//! race: the close crossed our request) fails before any response byte; such a call is retried
-//! once on a new connection. A backend that closed without reading the request cannot have
-//! acted on it.
+//! race: the close crossed our request) fails before any response byte: not sent, the
+//! connection closed before an answer, or the socket reset / its write side broken. Such a
+//! call is retried once on a new connection (as Go's `net/http` does): a backend that closed
+//! an idle connection did not read the request on it.
 //!
 //! Never holds a `RefCell` borrow across an `.await`.
 
@@ -302,8 +303,10 @@ impl HttpClient {
                 Err(mut e) => {
                     let unsent = e.take_message().is_some();
                     let err = e.into_error();
-                    let closed_before_answer =
-                        unsent || err.is_incomplete_message() || err.is_canceled();
+                    let closed_before_answer = unsent
+                        || err.is_incomplete_message()
+                        || err.is_canceled()
+                        || is_reset(&err);
                     if conn.reused && !retried && closed_before_answer {
                         tracing::debug!(error = %err, backend = %ep, "pooled connection was closed; retrying on a new one");
                         retried = true;
@@ -453,6 +456,24 @@ impl HttpClient {
         };
         Ok(Response { status, body })
     }
+}
+
+/// The socket was reset or its write side broken: what a request written onto a connection
+/// the backend had just closed meets.
+fn is_reset(err: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Still worth keeping: not idle too long, not closed by the backend.
