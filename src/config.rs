@@ -130,6 +130,9 @@ pub struct Config {
     pub default_namespace: NamespaceOptions,
     /// Options of `name:` prefixed channels, keyed by namespace name.
     pub namespaces: BTreeMap<String, NamespaceOptions>,
+    /// The backend proxies (connect, refresh, subscribe, publish, sub_refresh, rpc) and the
+    /// outbound HTTP client that calls them ([`crate::backend`]).
+    pub proxy: ProxyConfig,
 }
 
 impl Default for Config {
@@ -165,6 +168,7 @@ impl Default for Config {
             ring: RingConfig::default(),
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
+            proxy: ProxyConfig::default(),
         }
     }
 }
@@ -602,6 +606,297 @@ impl Default for NamespaceOptions {
     }
 }
 
+/// The `[proxy]` section: the backend endpoints and the bounds of the outbound HTTP client
+/// ([`crate::backend`]) that calls them. Each shard has its own client, so every bound below
+/// is per shard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Where a connect without a token is sent; empty (the default) = off.
+    #[serde(deserialize_with = "endpoint_url")]
+    pub connect_endpoint: Option<Endpoint>,
+    /// Where the server refreshes a connection whose connect-proxy result had `expire_at`.
+    #[serde(deserialize_with = "endpoint_url")]
+    pub refresh_endpoint: Option<Endpoint>,
+    /// Where subscribes to namespaces with `subscribe_proxy` are sent.
+    #[serde(deserialize_with = "endpoint_url")]
+    pub subscribe_endpoint: Option<Endpoint>,
+    /// Where publishes to namespaces with `publish_proxy` are sent.
+    #[serde(deserialize_with = "endpoint_url")]
+    pub publish_endpoint: Option<Endpoint>,
+    /// Where the server refreshes subscriptions of namespaces with `sub_refresh_proxy`.
+    #[serde(deserialize_with = "endpoint_url")]
+    pub sub_refresh_endpoint: Option<Endpoint>,
+    /// Where the client's `rpc` commands are sent; empty = `rpc` answers error 108.
+    #[serde(deserialize_with = "endpoint_url")]
+    pub rpc_endpoint: Option<Endpoint>,
+    /// Milliseconds one proxy request may take in all: connect, TLS handshake, request and the
+    /// whole response body. Over it the call fails (`timeout`), its connection is closed (never
+    /// reused) and the client gets temporary error 100. Default 1000.
+    pub timeout_ms: u64,
+    /// Header names copied from the client's WebSocket upgrade request onto every proxy
+    /// request (as Centrifugo's `proxy_http_headers`), e.g. `["Cookie", "Authorization"]`.
+    /// Default none.
+    pub http_headers: Vec<String>,
+    /// PEM file of the CA certificates that `https://` endpoints (and the JWKS URL) are checked
+    /// against; empty (the default) = the system's trust store.
+    pub ca_file: String,
+    /// Proxy requests in flight per shard. Over it the request is not sent: the client gets
+    /// temporary error 100 and `proxy_overloaded` counts it. Default 256.
+    pub max_in_flight: usize,
+    /// Idle keep-alive connections kept per shard per backend origin (scheme, host, port:
+    /// endpoints on one backend share them), reused newest first. A connection coming back to
+    /// a full pool pushes out the oldest one, which is closed; an idle connection is closed
+    /// after 30 s unused or as soon as the backend closes it. Default 16.
+    pub max_idle_per_endpoint: usize,
+    /// Largest response body accepted, bytes. Over it the call fails (`too_large`, counted),
+    /// its connection is closed and the client gets error 100. Default 65536.
+    pub max_response_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_endpoint: None,
+            refresh_endpoint: None,
+            subscribe_endpoint: None,
+            publish_endpoint: None,
+            sub_refresh_endpoint: None,
+            rpc_endpoint: None,
+            // Centrifugo's default proxy timeout is 1 s: a backend that needs longer holds a
+            // client's command (or its connect) too long anyway.
+            timeout_ms: 1000,
+            http_headers: Vec::new(),
+            ca_file: String::new(),
+            max_in_flight: 256,
+            max_idle_per_endpoint: 16,
+            // Proxy replies are small JSON objects; a connect result's `data` and `subs` fit.
+            max_response_bytes: 65536,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The configured endpoints with their keys (`connect_endpoint`, ...).
+    pub fn endpoints(&self) -> impl Iterator<Item = (&'static str, &Endpoint)> {
+        [
+            ("connect_endpoint", &self.connect_endpoint),
+            ("refresh_endpoint", &self.refresh_endpoint),
+            ("subscribe_endpoint", &self.subscribe_endpoint),
+            ("publish_endpoint", &self.publish_endpoint),
+            ("sub_refresh_endpoint", &self.sub_refresh_endpoint),
+            ("rpc_endpoint", &self.rpc_endpoint),
+        ]
+        .into_iter()
+        .filter_map(|(k, e)| e.as_ref().map(|e| (k, e)))
+    }
+
+    /// The whole-request timeout.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The CA certificates of `ca_file` (it must hold at least one), for the TLS set-up.
+    pub fn ca_certs(&self) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(&self.ca_file)
+            .map_err(|e| format!("cannot read {:?}: {e}", self.ca_file))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{:?} is not a PEM certificate file: {e}", self.ca_file))?;
+        if certs.is_empty() {
+            return Err(format!("{:?} holds no PEM certificate", self.ca_file));
+        }
+        Ok(certs)
+    }
+
+    /// Checks the section's ranges, header names and CA file (part of [`Config::validate`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("proxy.timeout_ms", self.timeout_ms as usize),
+            ("proxy.max_in_flight", self.max_in_flight),
+            ("proxy.max_idle_per_endpoint", self.max_idle_per_endpoint),
+            ("proxy.max_response_bytes", self.max_response_bytes),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.timeout_ms > 600_000 {
+            return Err(invalid(
+                "proxy.timeout_ms",
+                "must be at most 600000 (10 minutes)",
+            ));
+        }
+        if self.max_response_bytes > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "proxy.max_response_bytes",
+                "must be at most 64 MiB",
+            ));
+        }
+        for name in &self.http_headers {
+            let token = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                return Err(invalid(
+                    "proxy.http_headers",
+                    format!("entry {name:?} is not an HTTP header name"),
+                ));
+            }
+        }
+        if !self.ca_file.is_empty() {
+            self.ca_certs().map_err(|e| invalid("proxy.ca_file", e))?;
+        } else if let Some((key, ep)) = self.endpoints().find(|(_, e)| e.is_tls()) {
+            if rustls_native_certs::load_native_certs().certs.is_empty() {
+                return Err(invalid(
+                    &format!("proxy.{key}"),
+                    format!(
+                        "is {} but the system has no CA certificates: install them or set proxy.ca_file",
+                        ep.url()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A backend URL (`http://` or `https://`), parsed and resolved once, when the configuration
+/// is read: a name (`backend`, `localhost`) is looked up with the system resolver then, so a
+/// shard never blocks on DNS; restart the node to follow a change of address. A call tries the
+/// addresses in the resolver's order until one connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    url: String,
+    tls: bool,
+    /// Host without IPv6 brackets (the TLS server name).
+    host: String,
+    port: u16,
+    /// Path and query, as the request line carries them.
+    path: String,
+    /// `Host` header value: host, and `:port` unless it is the scheme's default.
+    host_header: String,
+    /// `scheme://host:port`: connections are pooled per origin.
+    origin: String,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Endpoint {
+    /// Parses and resolves a URL. The error says what is wrong (scheme, host, ...).
+    pub fn parse(text: &str) -> Result<Endpoint, String> {
+        let mut ep = Self::parse_unresolved(text)?;
+        use std::net::ToSocketAddrs;
+        ep.addrs = (ep.host.as_str(), ep.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("host `{}` does not resolve ({e})", ep.host))?
+            .collect();
+        if ep.addrs.is_empty() {
+            return Err(format!("host `{}` resolves to no address", ep.host));
+        }
+        Ok(ep)
+    }
+
+    /// [`Endpoint::parse`] without the name lookup (no address).
+    fn parse_unresolved(text: &str) -> Result<Endpoint, String> {
+        let url = url::Url::parse(text)
+            .map_err(|e| format!("`{text}` is not an http:// or https:// URL ({e})"))?;
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            other => {
+                return Err(format!(
+                    "`{text}` has the unsupported scheme `{other}` (http:// or https://)"
+                ))
+            }
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            // Not echoed: the text holds a password.
+            return Err("carries a user name or password, which is not sent: remove it".into());
+        }
+        if url.fragment().is_some() {
+            return Err(format!("`{text}` has a fragment (`#...`)"));
+        }
+        let host_str = url.host_str().filter(|h| !h.is_empty());
+        let host_str = host_str.ok_or_else(|| format!("`{text}` has no host"))?;
+        let default_port = if tls { 443 } else { 80 };
+        let port = url.port().unwrap_or(default_port);
+        let host_header = if port == default_port {
+            host_str.to_string()
+        } else {
+            format!("{host_str}:{port}")
+        };
+        let mut path = url.path().to_string();
+        if let Some(q) = url.query() {
+            path.push('?');
+            path.push_str(q);
+        }
+        Ok(Endpoint {
+            url: text.to_string(),
+            tls,
+            host: host_str
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            path,
+            origin: format!("{}://{host_header}", url.scheme()),
+            host_header,
+            addrs: Vec::new(),
+        })
+    }
+
+    /// The URL as configured.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    /// `https://`.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+    /// Host name or IP (no brackets): the TLS server name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// Path and query (`/centrifugo/connect?x=1`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// The `Host` header value.
+    pub fn host_header(&self) -> &str {
+        &self.host_header
+    }
+    /// `scheme://host[:port]`, the key connections are pooled under.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+    /// The addresses the host resolved to at start, in the resolver's order.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+/// Reads an endpoint key: a URL, or an empty string for off.
+fn endpoint_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Endpoint>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    Endpoint::parse(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("invalid endpoint: {e}")))
+}
+
 impl Config {
     /// Reads a TOML file; unknown keys are errors so that typos do not pass silently.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -874,6 +1169,7 @@ impl Config {
             crate::pattern::origin::check_pattern(pattern)
                 .map_err(|e| invalid("allowed_origins", format!("entry {pattern:?} {e}")))?;
         }
+        self.proxy.validate()?;
         for name in self.namespaces.keys() {
             let ok = !name.is_empty()
                 && name

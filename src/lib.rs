@@ -32,13 +32,17 @@
 //! - [`protocol`]: commands, replies, the publication wire form ([`protocol::publication`]), the
 //!   error and disconnect tables ([`protocol::codes`]), tokens; [`ws`]: RFC 6455 framing over
 //!   shared buffers.
+//! - [`backend`]: calls to the application's backend (proxies, JWKS) over HTTP/1.1 and HTTPS:
+//!   one [`backend::HttpClient`] per shard on its executor (hyper over glommio sockets, rustls),
+//!   with its keep-alive pool, timeout, in-flight bound and per-kind figures
+//!   ([`backend::stats`]); it sees only config, bus and the crate root.
 //! - [`bus`]: the only types that cross threads, the wake-up [`bus::doorbell`] and the node's
 //!   shared state ([`bus::node_state`]); [`config`]: every knob with unit, default and reason;
 //!   [`clock`]: Unix time; [`pattern`]: channel globs and origin patterns. [`metrics`] (the
 //!   internal listener) reads the bus only.
 //!
-//! Dependencies point one way: node → shard → (http, broker, conn) → (protocol, ws) → (bus,
-//! config, clock, pattern), with nothing importing back up.
+//! Dependencies point one way: node → shard → (http, broker, conn, backend) → (protocol, ws) →
+//! (bus, config, clock, pattern), with nothing importing back up; metrics reads bus and backend.
 //!
 //! # Follow one publication
 //! A backend's `POST /api/publish` on a standalone node, from the socket to every subscriber:
@@ -67,6 +71,7 @@
 /// The server's version, as the connect reply and `/api/info` report it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+pub mod backend;
 pub mod broker;
 pub mod bus;
 pub mod clock;

@@ -6,7 +6,7 @@
 //! and publish a snapshot once a second ([`ShardSnapshot`], in [`crate::bus`]); the multiplexer
 //! publishes the cluster's node list the same way.
 
-use crate::bus::{NodeCounts, NodeInfo, ShardSnapshot};
+use crate::bus::{NodeCounts, NodeInfo, ProxyKindSnapshot, ShardSnapshot};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -220,6 +220,7 @@ fn prometheus(node: &NodeInfo) -> String {
         }
         registry.register(name, format!("Shard counter {name}"), family);
     }
+    register_proxy(&mut registry, &shards);
     let bus = &node.bus;
     for (name, value) in bus.counters() {
         let c = Counter::<u64, AtomicU64>::default();
@@ -272,6 +273,91 @@ fn prometheus(node: &NodeInfo) -> String {
     out
 }
 
+/// The backend calls, summed over the shards: `proxy_duration_seconds{kind}` (histogram),
+/// `proxy_errors_total{kind,error}` and `proxy_overloaded_total`.
+fn register_proxy(registry: &mut Registry, shards: &[ShardSnapshot]) {
+    let mut kinds: Vec<ProxyKindSnapshot> = Vec::new();
+    for s in shards {
+        for k in &s.proxy.kinds {
+            match kinds.iter_mut().find(|x| x.kind == k.kind) {
+                None => kinds.push(k.clone()),
+                Some(sum) => {
+                    for (a, b) in sum.buckets.iter_mut().zip(&k.buckets) {
+                        *a += b;
+                    }
+                    sum.sum_secs += k.sum_secs;
+                    for ((_, a), (_, b)) in sum.errors.iter_mut().zip(&k.errors) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+    }
+    let errors = Family::<ShardLabel, Counter<u64, AtomicU64>>::default();
+    for k in &kinds {
+        for (class, n) in &k.errors {
+            errors
+                .get_or_create(&vec![
+                    ("kind".into(), k.kind.to_string()),
+                    ("error".into(), class.to_string()),
+                ])
+                .inc_by(*n);
+        }
+    }
+    registry.register_with_unit(
+        "proxy_duration",
+        "Backend call latency (connect, TLS, request, whole response), by proxy kind",
+        prometheus_client::registry::Unit::Seconds,
+        ProxyHistograms(kinds),
+    );
+    registry.register(
+        "proxy_errors",
+        "Backend calls failed, by proxy kind and error (status = non-2xx answer)",
+        errors,
+    );
+    let c = Counter::<u64, AtomicU64>::default();
+    c.inc_by(shards.iter().map(|s| s.proxy.overloaded).sum());
+    registry.register(
+        "proxy_overloaded",
+        "Backend calls refused by proxy.max_in_flight (the client got error 100)",
+        c,
+    );
+}
+
+/// Latency histograms summed over the shards, one per proxy kind (the shards count into fixed
+/// buckets; this only encodes their sums).
+#[derive(Debug)]
+struct ProxyHistograms(Vec<ProxyKindSnapshot>);
+
+impl prometheus_client::encoding::EncodeMetric for ProxyHistograms {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        for k in &self.0 {
+            let labels = [("kind", k.kind)];
+            let buckets: Vec<(f64, u64)> = k
+                .bounds_secs
+                .iter()
+                .copied()
+                .chain(std::iter::once(f64::INFINITY))
+                .zip(k.buckets.iter().copied())
+                .collect();
+            let count = k.buckets.iter().sum();
+            encoder
+                .encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    k.sum_secs, count, &buckets, None,
+                )?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 /// `/status.json`: this node's entry (the same builder as `/api/info`'s, counted from the
 /// shards' last snapshots: a channel with subscribers on several shards counts once per
 /// shard), the per-shard figures, and the cluster's registry entries (Redis mode).
@@ -305,4 +391,44 @@ fn status(node: &NodeInfo, redis_mode: bool) -> Value {
         })).collect::<Vec<_>>(),
         "nodes": cluster,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{CallError, ProxyKind, ProxyStats};
+
+    /// Two shards' backend calls reach `/metrics` summed, as a histogram per kind and error
+    /// counters by kind and class.
+    #[test]
+    fn proxy_figures_of_all_shards_are_exported_summed() {
+        let node = NodeInfo::new("u".into(), "n".into(), "a".into(), 1).with_shards(2);
+        let ms = Duration::from_millis;
+        let a = ProxyStats::default();
+        a.record(ProxyKind::Connect, ms(3), Ok(200));
+        a.record(ProxyKind::Connect, ms(30), Ok(500));
+        a.overloaded();
+        let b = ProxyStats::default();
+        b.record(ProxyKind::Connect, ms(4), Ok(200));
+        b.record(ProxyKind::SubRefresh, ms(2000), Err(&CallError::Timeout));
+        b.overloaded();
+        for (slot, stats) in node.shard_snapshots.iter().zip([&a, &b]) {
+            slot.lock().unwrap().proxy = stats.snapshot();
+        }
+        let text = prometheus(&node);
+        for line in [
+            "# TYPE shardcast_proxy_duration_seconds histogram",
+            "shardcast_proxy_duration_seconds_count{kind=\"connect\"} 3",
+            "shardcast_proxy_duration_seconds_bucket{le=\"0.005\",kind=\"connect\"} 2",
+            "shardcast_proxy_duration_seconds_bucket{le=\"0.05\",kind=\"connect\"} 3",
+            "shardcast_proxy_duration_seconds_bucket{le=\"+Inf\",kind=\"sub_refresh\"} 1",
+            "shardcast_proxy_duration_seconds_bucket{le=\"1.0\",kind=\"sub_refresh\"} 0",
+            "shardcast_proxy_errors_total{kind=\"connect\",error=\"status\"} 1",
+            "shardcast_proxy_errors_total{kind=\"sub_refresh\",error=\"timeout\"} 1",
+            "shardcast_proxy_errors_total{kind=\"rpc\",error=\"tls\"} 0",
+            "shardcast_proxy_overloaded_total 2",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+    }
 }

@@ -14,7 +14,10 @@ pub mod doorbell;
 pub mod node_state;
 
 pub use doorbell::Doorbell;
-pub use node_state::{NodeCounts, NodeInfo, RedisLink, RedisLinkState, ShardSnapshot};
+pub use node_state::{
+    NodeCounts, NodeInfo, ProxyKindSnapshot, ProxySnapshot, RedisLink, RedisLinkState,
+    ShardSnapshot,
+};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};

@@ -98,6 +98,32 @@ pub struct ShardSnapshot {
     /// Messages waiting in the shard's broker inbox.
     pub inbox_depth: u64,
     pub counters: Vec<(&'static str, u64)>,
+    /// The shard's backend calls (`backend::ProxyStats::snapshot`).
+    pub proxy: ProxySnapshot,
+}
+
+/// One shard's backend-call figures as of its last tick.
+#[derive(Debug, Default, Clone)]
+pub struct ProxySnapshot {
+    /// Calls refused by `proxy.max_in_flight`.
+    pub overloaded: u64,
+    /// One entry per proxy kind (connect, refresh, ..., jwks).
+    pub kinds: Vec<ProxyKindSnapshot>,
+}
+
+/// One proxy kind's latency histogram and error counters on one shard.
+#[derive(Debug, Default, Clone)]
+pub struct ProxyKindSnapshot {
+    /// The `kind` label (`connect`, `sub_refresh`, `jwks`, ...).
+    pub kind: &'static str,
+    /// Upper bounds of the latency buckets, seconds.
+    pub bounds_secs: &'static [f64],
+    /// Calls per bucket, not cumulative: one entry per bound, then the calls above the last.
+    pub buckets: Vec<u64>,
+    /// Sum of the calls' latencies, seconds.
+    pub sum_secs: f64,
+    /// (error class label, count): `timeout`, `connect`, `tls`, `status`, `too_large`, `http`.
+    pub errors: Vec<(&'static str, u64)>,
 }
 
 /// The node's link to Redis. The numbers are what the `redis_link_state` gauge shows.

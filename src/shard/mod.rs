@@ -212,6 +212,7 @@ impl Shard {
                 .map(|r| r.len() as u64)
                 .unwrap_or(0),
             counters: self.counters.snapshot(),
+            proxy: Default::default(),
         };
         if let Ok(mut s) = slot.lock() {
             *s = snap;
