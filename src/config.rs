@@ -108,6 +108,22 @@ pub struct Config {
     pub default_namespace: NamespaceOptions,
     /// Options of `name:` prefixed channels, keyed by namespace name.
     pub namespaces: BTreeMap<String, NamespaceOptions>,
+    /// The application backend's proxy endpoints (LEAD-TEMP: replaced by the client's section).
+    pub proxy: ProxyConfig,
+}
+
+/// LEAD-TEMP placeholder until the HTTP client's `[proxy]` section is merged.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub connect_endpoint: String,
+    pub refresh_endpoint: String,
+    pub subscribe_endpoint: String,
+    pub publish_endpoint: String,
+    pub sub_refresh_endpoint: String,
+    pub rpc_endpoint: String,
+    pub timeout_ms: u32,
+    pub http_headers: Vec<String>,
 }
 
 impl Default for Config {
@@ -138,6 +154,7 @@ impl Default for Config {
             ring: RingConfig::default(),
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
+            proxy: ProxyConfig::default(),
         }
     }
 }
@@ -549,6 +566,18 @@ pub struct NamespaceOptions {
     pub recover: bool,
     /// Any connected client may read history; otherwise only subscribers of the channel.
     pub allow_history_for_client: bool,
+    /// Subscriptions without a subscription token (and outside user-limited `#` channels) are
+    /// decided by the backend's subscribe proxy (`proxy.subscribe_endpoint`), which replaces
+    /// `allow_subscribe_for_client` for them. Off by default.
+    pub subscribe_proxy: bool,
+    /// Client publications go through the backend's publish proxy (`proxy.publish_endpoint`)
+    /// first, which may refuse them or replace their data; it replaces
+    /// `allow_publish_for_client`. Off by default.
+    pub publish_proxy: bool,
+    /// Subscriptions the subscribe proxy gave an `expire_at` are refreshed by the node calling
+    /// `proxy.sub_refresh_endpoint` when they expire (otherwise they end then, push 2501).
+    /// Off by default.
+    pub sub_refresh_proxy: bool,
 }
 
 impl NamespaceOptions {
@@ -571,6 +600,9 @@ impl Default for NamespaceOptions {
             history_meta_ttl_secs: 30 * 24 * 3600,
             recover: false,
             allow_history_for_client: false,
+            subscribe_proxy: false,
+            publish_proxy: false,
+            sub_refresh_proxy: false,
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod host;
 pub mod inbox;
 pub mod index;
 pub mod io;
+pub mod proxy;
 pub mod reason;
 pub mod recovery;
 pub mod requests;
@@ -72,6 +73,9 @@ pub enum ShardError {
         shard: ShardId,
         source: ring::RingError,
     },
+    /// Its backend client could not be made (a proxy endpoint or TLS setting).
+    #[error("shard {shard}: proxy: {reason}")]
+    Proxy { shard: ShardId, reason: String },
 }
 
 /// The shard's state, shared by its tasks through `Rc`. Fields are private: connections see
@@ -105,6 +109,10 @@ pub struct Shard {
     client_seq: Cell<u64>,
     /// What the broker needs from this shard (confirmations, presence, users).
     caps: BrokerCaps,
+    /// Calls to the application backend (proxies).
+    proxies: proxy::Proxies,
+    /// This shard, for the tasks it starts.
+    me: std::rc::Weak<Shard>,
 }
 
 impl Shard {
@@ -124,7 +132,14 @@ impl Shard {
             std::sync::atomic::Ordering::Relaxed,
         );
         let verifier = TokenVerifier::from_config(&cfg);
-        Ok(Rc::new(Shard {
+        let proxies = proxy::Proxies::new(&cfg).map_err(|e| ShardError::Proxy {
+            shard: id,
+            reason: format!("{e:#}"),
+        })?;
+        Ok(Rc::new_cyclic(|me| Shard {
+            me: me.clone(),
+            proxies,
+
             id,
             io: SharedIo::new(&cfg),
             broker: BrokerLink::new(to_broker, cfg.limits.broker_backlog_capacity),
@@ -235,6 +250,16 @@ impl Shard {
         let left = unix_secs
             .saturating_add(self.cfg.client_expired_sub_close_delay_secs as u64)
             .saturating_sub(crate::clock::unix_now());
+        (self.io.tick_now() as u64 + left.max(1)).min(u32::MAX as u64) as u32
+    }
+
+    /// Converts the Unix time of a refresh the node makes itself to a wheel tick (0 = never):
+    /// no grace delay, the backend is asked at that time.
+    fn refresh_tick(&self, unix_secs: u64) -> u32 {
+        if unix_secs == 0 {
+            return 0;
+        }
+        let left = unix_secs.saturating_sub(crate::clock::unix_now());
         (self.io.tick_now() as u64 + left.max(1)).min(u32::MAX as u64) as u32
     }
 
