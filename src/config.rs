@@ -580,6 +580,18 @@ pub struct NamespaceOptions {
     pub recover: bool,
     /// Any connected client may read history; otherwise only subscribers of the channel.
     pub allow_history_for_client: bool,
+    /// Subscriptions without a subscription token (and outside user-limited `#` channels) are
+    /// decided by the backend's subscribe proxy (`proxy.subscribe_endpoint`), which replaces
+    /// `allow_subscribe_for_client` for them. Off by default.
+    pub subscribe_proxy: bool,
+    /// Client publications go through the backend's publish proxy (`proxy.publish_endpoint`)
+    /// first, which may refuse them or replace their data; it replaces
+    /// `allow_publish_for_client`. Off by default.
+    pub publish_proxy: bool,
+    /// Subscriptions the subscribe proxy gave an `expire_at` are refreshed by the node calling
+    /// `proxy.sub_refresh_endpoint` when they expire (otherwise they end then, push 2501).
+    /// Off by default.
+    pub sub_refresh_proxy: bool,
 }
 
 impl NamespaceOptions {
@@ -602,6 +614,9 @@ impl Default for NamespaceOptions {
             history_meta_ttl_secs: 30 * 24 * 3600,
             recover: false,
             allow_history_for_client: false,
+            subscribe_proxy: false,
+            publish_proxy: false,
+            sub_refresh_proxy: false,
         }
     }
 }
@@ -943,12 +958,13 @@ impl Config {
     fn validate_tokens(&self) -> Result<(), ConfigError> {
         // Clients need some way in. (Any further way of authenticating a connection, such as
         // a connect proxy endpoint, belongs in this condition too.)
-        if !self.insecure && !self.has_token_keys() {
+        if !self.insecure && !self.has_token_keys() && self.proxy.connect_endpoint.is_none() {
             return Err(invalid(
                 "token_hmac_secret",
-                "is required unless `insecure` is set or another token key is configured \
-                 (token_rsa_public_key_file, token_ecdsa_public_key_file, token_jwks_url): \
-                 clients could not authenticate",
+                "is required unless `insecure` is set, another token key is configured \
+                 (token_rsa_public_key_file, token_ecdsa_public_key_file, token_jwks_url) \
+                 or `proxy.connect_endpoint` authenticates connections: clients could not \
+                 authenticate",
             ));
         }
         if !self.token_jwks_url.is_empty() {

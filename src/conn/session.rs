@@ -16,13 +16,16 @@ use crate::bus::{HistoryQuery, StreamPos};
 use crate::config::{Config, NamespaceOptions};
 use crate::conn::ConnKey;
 use crate::protocol::codes::unsubscribe;
-use crate::protocol::command::{parse_line, Line, Request, FLAG_REJECT_UNRECOVERED};
+use crate::protocol::command::{parse_line, ConnectSub, Line, Request, FLAG_REJECT_UNRECOVERED};
+use crate::protocol::proxy;
 use crate::protocol::reply::{self, ClientInfo};
 use crate::protocol::token::{TokenError, TokenVerifier};
 use crate::protocol::{Disconnect, ErrorCode};
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+
+pub use super::proxied::{Awaiting, Ended};
 
 /// Server version announced in connect replies.
 pub use crate::VERSION;
@@ -104,14 +107,34 @@ pub trait Host {
     fn history(&mut self, id: u32, channel: &str, query: HistoryQuery) -> Result<(), ErrorCode>;
     /// Connection token expiry changed (0 = never): the host arms its timer.
     fn set_expiry(&mut self, unix_secs: u64);
+    /// The node refreshes this connection through the refresh proxy at `unix_secs` (0 =
+    /// never): the host arms its timer for that time, without the grace delay of a token.
+    fn set_refresh_at(&mut self, unix_secs: u64);
     /// The token of the subscription to `chan` expires at `unix_secs` (0 = never, or the
     /// subscription ended): the host records it (see [`SubExpiries`]) and arms the
     /// connection's timer for `client_expired_sub_close_delay_secs` after the earliest one.
     /// Cheap when the connection has no expiring subscription and `unix_secs` is 0.
     fn set_sub_expiry(&mut self, chan: ChanId, unix_secs: u64);
-    /// Takes the subscriptions of this connection whose token expired at least
-    /// `client_expired_sub_close_delay_secs` ago, and re-arms for the next one.
-    fn take_expired_subs(&mut self) -> Vec<ChanId>;
+    /// The subscription to `chan` is refreshed by the node through the sub_refresh proxy at
+    /// `unix_secs` (0 = never): recorded like [`Host::set_sub_expiry`], but due at
+    /// `unix_secs` itself and never announced to the client.
+    fn set_sub_refresh(&mut self, chan: ChanId, unix_secs: u64);
+    /// Takes the subscriptions of this connection that are due: those whose token expired at
+    /// least `client_expired_sub_close_delay_secs` ago (`false`), and those the node refreshes
+    /// itself whose time came (`true`); re-arms for the next one.
+    fn take_expired_subs(&mut self) -> Vec<(ChanId, bool)>;
+    /// Sends `body` to the backend's endpoint for `waiting`'s hook; the answer comes back
+    /// through [`Session::proxied`] with `waiting`. Fails with a temporary error when the
+    /// shard's proxy calls in flight are at their bound (`proxy.max_in_flight`).
+    fn proxy(&mut self, waiting: Awaiting, body: Vec<u8>) -> Result<(), ErrorCode>;
+    /// A subscribe to `channel` of this connection waits for the subscribe proxy.
+    fn proxy_waits(&self, channel: &str) -> bool;
+    /// The client unsubscribed from `channel` while its subscribe waited for the proxy: the
+    /// answer is dropped when it comes.
+    fn proxy_forget(&mut self, channel: &str);
+    /// Custom data for the subscribe reply to command `id` that the host sends later
+    /// ([`Ack::Later`]).
+    fn later_reply_data(&mut self, id: u32, data: Box<RawValue>);
     /// The client joined or left a channel whose namespace keeps presence.
     fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool);
     /// Takes one token from the connection's command bucket; false when it is empty.
@@ -136,42 +159,65 @@ pub enum Refusal {
 /// here.
 #[derive(Debug, Default)]
 pub struct SubExpiries {
-    by_conn: HashMap<ConnKey, smallvec::SmallVec<[(ChanId, u64); 1]>>,
+    /// Per connection: channel, expiry (Unix seconds) and whether the node refreshes it
+    /// itself (then stored `client_expired_sub_close_delay_secs` early, so that it is due at
+    /// its own time while token expiries are due after the grace delay).
+    by_conn: HashMap<ConnKey, smallvec::SmallVec<[SubExpiry; 1]>>,
 }
+
+/// One expiring subscription: channel, expiry (Unix seconds), refreshed by the node.
+type SubExpiry = (ChanId, u64, bool);
 
 impl SubExpiries {
     /// Sets (`exp` > 0) or forgets (`exp` = 0) the expiry of `key`'s subscription to `chan`.
     /// Returns the connection's earliest expiry afterwards (0 = none left).
     pub fn set(&mut self, key: ConnKey, chan: ChanId, exp: u64) -> u64 {
+        self.put(key, chan, exp, false)
+    }
+
+    /// Sets (`due` > 0) or forgets the time the node refreshes `key`'s subscription to `chan`
+    /// itself; `delay` is `client_expired_sub_close_delay_secs`. Returns what [`Self::set`]
+    /// returns.
+    pub fn set_refresh(&mut self, key: ConnKey, chan: ChanId, due: u64, delay: u64) -> u64 {
+        let stored = if due == 0 {
+            0
+        } else {
+            due.saturating_sub(delay).max(1)
+        };
+        self.put(key, chan, stored, true)
+    }
+
+    fn put(&mut self, key: ConnKey, chan: ChanId, exp: u64, server: bool) -> u64 {
         let list = self.by_conn.entry(key).or_default();
-        match list.iter().position(|&(c, _)| c == chan) {
+        match list.iter().position(|&(c, _, _)| c == chan) {
             Some(i) if exp == 0 => {
                 list.swap_remove(i);
             }
-            Some(i) => list[i].1 = exp,
-            None if exp > 0 => list.push((chan, exp)),
+            Some(i) => list[i] = (chan, exp, server),
+            None if exp > 0 => list.push((chan, exp, server)),
             None => {}
         }
         self.earliest_or_forget(key)
     }
 
-    /// The expiry of `key`'s subscription to `chan` (0 = none).
+    /// The token expiry of `key`'s subscription to `chan` (0 = none, or refreshed by the
+    /// node: never announced to the client).
     pub fn get(&self, key: ConnKey, chan: ChanId) -> u64 {
         self.by_conn
             .get(&key)
-            .and_then(|l| l.iter().find(|&&(c, _)| c == chan))
-            .map_or(0, |&(_, exp)| exp)
+            .and_then(|l| l.iter().find(|&&(c, _, server)| c == chan && !server))
+            .map_or(0, |&(_, exp, _)| exp)
     }
 
-    /// Takes `key`'s subscriptions that expired at or before `cutoff`; returns them and the
-    /// earliest expiry left (0 = none).
-    pub fn take_due(&mut self, key: ConnKey, cutoff: u64) -> (Vec<ChanId>, u64) {
+    /// Takes `key`'s subscriptions that expired at or before `cutoff`, each with whether the
+    /// node refreshes it itself; returns them and the earliest expiry left (0 = none).
+    pub fn take_due(&mut self, key: ConnKey, cutoff: u64) -> (Vec<(ChanId, bool)>, u64) {
         let mut due = Vec::new();
         if let Some(list) = self.by_conn.get_mut(&key) {
-            list.retain(|&mut (chan, exp)| {
+            list.retain(|&mut (chan, exp, server)| {
                 let keep = exp > cutoff;
                 if !keep {
-                    due.push(chan);
+                    due.push((chan, server));
                 }
                 keep
             });
@@ -193,7 +239,7 @@ impl SubExpiries {
         let earliest = self
             .by_conn
             .get(&key)
-            .and_then(|l| l.iter().map(|&(_, exp)| exp).min())
+            .and_then(|l| l.iter().map(|&(_, exp, _)| exp).min())
             .unwrap_or(0);
         if earliest == 0 {
             self.by_conn.remove(&key);
@@ -231,6 +277,34 @@ pub struct Identity {
     pub user: Rc<str>,
     pub client: ClientId,
     pub info: Option<Box<RawValue>>,
+    /// Connected through the connect proxy: when it expires the node asks the refresh proxy
+    /// (or closes it, 3005, without one); the client is not told to refresh.
+    pub server_refresh: bool,
+}
+
+/// What a connect is granted, by a token or the connect proxy.
+pub(super) struct Grant<'a> {
+    pub user: &'a str,
+    pub client: ClientId,
+    /// Unix seconds; 0 = never.
+    pub exp: u64,
+    pub info: Option<Box<RawValue>>,
+    /// Server-side subscriptions, each with the data for its part of the reply.
+    pub channels: Vec<(&'a str, Option<Box<RawValue>>)>,
+    /// For the client, in the connect reply.
+    pub data: Option<Box<RawValue>>,
+    /// The node refreshes the connection through the refresh proxy.
+    pub server_refresh: bool,
+}
+
+/// What a subscribe is granted.
+pub(super) struct Granted {
+    /// Unix seconds the subscription expires at; 0 = never.
+    pub exp: u64,
+    /// The node refreshes it through the sub_refresh proxy (the client is not told).
+    pub server_refresh: bool,
+    /// For the client, in the subscribe reply.
+    pub data: Option<Box<RawValue>>,
 }
 
 /// The session of one connection.
@@ -242,6 +316,8 @@ pub struct Session {
     pub subs: smallvec::SmallVec<[ChanId; 2]>,
     /// Commands refused by the rate limit since the last accepted one.
     pub refused_in_a_row: u32,
+    /// The connect waits for the connect proxy: nothing else may come meanwhile.
+    pub connecting: bool,
 }
 
 impl Session {
@@ -310,6 +386,10 @@ impl Session {
             }
             Ok(Line::Command { id, request }) => (id, request),
         };
+        if self.connecting {
+            // The connect waits for the backend; an SDK sends nothing before its reply.
+            return Err(Disconnect::BadRequest);
+        }
         match (&self.identity, request) {
             (None, Request::Connect(c)) => self.connect(host, id, &c, out),
             (None, _) => Err(Disconnect::BadRequest),
@@ -320,7 +400,7 @@ impl Session {
                     epoch: std::sync::Arc::from(&*s.epoch),
                 });
                 let reject = s.flag & FLAG_REJECT_UNRECOVERED != 0;
-                match self.subscribe(host, id, &s.channel, &s.token, since, reject) {
+                match self.subscribe(host, id, &s, since, reject) {
                     Ok(Ack::Now(result)) => reply::result(out, id, "subscribe", &result),
                     Ok(Ack::Later) => {}
                     Err((code, temporary)) => reply::error(out, id, code, temporary),
@@ -331,6 +411,8 @@ impl Session {
                 if let Some(pos) = self.position(host, &u.channel) {
                     let chan = self.subs.swap_remove(pos);
                     self.left(host, chan);
+                } else if host.proxy_waits(&u.channel) {
+                    host.proxy_forget(&u.channel);
                 }
                 reply::result(out, id, "unsubscribe", &reply::Empty {});
                 Ok(())
@@ -338,6 +420,21 @@ impl Session {
             (Some(ident), Request::Publish(p)) => {
                 let result = match namespace(host, &p.channel) {
                     Err(e) => Err(e),
+                    Ok(ns)
+                        if ns.publish_proxy && host.config().proxy.publish_endpoint.is_some() =>
+                    {
+                        let client = ident.client.to_string();
+                        let mut body = proxy::Request::new(&client);
+                        body.user = Some(&ident.user);
+                        body.channel = Some(&p.channel);
+                        body.data = Some(p.data);
+                        let waiting = Awaiting::Publish {
+                            id,
+                            channel: p.channel.to_string(),
+                            data: p.data.to_owned(),
+                        };
+                        host.proxy(waiting, body.to_vec())
+                    }
                     Ok(ns) if !host.config().insecure && !ns.allow_publish_for_client => {
                         Err(ErrorCode::PermissionDenied)
                     }
@@ -394,7 +491,18 @@ impl Session {
                 }
                 Ok(())
             }
-            (Some(_), Request::Rpc | Request::Send) => {
+            (Some(ident), Request::Rpc(r)) if host.config().proxy.rpc_endpoint.is_some() => {
+                let client = ident.client.to_string();
+                let mut body = proxy::Request::new(&client);
+                body.user = Some(&ident.user);
+                body.method = &r.method;
+                body.data = r.data;
+                if let Err(code) = host.proxy(Awaiting::Rpc { id }, body.to_vec()) {
+                    reply::error(out, id, code, true);
+                }
+                Ok(())
+            }
+            (Some(_), Request::Rpc(_) | Request::Send) => {
                 reply::error(out, id, ErrorCode::NotAvailable, false);
                 Ok(())
             }
@@ -472,6 +580,25 @@ impl Session {
         out: &mut Vec<u8>,
     ) -> Result<(), Disconnect> {
         let token: &str = &request.token;
+        if token.is_empty() && host.config().proxy.connect_endpoint.is_some() {
+            // No token: the backend's connect proxy says who this is.
+            let client = host.new_client_id();
+            let client_text = client.to_string();
+            let mut body = proxy::Request::new(&client_text);
+            body.name = &request.name;
+            body.version = &request.version;
+            body.data = request.data;
+            let waiting = Awaiting::Connect {
+                id,
+                client,
+                subs: Box::new(request.subs.clone()),
+            };
+            match host.proxy(waiting, body.to_vec()) {
+                Ok(()) => self.connecting = true,
+                Err(code) => reply::error(out, id, code, true),
+            }
+            return Ok(());
+        }
         let now = host.unix_now();
         let claims = match host.verifier() {
             Some(_) if token.is_empty() && host.config().insecure => Default::default(),
@@ -481,26 +608,72 @@ impl Session {
                     reply::error(out, id, ErrorCode::TokenExpired, false);
                     return Ok(());
                 }
-                Err(TokenError::Invalid | TokenError::UnknownKey) => {
-                    return Err(Disconnect::InvalidToken)
+                Err(TokenError::UnknownKey) => {
+                    // A `kid` the key set lacks: wait for a fetch of the set, then check again.
+                    let waiting = Awaiting::Keys {
+                        id,
+                        token: token.to_string(),
+                        subs: Box::new(request.subs.clone()),
+                    };
+                    return match host.proxy(waiting, Vec::new()) {
+                        Ok(()) => {
+                            self.connecting = true;
+                            Ok(())
+                        }
+                        Err(ErrorCode::Internal) => {
+                            reply::error(out, id, ErrorCode::Internal, true);
+                            Ok(())
+                        }
+                        Err(_) => Err(Disconnect::InvalidToken),
+                    };
                 }
+                Err(TokenError::Invalid) => return Err(Disconnect::InvalidToken),
             },
             None if host.config().insecure => Default::default(),
             None => return Err(Disconnect::InvalidToken),
         };
-        let user = host.register_user(&claims.sub);
         let client = host.new_client_id();
-        let exp = claims.exp.unwrap_or(0);
+        let grant = Grant {
+            user: &claims.sub,
+            client,
+            exp: claims.exp.unwrap_or(0),
+            info: claims.info,
+            channels: claims.channels.iter().map(|c| (c.as_str(), None)).collect(),
+            data: None,
+            server_refresh: false,
+        };
+        self.establish(host, id, grant, &request.subs, out)
+    }
+
+    /// Makes the connection what a token or the connect proxy granted, and replies to the
+    /// connect `id` (now, or through the host once server-side subscriptions are confirmed).
+    pub(super) fn establish(
+        &mut self,
+        host: &mut dyn Host,
+        id: u32,
+        grant: Grant<'_>,
+        recover: &std::collections::HashMap<String, ConnectSub>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Disconnect> {
+        let now = host.unix_now();
+        let user = host.register_user(grant.user);
+        let client = grant.client;
+        let exp = grant.exp;
         self.identity = Some(Box::new(Identity {
             user,
             client,
-            info: claims.info,
+            info: grant.info,
+            server_refresh: grant.server_refresh,
         }));
         let client = client.to_string();
-        host.set_expiry(exp);
+        if grant.server_refresh {
+            host.set_refresh_at(exp);
+        } else {
+            host.set_expiry(exp);
+        }
         let mut subs = BTreeMap::new();
         let mut waiting = 0;
-        for channel in &claims.channels {
+        for (channel, data) in grant.channels {
             // Server-side subscriptions: the token vouches for them, so no permission check.
             if self.position(host, channel).is_some() {
                 continue;
@@ -510,9 +683,8 @@ impl Session {
                 Some(ns) if ns.has_history() => Recovery {
                     history: true,
                     recoverable: ns.recover,
-                    since: request
-                        .subs
-                        .get(channel.as_str())
+                    since: recover
+                        .get(channel)
                         .filter(|s| s.recover && ns.recover)
                         .map(|s| StreamPos {
                             offset: s.offset,
@@ -525,9 +697,10 @@ impl Session {
             };
             let sub_id = if recovery.connect { id } else { 0 };
             match host.subscribe(sub_id, channel, &recovery) {
-                Ok((chan, Ack::Now(result))) => {
+                Ok((chan, Ack::Now(mut result))) => {
                     self.subs.push(chan);
-                    subs.insert(channel.as_str(), result);
+                    result.data = data;
+                    subs.insert(channel, result);
                 }
                 Ok((chan, Ack::Later)) => {
                     self.subs.push(chan);
@@ -536,11 +709,15 @@ impl Session {
                 Err(_) => return Err(Disconnect::ServerError),
             }
         }
+        // A client refreshes a token itself; a connection the backend let in is refreshed by
+        // the node, and the client is not told it expires.
+        let announce = exp > 0 && !grant.server_refresh;
         let result = reply::ConnectResult {
             client: &client,
             version: VERSION,
-            expires: exp > 0,
-            ttl: ttl(exp, now),
+            expires: announce,
+            ttl: if announce { ttl(exp, now) } else { 0 },
+            data: grant.data.as_deref(),
             subs,
             ping: host.config().ping.interval_secs,
             pong: true,
@@ -563,18 +740,19 @@ impl Session {
         &mut self,
         host: &mut dyn Host,
         id: u32,
-        channel: &str,
-        token: &str,
+        request: &crate::protocol::command::SubscribeRequest<'_>,
         since: Option<StreamPos>,
         reject_unrecovered: bool,
     ) -> Result<Ack, (ErrorCode, bool)> {
+        let channel: &str = &request.channel;
+        let token: &str = &request.token;
         let cfg = host.config();
         if channel.is_empty() || channel.len() > cfg.limits.max_channel_name_bytes {
             host.refused(Refusal::ChannelName);
             return Err((ErrorCode::BadRequest, false));
         }
         let ns = namespace(host, channel).map_err(|e| (e, false))?;
-        if self.position(host, channel).is_some() {
+        if self.position(host, channel).is_some() || host.proxy_waits(channel) {
             return Err((ErrorCode::AlreadySubscribed, false));
         }
         if self.subs.len() >= cfg.limits.max_channels_per_connection {
@@ -582,7 +760,48 @@ impl Session {
             return Err((ErrorCode::LimitExceeded, false));
         }
         let ident = self.identity.as_ref().expect("connected");
+        let user_limited = ns.allow_user_limited_channels && channel.contains('#');
+        if token.is_empty()
+            && ns.subscribe_proxy
+            && !user_limited
+            && cfg.proxy.subscribe_endpoint.is_some()
+        {
+            // The backend decides (tokens and user-limited channels decide for themselves).
+            let client = ident.client.to_string();
+            let mut body = proxy::Request::new(&client);
+            body.user = Some(&ident.user);
+            body.channel = Some(channel);
+            body.data = request.data;
+            let waiting = Awaiting::Subscribe {
+                id,
+                channel: channel.to_string(),
+                since,
+                reject_unrecovered,
+            };
+            host.proxy(waiting, body.to_vec()).map_err(|e| (e, true))?;
+            return Ok(Ack::Later);
+        }
         let exp = permit(host, ns, channel, token, ident).map_err(|e| (e, false))?;
+        let granted = Granted {
+            exp,
+            server_refresh: false,
+            data: None,
+        };
+        self.subscribe_granted(host, id, channel, since, reject_unrecovered, granted)
+    }
+
+    /// Subscribes to a channel the client may join (by a token, the namespace, or the
+    /// subscribe proxy), and says when the reply goes out.
+    pub(super) fn subscribe_granted(
+        &mut self,
+        host: &mut dyn Host,
+        id: u32,
+        channel: &str,
+        since: Option<StreamPos>,
+        reject_unrecovered: bool,
+        granted: Granted,
+    ) -> Result<Ack, (ErrorCode, bool)> {
+        let ns = namespace(host, channel).map_err(|e| (e, false))?;
         let presence = ns.presence;
         let recovery = Recovery {
             history: ns.has_history(),
@@ -595,13 +814,29 @@ impl Session {
             .subscribe(id, channel, &recovery)
             .map_err(|e| (e, e == ErrorCode::Internal))?;
         self.subs.push(chan);
+        let exp = granted.exp;
         // Always told, so that an expiry left from an earlier subscription to a channel with
         // the same id cannot end this one. A later reply (`Ack::Later`) gets the expiry from
         // the host's record.
-        host.set_sub_expiry(chan, exp);
-        if let Ack::Now(result) = &mut ack {
-            result.expires = exp > 0;
-            result.ttl = ttl(exp, host.unix_now());
+        if granted.server_refresh {
+            host.set_sub_expiry(chan, 0);
+            host.set_sub_refresh(chan, exp);
+        } else {
+            host.set_sub_expiry(chan, exp);
+        }
+        match &mut ack {
+            Ack::Now(result) => {
+                if !granted.server_refresh {
+                    result.expires = exp > 0;
+                    result.ttl = ttl(exp, host.unix_now());
+                }
+                result.data = granted.data;
+            }
+            Ack::Later => {
+                if let Some(data) = granted.data {
+                    host.later_reply_data(id, data);
+                }
+            }
         }
         if presence {
             let ident = self.identity.as_ref().expect("connected");
@@ -645,30 +880,49 @@ impl Session {
     /// Ends the subscriptions whose token expired `client_expired_sub_close_delay_secs` ago
     /// without a `sub_refresh` (the host's timer calls this at their deadline): each one is
     /// left and gets an unsubscribe push 2501 "subscription expired" in `out` (separated by
-    /// `\n`); the other subscriptions stay. Returns how many ended.
+    /// `\n`); the other subscriptions stay. A subscription the node refreshes itself asks the
+    /// sub_refresh proxy instead (and ends only if there is none). Returns how many ended.
     pub fn expire_subscriptions(&mut self, host: &mut dyn Host, out: &mut Vec<u8>) -> usize {
         let base = out.len();
         let mut ended = 0;
-        for chan in host.take_expired_subs() {
-            let Some(pos) = self.subs.iter().position(|&c| c == chan) else {
+        for (chan, server_refresh) in host.take_expired_subs() {
+            if !self.subs.contains(&chan) {
                 continue; // already gone (a server unsubscribe)
-            };
-            self.subs.swap_remove(pos);
-            let name = host.channel_name(chan);
-            self.left(host, chan);
-            if out.len() > base {
-                out.push(b'\n');
             }
-            reply::unsubscribe_push(
-                out,
-                &name,
-                unsubscribe::EXPIRED,
-                unsubscribe::EXPIRED_REASON,
-            );
-            host.refused(Refusal::SubscriptionExpired);
+            if server_refresh && self.refresh_subscription(host, chan) {
+                continue;
+            }
+            self.end_expired(host, chan, base, out);
             ended += 1;
         }
         ended
+    }
+
+    /// Ends subscription `chan` as expired: left, and an unsubscribe push 2501 appended to
+    /// `out` (after a `\n` when `out` has grown past `base`).
+    pub(super) fn end_expired(
+        &mut self,
+        host: &mut dyn Host,
+        chan: ChanId,
+        base: usize,
+        out: &mut Vec<u8>,
+    ) {
+        let Some(pos) = self.subs.iter().position(|&c| c == chan) else {
+            return;
+        };
+        self.subs.swap_remove(pos);
+        let name = host.channel_name(chan);
+        self.left(host, chan);
+        if out.len() > base {
+            out.push(b'\n');
+        }
+        reply::unsubscribe_push(
+            out,
+            &name,
+            unsubscribe::EXPIRED,
+            unsubscribe::EXPIRED_REASON,
+        );
+        host.refused(Refusal::SubscriptionExpired);
     }
 
     /// Removes a channel the session was in (already taken out of `subs`).
@@ -777,6 +1031,9 @@ mod tests {
         recoveries: Vec<Recovery>,
         histories: Vec<(u32, String, HistoryQuery)>,
         sub_expiries: SubExpiries,
+        /// Backend calls asked for and not answered yet.
+        calls: Vec<(Awaiting, Value)>,
+        refresh_at: u64,
     }
 
     const KEY: ConnKey = ConnKey {
@@ -805,6 +1062,8 @@ mod tests {
                 recoveries: Vec::new(),
                 histories: Vec::new(),
                 sub_expiries: SubExpiries::default(),
+                calls: Vec::new(),
+                refresh_at: 0,
             }
         }
     }
@@ -884,10 +1143,36 @@ mod tests {
         fn set_sub_expiry(&mut self, chan: ChanId, unix_secs: u64) {
             self.sub_expiries.set(KEY, chan, unix_secs);
         }
-        fn take_expired_subs(&mut self) -> Vec<ChanId> {
+        fn set_sub_refresh(&mut self, chan: ChanId, unix_secs: u64) {
+            let delay = self.cfg.client_expired_sub_close_delay_secs as u64;
+            self.sub_expiries.set_refresh(KEY, chan, unix_secs, delay);
+        }
+        fn take_expired_subs(&mut self) -> Vec<(ChanId, bool)> {
             let delay = self.cfg.client_expired_sub_close_delay_secs as u64;
             let cutoff = self.now.saturating_sub(delay);
             self.sub_expiries.take_due(KEY, cutoff).0
+        }
+        fn set_refresh_at(&mut self, unix_secs: u64) {
+            self.refresh_at = unix_secs;
+        }
+        fn proxy(&mut self, waiting: Awaiting, body: Vec<u8>) -> Result<(), ErrorCode> {
+            if self.broker_full {
+                return Err(ErrorCode::Internal);
+            }
+            self.calls
+                .push((waiting, serde_json::from_slice(&body).unwrap()));
+            Ok(())
+        }
+        fn proxy_waits(&self, channel: &str) -> bool {
+            self.calls
+                .iter()
+                .any(|(w, _)| w.subscribing() == Some(channel))
+        }
+        fn proxy_forget(&mut self, channel: &str) {
+            self.calls.retain(|(w, _)| w.subscribing() != Some(channel));
+        }
+        fn later_reply_data(&mut self, _id: u32, _data: Box<RawValue>) {
+            unreachable!("the fake host answers every subscribe at once")
         }
         fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool) {
             self.presence_log
@@ -1491,7 +1776,11 @@ mod tests {
         assert_eq!(t.set(k2, 1, 70), 70);
         assert_eq!(t.set(KEY, 2, 60), 50, "moved");
         assert_eq!(t.take_due(KEY, 49), (vec![], 50));
-        assert_eq!(t.take_due(KEY, 55), (vec![1], 60));
+        assert_eq!(t.take_due(KEY, 55), (vec![(1, false)], 60));
+        assert_eq!(t.set_refresh(KEY, 3, 100, 25), 60, "stored 25 s early");
+        assert_eq!(t.get(KEY, 3), 0, "a node refresh is never announced");
+        assert_eq!(t.take_due(KEY, 75), (vec![(2, false), (3, true)], 0));
+        assert_eq!(t.set(KEY, 2, 60), 60);
         assert_eq!(t.get(KEY, 2), 60);
         assert_eq!(t.set(KEY, 2, 0), 0);
         assert_eq!(t.connections(), 1, "only k2 left");
@@ -1582,5 +1871,374 @@ mod tests {
         assert!(r["subscribe"].is_object(), "{r}");
         let r = sub_refresh(&mut s, &mut h, 4, "$p", &no_aud);
         assert_eq!(r["error"]["code"], 103, "{r}");
+    }
+
+    const PROXY_CFG: &str = "token_hmac_secret = \"k\"\nclient_expired_sub_close_delay_secs = 5\n[proxy]\nconnect_endpoint = \"http://127.0.0.1:9/connect\"\nrefresh_endpoint = \"http://127.0.0.1:9/refresh\"\nsubscribe_endpoint = \"http://127.0.0.1:9/subscribe\"\npublish_endpoint = \"http://127.0.0.1:9/publish\"\nsub_refresh_endpoint = \"http://127.0.0.1:9/sub_refresh\"\nrpc_endpoint = \"http://127.0.0.1:9/rpc\"\ntimeout_ms = 1000\n[namespaces.chat]\nsubscribe_proxy = true\npublish_proxy = true\nsub_refresh_proxy = true\nallow_user_limited_channels = true\n[namespaces.open]\nallow_subscribe_for_client = true\n";
+
+    /// Answers the oldest backend call with `answer` (`None`: the call failed).
+    fn answer(
+        s: &mut Session,
+        h: &mut FakeHost,
+        answer: Option<&str>,
+    ) -> (Result<(), Ended>, Vec<Value>) {
+        let (waiting, _) = h.calls.remove(0);
+        let mut out = Vec::new();
+        let r = s.proxied(h, waiting, answer.map(str::as_bytes), &mut out);
+        let replies = std::str::from_utf8(&out)
+            .unwrap()
+            .split('\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (r, replies)
+    }
+
+    fn proxy_connected(h: &mut FakeHost, result: &str) -> Session {
+        let mut s = Session::default();
+        let (r, replies) = send(
+            &mut s,
+            h,
+            r#"{"id":1,"connect":{"name":"js","data":{"hi":1}}}"#,
+        );
+        r.unwrap();
+        assert!(replies.is_empty(), "the connect waits for the backend");
+        let (r, replies) = answer(&mut s, h, Some(result));
+        r.unwrap();
+        assert!(replies[0]["connect"].is_object(), "{replies:?}");
+        s
+    }
+
+    #[test]
+    fn connect_without_token_asks_the_connect_proxy() {
+        let mut h = FakeHost::new(PROXY_CFG);
+        let mut s = Session::default();
+        let (r, replies) = send(
+            &mut s,
+            &mut h,
+            r#"{"id":1,"connect":{"name":"js","version":"1","data":{"hi":1}}}"#,
+        );
+        r.unwrap();
+        assert!(replies.is_empty());
+        let body = &h.calls[0].1;
+        assert_eq!(body["client"], "00000000-0000-4000-8000-000000000001");
+        assert_eq!(
+            (&body["transport"], &body["protocol"], &body["encoding"]),
+            (&"websocket".into(), &"json".into(), &"json".into())
+        );
+        assert_eq!(
+            (&body["name"], &body["version"]),
+            (&"js".into(), &"1".into())
+        );
+        assert_eq!(body["data"], serde_json::json!({"hi":1}));
+        assert!(body.get("user").is_none(), "a connect has no user yet");
+        // Nothing else may come while it waits.
+        let mut other = Session {
+            connecting: true,
+            ..Default::default()
+        };
+        let (r, _) = send(&mut other, &mut h, r#"{"id":2,"ping":{}}"#);
+        assert_eq!(r, Err(Disconnect::BadRequest));
+        let (r, replies) = answer(
+            &mut s,
+            &mut h,
+            Some(
+                r#"{"result":{"user":"56","expire_at":1100,"info":{"n":1},"data":{"welcome":true},"channels":["open:a"],"subs":{"open:b":{"data":{"x":1}}}}}"#,
+            ),
+        );
+        r.unwrap();
+        let c = &replies[0]["connect"];
+        assert_eq!(replies[0]["id"], 1);
+        assert_eq!(c["client"], "00000000-0000-4000-8000-000000000001");
+        assert_eq!(c["data"], serde_json::json!({"welcome":true}));
+        assert!(
+            c.get("expires").is_none(),
+            "the node refreshes it, not the client: {c}"
+        );
+        assert_eq!(
+            c["subs"]["open:b"]["data"],
+            serde_json::json!({"x":1}),
+            "{c}"
+        );
+        assert!(c["subs"]["open:a"].is_object(), "{c}");
+        let ident = s.identity.as_ref().unwrap();
+        assert_eq!(
+            (&*ident.user, ident.info.as_ref().unwrap().get()),
+            ("56", r#"{"n":1}"#)
+        );
+        assert!(ident.server_refresh);
+        assert_eq!(
+            h.refresh_at, 1100,
+            "refreshed at expire_at, without a grace delay"
+        );
+        assert!(!s.connecting);
+    }
+
+    #[test]
+    fn connect_proxy_refusals_reach_the_client() {
+        let mut h = FakeHost::new(PROXY_CFG);
+        for (ans, want) in [
+            (
+                Some(r#"{"disconnect":{"code":4501,"reason":"unauthorized"}}"#),
+                Err(Ended::Backend {
+                    code: 4501,
+                    reason: "unauthorized".into(),
+                }),
+            ),
+            (
+                Some(r#"{"error":{"code":1000,"message":"custom"}}"#),
+                Ok(r#"{"code":1000,"message":"custom"}"#),
+            ),
+            (
+                None,
+                Ok(r#"{"code":100,"message":"internal server error","temporary":true}"#),
+            ),
+            (
+                Some("garbage"),
+                Ok(r#"{"code":100,"message":"internal server error","temporary":true}"#),
+            ),
+            (
+                Some(r#"{"result":{"user":"a","expire_at":999}}"#),
+                Ok(r#"{"code":109,"message":"token expired"}"#),
+            ),
+        ] {
+            let mut s = Session::default();
+            send(&mut s, &mut h, r#"{"id":7,"connect":{}}"#).0.unwrap();
+            let (r, replies) = answer(&mut s, &mut h, ans);
+            match want {
+                Err(e) => assert_eq!(r, Err(e)),
+                Ok(err) => {
+                    r.unwrap();
+                    assert_eq!(replies[0]["id"], 7);
+                    assert_eq!(
+                        replies[0]["error"],
+                        serde_json::from_str::<Value>(err).unwrap(),
+                        "{ans:?}"
+                    );
+                    assert!(s.identity.is_none() && !s.connecting);
+                }
+            }
+        }
+        // A token still works beside the proxy, and the proxy's bound answers 100 at once.
+        let mut s = connected(&mut h);
+        assert!(s.identity.as_ref().is_some_and(|i| !i.server_refresh));
+        h.broker_full = true;
+        let (r, replies) = send(&mut s, &mut h, r#"{"id":3,"rpc":{"method":"m"}}"#);
+        r.unwrap();
+        assert_eq!(replies[0]["error"]["code"], 100);
+        assert_eq!(replies[0]["error"]["temporary"], true);
+    }
+
+    #[test]
+    fn subscribe_proxy_decides_and_its_data_reaches_the_client() {
+        let mut h = FakeHost::new(PROXY_CFG);
+        let mut s = proxy_connected(&mut h, r#"{"result":{"user":"56"}}"#);
+        let (r, replies) = send(
+            &mut s,
+            &mut h,
+            r#"{"id":2,"subscribe":{"channel":"chat:a","data":{"q":1}}}"#,
+        );
+        r.unwrap();
+        assert!(replies.is_empty());
+        let body = h.calls[0].1.clone();
+        assert_eq!(
+            (&body["user"], &body["channel"], &body["data"]),
+            (&"56".into(), &"chat:a".into(), &serde_json::json!({"q":1}))
+        );
+        // A second subscribe to the same channel while the first waits.
+        let (_, replies) = send(
+            &mut s,
+            &mut h,
+            r#"{"id":3,"subscribe":{"channel":"chat:a"}}"#,
+        );
+        assert_eq!(replies[0]["error"]["code"], 105);
+        let (r, replies) = answer(
+            &mut s,
+            &mut h,
+            Some(r#"{"result":{"data":{"granted":"chat:a"},"expire_at":1050}}"#),
+        );
+        r.unwrap();
+        assert_eq!(replies[0]["id"], 2);
+        assert_eq!(
+            replies[0]["subscribe"]["data"],
+            serde_json::json!({"granted":"chat:a"})
+        );
+        assert!(
+            replies[0]["subscribe"].get("expires").is_none(),
+            "refreshed by the node"
+        );
+        assert_eq!(s.subs.len(), 1);
+        // Refused by the backend: its error as it is; user-limited channels decide themselves.
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":4,"subscribe":{"channel":"chat:forbidden"}}"#,
+        )
+        .0
+        .unwrap();
+        let (_, replies) = answer(
+            &mut s,
+            &mut h,
+            Some(r#"{"error":{"code":403,"message":"permission denied"}}"#),
+        );
+        assert_eq!(
+            replies[0]["error"],
+            serde_json::json!({"code":403,"message":"permission denied"})
+        );
+        let (_, replies) = send(
+            &mut s,
+            &mut h,
+            r##"{"id":5,"subscribe":{"channel":"chat:#56"}}"##,
+        );
+        assert!(
+            replies[0]["subscribe"].is_object() && h.calls.is_empty(),
+            "{replies:?}"
+        );
+        // Unsubscribed while waiting: the answer is dropped by the host.
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":6,"subscribe":{"channel":"chat:b"}}"#,
+        )
+        .0
+        .unwrap();
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":7,"unsubscribe":{"channel":"chat:b"}}"#,
+        )
+        .0
+        .unwrap();
+        assert!(h.calls.is_empty());
+        // Its expiry comes: the node asks sub_refresh; `expired` ends it with 2501.
+        h.now = 1_050;
+        let mut out = Vec::new();
+        assert_eq!(
+            s.expire_subscriptions(&mut h, &mut out),
+            0,
+            "still there while asked"
+        );
+        assert_eq!(h.calls[0].1["channel"], "chat:a");
+        let (_, replies) = answer(&mut s, &mut h, Some(r#"{"result":{"expire_at":1200}}"#));
+        assert!(replies.is_empty());
+        assert_eq!(h.sub_expiries.connections(), 1);
+        h.now = 1_200;
+        assert_eq!(s.expire_subscriptions(&mut h, &mut out), 0);
+        let (_, replies) = answer(&mut s, &mut h, Some(r#"{"result":{"expired":true}}"#));
+        assert_eq!(
+            replies[0]["push"]["unsubscribe"]["code"], 2501,
+            "{replies:?}"
+        );
+        assert_eq!(s.subs.len(), 1, "only the user-limited channel is left");
+    }
+
+    #[test]
+    fn publish_proxy_may_replace_the_data_and_rpc_goes_to_the_backend() {
+        let mut h = FakeHost::new(PROXY_CFG);
+        let mut s = proxy_connected(&mut h, r#"{"result":{"user":"56"}}"#);
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":2,"publish":{"channel":"chat:a","data":{"text":"hi"}}}"#,
+        )
+        .0
+        .unwrap();
+        assert_eq!(h.calls[0].1["data"], serde_json::json!({"text":"hi"}));
+        assert!(
+            h.published.is_empty(),
+            "nothing published before the backend agrees"
+        );
+        answer(
+            &mut s,
+            &mut h,
+            Some(r#"{"result":{"data":{"text":"HI","by":"56"}}}"#),
+        )
+        .0
+        .unwrap();
+        assert_eq!(
+            h.published,
+            [(2, "chat:a".into(), r#"{"text":"HI","by":"56"}|56"#.into())]
+        );
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":3,"publish":{"channel":"chat:a","data":1}}"#,
+        )
+        .0
+        .unwrap();
+        answer(&mut s, &mut h, Some(r#"{"result":{}}"#)).0.unwrap();
+        assert_eq!(
+            h.published[1].2, "1|56",
+            "kept when the backend does not replace it"
+        );
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":4,"rpc":{"method":"echo","data":{"a":[1]}}}"#,
+        )
+        .0
+        .unwrap();
+        let body = h.calls[0].1.clone();
+        assert_eq!(
+            (&body["method"], &body["data"], &body["user"]),
+            (&"echo".into(), &serde_json::json!({"a":[1]}), &"56".into())
+        );
+        let (_, replies) = answer(&mut s, &mut h, Some(r#"{"result":{"data":{"a":[1]}}}"#));
+        assert_eq!(
+            replies[0],
+            serde_json::json!({"id":4,"rpc":{"data":{"a":[1]}}})
+        );
+        send(&mut s, &mut h, r#"{"id":5,"rpc":{"method":"bye"}}"#)
+            .0
+            .unwrap();
+        let (r, _) = answer(
+            &mut s,
+            &mut h,
+            Some(r#"{"disconnect":{"code":4500,"reason":"bye"}}"#),
+        );
+        assert_eq!(
+            r,
+            Err(Ended::Backend {
+                code: 4500,
+                reason: "bye".into()
+            })
+        );
+        // Without an RPC endpoint: not available, as before.
+        let mut h = FakeHost::new(CFG);
+        let mut s = connected(&mut h);
+        let (_, replies) = send(&mut s, &mut h, r#"{"id":2,"rpc":{"method":"m"}}"#);
+        assert_eq!(replies[0]["error"]["code"], 108);
+    }
+
+    #[test]
+    fn the_node_refreshes_proxy_connections_through_the_refresh_proxy() {
+        let mut h = FakeHost::new(PROXY_CFG);
+        let mut s = proxy_connected(&mut h, r#"{"result":{"user":"56","expire_at":1010}}"#);
+        h.now = 1_010;
+        assert!(s.refresh_due(&mut h), "asked, and stays meanwhile");
+        assert_eq!(h.calls[0].1["user"], "56");
+        assert!(h.refresh_at >= 1_020, "the deadline moved past the call");
+        answer(
+            &mut s,
+            &mut h,
+            Some(r#"{"result":{"expire_at":1100,"info":{"v":2}}}"#),
+        )
+        .0
+        .unwrap();
+        assert_eq!(h.refresh_at, 1_100);
+        assert_eq!(
+            s.identity.as_ref().unwrap().info.as_ref().unwrap().get(),
+            r#"{"v":2}"#
+        );
+        // No answer: kept, tried again later.
+        h.now = 1_100;
+        assert!(s.refresh_due(&mut h));
+        answer(&mut s, &mut h, None).0.unwrap();
+        assert_eq!(h.refresh_at, 1_110);
+        assert!(s.refresh_due(&mut h));
+        let (r, _) = answer(&mut s, &mut h, Some(r#"{"result":{"expired":true}}"#));
+        assert_eq!(r, Err(Ended::Protocol(Disconnect::Expired)));
+        // A token connection is not refreshed by the node.
+        let mut s = connected(&mut h);
+        assert!(!s.refresh_due(&mut h));
     }
 }

@@ -50,13 +50,16 @@ pub struct ConnectRequest<'a> {
     pub name: Cow<'a, str>,
     #[serde(borrow, default)]
     pub version: Cow<'a, str>,
+    /// Custom data for the connect proxy (JSON).
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
     /// Server-side subscriptions to recover, by channel (sent by SDKs on reconnect).
     #[serde(default)]
     pub subs: std::collections::HashMap<String, ConnectSub>,
 }
 
 /// A server-side subscription's recovery request in `connect`.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, Clone)]
 pub struct ConnectSub {
     #[serde(default)]
     pub recover: bool,
@@ -84,6 +87,9 @@ pub struct SubscribeRequest<'a> {
     /// that could not recover.
     #[serde(default)]
     pub flag: u64,
+    /// Custom data for the subscribe proxy (JSON).
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
 }
 
 /// Subscribe flag: fail with 112 (unrecoverable position) rather than subscribe unrecovered.
@@ -130,6 +136,15 @@ pub struct PublishRequest<'a> {
     pub data: &'a RawValue,
 }
 
+/// `rpc`: a method name (may be empty) and custom data, both for the RPC proxy.
+#[derive(Debug, Deserialize, Default)]
+pub struct RpcRequest<'a> {
+    #[serde(borrow, default)]
+    pub method: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+}
+
 /// `refresh` and `sub_refresh`.
 #[derive(Debug, Deserialize)]
 pub struct RefreshRequest<'a> {
@@ -151,7 +166,7 @@ pub enum Request<'a> {
     History(HistoryRequest<'a>),
     Ping,
     Send,
-    Rpc,
+    Rpc(RpcRequest<'a>),
     Refresh(RefreshRequest<'a>),
     SubRefresh(RefreshRequest<'a>),
 }
@@ -169,7 +184,7 @@ impl Request<'_> {
             Request::History(_) => "history",
             Request::Ping => "ping",
             Request::Send => "send",
-            Request::Rpc => "rpc",
+            Request::Rpc(_) => "rpc",
             Request::Refresh(_) => "refresh",
             Request::SubRefresh(_) => "sub_refresh",
         }
@@ -233,8 +248,8 @@ pub fn parse_line(line: &str) -> Result<Line<'_>, NotACommand> {
         Request::Ping
     } else if env.send.is_some() {
         Request::Send
-    } else if env.rpc.is_some() {
-        Request::Rpc
+    } else if let Some(raw) = env.rpc {
+        req!(raw, Request::Rpc)
     } else if let Some(raw) = env.refresh {
         req!(raw, Request::Refresh)
     } else if let Some(raw) = env.sub_refresh {

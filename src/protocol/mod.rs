@@ -7,6 +7,7 @@
 pub mod codes;
 pub mod command;
 pub mod jwks;
+pub mod proxy;
 pub mod publication;
 pub mod reply;
 pub mod token;

@@ -6,6 +6,7 @@
 
 use super::ErrorCode;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 
 /// Who published or who is present (it crosses threads, so it lives in the bus).
@@ -20,6 +21,9 @@ pub struct ConnectResult<'a> {
     pub expires: bool,
     #[serde(skip_serializing_if = "is_zero")]
     pub ttl: u32,
+    /// The connect proxy's `data` for the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub subs: BTreeMap<&'a str, SubscribeResult>,
     pub ping: u32,
@@ -58,6 +62,9 @@ pub struct SubscribeResult {
     pub was_recovering: bool,
     #[serde(skip_serializing_if = "is_false")]
     pub recovered: bool,
+    /// The subscribe proxy's `data` for the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<RawValue>>,
 }
 
 /// `sub_refresh` result: the new expiry of the subscription (`expires` with `ttl` seconds
@@ -112,6 +119,35 @@ pub fn error(out: &mut Vec<u8>, id: u32, code: ErrorCode, temporary: bool) {
         out.extend_from_slice(b",\"temporary\":true");
     }
     out.extend_from_slice(b"}}");
+}
+
+/// Appends an error the backend chose (its code, message and `temporary` flag, passed on
+/// as they are).
+pub fn custom_error(out: &mut Vec<u8>, id: u32, code: u32, message: &str, temporary: bool) {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        code: u32,
+        message: &'a str,
+        #[serde(skip_serializing_if = "is_false")]
+        temporary: bool,
+    }
+    out.extend_from_slice(b"{\"id\":");
+    out.extend_from_slice(itoa(id).as_bytes());
+    out.extend_from_slice(b",\"error\":");
+    let body = Body {
+        code,
+        message,
+        temporary,
+    };
+    serde_json::to_writer(&mut *out, &body).expect("serializing to a Vec cannot fail");
+    out.push(b'}');
+}
+
+/// `rpc` result: the backend's answer.
+#[derive(Serialize)]
+pub struct RpcResult<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<&'a RawValue>,
 }
 
 /// Appends `value` serialised, with `"publications":[P,...]` added (raw publication objects).
@@ -268,6 +304,7 @@ mod tests {
             version: "v",
             expires: false,
             ttl: 0,
+            data: None,
             subs: BTreeMap::new(),
             ping: 25,
             pong: true,
@@ -303,6 +340,7 @@ mod tests {
             version: "0.1.0",
             expires: false,
             ttl: 0,
+            data: None,
             subs: BTreeMap::new(),
             ping: 25,
             pong: true,

@@ -18,7 +18,7 @@ use super::counters::bump;
 use super::reason::Reason;
 use crate::conn::bucket::Bucket;
 use crate::conn::outbox::{Outbox, Push};
-use crate::conn::session::Session;
+use crate::conn::session::{Ended, Session};
 use crate::conn::ConnKey;
 use crate::protocol::reply::ClientInfo;
 use crate::protocol::Disconnect;
@@ -231,7 +231,20 @@ impl Connection {
             bump(&ctx.counters.no_pong_disconnects);
             queue_close_as(&mut st, Reason::NoPong);
         } else if st.expires_at != 0 && now >= st.expires_at {
-            queue_close_as(&mut st, Reason::Expired);
+            let ConnState {
+                session,
+                expires_at,
+                sub_expires_at,
+                ..
+            } = &mut *st;
+            let expiry = Expiry {
+                conn: expires_at,
+                subs: sub_expires_at,
+            };
+            // A connection the backend let in is refreshed by the node (it stays meanwhile).
+            if !ctx.sessions.refresh_due(self.key, session, expiry) {
+                queue_close_as(&mut st, Reason::Expired);
+            }
         } else if st.sub_expires_at != 0 && now >= st.sub_expires_at {
             // Subscriptions whose token expired without a refresh end (push 2501); the
             // connection and its other subscriptions stay. A ping due now goes next tick.
@@ -498,6 +511,70 @@ impl Connection {
                 }
             }
         }
+        self.settle(ctx, st, connected_before, expires_before);
+    }
+
+    /// A backend call of this connection ended: its session finishes what waited (replies,
+    /// or the close the backend asked for).
+    pub fn resume(
+        &self,
+        ctx: &ConnCtx,
+        waiting: crate::conn::session::Awaiting,
+        answer: Option<&[u8]>,
+    ) {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        if st.phase != Phase::Open {
+            return;
+        }
+        let expires_before = (st.expires_at, st.sub_expires_at);
+        let connected_before = st.session.is_connected();
+        let mut frame = FrameBuf::with_capacity(128);
+        let outcome = {
+            let ConnState {
+                session,
+                expires_at,
+                sub_expires_at,
+                ..
+            } = &mut *st;
+            let expiry = Expiry {
+                conn: expires_at,
+                subs: sub_expires_at,
+            };
+            ctx.sessions
+                .proxied(self.key, session, expiry, waiting, answer, frame.payload())
+        };
+        let overflow = frame.payload_len() > 0
+            && st
+                .outbox
+                .push(frame.finish(OP_TEXT), ctx.cfg.limits.max_outbox_bytes)
+                == Push::Overflow;
+        if overflow {
+            bump(&ctx.counters.slow_disconnects);
+            queue_close_as(st, Reason::Slow);
+        } else {
+            match outcome {
+                Ok(()) => {}
+                Err(Ended::Protocol(d)) => {
+                    queue_close(st, Reason::Session(d), d.code(), d.reason())
+                }
+                Err(Ended::Backend { code, reason }) => {
+                    queue_close(st, Reason::Backend, code, &reason)
+                }
+            }
+        }
+        self.settle(ctx, st, connected_before, expires_before);
+    }
+
+    /// After the session ran: pings count from a new connect, the timer follows changed
+    /// deadlines, and queued frames go out with this batch's flush.
+    fn settle(
+        &self,
+        ctx: &ConnCtx,
+        st: &mut ConnState,
+        connected_before: bool,
+        expires_before: (u32, u32),
+    ) {
         let just_connected = !connected_before && st.session.is_connected();
         if just_connected {
             // Pings are counted from the connect; the pre-connect deadline no longer applies.

@@ -12,7 +12,7 @@ use super::counters::Counters;
 use super::timer::TimerWheel;
 use crate::config::Config;
 use crate::conn::bucket::Bucket;
-use crate::conn::session::Session;
+use crate::conn::session::{Awaiting, Ended, Session};
 use crate::conn::ConnKey;
 use crate::protocol::Disconnect;
 use crate::ws;
@@ -121,6 +121,22 @@ pub trait SessionDriver {
     /// Connection `key` ends: its session leaves every channel, its user and any connect reply
     /// waiting for it are forgotten.
     fn end_session(&self, key: ConnKey, session: &mut Session);
+
+    /// A backend call of connection `key` ended (`answer`: the body of a 200 answer, `None`
+    /// when it failed): the session finishes what waited; its replies go to `out`.
+    fn proxied(
+        &self,
+        key: ConnKey,
+        session: &mut Session,
+        expiry: Expiry<'_>,
+        waiting: Awaiting,
+        answer: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Ended>;
+
+    /// Connection `key`'s expiry came: true when the session refreshes it through the
+    /// backend (it stays), false when it ends.
+    fn refresh_due(&self, key: ConnKey, session: &mut Session, expiry: Expiry<'_>) -> bool;
 }
 
 /// What a connection may use of its shard, for one call.

@@ -101,6 +101,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                         && p == shard.cfg.conformance_echo_path) =>
             {
                 let echo = p != "/connection/websocket";
+                // The headers the backend's proxies get, copied from this request.
+                let copied: Vec<(String, Vec<u8>)> = (shard.cfg.proxy.http_headers.iter())
+                    .filter_map(|name| head.header(name).map(|v| (name.clone(), v.to_vec())))
+                    .collect();
                 let early = buf.split_off(head.len);
                 drop(buf);
                 if let Some(stream) = upgrade(&shard, stream, &head).await {
@@ -114,7 +118,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                         shard.node.connections.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }
-                    super::io::start(&shard, fd, early, echo);
+                    super::io::start(&shard, fd, early, echo, copied);
                 }
                 return;
             }

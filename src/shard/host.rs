@@ -16,7 +16,7 @@ use crate::clock::unix_now;
 use crate::config::Config;
 use crate::conn::bucket::Bucket;
 use crate::conn::session::{
-    Ack, ChanId, ClientId, Deferred, Host, Identity, Recovery, Refusal, Session,
+    Ack, Awaiting, ChanId, ClientId, Deferred, Ended, Host, Identity, Recovery, Refusal, Session,
 };
 use crate::conn::ConnKey;
 use crate::protocol::reply::{self, ClientInfo};
@@ -244,12 +244,36 @@ impl Host for ShardHost<'_> {
         let next = (self.shard.sub_expiries.borrow_mut()).set(self.key, chan, unix_secs);
         *self.sub_expires_at = self.shard.sub_expiry_tick(next);
     }
-    fn take_expired_subs(&mut self) -> Vec<ChanId> {
+    fn set_sub_refresh(&mut self, chan: ChanId, unix_secs: u64) {
+        if unix_secs == 0 && *self.sub_expires_at == 0 {
+            return;
+        }
+        let delay = self.shard.cfg.client_expired_sub_close_delay_secs as u64;
+        let next =
+            (self.shard.sub_expiries.borrow_mut()).set_refresh(self.key, chan, unix_secs, delay);
+        *self.sub_expires_at = self.shard.sub_expiry_tick(next);
+    }
+    fn take_expired_subs(&mut self) -> Vec<(ChanId, bool)> {
         let cutoff =
             unix_now().saturating_sub(self.shard.cfg.client_expired_sub_close_delay_secs as u64);
         let (due, next) = (self.shard.sub_expiries.borrow_mut()).take_due(self.key, cutoff);
         *self.sub_expires_at = self.shard.sub_expiry_tick(next);
         due
+    }
+    fn set_refresh_at(&mut self, unix_secs: u64) {
+        *self.expires_at = self.shard.refresh_tick(unix_secs);
+    }
+    fn proxy(&mut self, waiting: Awaiting, body: Vec<u8>) -> Result<(), ErrorCode> {
+        self.shard.start_proxy(self.key, waiting, body)
+    }
+    fn proxy_waits(&self, channel: &str) -> bool {
+        self.shard.proxies.waits(self.key, channel)
+    }
+    fn proxy_forget(&mut self, channel: &str) {
+        self.shard.proxies.forget(self.key, channel)
+    }
+    fn later_reply_data(&mut self, id: u32, data: Box<RawValue>) {
+        self.shard.proxies.keep_later_data(self.key, id, data)
     }
     fn allow_command(&mut self) -> bool {
         match self.bucket.as_deref_mut() {
@@ -344,5 +368,36 @@ impl SessionDriver for Shard {
             self.forget_user(&ident.user, key);
         }
         self.connects.borrow_mut().remove(&key);
+        self.proxies.forget_connection(key);
+    }
+
+    fn proxied(
+        &self,
+        key: ConnKey,
+        session: &mut Session,
+        expiry: Expiry<'_>,
+        waiting: Awaiting,
+        answer: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Ended> {
+        let mut host = ShardHost {
+            shard: self,
+            key,
+            expires_at: expiry.conn,
+            sub_expires_at: expiry.subs,
+            bucket: None,
+        };
+        session.proxied(&mut host, waiting, answer, out)
+    }
+
+    fn refresh_due(&self, key: ConnKey, session: &mut Session, expiry: Expiry<'_>) -> bool {
+        let mut host = ShardHost {
+            shard: self,
+            key,
+            expires_at: expiry.conn,
+            sub_expires_at: expiry.subs,
+            bucket: None,
+        };
+        session.refresh_due(&mut host)
     }
 }

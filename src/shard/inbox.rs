@@ -158,7 +158,11 @@ impl Shard {
                 Part::PresenceAll(all)
             }
             Query::Stats => Part::Stats {
-                counters: self.counters.snapshot(),
+                counters: {
+                    let mut c = self.counters.snapshot();
+                    c.extend(self.proxy_counters());
+                    c
+                },
                 connections: self.conns.borrow().len() as u64,
                 subscriptions: index.subscriptions(),
                 users: self

@@ -30,7 +30,13 @@ const COMPLETIONS_PER_ROUND: usize = 1024;
 /// Starts the WebSocket phase of an upgraded socket `fd` (ours now: the caller hands over a
 /// descriptor it owns and does not close). `early` holds bytes the client sent right after its
 /// request head.
-pub fn start(shard: &Shard, fd: RawFd, mut early: Vec<u8>, echo: bool) {
+pub fn start(
+    shard: &Shard,
+    fd: RawFd,
+    mut early: Vec<u8>,
+    echo: bool,
+    headers: Vec<(String, Vec<u8>)>,
+) {
     // SAFETY: the caller transfers ownership of an open socket descriptor (a fresh dup).
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let ctx = shard.ctx();
@@ -49,6 +55,7 @@ pub fn start(shard: &Shard, fd: RawFd, mut early: Vec<u8>, echo: bool) {
         shard.teardown(&conn, Reason::NotWatched);
         return;
     }
+    shard.proxies.keep_headers(conn.key, headers);
     conn.arm_first(&ctx);
     shard.ring.arm_recv(conn.raw_fd(), conn.key);
     if !early.is_empty() {
@@ -337,7 +344,7 @@ mod tests {
         };
         let shard = Shard::new(0, Arc::new(cfg), node, tx);
         let (server, client) = UnixStream::pair().unwrap();
-        start(&shard, server.into_raw_fd(), Vec::new(), false);
+        start(&shard, server.into_raw_fd(), Vec::new(), false, Vec::new());
         let conn = shard.conns.borrow().all().pop().expect("started");
         client
             .set_read_timeout(Some(Duration::from_secs(2)))
@@ -395,7 +402,7 @@ mod tests {
         assert_eq!(client.read(&mut b).unwrap(), 0, "the socket is closed");
         // A new connection takes the same slot with the next generation.
         let (server2, mut client2) = UnixStream::pair().unwrap();
-        start(&shard, server2.into_raw_fd(), Vec::new(), true);
+        start(&shard, server2.into_raw_fd(), Vec::new(), true, Vec::new());
         let new = shard.conns.borrow().all().pop().expect("started");
         assert_eq!(new.key.slot, old.slot);
         assert_ne!(new.key.generation, old.generation);

@@ -28,6 +28,7 @@ pub mod host;
 pub mod inbox;
 pub mod index;
 pub mod io;
+pub mod proxy;
 pub mod reason;
 pub mod recovery;
 pub mod requests;
@@ -78,6 +79,9 @@ pub enum ShardError {
         shard: ShardId,
         source: crate::config::ConfigError,
     },
+    /// Its backend client could not be made (a proxy endpoint or TLS setting).
+    #[error("shard {shard}: proxy: {reason}")]
+    Proxy { shard: ShardId, reason: String },
 }
 
 /// The shard's state, shared by its tasks through `Rc`. Fields are private: connections see
@@ -111,6 +115,10 @@ pub struct Shard {
     client_seq: Cell<u64>,
     /// What the broker needs from this shard (confirmations, presence, users).
     caps: BrokerCaps,
+    /// Calls to the application backend (proxies).
+    proxies: proxy::Proxies,
+    /// This shard, for the tasks it starts.
+    me: std::rc::Weak<Shard>,
 }
 
 impl Shard {
@@ -131,7 +139,13 @@ impl Shard {
         );
         let verifier = TokenVerifier::from_config(&cfg)
             .map_err(|source| ShardError::TokenKeys { shard: id, source })?;
-        Ok(Rc::new(Shard {
+        let proxies = proxy::Proxies::new(&cfg).map_err(|e| ShardError::Proxy {
+            shard: id,
+            reason: format!("{e:#}"),
+        })?;
+        Ok(Rc::new_cyclic(|me| Shard {
+            me: me.clone(),
+            proxies,
             id,
             io: SharedIo::new(&cfg),
             broker: BrokerLink::new(to_broker, cfg.limits.broker_backlog_capacity),
@@ -212,7 +226,10 @@ impl Shard {
                 .map(|r| r.len() as u64)
                 .unwrap_or(0),
             counters: self.counters.snapshot(),
-            proxy: Default::default(),
+            proxy: match &self.proxies.client {
+                Some(c) => c.stats().snapshot(),
+                None => Default::default(),
+            },
         };
         if let Ok(mut s) = slot.lock() {
             *s = snap;
@@ -223,6 +240,7 @@ impl Shard {
     fn tick(&self) {
         self.publish_snapshot();
         self.flush_backlog();
+        self.jwks_tick();
         let due = self.io.advance();
         let now = self.io.tick_now();
         let ctx = self.ctx();
@@ -243,6 +261,16 @@ impl Shard {
         let left = unix_secs
             .saturating_add(self.cfg.client_expired_sub_close_delay_secs as u64)
             .saturating_sub(crate::clock::unix_now());
+        (self.io.tick_now() as u64 + left.max(1)).min(u32::MAX as u64) as u32
+    }
+
+    /// Converts the Unix time of a refresh the node makes itself to a wheel tick (0 = never):
+    /// no grace delay, the backend is asked at that time.
+    fn refresh_tick(&self, unix_secs: u64) -> u32 {
+        if unix_secs == 0 {
+            return 0;
+        }
+        let left = unix_secs.saturating_sub(crate::clock::unix_now());
         (self.io.tick_now() as u64 + left.max(1)).min(u32::MAX as u64) as u32
     }
 

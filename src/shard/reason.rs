@@ -41,6 +41,8 @@ pub enum Reason {
     ServerError,
     /// `/api/disconnect` (the code is the one the API call gave).
     Command,
+    /// The backend's proxy answered with a disconnect (its code, 4000..=4999, and reason).
+    Backend,
     /// The upgraded socket could not get a receive on the shard's ring (no close frame: never
     /// watched).
     NotWatched,
@@ -59,13 +61,14 @@ pub struct EndInfo {
 
 /// Ends that carry no code of the client protocol, in slot order (their counters come first);
 /// every other end is a [`Disconnect`] and takes its row from the protocol's one table.
-const TRANSPORT: [EndInfo; 6] = [
+const TRANSPORT: [EndInfo; 7] = [
     transport("peer_closed", "ended_peer_closed", Level::Debug),
     transport("peer_close_frame", "ended_peer_close_frame", Level::Debug),
     transport("socket_error", "ended_socket_error", Level::Debug),
     transport("protocol", "ended_protocol", Level::Debug),
     transport("command", "ended_command", Level::Debug),
     transport("not_watched", "ended_not_watched", Level::Warn),
+    transport("backend", "ended_backend", Level::Debug),
 ];
 
 const fn transport(label: &'static str, counter: &'static str, level: Level) -> EndInfo {
@@ -99,6 +102,7 @@ impl Reason {
                 Reason::SocketError => 2,
                 Reason::Protocol => 3,
                 Reason::Command => 4,
+                Reason::Backend => 6,
                 _ => 5, // NotWatched
             },
         }
@@ -168,6 +172,7 @@ mod tests {
             Reason::Protocol,
             Reason::Command,
             Reason::NotWatched,
+            Reason::Backend,
             Reason::Slow,
             Reason::Stale,
             Reason::Session(Disconnect::BadRequest),

@@ -80,16 +80,19 @@ impl Shard {
             _ => (self.index.borrow().id_of(channel))
                 .map_or(0, |chan| self.sub_expiries.borrow().get(w.key, chan)),
         };
-        let expiring;
-        let result = if exp > 0 {
-            expiring = reply::SubscribeResult {
-                expires: true,
-                ttl: exp
+        let data = self.proxies.take_later_data(w.key, w.id);
+        let changed;
+        let result = if exp > 0 || data.is_some() {
+            let mut r = result.clone();
+            if exp > 0 {
+                r.expires = true;
+                r.ttl = exp
                     .saturating_sub(crate::clock::unix_now())
-                    .clamp(1, u32::MAX as u64) as u32,
-                ..result.clone()
-            };
-            &expiring
+                    .clamp(1, u32::MAX as u64) as u32;
+            }
+            r.data = data;
+            changed = r;
+            &changed
         } else {
             result
         };
