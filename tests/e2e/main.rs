@@ -11,6 +11,7 @@ mod history;
 mod http_api;
 mod pipelining;
 mod protocol;
+mod proxy;
 mod recovery;
 mod redis;
 mod ring;
