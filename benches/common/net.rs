@@ -74,11 +74,13 @@ pub fn tcp_socket_from(src: Option<Ipv4Addr>) -> io::Result<socket2::Socket> {
 }
 
 /// An epoll instance and its event buffer; closed on drop.
+#[allow(dead_code, reason = "the proxy bench uses blocking sockets, no epoll")]
 pub struct Epoll {
     fd: RawFd,
     events: Vec<libc::epoll_event>,
 }
 
+#[allow(dead_code, reason = "the proxy bench uses blocking sockets, no epoll")]
 impl Epoll {
     /// Up to `batch` events are returned per [`Epoll::wait`].
     pub fn new(batch: usize) -> io::Result<Epoll> {

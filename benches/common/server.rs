@@ -126,6 +126,10 @@ pub fn child_setup(cmd: &mut Command) {
 }
 
 /// A `shardcast` child, killed and reaped by PID on drop and by every safety net.
+#[allow(
+    dead_code,
+    reason = "the proxy bench starts its server without --insecure (a connect without a token must reach the connect proxy)"
+)]
 pub struct Server {
     guard: process::Server,
     pub pid: i32,
@@ -134,6 +138,10 @@ pub struct Server {
     log: Option<PathBuf>,
 }
 
+#[allow(
+    dead_code,
+    reason = "the proxy bench starts its server without --insecure (a connect without a token must reach the connect proxy)"
+)]
 impl Server {
     /// Starts `shardcast --listen 127.0.0.1:0 --shards N --insecure --api-key bench
     /// [extra...]` and waits (up to 20 s) for its `READY <ip>:<port>` line.

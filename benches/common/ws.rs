@@ -251,6 +251,7 @@ pub fn check_handshake_response(head: &[u8], key: &str) -> Result<(), String> {
 
 /// One text frame with `connect` (id 1) and `subscribe` to `channel` (id 2), the subscribe
 /// recovering from `(offset, epoch)` when given.
+#[allow(dead_code, reason = "the proxy bench sends connect alone")]
 pub fn connect_subscribe_frame(channel: &str, recover: Option<(u64, &str)>) -> Vec<u8> {
     let channel = serde_json::to_string(channel).unwrap();
     let cmd = match recover {

@@ -200,6 +200,13 @@ impl Client {
     }
 
     pub fn connect_addr(addr: SocketAddr) -> Client {
+        Self::connect_with_headers(addr, &[])
+    }
+
+    /// Opens the WebSocket with extra headers on the upgrade request (e.g. a `Cookie` for the
+    /// connect proxy); no connect command is sent.
+    pub fn connect_with_headers(addr: SocketAddr, headers: &[(&str, &str)]) -> Client {
+        use tungstenite::client::IntoClientRequest;
         let stream = TcpStream::connect(addr).expect("tcp connect");
         // The handshake gets a generous deadline (a loaded machine may take a while to answer
         // the upgrade); the short read timeout the tests' polling relies on comes after it.
@@ -207,7 +214,14 @@ impl Client {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let url = format!("ws://{addr}/connection/websocket");
-        let (ws, _) = tungstenite::client::client(url.as_str(), stream).expect("ws handshake");
+        let mut request = url.into_client_request().expect("ws request");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                value.parse().expect("header value"),
+            );
+        }
+        let (ws, _) = tungstenite::client::client(request, stream).expect("ws handshake");
         ws.get_ref()
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();

@@ -15,6 +15,7 @@ mod jwks_https;
 mod keys;
 mod pipelining;
 mod protocol;
+mod proxy;
 mod recovery;
 mod redis;
 mod ring;
