@@ -22,19 +22,17 @@
 #[macro_use]
 #[path = "common/modules.rs"]
 mod modules;
-common_modules!("common"; args, cpu, http, net, safety, server, ws);
+common_modules!("common"; args, connect, cpu, http, net, safety, server, ws);
 
 use common::args::{conns_under_nofile, Args};
 use common::cpu::{cpu_secs, online_cpus, sched_ns, self_cpu_secs};
 use common::http::HttpClient;
-use common::net::{raise_nofile, src_addr, tcp_connect};
+use common::connect::ws_upgrade;
+use common::net::{raise_nofile, src_addr};
 use common::process;
 use common::safety::{fatal, install_safety_nets};
 use common::server::{child_setup, scratch_dir, server_bin, write_config};
-use common::ws::{
-    check_handshake_response, encode_client_frame, handshake_request, is_ping_line, json_lines,
-    response_head_end, WsDecoder, WsEvent,
-};
+use common::ws::{encode_client_frame, is_ping_line, json_lines, WsDecoder, WsEvent};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -272,35 +270,14 @@ struct Ws {
 
 impl Ws {
     fn open(dst: SocketAddr, src: Option<Ipv4Addr>) -> Result<Ws, String> {
-        let timeout = Duration::from_secs(10);
-        let mut s = tcp_connect(dst, src, timeout).map_err(|e| format!("connect: {e}"))?;
-        s.set_read_timeout(Some(timeout)).ok();
-        s.set_write_timeout(Some(timeout)).ok();
-        let key = tungstenite::handshake::client::generate_key();
-        s.write_all(handshake_request(dst, &key).as_bytes())
-            .map_err(|e| format!("write handshake: {e}"))?;
-        let mut head = Vec::with_capacity(512);
-        let mut tmp = vec![0u8; 16384];
-        let end = loop {
-            let n = s
-                .read(&mut tmp)
-                .map_err(|e| format!("read handshake: {e}"))?;
-            if n == 0 {
-                return Err("EOF during handshake".into());
-            }
-            head.extend_from_slice(&tmp[..n]);
-            if let Some(end) = response_head_end(&head)? {
-                break end;
-            }
-        };
-        check_handshake_response(&head[..end], &key)?;
-        if head.len() > end {
+        let (s, early) = ws_upgrade(dst, src, Duration::from_secs(10))?;
+        if !early.is_empty() {
             return Err("server sent data before the connect command".into());
         }
         Ok(Ws {
             s,
             dec: WsDecoder::default(),
-            tmp,
+            tmp: vec![0u8; 16384],
             frame: Vec::with_capacity(256),
         })
     }

@@ -17,12 +17,14 @@ use std::time::Duration;
 /// Opens a WebSocket to `/connection/websocket`, sends connect + subscribe in
 /// one frame and waits for both replies. Returns the stream (still blocking)
 /// and any bytes read past the subscribe reply.
-fn ws_connect_subscribe(
+/// Opens a WebSocket to `dst` (from `src` when given), with `timeout` on every read and write;
+/// returns the socket and any bytes the server sent after its handshake response.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub fn ws_upgrade(
     dst: SocketAddr,
     src: Option<Ipv4Addr>,
-    channel: &str,
     timeout: Duration,
-) -> Result<(TcpStream, WsDecoder), String> {
+) -> Result<(TcpStream, Vec<u8>), String> {
     let mut s = tcp_connect(dst, src, timeout).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
@@ -44,6 +46,18 @@ fn ws_connect_subscribe(
         }
     };
     check_handshake_response(&buf[..hdr_end], &key)?;
+    Ok((s, buf.split_off(hdr_end)))
+}
+
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+fn ws_connect_subscribe(
+    dst: SocketAddr,
+    src: Option<Ipv4Addr>,
+    channel: &str,
+    timeout: Duration,
+) -> Result<(TcpStream, WsDecoder), String> {
+    let (mut s, mut data) = ws_upgrade(dst, src, timeout)?;
+    let mut tmp = [0u8; 2048];
     let mut dec = WsDecoder::default();
     s.write_all(&connect_subscribe_frame(channel, None))
         .map_err(|e| format!("write connect: {e}"))?;
@@ -51,7 +65,6 @@ fn ws_connect_subscribe(
     let mut err: Option<String> = None;
     let mut pings = 0;
     let mut closed = false;
-    let mut data = buf.split_off(hdr_end);
     loop {
         let mut on = |ev: WsEvent| match ev {
             WsEvent::Text(msg) => {
@@ -109,6 +122,7 @@ fn ws_connect_subscribe(
 
 /// A connected, subscribed WebSocket: its index (`first + i` in [`connect_many`]), the
 /// blocking stream, and the decoder holding any bytes read past the subscribe reply.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
 pub struct WsConn {
     pub id: usize,
     pub stream: TcpStream,
@@ -118,6 +132,7 @@ pub struct WsConn {
 /// Connects `count` subscribers using `threads` blocking workers. Connection
 /// `first + i` uses source address `src_addr(first + i, n_src)` and channel
 /// `channel(first + i)`.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
 pub fn connect_many(
     dst: SocketAddr,
     first: usize,

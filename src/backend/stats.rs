@@ -8,45 +8,7 @@ use crate::bus::{ProxyKindSnapshot, ProxySnapshot};
 use std::cell::Cell;
 use std::time::Duration;
 
-/// What a backend call was for: the label of its histogram and counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ProxyKind {
-    Connect,
-    Refresh,
-    Subscribe,
-    Publish,
-    SubRefresh,
-    Rpc,
-    /// The token key set fetch (`token_jwks_url`).
-    Jwks,
-}
-
-impl ProxyKind {
-    pub const ALL: [ProxyKind; 7] = [
-        ProxyKind::Connect,
-        ProxyKind::Refresh,
-        ProxyKind::Subscribe,
-        ProxyKind::Publish,
-        ProxyKind::SubRefresh,
-        ProxyKind::Rpc,
-        ProxyKind::Jwks,
-    ];
-
-    /// The `kind` label in `/metrics`.
-    pub fn label(self) -> &'static str {
-        KIND_LABELS[self as usize]
-    }
-}
-
-const KIND_LABELS: [&str; 7] = [
-    "connect",
-    "refresh",
-    "subscribe",
-    "publish",
-    "sub_refresh",
-    "rpc",
-    "jwks",
-];
+pub use crate::protocol::proxy::ProxyKind;
 
 /// Why a call failed, as counted (the `error` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,10 +10,9 @@
 
 use super::session::{ChanId, ClientId, Grant, Granted, Host, Session};
 use crate::bus::StreamPos;
-use crate::protocol::command::ConnectSub;
-use crate::protocol::proxy::{self, Answer, Hook};
+use crate::protocol::command::{ConnectRequest, ConnectSub};
+use crate::protocol::proxy::{self, Answer, ProxyKind};
 use crate::protocol::reply::{self, ClientInfo};
-use crate::protocol::token::TokenError;
 use crate::protocol::{Disconnect, ErrorCode};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -60,17 +59,17 @@ pub enum Awaiting {
 }
 
 impl Awaiting {
-    /// The hook this waits for (`None`: the token key set).
-    pub fn hook(&self) -> Option<Hook> {
-        Some(match self {
-            Awaiting::Connect { .. } => Hook::Connect,
-            Awaiting::Refresh => Hook::Refresh,
-            Awaiting::Subscribe { .. } => Hook::Subscribe,
-            Awaiting::Publish { .. } => Hook::Publish,
-            Awaiting::SubRefresh { .. } => Hook::SubRefresh,
-            Awaiting::Rpc { .. } => Hook::Rpc,
-            Awaiting::Keys { .. } => return None,
-        })
+    /// The backend call this waits for.
+    pub fn kind(&self) -> ProxyKind {
+        match self {
+            Awaiting::Connect { .. } => ProxyKind::Connect,
+            Awaiting::Refresh => ProxyKind::Refresh,
+            Awaiting::Subscribe { .. } => ProxyKind::Subscribe,
+            Awaiting::Publish { .. } => ProxyKind::Publish,
+            Awaiting::SubRefresh { .. } => ProxyKind::SubRefresh,
+            Awaiting::Rpc { .. } => ProxyKind::Rpc,
+            Awaiting::Keys { .. } => ProxyKind::Jwks,
+        }
     }
 
     /// The channel a subscribe waits for (to refuse a second subscribe meanwhile).
@@ -98,11 +97,14 @@ impl From<Disconnect> for Ended {
 }
 
 /// Reads the answer; `None` when there is none or it is malformed (logged).
-fn read<T: for<'de> serde::Deserialize<'de>>(hook: Hook, body: Option<&[u8]>) -> Option<Answer<T>> {
+fn read<T: for<'de> serde::Deserialize<'de>>(
+    hook: ProxyKind,
+    body: Option<&[u8]>,
+) -> Option<Answer<T>> {
     match proxy::parse(body?) {
         Ok(a) => Some(a),
         Err(e) => {
-            tracing::warn!(proxy = hook.name(), error = %e, "malformed proxy answer");
+            tracing::warn!(proxy = hook.label(), error = %e, "malformed proxy answer");
             None
         }
     }
@@ -138,33 +140,18 @@ impl Session {
         body: Option<&[u8]>,
         out: &mut Vec<u8>,
     ) -> Result<(), Ended> {
-        let hook = waiting.hook().unwrap_or(Hook::Connect);
+        let hook = waiting.kind();
         match waiting {
             Awaiting::Keys { id, token, subs } => {
-                // The key set was fetched (or could not be): the token is checked again, and
-                // a `kid` still unknown is an invalid token.
+                // The key set was fetched (or could not be): the connect runs again, and a
+                // `kid` still unknown with no fetch allowed is an invalid token.
                 self.connecting = false;
-                let now = host.unix_now();
-                let verified = host.verifier().map(|v| v.connect(&token, now));
-                let claims = match verified {
-                    Some(Ok(c)) => c,
-                    Some(Err(TokenError::Expired)) => {
-                        reply::error(out, id, ErrorCode::TokenExpired, false);
-                        return Ok(());
-                    }
-                    _ => return Err(Ended::Protocol(Disconnect::InvalidToken)),
+                let request = ConnectRequest {
+                    token: token.into(),
+                    subs: *subs,
+                    ..Default::default()
                 };
-                let client = host.new_client_id();
-                let grant = Grant {
-                    user: &claims.sub,
-                    client,
-                    exp: claims.exp.unwrap_or(0),
-                    info: claims.info,
-                    channels: claims.channels.iter().map(|c| (c.as_str(), None)).collect(),
-                    data: None,
-                    server_refresh: false,
-                };
-                self.establish(host, id, grant, &subs, out)
+                self.connect(host, id, &request, out)
                     .map_err(Ended::Protocol)
             }
             Awaiting::Connect { id, client, subs } => {
@@ -178,17 +165,16 @@ impl Session {
                     reply::error(out, id, ErrorCode::TokenExpired, false);
                     return Ok(());
                 }
-                let mut channels: Vec<(&str, Option<Box<RawValue>>)> =
-                    r.channels.iter().map(|c| (c.as_str(), None)).collect();
-                let mut extra = r.subs;
-                for (c, data) in channels.iter_mut() {
-                    if let Some(opts) = extra.remove(*c) {
-                        *data = opts.data;
-                    }
-                }
-                let extra: Vec<(String, Option<Box<RawValue>>)> =
-                    extra.into_iter().map(|(c, o)| (c, o.data)).collect();
-                channels.extend(extra.iter().map(|(c, d)| (c.as_str(), d.clone())));
+                // `channels`, then the channels only `subs` names, each with its `data`.
+                let mut subs_opts = r.subs;
+                let mut channels: Vec<(&str, Option<Box<RawValue>>)> = (r.channels.iter())
+                    .map(|c| (c.as_str(), subs_opts.remove(c).and_then(|o| o.data)))
+                    .collect();
+                channels.extend(
+                    subs_opts
+                        .iter_mut()
+                        .map(|(c, o)| (c.as_str(), o.data.take())),
+                );
                 let grant = Grant {
                     user: &r.user,
                     client,

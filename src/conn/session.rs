@@ -572,7 +572,7 @@ impl Session {
         }
     }
 
-    fn connect(
+    pub(super) fn connect(
         &mut self,
         host: &mut dyn Host,
         id: u32,

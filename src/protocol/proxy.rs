@@ -10,27 +10,41 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 
-/// The hooks a node calls on the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
+/// What a backend call is for: the six proxy hooks, and the token key set fetch
+/// (`token_jwks_url`). Also the label of its histogram and counters in `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyKind {
     Connect,
     Refresh,
     Subscribe,
     Publish,
     SubRefresh,
     Rpc,
+    /// The token key set fetch (`token_jwks_url`).
+    Jwks,
 }
 
-impl Hook {
-    /// The hook's name (config keys, logs, metric labels).
-    pub fn name(self) -> &'static str {
+impl ProxyKind {
+    pub const ALL: [ProxyKind; 7] = [
+        ProxyKind::Connect,
+        ProxyKind::Refresh,
+        ProxyKind::Subscribe,
+        ProxyKind::Publish,
+        ProxyKind::SubRefresh,
+        ProxyKind::Rpc,
+        ProxyKind::Jwks,
+    ];
+
+    /// The name in config keys, logs and the `kind` label in `/metrics`.
+    pub fn label(self) -> &'static str {
         match self {
-            Hook::Connect => "connect",
-            Hook::Refresh => "refresh",
-            Hook::Subscribe => "subscribe",
-            Hook::Publish => "publish",
-            Hook::SubRefresh => "sub_refresh",
-            Hook::Rpc => "rpc",
+            ProxyKind::Connect => "connect",
+            ProxyKind::Refresh => "refresh",
+            ProxyKind::Subscribe => "subscribe",
+            ProxyKind::Publish => "publish",
+            ProxyKind::SubRefresh => "sub_refresh",
+            ProxyKind::Rpc => "rpc",
+            ProxyKind::Jwks => "jwks",
         }
     }
 }

@@ -78,6 +78,17 @@ pub struct ConnState {
     bucket: Bucket,
 }
 
+impl ConnState {
+    /// The session with the connection's deadlines, for a call into the session driver.
+    fn session_and_expiry(&mut self) -> (&mut Session, Expiry<'_>) {
+        let expiry = Expiry {
+            conn: &mut self.expires_at,
+            subs: &mut self.sub_expires_at,
+        };
+        (&mut self.session, expiry)
+    }
+}
+
 /// One WebSocket connection, owned by its shard's table.
 pub struct Connection {
     pub key: ConnKey,
@@ -231,16 +242,7 @@ impl Connection {
             bump(&ctx.counters.no_pong_disconnects);
             queue_close_as(&mut st, Reason::NoPong);
         } else if st.expires_at != 0 && now >= st.expires_at {
-            let ConnState {
-                session,
-                expires_at,
-                sub_expires_at,
-                ..
-            } = &mut *st;
-            let expiry = Expiry {
-                conn: expires_at,
-                subs: sub_expires_at,
-            };
+            let (session, expiry) = st.session_and_expiry();
             // A connection the backend let in is refreshed by the node (it stays meanwhile).
             if !ctx.sessions.refresh_due(self.key, session, expiry) {
                 queue_close_as(&mut st, Reason::Expired);
@@ -531,16 +533,7 @@ impl Connection {
         let connected_before = st.session.is_connected();
         let mut frame = FrameBuf::with_capacity(128);
         let outcome = {
-            let ConnState {
-                session,
-                expires_at,
-                sub_expires_at,
-                ..
-            } = &mut *st;
-            let expiry = Expiry {
-                conn: expires_at,
-                subs: sub_expires_at,
-            };
+            let (session, expiry) = st.session_and_expiry();
             ctx.sessions
                 .proxied(self.key, session, expiry, waiting, answer, frame.payload())
         };

@@ -39,7 +39,24 @@ pub struct ShardHost<'a> {
     pub bucket: Option<&'a mut Bucket>,
 }
 
-impl ShardHost<'_> {
+impl<'a> ShardHost<'a> {
+    /// The host of connection `key`, with its deadlines and (while it handles commands) its
+    /// command bucket.
+    pub fn new(
+        shard: &'a Shard,
+        key: ConnKey,
+        expiry: Expiry<'a>,
+        bucket: Option<&'a mut Bucket>,
+    ) -> Self {
+        ShardHost {
+            shard,
+            key,
+            expires_at: expiry.conn,
+            sub_expires_at: expiry.subs,
+            bucket,
+        }
+    }
+
     /// Sends a request whose answer the shard relays to command `id` of this connection.
     fn defer(
         &mut self,
@@ -324,13 +341,7 @@ impl SessionDriver for Shard {
         text: &str,
         out: &mut Vec<u8>,
     ) -> Result<(), Disconnect> {
-        let mut host = ShardHost {
-            shard: self,
-            key,
-            expires_at: expiry.conn,
-            sub_expires_at: expiry.subs,
-            bucket: Some(bucket),
-        };
+        let mut host = ShardHost::new(self, key, expiry, Some(bucket));
         session.handle_message(&mut host, text, out)
     }
 
@@ -341,25 +352,17 @@ impl SessionDriver for Shard {
         expiry: Expiry<'_>,
         out: &mut Vec<u8>,
     ) -> usize {
-        let mut host = ShardHost {
-            shard: self,
-            key,
-            expires_at: expiry.conn,
-            sub_expires_at: expiry.subs,
-            bucket: None,
-        };
+        let mut host = ShardHost::new(self, key, expiry, None);
         session.expire_subscriptions(&mut host, out)
     }
 
     fn end_session(&self, key: ConnKey, session: &mut Session) {
         let (mut expires, mut sub_expires) = (0, 0);
-        let mut host = ShardHost {
-            shard: self,
-            key,
-            expires_at: &mut expires,
-            sub_expires_at: &mut sub_expires,
-            bucket: None,
+        let expiry = Expiry {
+            conn: &mut expires,
+            subs: &mut sub_expires,
         };
+        let mut host = ShardHost::new(self, key, expiry, None);
         session.leave_all(&mut host);
         if self.sub_expiries.borrow().connections() > 0 {
             self.sub_expiries.borrow_mut().remove(key);
@@ -380,24 +383,12 @@ impl SessionDriver for Shard {
         answer: Option<&[u8]>,
         out: &mut Vec<u8>,
     ) -> Result<(), Ended> {
-        let mut host = ShardHost {
-            shard: self,
-            key,
-            expires_at: expiry.conn,
-            sub_expires_at: expiry.subs,
-            bucket: None,
-        };
+        let mut host = ShardHost::new(self, key, expiry, None);
         session.proxied(&mut host, waiting, answer, out)
     }
 
     fn refresh_due(&self, key: ConnKey, session: &mut Session, expiry: Expiry<'_>) -> bool {
-        let mut host = ShardHost {
-            shard: self,
-            key,
-            expires_at: expiry.conn,
-            sub_expires_at: expiry.subs,
-            bucket: None,
-        };
+        let mut host = ShardHost::new(self, key, expiry, None);
         session.refresh_due(&mut host)
     }
 }

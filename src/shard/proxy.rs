@@ -10,11 +10,11 @@
 //! only when that list is not empty.
 
 use super::Shard;
-use crate::backend::{CallError, Endpoint, HttpClient, ProxyKind};
+use crate::backend::{CallError, Endpoint, HttpClient};
 use crate::conn::session::Awaiting;
 use crate::conn::ConnKey;
 use crate::protocol::jwks::FetchReason;
-use crate::protocol::proxy::Hook;
+use crate::protocol::proxy::ProxyKind;
 use crate::protocol::ErrorCode;
 use serde_json::value::RawValue;
 use std::cell::{Cell, RefCell};
@@ -22,42 +22,14 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// The hooks in a fixed order (index into [`Proxies::endpoints`]).
-const HOOKS: [Hook; 6] = [
-    Hook::Connect,
-    Hook::Refresh,
-    Hook::Subscribe,
-    Hook::Publish,
-    Hook::SubRefresh,
-    Hook::Rpc,
-];
-
-/// The metrics' name for a hook.
-fn kind(hook: Hook) -> ProxyKind {
-    match hook {
-        Hook::Connect => ProxyKind::Connect,
-        Hook::Refresh => ProxyKind::Refresh,
-        Hook::Subscribe => ProxyKind::Subscribe,
-        Hook::Publish => ProxyKind::Publish,
-        Hook::SubRefresh => ProxyKind::SubRefresh,
-        Hook::Rpc => ProxyKind::Rpc,
-    }
-}
-
-fn slot(hook: Hook) -> usize {
-    HOOKS
-        .iter()
-        .position(|&h| h == hook)
-        .expect("every hook has a slot")
-}
-
 /// A header copied onto proxy requests: name, value.
 type Header = (String, Vec<u8>);
 
 /// A shard's backend calls: its client, the endpoints, and what waits.
 pub struct Proxies {
     pub(super) client: Option<Rc<HttpClient>>,
-    endpoints: [Option<Rc<Endpoint>>; 6],
+    /// Where each kind of call goes, by [`ProxyKind`] (the key set: `token_jwks_url`).
+    endpoints: [Option<Rc<Endpoint>>; 7],
     timeout: Duration,
     /// Headers copied from each connection's upgrade request (only connections that had one
     /// of the listed headers).
@@ -67,8 +39,6 @@ pub struct Proxies {
     /// Data for subscribe replies the shard sends later, by connection and command id.
     later_data: RefCell<HashMap<(ConnKey, u32), Box<RawValue>>>,
     next_call: Cell<u64>,
-    /// Where the token key set is fetched from (`token_jwks_url`).
-    jwks: Option<Rc<Endpoint>>,
     /// A key set fetch runs.
     jwks_fetching: Cell<bool>,
     /// Connects whose token names a `kid` the set lacks, waiting for the fetch (at most
@@ -80,21 +50,22 @@ impl Proxies {
     /// The proxies a configuration asks for (none: no client is made).
     pub fn new(cfg: &crate::config::Config) -> anyhow::Result<Proxies> {
         let p = &cfg.proxy;
-        // In `HOOKS` order.
-        let endpoints = [
-            &p.connect_endpoint,
-            &p.refresh_endpoint,
-            &p.subscribe_endpoint,
-            &p.publish_endpoint,
-            &p.sub_refresh_endpoint,
-            &p.rpc_endpoint,
-        ]
-        .map(|e| e.clone().map(Rc::new));
         let jwks = match cfg.token_jwks_url.as_str() {
             "" => None,
-            url => Some(Rc::new(Endpoint::parse(url).map_err(anyhow::Error::msg)?)),
+            url => Some(Endpoint::parse(url).map_err(anyhow::Error::msg)?),
         };
-        let client = match endpoints.iter().any(Option::is_some) || jwks.is_some() {
+        // In `ProxyKind` order.
+        let endpoints = [
+            p.connect_endpoint.clone(),
+            p.refresh_endpoint.clone(),
+            p.subscribe_endpoint.clone(),
+            p.publish_endpoint.clone(),
+            p.sub_refresh_endpoint.clone(),
+            p.rpc_endpoint.clone(),
+            jwks,
+        ]
+        .map(|e| e.map(Rc::new));
+        let client = match endpoints.iter().any(Option::is_some) {
             true => {
                 let tls = crate::backend::tls::client_config(p).map_err(anyhow::Error::msg)?;
                 Some(HttpClient::new(p, tls))
@@ -109,7 +80,6 @@ impl Proxies {
             subscribing: RefCell::default(),
             later_data: RefCell::default(),
             next_call: Cell::new(1),
-            jwks,
             jwks_fetching: Cell::new(false),
             key_waiters: RefCell::default(),
         })
@@ -188,10 +158,11 @@ impl Shard {
         body: Vec<u8>,
     ) -> Result<(), ErrorCode> {
         let proxies = &self.proxies;
-        let Some(hook) = waiting.hook() else {
+        let hook = waiting.kind();
+        if hook == ProxyKind::Jwks {
             return self.await_keys(key, waiting);
-        };
-        let (Some(client), Some(endpoint)) = (&proxies.client, &proxies.endpoints[slot(hook)])
+        }
+        let (Some(client), Some(endpoint)) = (&proxies.client, &proxies.endpoints[hook as usize])
         else {
             return Err(ErrorCode::NotAvailable);
         };
@@ -221,14 +192,12 @@ impl Shard {
                 .post_json(permit, &endpoint, headers, body, timeout)
                 .await;
             let outcome = result.as_ref().map(|r| r.status);
-            client
-                .stats()
-                .record(kind(hook), started.elapsed(), outcome);
+            client.stats().record(hook, started.elapsed(), outcome);
             let answer = match result {
                 Ok(r) if r.status == 200 => Some(r.body),
                 Ok(r) => {
                     tracing::warn!(
-                        proxy = hook.name(),
+                        proxy = hook.label(),
                         status = r.status,
                         "proxy answered a non-200 status"
                     );
@@ -317,9 +286,11 @@ impl Shard {
     /// that waited for it try their tokens again.
     fn fetch_keys(&self) {
         let proxies = &self.proxies;
-        let (Some(client), Some(endpoint), Some(shard)) =
-            (&proxies.client, &proxies.jwks, self.me.upgrade())
-        else {
+        let (Some(client), Some(endpoint), Some(shard)) = (
+            &proxies.client,
+            &proxies.endpoints[ProxyKind::Jwks as usize],
+            self.me.upgrade(),
+        ) else {
             return;
         };
         let Some(permit) = client.try_acquire() else {
@@ -379,6 +350,6 @@ impl Shard {
     }
 }
 
-fn log_failure(hook: Hook, e: &CallError) {
-    tracing::warn!(proxy = hook.name(), error = %e, "proxy call failed");
+fn log_failure(hook: ProxyKind, e: &CallError) {
+    tracing::warn!(proxy = hook.label(), error = %e, "proxy call failed");
 }
