@@ -25,9 +25,9 @@ mod modules;
 common_modules!("common"; args, connect, cpu, http, net, safety, server, ws);
 
 use common::args::{conns_under_nofile, Args};
+use common::connect::ws_upgrade;
 use common::cpu::{cpu_secs, online_cpus, sched_ns, self_cpu_secs};
 use common::http::HttpClient;
-use common::connect::ws_upgrade;
 use common::net::{raise_nofile, src_addr};
 use common::process;
 use common::safety::{fatal, install_safety_nets};
