@@ -16,7 +16,9 @@ use crate::bus::{HistoryQuery, StreamPos};
 use crate::config::{Config, NamespaceOptions};
 use crate::conn::ConnKey;
 use crate::protocol::codes::unsubscribe;
-use crate::protocol::command::{parse_line, ConnectSub, Line, Request, FLAG_REJECT_UNRECOVERED};
+use crate::protocol::command::{
+    parse_line, ConnectSub, Line, Request, FLAG_REJECT_UNRECOVERED, KNOWN_DELTA_TYPES,
+};
 use crate::protocol::proxy;
 use crate::protocol::reply::{self, ClientInfo};
 use crate::protocol::token::{TokenError, TokenVerifier};
@@ -395,6 +397,9 @@ impl Session {
             (None, _) => Err(Disconnect::BadRequest),
             (Some(_), Request::Connect(_)) => Err(Disconnect::BadRequest),
             (Some(_), Request::Subscribe(s)) => {
+                if !s.delta.is_empty() && !KNOWN_DELTA_TYPES.contains(&&*s.delta) {
+                    return Err(Disconnect::BadRequest);
+                }
                 let since = s.recover.then(|| StreamPos {
                     offset: s.offset,
                     epoch: std::sync::Arc::from(&*s.epoch),

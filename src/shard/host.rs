@@ -190,6 +190,10 @@ impl Host for ShardHost<'_> {
         let result = match known.filter(|_| recovery.history) {
             Some(pos) => reply::SubscribeResult {
                 recoverable: recovery.recoverable,
+                // The node tracks every history channel's offsets (gap repair, 2500 when it
+                // cannot): the subscription is positioned, as Centrifugo says with positioning
+                // or recovery on.
+                positioned: true,
                 epoch: Some(pos.epoch.to_string()),
                 offset: Some(pos.offset),
                 ..Default::default()

@@ -218,6 +218,7 @@ impl Shard {
         let connect = matches!(waiter.want, Want::Position { connect: true, .. });
         let result = reply::SubscribeResult {
             recoverable,
+            positioned: true,
             epoch: Some(a.epoch.to_string()),
             // After a recovery: the position recovered from; the publications move it to the
             // top as the client handles them.

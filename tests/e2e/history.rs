@@ -600,3 +600,52 @@ fn pubsub_connection_lost_alone_publishes_go_on() {
         "{n}"
     );
 }
+
+/// What the official SDKs ask for and read: `positioned` wherever the node tracks offsets (every
+/// history channel, with or without recovery), nothing of the sort elsewhere; `delta` is declined
+/// as Centrifugo declines a type the namespace does not allow (a subscription without it), and a
+/// type it does not know closes the connection with 3501.
+#[test]
+fn positioned_replies_and_declined_delta() {
+    let server = Server::start(&config(), &[]);
+    let (mut a, _) = Client::connected(&server, "alice");
+    for (channel, recoverable) in [("feed:p", true), ("norec:p", false)] {
+        let r = a.command("subscribe", json!({"channel": channel}));
+        assert_eq!(r["subscribe"]["positioned"], true, "{r}");
+        assert_eq!(
+            r["subscribe"]["recoverable"].as_bool().unwrap_or(false),
+            recoverable
+        );
+    }
+    // Through the broker's answer too (a recovering subscribe waits for it).
+    let epoch = a.command("subscribe", json!({"channel": "feed:q"}))["subscribe"]["epoch"].clone();
+    let (mut c, _) = Client::connected(&server, "carol");
+    let r = c.command(
+        "subscribe",
+        json!({"channel": "feed:q", "recover": true, "offset": 0, "epoch": epoch}),
+    );
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    assert_eq!(r["subscribe"]["positioned"], true, "{r}");
+    let r = a.command("subscribe", json!({"channel": "plain"}));
+    assert!(r["subscribe"].is_object(), "{r}");
+    assert!(r["subscribe"]["positioned"].is_null(), "{r}");
+
+    // Asked for fossil: subscribed, publications come whole, and the reply says no delta.
+    let r = a.command("subscribe", json!({"channel": "feed:d", "delta": "fossil"}));
+    assert!(r["subscribe"].is_object(), "{r}");
+    assert!(r["subscribe"]["delta"].is_null(), "{r}");
+    publish(server.addr, "feed:d", 7);
+    let p = a.push(Duration::from_secs(5)).expect("a publication");
+    assert_eq!(p["push"]["pub"]["data"]["n"], 7, "{p}");
+    assert!(p["push"]["pub"]["delta"].is_null(), "{p}");
+
+    // An unknown delta type: bad request, this connection only.
+    let (mut b, _) = Client::connected(&server, "bob");
+    b.send_text(
+        &json!({"id": 9, "subscribe": {"channel": "feed:d", "delta": "xdelta"}}).to_string(),
+    );
+    assert_eq!(b.closed(Duration::from_secs(5)).expect("closed").code, 3501);
+    publish(server.addr, "feed:d", 8);
+    let p = a.push(Duration::from_secs(5)).expect("a publication");
+    assert_eq!(p["push"]["pub"]["data"]["n"], 8, "{p}");
+}
