@@ -90,6 +90,11 @@ pub struct SubscribeRequest<'a> {
     /// Custom data for the subscribe proxy (JSON).
     #[serde(borrow, default)]
     pub data: Option<&'a RawValue>,
+    /// The subscriber wants join/leave pushes of the channel (honoured where the namespace
+    /// has `join_leave`; the subscribe proxy's subscriptions get them only when the namespace
+    /// forces them, as in Centrifugo).
+    #[serde(default)]
+    pub join_leave: bool,
 }
 
 /// Subscribe flag: fail with 112 (unrecoverable position) rather than subscribe unrecovered.
