@@ -1697,6 +1697,21 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_subscription_leaves_with_a_leave_message() {
+        let cfg = format!("{JL}[namespaces.priv]\njoin_leave = true\n");
+        let mut h = FakeHost::new(&cfg);
+        let mut s = connected(&mut h);
+        let tok = sub_token("alice", "priv:e", Some(1_100), "");
+        let r = subscribe_with(&mut s, &mut h, 2, "priv:e", &tok);
+        assert!(r["subscribe"].is_object(), "{r}");
+        assert_eq!(h.join_leave_log, vec![(0, true)]);
+        h.now = 1_100 + h.cfg.client_expired_sub_close_delay_secs as u64;
+        let mut out = Vec::new();
+        assert_eq!(s.expire_subscriptions(&mut h, &mut out), 1);
+        assert_eq!(h.join_leave_log, vec![(0, true), (0, false)]);
+    }
+
+    #[test]
     fn server_side_subscriptions_announce_joins_after_the_connect_reply_and_never_ask() {
         let mut h = FakeHost::new(JL);
         let mut s = Session::default();
