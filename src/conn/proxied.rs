@@ -167,8 +167,7 @@ impl Session {
                 }
                 // `channels`, then the channels only `subs` names, each with its `data`.
                 let mut subs_opts = r.subs;
-                type ServerSub<'a> = (&'a str, Option<Box<RawValue>>, Option<Box<RawValue>>);
-                let mut channels: Vec<ServerSub<'_>> = (r.channels.iter())
+                let mut channels: Vec<super::session::ServerSub<'_>> = (r.channels.iter())
                     .map(|c| match subs_opts.remove(c) {
                         Some(o) => (c.as_str(), o.data, o.info),
                         None => (c.as_str(), None, None),

@@ -302,12 +302,16 @@ pub(super) struct Grant<'a> {
     pub info: Option<Box<RawValue>>,
     /// Server-side subscriptions, each with the data for its part of the reply and its own
     /// info (`chan_info`).
-    pub channels: Vec<(&'a str, Option<Box<RawValue>>, Option<Box<RawValue>>)>,
+    pub channels: Vec<ServerSub<'a>>,
     /// For the client, in the connect reply.
     pub data: Option<Box<RawValue>>,
     /// The node refreshes the connection through the refresh proxy.
     pub server_refresh: bool,
 }
+
+/// A server-side subscription granted at connect: channel, data for its part of the connect
+/// reply, its own info (`chan_info`).
+pub(super) type ServerSub<'a> = (&'a str, Option<Box<RawValue>>, Option<Box<RawValue>>);
 
 /// What a subscribe is granted.
 pub(super) struct Granted {
