@@ -565,6 +565,20 @@ pub struct NamespaceOptions {
     pub presence: bool,
     /// Any connected client may query presence; otherwise only subscribers of the channel.
     pub allow_presence_for_client: bool,
+    /// Join and leave messages: when a client subscribes to a channel of this namespace (by
+    /// itself or server-side at connect) a join push goes to the channel's subscribers, and a
+    /// leave push when it unsubscribes, is unsubscribed, its subscription expires or it
+    /// disconnects. Off by default (as in Centrifugo): every join and leave is one message to
+    /// every subscriber, so keep it to channels with few subscribers. A subscriber receives
+    /// them only if it asked (`join_leave: true` in its subscribe request, e.g. the SDKs'
+    /// `joinLeave` option) or the namespace has `force_push_join_leave`. Independent of
+    /// `presence`.
+    pub join_leave: bool,
+    /// Every subscriber of the namespace's channels receives join and leave pushes, whether or
+    /// not it asked (needed for server-side subscriptions and subscriptions the subscribe proxy
+    /// let in, which cannot ask, as in Centrifugo). Has an effect only with `join_leave`.
+    /// Off by default.
+    pub force_push_join_leave: bool,
     /// Publications kept per channel for history and recovery; 0 = no history (publications
     /// carry no offset). Bounded: the oldest are trimmed (Redis: `MAXLEN ~`, so a few more may
     /// stay until the next trim).
@@ -609,6 +623,8 @@ impl Default for NamespaceOptions {
             allow_publish_for_client: false,
             presence: false,
             allow_presence_for_client: false,
+            join_leave: false,
+            force_push_join_leave: false,
             history_size: 0,
             history_ttl_secs: 300,
             history_meta_ttl_secs: 30 * 24 * 3600,

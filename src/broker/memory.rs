@@ -355,6 +355,19 @@ impl State {
                 }
             }
             ToBroker::Command(cmd) => self.broadcast(cmd),
+            ToBroker::JoinLeave { channel, push } => {
+                // Straight to the subscribed shards: no offset, no history.
+                let mask = self.interest.mask(&channel);
+                if mask != 0 {
+                    let mut frame = FrameBuf::with_capacity(push.len());
+                    frame.payload().extend_from_slice(&push);
+                    let frame = frame.finish(OP_TEXT);
+                    super::send_to(&self.shards, mask, || ToShard::JoinLeave {
+                        channel: channel.clone(),
+                        frame: frame.clone(),
+                    });
+                }
+            }
             // Standalone: presence is read from the shards and user commands go to every shard.
             ToBroker::PresenceAdd { .. }
             | ToBroker::Leave

@@ -57,14 +57,20 @@ impl BrokerCaps {
     };
 }
 
-/// Who published or who is present: the protocol's `ClientInfo` (user, client id and the
-/// connection's `info`), carried with publications and presence entries between threads.
+/// Who published, who is present, who joined or left: the protocol's `ClientInfo` (user,
+/// client id, the connection's `info` and the subscription's `info`), carried with
+/// publications, presence entries and join/leave messages between threads.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClientInfo {
     pub user: String,
     pub client: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conn_info: Option<Box<serde_json::value::RawValue>>,
+    /// The subscription's own info (a subscription token's `info` claim, or the subscribe
+    /// proxy's `info`): in presence entries and join/leave messages of that channel only,
+    /// never in publications.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chan_info: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// Most shards a node runs (interest per channel is a 64-bit shard mask).
@@ -252,6 +258,11 @@ pub enum ToBroker {
     PresenceAdd { channel: Arc<str>, info: ClientInfo },
     /// A client left a presence channel.
     PresenceRemove { channel: Arc<str>, client: Arc<str> },
+    /// A join or leave message of a `join_leave` namespace: `push` is the complete JSON push
+    /// (`{"push":{"channel":C,"join":{"info":..}}}`, or `"leave"`), for the channel's
+    /// subscribers on every node. Best effort, as in Centrifugo: no offset, no history, not
+    /// repaired; lost while Redis is down.
+    JoinLeave { channel: Arc<str>, push: Bytes },
     /// The node is draining: leave the cluster registry now.
     Leave,
     /// The shards have ended: the broker ends too (sent by the node last).
@@ -274,6 +285,13 @@ pub enum ToShard {
         frame: Bytes,
         offset: u64,
         epoch: Option<Arc<str>>,
+    },
+    /// A join or leave message, a complete WebSocket frame shared by every recipient: for the
+    /// local subscribers of `channel` that receive join/leave pushes (those that asked, or all
+    /// with `force_push_join_leave`). Carries no offset and never moves a channel's position.
+    JoinLeave {
+        channel: Arc<str>,
+        frame: Bytes,
     },
     /// The answer to a [`ToBroker::Position`] request.
     Position {

@@ -7,6 +7,7 @@ pub mod bucket;
 pub mod outbox;
 pub mod proxied;
 pub mod session;
+pub mod sub_extras;
 
 /// A connection's identity within its shard: slab slot plus a generation, so a stale key held
 /// by a timer or a pending reply never reaches a newer connection in the same slot.

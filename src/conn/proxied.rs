@@ -167,13 +167,16 @@ impl Session {
                 }
                 // `channels`, then the channels only `subs` names, each with its `data`.
                 let mut subs_opts = r.subs;
-                let mut channels: Vec<(&str, Option<Box<RawValue>>)> = (r.channels.iter())
-                    .map(|c| (c.as_str(), subs_opts.remove(c).and_then(|o| o.data)))
+                let mut channels: Vec<super::session::ServerSub<'_>> = (r.channels.iter())
+                    .map(|c| match subs_opts.remove(c) {
+                        Some(o) => (c.as_str(), o.data, o.info),
+                        None => (c.as_str(), None, None),
+                    })
                     .collect();
                 channels.extend(
                     subs_opts
                         .iter_mut()
-                        .map(|(c, o)| (c.as_str(), o.data.take())),
+                        .map(|(c, o)| (c.as_str(), o.data.take(), o.info.take())),
                 );
                 let grant = Grant {
                     user: &r.user,
@@ -227,10 +230,14 @@ impl Session {
                     reply::error(out, id, ErrorCode::LimitExceeded, false);
                     return Ok(());
                 }
+                // The backend decides; the request's `join_leave` is not honoured here (as in
+                // Centrifugo): only `force_push_join_leave` gives these subscribers the pushes.
                 let granted = Granted {
                     exp: r.expire_at,
                     server_refresh: true,
                     data: r.data,
+                    chan_info: r.info,
+                    push_join_leave: false,
                 };
                 match self.subscribe_granted(host, id, &channel, since, reject_unrecovered, granted)
                 {
@@ -254,6 +261,7 @@ impl Session {
                     user: ident.user.to_string(),
                     client: ident.client.to_string(),
                     conn_info: ident.info.clone(),
+                    chan_info: None,
                 };
                 let data = r.data.unwrap_or(data);
                 if let Err(code) = host.publish(id, &channel, &data, info) {

@@ -14,6 +14,7 @@
 
 use crate::bus::{HistoryQuery, StreamPos};
 use crate::config::{Config, NamespaceOptions};
+use crate::conn::sub_extras::SubExtra;
 use crate::conn::ConnKey;
 use crate::protocol::codes::unsubscribe;
 use crate::protocol::command::{
@@ -137,8 +138,18 @@ pub trait Host {
     /// Custom data for the subscribe reply to command `id` that the host sends later
     /// ([`Ack::Later`]).
     fn later_reply_data(&mut self, id: u32, data: Box<RawValue>);
-    /// The client joined or left a channel whose namespace keeps presence.
+    /// The client joined or left a channel whose namespace keeps presence (the entry carries
+    /// the subscription's `chan_info`, so call it after [`Host::set_sub_extra`] on a join).
     fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool);
+    /// What the new subscription to `chan` carries besides the channel (told for every new
+    /// subscription; the host keeps only non-empty ones, in a side table).
+    fn set_sub_extra(&mut self, chan: ChanId, extra: SubExtra);
+    /// The client joined (after [`Host::set_sub_extra`]) or is leaving (before
+    /// [`Host::unsubscribe`]) channel `chan`: in a `join_leave` namespace the host sends a
+    /// join or leave message to the channel's subscribers on every node. A join is sent only
+    /// once the subscription is in (a subscriber still waiting for the broker is announced
+    /// when its reply goes out); a leave only for a subscription that was in.
+    fn join_leave(&mut self, chan: ChanId, who: &Identity, joined: bool);
     /// Takes one token from the connection's command bucket; false when it is empty.
     fn allow_command(&mut self) -> bool;
     /// Counts a refusal by a limit (for the node's counters).
@@ -291,13 +302,18 @@ pub(super) struct Grant<'a> {
     /// Unix seconds; 0 = never.
     pub exp: u64,
     pub info: Option<Box<RawValue>>,
-    /// Server-side subscriptions, each with the data for its part of the reply.
-    pub channels: Vec<(&'a str, Option<Box<RawValue>>)>,
+    /// Server-side subscriptions, each with the data for its part of the reply and its own
+    /// info (`chan_info`).
+    pub channels: Vec<ServerSub<'a>>,
     /// For the client, in the connect reply.
     pub data: Option<Box<RawValue>>,
     /// The node refreshes the connection through the refresh proxy.
     pub server_refresh: bool,
 }
+
+/// A server-side subscription granted at connect: channel, data for its part of the connect
+/// reply, its own info (`chan_info`).
+pub(super) type ServerSub<'a> = (&'a str, Option<Box<RawValue>>, Option<Box<RawValue>>);
 
 /// What a subscribe is granted.
 pub(super) struct Granted {
@@ -307,6 +323,10 @@ pub(super) struct Granted {
     pub server_refresh: bool,
     /// For the client, in the subscribe reply.
     pub data: Option<Box<RawValue>>,
+    /// The subscription's own info (`chan_info` in presence and join/leave messages).
+    pub chan_info: Option<Box<RawValue>>,
+    /// The subscriber asked for join/leave pushes, and may have them.
+    pub push_join_leave: bool,
 }
 
 /// The session of one connection.
@@ -448,6 +468,7 @@ impl Session {
                             user: ident.user.to_string(),
                             client: ident.client.to_string(),
                             conn_info: ident.info.clone(),
+                            chan_info: None,
                         };
                         host.publish(id, &p.channel, p.data, info)
                     }
@@ -643,7 +664,9 @@ impl Session {
             client,
             exp: claims.exp.unwrap_or(0),
             info: claims.info,
-            channels: claims.channels.iter().map(|c| (c.as_str(), None)).collect(),
+            channels: (claims.channels.iter())
+                .map(|c| (c.as_str(), None, None))
+                .collect(),
             data: None,
             server_refresh: false,
         };
@@ -678,7 +701,8 @@ impl Session {
         }
         let mut subs = BTreeMap::new();
         let mut waiting = 0;
-        for (channel, data) in grant.channels {
+        let mut joins = Vec::new();
+        for (channel, data, chan_info) in grant.channels {
             // Server-side subscriptions: the token vouches for them, so no permission check.
             if self.position(host, channel).is_some() {
                 continue;
@@ -701,17 +725,35 @@ impl Session {
                 _ => Recovery::default(),
             };
             let sub_id = if recovery.connect { id } else { 0 };
-            match host.subscribe(sub_id, channel, &recovery) {
+            let chan = match host.subscribe(sub_id, channel, &recovery) {
                 Ok((chan, Ack::Now(mut result))) => {
-                    self.subs.push(chan);
                     result.data = data;
                     subs.insert(channel, result);
+                    chan
                 }
                 Ok((chan, Ack::Later)) => {
-                    self.subs.push(chan);
                     waiting += 1;
+                    chan
                 }
                 Err(_) => return Err(Disconnect::ServerError),
+            };
+            self.subs.push(chan);
+            // A server-side subscription cannot ask for join/leave pushes: it gets them only
+            // where the namespace forces them (as in Centrifugo).
+            let extra = SubExtra {
+                chan_info,
+                push_join_leave: false,
+            };
+            host.set_sub_extra(chan, extra);
+            let ns = host.config().namespace_of(channel);
+            let (presence, join_leave) =
+                ns.map_or((false, false), |ns| (ns.presence, ns.join_leave));
+            let ident = self.identity.as_ref().expect("just set");
+            if presence {
+                host.presence_changed(channel, ident, true);
+            }
+            if join_leave {
+                joins.push(chan);
             }
         }
         // A client refreshes a token itself; a connection the backend let in is refreshed by
@@ -728,9 +770,14 @@ impl Session {
             pong: true,
         };
         if waiting > 0 {
+            // The host announces the joins once the connect reply is out.
             host.connect_later(id, result, waiting);
         } else {
             reply::result(out, id, "connect", &result);
+            let ident = self.identity.as_ref().expect("just set");
+            for chan in joins {
+                host.join_leave(chan, ident, true);
+            }
         }
         Ok(())
     }
@@ -786,11 +833,17 @@ impl Session {
             host.proxy(waiting, body.to_vec()).map_err(|e| (e, true))?;
             return Ok(Ack::Later);
         }
-        let exp = permit(host, ns, channel, token, ident).map_err(|e| (e, false))?;
+        let (exp, chan_info) = permit(host, ns, channel, token, ident).map_err(|e| (e, false))?;
+        // Where the namespace has join/leave messages, a subscriber that asks gets them (any
+        // subscriber may read the channel's presence here, which Centrifugo also requires);
+        // with `force_push_join_leave` every subscriber gets them anyway.
+        let push_join_leave = request.join_leave && ns.join_leave && !ns.force_push_join_leave;
         let granted = Granted {
             exp,
             server_refresh: false,
             data: None,
+            chan_info,
+            push_join_leave,
         };
         self.subscribe_granted(host, id, channel, since, reject_unrecovered, granted)
     }
@@ -808,6 +861,7 @@ impl Session {
     ) -> Result<Ack, (ErrorCode, bool)> {
         let ns = namespace(host, channel).map_err(|e| (e, false))?;
         let presence = ns.presence;
+        let join_leave = ns.join_leave;
         let recovery = Recovery {
             history: ns.has_history(),
             recoverable: ns.recover,
@@ -829,6 +883,11 @@ impl Session {
         } else {
             host.set_sub_expiry(chan, exp);
         }
+        let extra = SubExtra {
+            chan_info: granted.chan_info,
+            push_join_leave: granted.push_join_leave,
+        };
+        host.set_sub_extra(chan, extra);
         match &mut ack {
             Ack::Now(result) => {
                 if !granted.server_refresh {
@@ -843,9 +902,12 @@ impl Session {
                 }
             }
         }
+        let ident = self.identity.as_ref().expect("connected");
         if presence {
-            let ident = self.identity.as_ref().expect("connected");
             host.presence_changed(channel, ident, true);
+        }
+        if join_leave {
+            host.join_leave(chan, ident, true);
         }
         Ok(ack)
     }
@@ -935,12 +997,14 @@ impl Session {
         host.set_sub_expiry(chan, 0);
         if let Some(ident) = self.identity.as_ref() {
             let name = host.channel_name(chan);
-            if host
-                .config()
-                .namespace_of(&name)
-                .is_some_and(|ns| ns.presence)
-            {
+            let ns = host.config().namespace_of(&name);
+            let (presence, join_leave) =
+                ns.map_or((false, false), |ns| (ns.presence, ns.join_leave));
+            if presence {
                 host.presence_changed(&name, ident, false);
+            }
+            if join_leave {
+                host.join_leave(chan, ident, false);
             }
         }
         host.unsubscribe(chan);
@@ -951,32 +1015,33 @@ impl Session {
 /// connection token are not asked): with a valid subscription token, in a user-limited channel
 /// that names it (where the namespace has `allow_user_limited_channels`), or where the
 /// namespace has `allow_subscribe_for_client`; anything goes when `insecure`. Private `$`
-/// channels need a token. Returns the subscription's expiry (the token's `exp`; 0 = never).
+/// channels need a token. Returns the subscription's expiry (the token's `exp`; 0 = never)
+/// and its info (the token's `info` claim).
 fn permit(
     host: &dyn Host,
     ns: &NamespaceOptions,
     channel: &str,
     token: &str,
     ident: &Identity,
-) -> Result<u64, ErrorCode> {
+) -> Result<(u64, Option<Box<RawValue>>), ErrorCode> {
     if !token.is_empty() {
         let Some(verifier) = host.verifier() else {
             // No secret to check it with: only an insecure node lets the client in.
             return match host.config().insecure {
-                true => Ok(0),
+                true => Ok((0, None)),
                 false => Err(ErrorCode::PermissionDenied),
             };
         };
         let client = ident.client.to_string();
         return match verifier.subscribe(token, channel, &ident.user, &client, host.unix_now()) {
-            Ok(claims) => Ok(claims.exp.unwrap_or(0)),
+            Ok(claims) => Ok((claims.exp.unwrap_or(0), claims.info)),
             // The SDK gets a new token and subscribes again.
             Err(TokenError::Expired) => Err(ErrorCode::TokenExpired),
             Err(TokenError::Invalid | TokenError::UnknownKey) => Err(ErrorCode::PermissionDenied),
         };
     }
     if host.config().insecure {
-        return Ok(0);
+        return Ok((0, None));
     }
     let name = channel.split_once(':').map(|(_, n)| n).unwrap_or(channel);
     if name.starts_with('$') {
@@ -989,7 +1054,7 @@ fn permit(
         _ => ns.allow_subscribe_for_client,
     };
     if allowed {
-        Ok(0)
+        Ok((0, None))
     } else {
         Err(ErrorCode::PermissionDenied)
     }
@@ -1039,6 +1104,10 @@ mod tests {
         /// Backend calls asked for and not answered yet.
         calls: Vec<(Awaiting, Value)>,
         refresh_at: u64,
+        /// Extras told per subscription: (channel, chan_info, push_join_leave).
+        extras: Vec<(ChanId, Option<String>, bool)>,
+        /// Join (true) and leave (false) announcements asked for, by channel.
+        join_leave_log: Vec<(ChanId, bool)>,
     }
 
     const KEY: ConnKey = ConnKey {
@@ -1069,6 +1138,8 @@ mod tests {
                 sub_expiries: SubExpiries::default(),
                 calls: Vec::new(),
                 refresh_at: 0,
+                extras: Vec::new(),
+                join_leave_log: Vec::new(),
             }
         }
     }
@@ -1178,6 +1249,13 @@ mod tests {
         }
         fn later_reply_data(&mut self, _id: u32, _data: Box<RawValue>) {
             unreachable!("the fake host answers every subscribe at once")
+        }
+        fn set_sub_extra(&mut self, chan: ChanId, extra: SubExtra) {
+            let info = extra.chan_info.map(|i| i.get().to_string());
+            self.extras.push((chan, info, extra.push_join_leave));
+        }
+        fn join_leave(&mut self, chan: ChanId, _who: &Identity, joined: bool) {
+            self.join_leave_log.push((chan, joined));
         }
         fn presence_changed(&mut self, channel: &str, who: &Identity, joined: bool) {
             self.presence_log
@@ -1539,6 +1617,128 @@ mod tests {
         assert!(h.subscribed.is_empty());
     }
 
+    const JL: &str = "token_hmac_secret = \"k\"\n[namespaces.room]\nallow_subscribe_for_client = true\njoin_leave = true\n[namespaces.forced]\nallow_subscribe_for_client = true\njoin_leave = true\nforce_push_join_leave = true\n[namespaces.quiet]\nallow_subscribe_for_client = true\n";
+
+    #[test]
+    fn join_leave_flag_is_kept_only_where_the_namespace_has_join_leave_and_does_not_force() {
+        let mut h = FakeHost::new(JL);
+        let mut s = connected(&mut h);
+        let lines = [
+            r#"{"id":2,"subscribe":{"channel":"room:a","join_leave":true}}"#,
+            r#"{"id":3,"subscribe":{"channel":"room:b"}}"#,
+            r#"{"id":4,"subscribe":{"channel":"forced:c","join_leave":true}}"#,
+            r#"{"id":5,"subscribe":{"channel":"quiet:d","join_leave":true}}"#,
+        ];
+        let (r, replies) = send(&mut s, &mut h, &lines.join("\n"));
+        r.unwrap();
+        assert_eq!(replies.len(), 4, "{replies:?}");
+        // The fake host interns channels in order.
+        let id = |name: &str| {
+            ["room:a", "room:b", "forced:c", "quiet:d"]
+                .iter()
+                .position(|c| *c == name)
+                .unwrap() as ChanId
+        };
+        let pushes: Vec<(ChanId, bool)> = h.extras.iter().map(|(c, _, p)| (*c, *p)).collect();
+        assert_eq!(
+            pushes,
+            vec![
+                (id("room:a"), true),
+                (id("room:b"), false),
+                (id("forced:c"), false), // everyone gets them there: nothing to keep
+                (id("quiet:d"), false),  // no join/leave in that namespace
+            ]
+        );
+        // Joins are announced in join_leave namespaces only, whether or not the client asked.
+        assert_eq!(
+            h.join_leave_log,
+            vec![
+                (id("room:a"), true),
+                (id("room:b"), true),
+                (id("forced:c"), true)
+            ]
+        );
+        h.join_leave_log.clear();
+        send(
+            &mut s,
+            &mut h,
+            r#"{"id":6,"unsubscribe":{"channel":"room:b"}}"#,
+        )
+        .0
+        .unwrap();
+        assert_eq!(h.join_leave_log, vec![(id("room:b"), false)]);
+        s.leave_all(&mut h);
+        let mut left = h.join_leave_log[1..].to_vec();
+        left.sort();
+        let mut want = vec![(id("room:a"), false), (id("forced:c"), false)];
+        want.sort();
+        assert_eq!(left, want, "a disconnect leaves every join_leave channel");
+    }
+
+    #[test]
+    fn subscription_token_info_becomes_chan_info() {
+        let cfg = format!("{JL}[namespaces.priv]\njoin_leave = true\npresence = true\n");
+        let mut h = FakeHost::new(&cfg);
+        let mut s = connected(&mut h);
+        let tok = crate::protocol::token::sign(
+            "k",
+            &crate::protocol::token::SubscribeClaims {
+                sub: "alice".into(),
+                channel: "priv:x".into(),
+                exp: None,
+                client: String::new(),
+                info: Some(RawValue::from_string("{\"role\":\"mod\"}".into()).unwrap()),
+            },
+        );
+        let (r, replies) = send(
+            &mut s,
+            &mut h,
+            &format!(
+                r#"{{"id":2,"subscribe":{{"channel":"priv:x","token":"{tok}","join_leave":true}}}}"#
+            ),
+        );
+        r.unwrap();
+        assert!(replies[0]["subscribe"].is_object(), "{replies:?}");
+        assert_eq!(h.extras, vec![(0, Some("{\"role\":\"mod\"}".into()), true)]);
+        // The extra is told before presence and the join, which read it.
+        assert_eq!(h.presence_log.len(), 1);
+        assert_eq!(h.join_leave_log, vec![(0, true)]);
+    }
+
+    #[test]
+    fn an_expired_subscription_leaves_with_a_leave_message() {
+        let cfg = format!("{JL}[namespaces.priv]\njoin_leave = true\n");
+        let mut h = FakeHost::new(&cfg);
+        let mut s = connected(&mut h);
+        let tok = sub_token("alice", "priv:e", Some(1_100), "");
+        let r = subscribe_with(&mut s, &mut h, 2, "priv:e", &tok);
+        assert!(r["subscribe"].is_object(), "{r}");
+        assert_eq!(h.join_leave_log, vec![(0, true)]);
+        h.now = 1_100 + h.cfg.client_expired_sub_close_delay_secs as u64;
+        let mut out = Vec::new();
+        assert_eq!(s.expire_subscriptions(&mut h, &mut out), 1);
+        assert_eq!(h.join_leave_log, vec![(0, true), (0, false)]);
+    }
+
+    #[test]
+    fn server_side_subscriptions_announce_joins_after_the_connect_reply_and_never_ask() {
+        let mut h = FakeHost::new(JL);
+        let mut s = Session::default();
+        let t = token("alice", None, &["room:s", "quiet:q"]);
+        let (r, replies) = send(
+            &mut s,
+            &mut h,
+            &format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#),
+        );
+        r.unwrap();
+        assert!(
+            replies[0]["connect"]["subs"]["room:s"].is_object(),
+            "{replies:?}"
+        );
+        assert_eq!(h.extras, vec![(0, None, false), (1, None, false)]);
+        assert_eq!(h.join_leave_log, vec![(0, true)]);
+    }
+
     #[test]
     fn presence_joins_and_leaves_only_in_presence_namespaces() {
         let mut h = FakeHost::new(CFG);
@@ -1622,6 +1822,7 @@ mod tests {
                 channel: channel.into(),
                 exp,
                 client: client.into(),
+                info: None,
             },
         )
     }

@@ -95,6 +95,11 @@ pub struct SubscribeRequest<'a> {
     /// reply), and a type Centrifugo does not know closes the connection (3501).
     #[serde(borrow, default)]
     pub delta: Cow<'a, str>,
+    /// The subscriber wants join/leave pushes of the channel (honoured where the namespace
+    /// has `join_leave`; the subscribe proxy's subscriptions get them only when the namespace
+    /// forces them, as in Centrifugo).
+    #[serde(default)]
+    pub join_leave: bool,
 }
 
 /// The delta types of the protocol; shardcast allows none of them in any namespace.

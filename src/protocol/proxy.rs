@@ -123,6 +123,9 @@ pub struct SubOptions {
     /// Returned to the client in the connect reply's subscription.
     #[serde(default)]
     pub data: Option<Box<RawValue>>,
+    /// The subscription's info: `chan_info` in presence entries and join/leave messages.
+    #[serde(default)]
+    pub info: Option<Box<RawValue>>,
 }
 
 /// `refresh` and `sub_refresh` result.
@@ -148,6 +151,9 @@ pub struct SubscribeResult {
     /// Unix seconds the subscription expires at; 0 = never.
     #[serde(default)]
     pub expire_at: u64,
+    /// The subscription's info: `chan_info` in presence entries and join/leave messages.
+    #[serde(default)]
+    pub info: Option<Box<RawValue>>,
 }
 
 /// `publish` result.

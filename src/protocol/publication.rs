@@ -88,6 +88,7 @@ mod tests {
             user: "u\"1".into(),
             client: "c".into(),
             conn_info: None,
+            chan_info: None,
         };
         push_new(&mut v, "chat:a\"b", &data, Some(&info));
         let p: serde_json::Value = serde_json::from_slice(&v).unwrap();
@@ -105,6 +106,7 @@ mod tests {
             user: "u\"1".into(),
             client: "c".into(),
             conn_info: None,
+            chan_info: None,
         }
     }
 

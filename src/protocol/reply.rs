@@ -230,6 +230,32 @@ pub fn unsubscribe_push(out: &mut Vec<u8>, channel: &str, code: u32, reason: &st
     out.extend_from_slice(b"}}}");
 }
 
+/// Appends a join (`joined`) or leave push of `channel` carrying who it is:
+/// `{"push":{"channel":C,"join":{"info":I}}}` (`"leave"` for a leave), Centrifugo's shape.
+pub fn join_leave_push(out: &mut Vec<u8>, channel: &str, info: &ClientInfo, joined: bool) {
+    out.extend_from_slice(b"{\"push\":{\"channel\":");
+    serde_json::to_writer(&mut *out, channel).expect("vec write");
+    out.extend_from_slice(if joined {
+        b",\"join\":{\"info\":"
+    } else {
+        b",\"leave\":{\"info\":"
+    });
+    serde_json::to_writer(&mut *out, info).expect("vec write");
+    out.extend_from_slice(b"}}}");
+}
+
+/// Whether `push`, a push of `channel` as [`join_leave_push`] makes it, is a join or leave
+/// (rather than a publication): nodes tell them apart on a channel's Redis pub/sub.
+pub fn is_join_leave_push(channel: &str, push: &[u8]) -> bool {
+    let mut prefix = Vec::with_capacity(channel.len() + 24);
+    prefix.extend_from_slice(b"{\"push\":{\"channel\":");
+    serde_json::to_writer(&mut prefix, channel).expect("vec write");
+    let Some(rest) = push.strip_prefix(&prefix[..]) else {
+        return false;
+    };
+    rest.starts_with(b",\"join\":{") || rest.starts_with(b",\"leave\":{")
+}
+
 fn itoa(n: u32) -> String {
     // Small and not on the fan-out path (publications carry no id).
     n.to_string()
@@ -259,6 +285,44 @@ pub fn presence_stats(list: &[ClientInfo]) -> PresenceStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn join_and_leave_pushes_have_centrifugos_shape_and_are_told_apart() {
+        let info = ClientInfo {
+            user: "u\"1".into(),
+            client: "c".into(),
+            conn_info: Some(serde_json::value::RawValue::from_string("{\"n\":1}".into()).unwrap()),
+            chan_info: Some(serde_json::value::RawValue::from_string("[2]".into()).unwrap()),
+        };
+        let mut v = Vec::new();
+        join_leave_push(&mut v, "chat:\"x", &info, true);
+        assert_eq!(
+            std::str::from_utf8(&v).unwrap(),
+            r#"{"push":{"channel":"chat:\"x","join":{"info":{"user":"u\"1","client":"c","conn_info":{"n":1},"chan_info":[2]}}}}"#
+        );
+        assert!(is_join_leave_push("chat:\"x", &v));
+        assert!(!is_join_leave_push("chat:y", &v), "another channel's");
+        let mut l = Vec::new();
+        join_leave_push(
+            &mut l,
+            "c",
+            &ClientInfo {
+                conn_info: None,
+                chan_info: None,
+                ..info
+            },
+            false,
+        );
+        assert_eq!(
+            std::str::from_utf8(&l).unwrap(),
+            r#"{"push":{"channel":"c","leave":{"info":{"user":"u\"1","client":"c"}}}}"#
+        );
+        assert!(is_join_leave_push("c", &l));
+        let mut p = Vec::new();
+        let data = serde_json::value::RawValue::from_string("{\"join\":1}".into()).unwrap();
+        crate::protocol::publication::push_new(&mut p, "c", &data, None);
+        assert!(!is_join_leave_push("c", &p), "a publication is not one");
+    }
 
     #[test]
     fn error_reply_shape() {

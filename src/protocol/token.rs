@@ -60,6 +60,10 @@ pub struct SubscribeClaims {
     /// When set, only the connection with this client id may use the token.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client: String,
+    /// The subscription's info: `chan_info` in the channel's presence entries and join/leave
+    /// messages (any JSON value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<Box<RawValue>>,
 }
 
 /// Why a token was refused.
@@ -559,6 +563,7 @@ mod tests {
             channel: "$c".into(),
             exp,
             client: client.into(),
+            info: None,
         };
         let t = sign("k", &claims("", Some(2000)));
         assert_eq!(

@@ -208,6 +208,7 @@ impl Connection {
             user: i.user.to_string(),
             client: i.client.to_string(),
             conn_info: i.info.clone(),
+            chan_info: None,
         })
     }
 

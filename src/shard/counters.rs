@@ -64,6 +64,13 @@ pub struct Counters {
     /// HTTP API requests found whole behind another in one read (pipelined on a keep-alive
     /// connection) and started together with it (`limits.max_pipelined_requests`).
     pub api_pipelined: Cell<u64>,
+    /// Join and leave messages sent towards the broker (`join_leave` namespaces).
+    pub join_leave_sent: Cell<u64>,
+    /// Join and leave messages dropped because the broker queue was full (best effort, as in
+    /// Centrifugo: never retried, never blocking the subscribe or unsubscribe).
+    pub join_leave_dropped: Cell<u64>,
+    /// Join and leave pushes queued to subscribers.
+    pub join_leave_deliveries: Cell<u64>,
     /// WebSocket connections ended, by [`Reason`] (`ended_<label>`, one slot per label).
     ended: [Cell<u64>; SLOTS],
 }
@@ -113,6 +120,9 @@ impl Counters {
             ("request_timeouts", self.request_timeouts.get()),
             ("origin_refusals", self.origin_refusals.get()),
             ("api_pipelined", self.api_pipelined.get()),
+            ("join_leave_sent", self.join_leave_sent.get()),
+            ("join_leave_dropped", self.join_leave_dropped.get()),
+            ("join_leave_deliveries", self.join_leave_deliveries.get()),
         ];
         all.extend(
             reason::counter_names()

@@ -18,6 +18,7 @@ use crate::conn::bucket::Bucket;
 use crate::conn::session::{
     Ack, Awaiting, ChanId, ClientId, Deferred, Ended, Host, Identity, Recovery, Refusal, Session,
 };
+use crate::conn::sub_extras::SubExtra;
 use crate::conn::ConnKey;
 use crate::protocol::reply::{self, ClientInfo};
 use crate::protocol::token::TokenVerifier;
@@ -315,6 +316,10 @@ impl Host for ShardHost<'_> {
         if !self.shard.caps.keeps_presence {
             return; // presence is read from the shards' own indexes
         }
+        let chan_info = match self.shard.index.borrow().id_of(channel) {
+            Some(chan) if joined => self.shard.sub_extras.borrow().chan_info(self.key, chan),
+            _ => None,
+        };
         let channel: Arc<str> = Arc::from(channel);
         let msg = if joined {
             ToBroker::PresenceAdd {
@@ -323,6 +328,7 @@ impl Host for ShardHost<'_> {
                     user: who.user.to_string(),
                     client: who.client.to_string(),
                     conn_info: who.info.clone(),
+                    chan_info,
                 },
             }
         } else {
@@ -332,6 +338,30 @@ impl Host for ShardHost<'_> {
             }
         };
         self.shard.send_broker_must(msg);
+    }
+    fn set_sub_extra(&mut self, chan: ChanId, extra: SubExtra) {
+        let mut extras = self.shard.sub_extras.borrow_mut();
+        if extra.is_empty() && extras.is_empty() {
+            return; // nothing kept anywhere on the shard: no lookup
+        }
+        extras.set(self.key, chan, extra);
+    }
+    fn join_leave(&mut self, chan: ChanId, who: &Identity, joined: bool) {
+        let shard = self.shard;
+        // Only a subscriber that is in is announced (a waiting one joins when it is answered,
+        // see `Shard::joined_now`), and only one that was in leaves.
+        if !shard.is_in(chan, self.key) {
+            return;
+        }
+        let name = self.channel_name(chan);
+        let info = ClientInfo {
+            user: who.user.to_string(),
+            client: who.client.to_string(),
+            conn_info: who.info.clone(),
+            chan_info: None,
+        };
+        let info = shard.with_chan_info(info, self.key, chan);
+        shard.announce(&name, &info, joined);
     }
 }
 
@@ -371,6 +401,7 @@ impl SessionDriver for Shard {
         if self.sub_expiries.borrow().connections() > 0 {
             self.sub_expiries.borrow_mut().remove(key);
         }
+        self.sub_extras.borrow_mut().remove_conn(key);
         if let Some(ident) = session.identity.as_ref() {
             self.forget_user(&ident.user, key);
         }

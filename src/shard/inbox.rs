@@ -66,25 +66,22 @@ impl Shard {
                 offset,
                 epoch,
             } => {
-                let mut index = self.index.borrow_mut();
-                let Some(id) = index.id_of(&channel) else {
-                    return;
-                };
-                let ch = index.get_mut(id).expect("interned");
-                // Only once a position answer of this incarnation of the channel set it: until
-                // then, publications may be left over from before the shard last left it.
-                if let (Some(epoch), Some(_)) = (epoch, &ch.position) {
-                    ch.position = Some(StreamPos { offset, epoch });
-                }
-                let conns = self.conns.borrow();
-                let ctx = self.ctx();
-                for key in &ch.subscribers {
-                    if let Some(c) = conns.get(*key) {
-                        c.push(&ctx, frame.clone());
-                        bump(&self.counters.deliveries);
+                if let Some(epoch) = epoch {
+                    let mut index = self.index.borrow_mut();
+                    let Some(id) = index.id_of(&channel) else {
+                        return;
+                    };
+                    let ch = index.get_mut(id).expect("interned");
+                    // Only once a position answer of this incarnation of the channel set it:
+                    // until then, publications may be left over from before the shard last
+                    // left it.
+                    if ch.position.is_some() {
+                        ch.position = Some(StreamPos { offset, epoch });
                     }
                 }
+                self.deliver(&channel, frame, |_, _| true);
             }
+            ToShard::JoinLeave { channel, frame } => self.deliver_join_leave(&channel, frame),
             ToShard::Collect { gather, query } => {
                 let part = self.collect(&query);
                 self.send_broker_must(ToBroker::Part { gather, part });
@@ -104,18 +101,49 @@ impl Shard {
         }
     }
 
+    /// Queues `frame`, shared, to every local subscriber of `channel` that `wants` it (by
+    /// connection and channel id); returns how many got it. The one fan-out of the shard:
+    /// publications, repairs and join/leave messages all go through here.
+    pub(super) fn deliver(
+        &self,
+        channel: &str,
+        frame: bytes::Bytes,
+        wants: impl Fn(crate::conn::ConnKey, crate::conn::session::ChanId) -> bool,
+    ) -> u64 {
+        let index = self.index.borrow();
+        let Some(id) = index.id_of(channel) else {
+            return 0;
+        };
+        let ch = index.get(id).expect("interned");
+        let conns = self.conns.borrow();
+        let ctx = self.ctx();
+        let mut n = 0;
+        for key in &ch.subscribers {
+            if !wants(*key, id) {
+                continue;
+            }
+            if let Some(c) = conns.get(*key) {
+                c.push(&ctx, frame.clone());
+                bump(&self.counters.deliveries);
+                n += 1;
+            }
+        }
+        n
+    }
+
     fn collect(&self, query: &Query) -> Part {
         let index = self.index.borrow();
         match query {
             Query::Presence(channel) => {
                 let conns = self.conns.borrow();
                 let list = index
-                    .lookup(channel)
-                    .map(|ch| {
+                    .id_of(channel)
+                    .and_then(|id| Some((id, index.get(id)?)))
+                    .map(|(id, ch)| {
                         ch.subscribers
                             .iter()
                             .filter_map(|k| conns.get(*k))
-                            .filter_map(|c| c.client_info())
+                            .filter_map(|c| Some(self.with_chan_info(c.client_info()?, c.key, id)))
                             .collect()
                     })
                     .unwrap_or_default();
@@ -146,11 +174,14 @@ impl Shard {
                         continue;
                     }
                     let name: Arc<str> = Arc::from(&*ch.name);
+                    let Some(id) = index.id_of(&ch.name) else {
+                        continue;
+                    };
                     for info in ch
                         .subscribers
                         .iter()
                         .filter_map(|k| conns.get(*k))
-                        .filter_map(|c| c.client_info())
+                        .filter_map(|c| Some(self.with_chan_info(c.client_info()?, c.key, id)))
                     {
                         all.push((name.clone(), info));
                     }
@@ -213,6 +244,7 @@ impl Shard {
         if !conn.drop_subscription(chan) {
             return;
         }
+        self.leaving_now(conn, chan, channel);
         self.unsubscribe_key(chan, conn.key);
         self.presence_left(conn, channel);
         let mut f = FrameBuf::with_capacity(64 + channel.len());

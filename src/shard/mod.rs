@@ -15,8 +15,8 @@
 //! key); [`users`]; [`index`] (channels); [`timer`]; [`host`] (the session's `Host`);
 //! [`broker_link`] (sending to the broker, the must-deliver backlog); [`requests`] (waiting for
 //! broker answers); [`inbox`] (broker messages); [`recovery`] (positions, recovery, insufficient
-//! state); [`drain`]; [`counters`]; [`reason`] (why a connection ended); [`ring`] (the io_uring,
-//! its receive buffers and sends in flight).
+//! state); [`join_leave`] (join and leave messages); [`drain`]; [`counters`]; [`reason`] (why a
+//! connection ended); [`ring`] (the io_uring, its receive buffers and sends in flight).
 
 pub mod broker_link;
 pub mod connection;
@@ -28,6 +28,7 @@ pub mod host;
 pub mod inbox;
 pub mod index;
 pub mod io;
+pub mod join_leave;
 pub mod proxy;
 pub mod reason;
 pub mod recovery;
@@ -49,6 +50,7 @@ pub use tasks::{run, ShardParts};
 use crate::bus::{BrokerCaps, BrokerTx, ShardCommand, ShardId, ToBroker, ToShard};
 use crate::config::Config;
 use crate::conn::session::{ChanId, SubExpiries};
+use crate::conn::sub_extras::SubExtras;
 use crate::conn::ConnKey;
 use crate::protocol::token::TokenVerifier;
 use crate::protocol::ErrorCode;
@@ -103,6 +105,8 @@ pub struct Shard {
     connects: RefCell<HashMap<ConnKey, PendingConnect>>,
     /// Deadlines of subscriptions made with expiring tokens (only connections that have one).
     sub_expiries: RefCell<SubExpiries>,
+    /// Subscriptions' `chan_info` and join/leave requests (only subscriptions that have one).
+    sub_extras: RefCell<SubExtras>,
     /// Buffers, decoder, dirty lists, timer wheel and clocks shared by the connections.
     io: SharedIo,
     /// The io_uring of the shard's WebSocket sockets.
@@ -160,6 +164,7 @@ impl Shard {
             users: RefCell::default(),
             connects: RefCell::default(),
             sub_expiries: RefCell::default(),
+            sub_extras: RefCell::default(),
             ring,
             flush_signal: io::FlushSignal::default(),
             flusher_running: Cell::new(false),
@@ -319,6 +324,7 @@ impl Shard {
 
     /// Withdraws a channel's interest after its last local subscriber left.
     fn unsubscribe_key(&self, chan: ChanId, key: ConnKey) {
+        self.sub_extras.borrow_mut().remove(key, chan);
         let last = self.index.borrow_mut().remove(chan, key);
         if let Some(channel) = last {
             // Interest withdrawal must not be lost, or the broker keeps sending to this shard.

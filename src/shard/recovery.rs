@@ -43,6 +43,7 @@ impl Shard {
         for w in confirmed {
             let result = reply::SubscribeResult::default();
             self.reply_subscribed(&w, channel, &result, &[]);
+            self.joined_now(w.key, channel);
         }
     }
 
@@ -127,6 +128,7 @@ impl Shard {
             });
         }
         for w in failed {
+            self.sub_extras.borrow_mut().remove(w.key, chan);
             let conn = self.conn(w.key);
             let Some(conn) = conn else {
                 continue;
@@ -231,6 +233,7 @@ impl Shard {
             self.connect_part(waiter.key, channel, result, a.pubs);
         } else {
             self.reply_subscribed(&waiter, channel, &result, &a.pubs);
+            self.joined_now(waiter.key, channel);
         }
     }
 
@@ -266,6 +269,10 @@ impl Shard {
             let mut f = FrameBuf::with_capacity(len);
             reply::connect_with_subs(f.payload(), done.id, &done.base, &done.subs);
             conn.push(&self.ctx(), f.finish(OP_TEXT));
+            // Its server-side subscriptions are announced once the connect reply is out.
+            for channel in done.subs.keys() {
+                self.joined_now(key, channel);
+            }
         }
     }
 
@@ -299,13 +306,19 @@ impl Shard {
             shard: self.id,
             channel: Arc::from(channel),
         });
+        let join_leave = self.has_join_leave(channel);
         for key in keys {
             let conn = self.conn(key);
             let Some(conn) = conn else {
+                self.sub_extras.borrow_mut().remove(key, chan);
                 continue;
             };
             conn.drop_subscription(chan);
             self.presence_left(&conn, channel);
+            if join_leave && !waiting.iter().any(|w| w.key == key) {
+                self.announce_left(&conn, chan, channel);
+            }
+            self.sub_extras.borrow_mut().remove(key, chan);
             let mut f = FrameBuf::with_capacity(96 + channel.len());
             match waiting.iter().find(|w| w.key == key) {
                 Some(w) if matches!(w.want, Want::Position { connect: true, .. }) => {

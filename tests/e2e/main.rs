@@ -9,6 +9,7 @@ mod drain;
 mod harness;
 mod history;
 mod http_api;
+mod join_leave;
 mod jwks_https;
 #[path = "../support/keys.rs"]
 #[allow(dead_code, reason = "shared with the library's token tests")]

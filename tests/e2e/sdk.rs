@@ -12,7 +12,10 @@ fn official_js_sdk_interop() {
         dir.join("node_modules/centrifuge").exists(),
         "the JS SDK is not installed: run `npm ci --prefix tests/interop` (the README's test command does)"
     );
-    let cfg = format!("{BASE_CONFIG}\n[ping]\ninterval_secs = 2\npong_timeout_secs = 1\n");
+    // `jl`: join/leave messages for the subscribers that ask (join_leave.test.mjs).
+    let jl =
+        "[namespaces.jl]\nallow_subscribe_for_client = true\njoin_leave = true\npresence = true\n";
+    let cfg = format!("{BASE_CONFIG}{jl}\n[ping]\ninterval_secs = 2\npong_timeout_secs = 1\n");
     let server = Server::start(&cfg, &[]);
     let out = Command::new("node")
         .arg("--test")

@@ -299,6 +299,7 @@ impl Mux {
             ToBroker::Gather { query, reply } => self.gather(query, GatherTarget::Shard(reply)),
             ToBroker::Part { gather, part } => self.part(gather, part),
             ToBroker::Command(cmd) => self.user_command(cmd),
+            ToBroker::JoinLeave { channel, push } => self.join_leave(&channel, &push),
             ToBroker::PresenceAdd { channel, info } => self.presence_add(&channel, &info),
             ToBroker::PresenceRemove { channel, client } => self.presence_remove(&channel, &client),
             ToBroker::Leave => self.leave(),
@@ -419,6 +420,23 @@ impl Mux {
                 super::resp::Command::new(out, 2).arg(verb).parts(&key.0);
             });
         }
+    }
+
+    /// A join or leave message goes onto the channel's pub/sub as its complete push, like a
+    /// publication without history (`pushes` tells them apart by the push's kind): no script,
+    /// no offset, no stream entry, so the tracker never sees it. Best effort: while Redis is
+    /// down it is lost, as in Centrifugo.
+    fn join_leave(&self, channel: &str, push: &[u8]) {
+        if !self.is_up() {
+            return;
+        }
+        let key = self.keys.channel(channel);
+        self.command(Waiter::Ignore, |out| {
+            super::resp::Command::new(out, 3)
+                .arg(b"PUBLISH")
+                .parts(&key.0)
+                .arg(push);
+        });
     }
 
     /// A user command goes to the user's personal channel, so every node applies it.

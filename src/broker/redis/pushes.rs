@@ -165,6 +165,14 @@ impl Mux {
             frame.payload().extend_from_slice(&payload);
             let frame = frame.finish(OP_TEXT);
             let channel: Arc<str> = Arc::from(channel);
+            if crate::protocol::reply::is_join_leave_push(&channel, &payload) {
+                // A join or leave: never through the tracker, never an offset.
+                crate::broker::send_to(&self.shards, mask, || ToShard::JoinLeave {
+                    channel: channel.clone(),
+                    frame: frame.clone(),
+                });
+                return;
+            }
             crate::broker::send_to(&self.shards, mask, || ToShard::Publication {
                 channel: channel.clone(),
                 frame: frame.clone(),
