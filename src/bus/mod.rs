@@ -12,6 +12,7 @@
 
 pub mod doorbell;
 pub mod node_state;
+pub mod process;
 
 pub use doorbell::Doorbell;
 pub use node_state::{
@@ -142,8 +143,57 @@ pub enum ShardCommand {
         code: u16,
         reason: Arc<str>,
     },
-    /// Remove a user's connections from a channel, with an unsubscribe push.
-    Unsubscribe { user: Arc<str>, channel: Arc<str> },
+    /// Remove a user's connections (or one client of theirs) from a channel, with an
+    /// unsubscribe push.
+    Unsubscribe {
+        user: Arc<str>,
+        channel: Arc<str>,
+        client: Option<Arc<str>>,
+    },
+    /// Subscribe a user's connections (or one client of theirs) to a channel, announced by a
+    /// subscribe push (server API `subscribe`).
+    Subscribe {
+        user: Arc<str>,
+        sub: Box<ServerSubscribe>,
+    },
+    /// Extend or end a user's connections (or one client's) (server API `refresh`).
+    Refresh {
+        user: Arc<str>,
+        client: Option<Arc<str>>,
+        /// End them now as expired (disconnect 3005).
+        expired: bool,
+        /// New expiry, Unix seconds; 0 = never (ignored with `expired`).
+        expire_at: u64,
+    },
+}
+
+impl ShardCommand {
+    /// The user whose connections the command is for.
+    pub fn user(&self) -> &Arc<str> {
+        match self {
+            ShardCommand::Disconnect { user, .. }
+            | ShardCommand::Unsubscribe { user, .. }
+            | ShardCommand::Subscribe { user, .. }
+            | ShardCommand::Refresh { user, .. } => user,
+        }
+    }
+}
+
+/// A server-side subscription the server API asks for (boxed: rare and larger than the
+/// other commands). Serialisable: in Redis mode it travels on the user's personal channel.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ServerSubscribe {
+    pub channel: String,
+    /// Only this client of the user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// For the client, in the subscribe push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<RawValue>>,
+    /// Recover the publications after this position (offset, epoch); a connection for which
+    /// that cannot be complete is not subscribed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<(u64, String)>,
 }
 
 /// Why the broker could not do something.
@@ -224,6 +274,8 @@ pub enum ToBroker {
         info: Option<Box<ClientInfo>>,
         /// Suppress a repeat of this key within the idempotency window.
         idempotency_key: Option<Box<str>>,
+        /// Server API extras (tags, binary data, skip_history); `None` for client publishes.
+        extras: Option<Box<crate::protocol::publication::Extras>>,
         reply: ReplyTo,
     },
     /// A subscriber of a history channel needs its position (and, with `since`, what it

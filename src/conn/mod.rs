@@ -6,6 +6,7 @@
 pub mod bucket;
 pub mod outbox;
 pub mod proxied;
+pub mod server_side;
 pub mod session;
 
 /// A connection's identity within its shard: slab slot plus a generation, so a stale key held

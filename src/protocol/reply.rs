@@ -230,6 +230,49 @@ pub fn unsubscribe_push(out: &mut Vec<u8>, channel: &str, code: u32, reason: &st
     out.extend_from_slice(b"}}}");
 }
 
+/// Appends a subscribe push for a subscription the server made (`/api/subscribe`):
+/// `{"push":{"channel":C,"subscribe":{..}}}` with the protocol's `Subscribe` fields
+/// (`recoverable`, `epoch`, `offset`, `positioned`, `data`) taken from `result`.
+pub fn subscribe_push(out: &mut Vec<u8>, channel: &str, result: &SubscribeResult) {
+    #[derive(Serialize)]
+    struct Subscribe<'a> {
+        #[serde(skip_serializing_if = "is_false")]
+        recoverable: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        #[serde(skip_serializing_if = "is_false")]
+        positioned: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a RawValue>,
+    }
+    let body = Subscribe {
+        recoverable: result.recoverable,
+        epoch: result.epoch.as_deref(),
+        offset: result.offset,
+        // A recoverable subscription is positioned (the SDK tracks its offset).
+        positioned: result.positioned || result.recoverable,
+        data: result.data.as_deref(),
+    };
+    out.extend_from_slice(b"{\"push\":{\"channel\":");
+    serde_json::to_writer(&mut *out, channel).expect("vec write");
+    out.extend_from_slice(b",\"subscribe\":");
+    serde_json::to_writer(&mut *out, &body).expect("vec write");
+    out.extend_from_slice(b"}}");
+}
+
+/// Appends a refresh push (`/api/refresh`): `{"push":{"refresh":{"expires":true,"ttl":N}}}`,
+/// or `{"push":{"refresh":{}}}` when the connection no longer expires (`ttl_secs` 0).
+pub fn refresh_push(out: &mut Vec<u8>, ttl_secs: u32) {
+    out.extend_from_slice(b"{\"push\":{\"refresh\":{");
+    if ttl_secs > 0 {
+        out.extend_from_slice(b"\"expires\":true,\"ttl\":");
+        out.extend_from_slice(itoa(ttl_secs).as_bytes());
+    }
+    out.extend_from_slice(b"}}}");
+}
+
 fn itoa(n: u32) -> String {
     // Small and not on the fan-out path (publications carry no id).
     n.to_string()

@@ -257,8 +257,16 @@ impl Mux {
                 data,
                 info,
                 idempotency_key,
+                extras,
                 reply,
-            } => self.publish(&channel, &data, info.as_deref(), idempotency_key, reply),
+            } => self.publish(
+                &channel,
+                &data,
+                info.as_deref(),
+                extras.as_deref(),
+                idempotency_key,
+                reply,
+            ),
             ToBroker::Position {
                 shard,
                 token,
@@ -353,6 +361,7 @@ impl Mux {
         channel: &str,
         data: &serde_json::value::RawValue,
         info: Option<&ClientInfo>,
+        extras: Option<&publication::Extras>,
         idempotency_key: Option<Box<str>>,
         reply: ReplyTo,
     ) {
@@ -364,9 +373,12 @@ impl Mux {
         let ns = self.cfg.namespace_of(channel);
         let mut scratch = self.scratch.borrow_mut();
         scratch.clear();
-        if ns.is_some_and(|ns| ns.has_history()) || idempotency_key.is_some() {
+        // `skip_history`: published as in a channel without history (no offset).
+        let history =
+            ns.is_some_and(|ns| ns.has_history()) && !extras.is_some_and(|e| e.skip_history);
+        if history || idempotency_key.is_some() {
             // The publish script takes the next offset and completes the publication.
-            publication::open(&mut scratch, data, info);
+            publication::open(&mut scratch, data, info, extras);
             let split = scratch.len();
             publication::push_prefix(&mut scratch, channel);
             let (open, push_prefix) = scratch.split_at(split);
@@ -379,7 +391,10 @@ impl Mux {
                 channel,
                 open,
                 push_prefix,
-                history_size: ns.map_or(0, |ns| ns.history_size),
+                history_size: match history {
+                    true => ns.map_or(0, |ns| ns.history_size),
+                    false => 0,
+                },
                 history_ttl_secs: ns.map_or(0, |ns| ns.history_ttl_secs),
                 meta_ttl_secs: ns.map_or(0, |ns| ns.history_meta_ttl_secs),
                 new_epoch: history::new_epoch_in(&mut epoch),
@@ -392,7 +407,7 @@ impl Mux {
             return;
         }
         // The payload is the complete push, so receiving nodes only add a frame header.
-        publication::push_new(&mut scratch, channel, data, info);
+        publication::push_new(&mut scratch, channel, data, info, extras);
         let key = self.keys.channel(channel);
         self.command(Waiter::Publish(reply), |out| {
             super::resp::Command::new(out, 3)
@@ -425,11 +440,7 @@ impl Mux {
     fn user_command(&self, cmd: ShardCommand) {
         if !self.is_up() {
             // Redis down: at least this node's connections get it.
-            let user = match &cmd {
-                ShardCommand::Disconnect { user, .. } | ShardCommand::Unsubscribe { user, .. } => {
-                    user.clone()
-                }
-            };
+            let user = cmd.user().clone();
             tracing::warn!(%user, "Redis down: user command applied on this node only");
             for link in &self.shards {
                 link.send(ToShard::Command(cmd.clone()));
@@ -609,6 +620,7 @@ mod tests {
             data: RawValue::from_string("{\"n\":1}".into()).unwrap(),
             info: None,
             idempotency_key: None,
+            extras: None,
             reply: ReplyTo { shard: 1, token },
         });
     }
