@@ -379,10 +379,33 @@ fn authorized(key: &str, head: &Head) -> bool {
 // not implement (Centrifugo's `session`, `override`, `b64info`, `delta`, ...) or a misspelt one
 // is never dropped silently, so a backend learns at once that it did not do what it asked.
 
-/// `data` or `b64data` (exactly one), `tags` and `skip_history`: what `publish` and
-/// `broadcast` share.
-#[derive(Deserialize, Default)]
+/// `data` or `b64data` (exactly one), `tags`, `skip_history` and `idempotency_key`: what
+/// `publish` and `broadcast` share (serde's `flatten` does not work with
+/// `deny_unknown_fields`, so each body lists them).
 struct Payload {
+    data: Option<Box<RawValue>>,
+    b64data: Option<String>,
+    tags: Option<BTreeMap<String, String>>,
+    skip_history: bool,
+    idempotency_key: Option<String>,
+}
+
+macro_rules! payload_of {
+    ($b:expr) => {
+        Payload {
+            data: $b.data,
+            b64data: $b.b64data,
+            tags: $b.tags,
+            skip_history: $b.skip_history,
+            idempotency_key: $b.idempotency_key,
+        }
+    };
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
     #[serde(default)]
     data: Option<Box<RawValue>>,
     /// Standard base64 of the payload bytes.
@@ -400,18 +423,21 @@ struct Payload {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PublishBody {
-    channel: String,
-    #[serde(flatten)]
-    payload: Payload,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct BroadcastBody {
     channels: Vec<String>,
-    #[serde(flatten)]
-    payload: Payload,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    /// Standard base64 of the payload bytes.
+    #[serde(default)]
+    b64data: Option<String>,
+    #[serde(default)]
+    tags: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    skip_history: bool,
+    /// A repeat with the same key (per channel) within `limits.idempotency_window_secs` is not
+    /// published again; it gets the first publish's result.
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -568,14 +594,14 @@ async fn batch_command(
 async fn call_one(shard: &impl ApiContext, method: &str, body: &[u8]) -> (u16, Value) {
     let result = match method {
         "publish" => match parse::<PublishBody>(body) {
-            Ok(b) => Ok(match prepare(b.payload) {
+            Ok(b) => Ok(match prepare(payload_of!(b)) {
                 Ok(p) => publish(shard, &b.channel, p).await,
                 Err(e) => e,
             }),
             Err(e) => Err(e),
         },
         "broadcast" => match parse::<BroadcastBody>(body) {
-            Ok(b) => Ok(match prepare(b.payload) {
+            Ok(b) => Ok(match prepare(payload_of!(b)) {
                 Ok(p) => {
                     let mut responses = Vec::with_capacity(b.channels.len());
                     for ch in &b.channels {
