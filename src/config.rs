@@ -345,6 +345,11 @@ pub struct RedisOptions {
     /// `redis_replies_full`. The node's own stream reads (one per history channel at most) are
     /// not refused.
     pub max_pending_replies: usize,
+    /// `/api/channels` calls this node may have waiting for the other nodes' answers at once
+    /// (a survey over Redis pub/sub; each waits at most `limits.broker_reply_timeout_ms`).
+    /// Over it: the call is answered at once with a temporary error (100), counted as
+    /// `surveys_refused`.
+    pub max_pending_surveys: usize,
 }
 
 impl Default for RedisOptions {
@@ -366,6 +371,8 @@ impl Default for RedisOptions {
             max_write_queue_bytes: 16 * 1024 * 1024,
             // As deep as the shards → broker queue: a full inbox of publishes fits in flight.
             max_pending_replies: 65_536,
+            // Channel listings are an operator's tool, not a hot path.
+            max_pending_surveys: 64,
         }
     }
 }
@@ -1038,6 +1045,12 @@ impl Config {
         if r.max_held_publications == 0 {
             return Err(invalid(
                 "redis_options.max_held_publications",
+                "must be at least 1",
+            ));
+        }
+        if r.max_pending_surveys == 0 {
+            return Err(invalid(
+                "redis_options.max_pending_surveys",
                 "must be at least 1",
             ));
         }

@@ -86,6 +86,7 @@ impl<K: std::hash::Hash + Eq> Interest<K> {
         self.masks.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.masks.is_empty()
     }

@@ -396,6 +396,9 @@ pub struct BusStats {
     /// Redis commands refused (requester answered with a temporary error) because
     /// `redis_options.max_pending_replies` commands were waiting for their reply.
     pub redis_replies_full: AtomicU64,
+    /// `/api/channels` calls refused (temporary error) because
+    /// `redis_options.max_pending_surveys` were waiting for other nodes' answers.
+    pub surveys_refused: AtomicU64,
     /// Gauge: bytes of publications the standalone broker holds as history (bound
     /// `limits.max_history_bytes`), refreshed every second.
     pub history_bytes: AtomicU64,
@@ -440,6 +443,7 @@ impl BusStats {
             ("history_evictions", get(&self.history_evictions)),
             ("redis_write_queue_full", get(&self.redis_write_queue_full)),
             ("redis_replies_full", get(&self.redis_replies_full)),
+            ("surveys_refused", get(&self.surveys_refused)),
         ]
     }
 }

@@ -318,19 +318,20 @@ impl Mux {
         }
     }
 
-    /// Subscribes every channel and user of the node again, in one command.
+    /// Subscribes every channel and user of the node again, and the survey channels
+    /// ([`super::survey`]), in one command.
     fn resubscribe(&self) {
         self.confirming.borrow_mut().clear();
         let interest = self.interest.borrow();
         let users = self.users.borrow();
-        if interest.is_empty() && users.is_empty() {
-            return;
-        }
-        let n = interest.len() + users.len();
+        let n = interest.len() + users.len() + 2;
+        let answers = self.keys.survey_answers(&self.node.uid);
         let mut sub = self.sub.borrow_mut();
         sub.push_unbounded(|out| {
             let mut cmd = Command::new(out, 1 + n);
             cmd.arg(b"SUBSCRIBE");
+            cmd.arg(self.keys.survey());
+            cmd.arg(&answers);
             for c in interest.keys() {
                 cmd.parts(&self.keys.channel(c).0);
             }

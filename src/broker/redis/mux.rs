@@ -40,6 +40,13 @@ pub(super) enum GatherTarget {
     Lease,
     /// After a reconnect: write every local presence entry again (Redis may have lost them).
     Reannounce,
+    /// This node's part of its own `/api/channels` survey `id` ([`super::survey`]).
+    Survey(u64),
+    /// This node's answer to survey `id` of node `to`.
+    SurveyAnswer {
+        id: u64,
+        to: Arc<str>,
+    },
 }
 
 /// The multiplexer.
@@ -67,6 +74,8 @@ pub(super) struct Mux {
     /// History channels' positions and repairs.
     pub(super) tracker: RefCell<Tracker>,
     pub(super) gathers: RefCell<Gathers<GatherTarget>>,
+    /// `/api/channels` calls waiting for the other nodes.
+    pub(super) surveys: RefCell<super::survey::Surveys>,
     /// Draining: no more lease refreshes.
     pub(super) leaving: Cell<bool>,
     /// Reused to build a publication before it is copied into a command.
@@ -92,6 +101,7 @@ impl Mux {
             users: RefCell::default(),
             confirming: RefCell::default(),
             gathers: RefCell::default(),
+            surveys: RefCell::default(),
             leaving: Cell::new(false),
             scratch: RefCell::default(),
         }
@@ -462,6 +472,9 @@ impl Mux {
             (Query::Presence(channel), GatherTarget::Shard(reply)) => {
                 self.presence(channel, *reply)
             }
+            (Query::Channels(pattern), GatherTarget::Shard(reply)) => {
+                self.survey_channels(pattern.clone(), *reply)
+            }
             (Query::Nodes, GatherTarget::Shard(reply)) => {
                 if !self.is_up() {
                     self.reply(*reply, BrokerReply::Gathered(Part::Nodes(Vec::new())));
@@ -484,6 +497,9 @@ impl Mux {
         match target {
             GatherTarget::Shard(reply) => self.reply(reply, BrokerReply::Gathered(merged)),
             GatherTarget::Lease => self.write_lease(merged),
+            target @ (GatherTarget::Survey(_) | GatherTarget::SurveyAnswer { .. }) => {
+                self.survey_part(target, merged)
+            }
             GatherTarget::Reannounce => {
                 if let Part::PresenceAll(entries) = merged {
                     for (channel, info) in entries {

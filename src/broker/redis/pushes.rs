@@ -218,6 +218,9 @@ impl Mux {
             });
             return;
         }
+        if self.survey_message(name, &payload) {
+            return;
+        }
         // A user's personal channel: a control message for their connections.
         let Some(user) = self.keys.user_of(name) else {
             return;
