@@ -26,7 +26,7 @@ use crate::bus::{
 };
 use crate::bus::{NodeInfo, ReplyTo, ServerSubscribe};
 use crate::config::Config;
-use crate::protocol::command::HistoryRequest;
+use crate::protocol::command::{HistoryRequest, StreamPosition};
 use crate::protocol::publication::Extras;
 use crate::protocol::reply::{presence_result, presence_stats};
 use crate::protocol::{Disconnect, ErrorCode};
@@ -507,6 +507,33 @@ struct PositionBody {
     epoch: String,
 }
 
+/// `/api/history`: the client's `history` request, with unknown fields refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryBody {
+    channel: String,
+    #[serde(default)]
+    limit: i64,
+    #[serde(default)]
+    since: Option<PositionBody>,
+    #[serde(default)]
+    reverse: bool,
+}
+
+impl HistoryBody {
+    fn request(&self) -> HistoryRequest<'_> {
+        HistoryRequest {
+            channel: self.channel.as_str().into(),
+            limit: self.limit,
+            since: self.since.as_ref().map(|p| StreamPosition {
+                offset: p.offset,
+                epoch: p.epoch.as_str().into(),
+            }),
+            reverse: self.reverse,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RefreshBody {
@@ -688,8 +715,8 @@ async fn call_one(shard: &impl ApiContext, method: &str, body: &[u8]) -> (u16, V
             )),
             Err(e) => Err(e),
         },
-        "history" => match parse::<HistoryRequest>(body) {
-            Ok(b) => Ok(history(shard, b).await),
+        "history" => match parse::<HistoryBody>(body) {
+            Ok(b) => Ok(history(shard, b.request()).await),
             Err(e) => Err(e),
         },
         "history_remove" => match parse::<ChannelBody>(body) {

@@ -1,9 +1,9 @@
 //! Cluster-wide `/api/channels` in Redis mode: a survey over pub/sub, as Centrifugo answers it.
 //!
-//! The asking node gathers its own shards and publishes the question on `PREFIX:survey`; every
-//! other node gathers its shards and publishes its channel counts on `PREFIX:survey:ASKER`;
-//! the asker sums them by channel and answers once its own part and every node of the registry
-//! (as of its last lease refresh) answered. A node that died but whose lease has not lapsed yet
+//! The asking node reads the registry's live nodes, gathers its own shards and publishes the
+//! question on `PREFIX:survey`; every other node gathers its shards and publishes its channel
+//! counts on `PREFIX:survey:ASKER`; the asker sums them by channel and answers once its own
+//! part and every other live node of the registry answered. A node that died but whose lease has not lapsed yet
 //! never answers: the call then fails with the shard's request timeout
 //! (`limits.broker_reply_timeout_ms`) until the lease lapses. Every node subscribes both
 //! channels whenever its subscriber connection comes up. Surveys waiting are bounded
@@ -43,8 +43,9 @@ struct Answer {
 struct Survey {
     reply: ReplyTo,
     started: Instant,
-    /// Nodes of the registry that have not answered yet.
-    waiting_for: HashSet<String>,
+    /// Nodes of the registry that have not answered yet (`None` until the registry is read).
+    waiting_for: Option<HashSet<String>>,
+    pattern: Option<Arc<str>>,
     local_done: bool,
     counts: HashMap<Arc<str>, u32>,
 }
@@ -68,15 +69,6 @@ impl Mux {
             self.reply(reply, BrokerReply::Failed(BrokerError::Unavailable));
             return;
         }
-        let others: HashSet<String> = self
-            .node
-            .cluster
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(|n| n["uid"].as_str().map(str::to_string))
-            .filter(|uid| *uid != self.node.uid)
-            .collect();
         let id = {
             let mut s = self.surveys.borrow_mut();
             s.next += 1;
@@ -86,12 +78,39 @@ impl Mux {
                 Survey {
                     reply,
                     started: Instant::now(),
-                    waiting_for: others.clone(),
+                    waiting_for: None,
+                    pattern: pattern.clone(),
                     local_done: false,
                     counts: HashMap::new(),
                 },
             );
             id
+        };
+        self.eval_nodes(Waiter::SurveyNodes(id));
+        self.gather(Query::Channels(pattern), GatherTarget::Survey(id));
+    }
+
+    /// The registry's live nodes for survey `id` (`None`: Redis could not say): the question
+    /// goes to the others.
+    pub(super) fn survey_nodes(&self, id: u64, nodes: Option<Vec<serde_json::Value>>) {
+        let Some(nodes) = nodes else {
+            if let Some(s) = self.surveys.borrow_mut().pending.remove(&id) {
+                self.reply(s.reply, BrokerReply::Failed(BrokerError::Unavailable));
+            }
+            return;
+        };
+        let others: HashSet<String> = nodes
+            .iter()
+            .filter_map(|n| n["uid"].as_str().map(str::to_string))
+            .filter(|uid| *uid != self.node.uid)
+            .collect();
+        let pattern = {
+            let mut s = self.surveys.borrow_mut();
+            let Some(survey) = s.pending.get_mut(&id) else {
+                return;
+            };
+            survey.waiting_for = Some(others.clone());
+            survey.pattern.clone()
         };
         if !others.is_empty() {
             let question = Question {
@@ -106,8 +125,9 @@ impl Mux {
                     .arg(self.keys.survey())
                     .arg(&body);
             });
+            self.flush();
         }
-        self.gather(Query::Channels(pattern), GatherTarget::Survey(id));
+        self.survey_maybe_done(id);
     }
 
     /// This node's shards answered survey `id` (ours, or another node's question).
@@ -157,7 +177,9 @@ impl Mux {
         if name == &self.keys.survey_answers(&self.node.uid)[..] {
             if let Ok(a) = serde_json::from_slice::<Answer>(payload) {
                 if let Some(s) = self.surveys.borrow_mut().pending.get_mut(&a.id) {
-                    s.waiting_for.remove(&a.uid);
+                    if let Some(w) = s.waiting_for.as_mut() {
+                        w.remove(&a.uid);
+                    }
                     add(
                         &mut s.counts,
                         a.channels.into_iter().map(|(c, n)| (Arc::from(c), n)),
@@ -174,7 +196,9 @@ impl Mux {
         let done = {
             let mut s = self.surveys.borrow_mut();
             match s.pending.get(&id) {
-                Some(v) if v.local_done && v.waiting_for.is_empty() => s.pending.remove(&id),
+                Some(v) if v.local_done && v.waiting_for.as_ref().is_some_and(|w| w.is_empty()) => {
+                    s.pending.remove(&id)
+                }
                 _ => None,
             }
         };
