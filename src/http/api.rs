@@ -787,10 +787,8 @@ fn prepare(p: Payload) -> Result<Prepared, Value> {
             }
         }
     };
-    let tags = match p.tags.filter(|t| !t.is_empty()) {
-        Some(tags) => Some(serde_json::value::to_raw_value(&tags).expect("a string map")),
-        None => None,
-    };
+    let tags = (p.tags.filter(|t| !t.is_empty()))
+        .map(|tags| serde_json::value::to_raw_value(&tags).expect("a string map"));
     let extras = (binary || tags.is_some() || p.skip_history).then(|| {
         Box::new(Extras {
             binary,

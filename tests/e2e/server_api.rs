@@ -126,8 +126,13 @@ fn official_cent_client_calls_every_new_server_api_method_and_option() {
     );
     let ttl = got2[4]["refresh"]["ttl"].as_u64().unwrap();
     assert!((590..=600).contains(&ttl), "ttl {ttl}");
-    let closed = dave.closed(Duration::from_secs(5)).expect("dave was closed");
-    assert_eq!((closed.code, closed.reason.as_str()), (3005, "connection expired"));
+    let closed = dave
+        .closed(Duration::from_secs(5))
+        .expect("dave was closed");
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (3005, "connection expired")
+    );
 }
 
 #[test]
@@ -166,18 +171,32 @@ fn batch_replies_in_order_with_per_command_errors_and_bounds() {
         ]}),
     );
     assert_eq!(status, 200, "{body}");
-    let codes: Vec<&Value> = (0..3).map(|i| &body["replies"][i]["error"]["code"]).collect();
+    let codes: Vec<&Value> = (0..3)
+        .map(|i| &body["replies"][i]["error"]["code"])
+        .collect();
     assert_eq!(codes, [&json!(107), &json!(107), &json!(104)], "{body}");
     // Over limits.max_api_batch_commands: refused whole, nothing run.
     let four = json!({"commands": [
         {"publish": {"channel": "feed:b", "data": 9}}, {"info": {}}, {"info": {}}, {"info": {}}
     ]});
     let (status, body) = api(server.addr, "batch", &four);
-    assert_eq!((status, &body["error"]["code"]), (400, &json!(107)), "{body}");
-    let (_, h) = api(server.addr, "history", &json!({"channel": "feed:b", "limit": 0}));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!(107)),
+        "{body}"
+    );
+    let (_, h) = api(
+        server.addr,
+        "history",
+        &json!({"channel": "feed:b", "limit": 0}),
+    );
     assert_eq!(h["result"]["offset"], 2, "{h}");
     // The batch's own fields are checked too.
-    let (status, _) = api(server.addr, "batch", &json!({"commands": [], "paralel": true}));
+    let (status, _) = api(
+        server.addr,
+        "batch",
+        &json!({"commands": [], "paralel": true}),
+    );
     assert_eq!(status, 400);
 }
 
@@ -185,12 +204,24 @@ fn batch_replies_in_order_with_per_command_errors_and_bounds() {
 fn unknown_fields_are_refused_and_payload_options_are_checked() {
     let server = Server::start(&format!("{BASE_CONFIG}{HISTORY_NAMESPACES}"), &[]);
     for (method, body) in [
-        ("publish", json!({"channel": "feed:u", "data": 1, "delta": true})),
-        ("broadcast", json!({"channels": ["feed:u"], "data": 1, "version": 3})),
-        ("subscribe", json!({"user": "u", "channel": "chat:u", "session": "s"})),
+        (
+            "publish",
+            json!({"channel": "feed:u", "data": 1, "delta": true}),
+        ),
+        (
+            "broadcast",
+            json!({"channels": ["feed:u"], "data": 1, "version": 3}),
+        ),
+        (
+            "subscribe",
+            json!({"user": "u", "channel": "chat:u", "session": "s"}),
+        ),
         ("refresh", json!({"user": "u", "info": {}})),
         ("disconnect", json!({"user": "u", "whitelist": ["c"]})),
-        ("unsubscribe", json!({"user": "u", "channel": "chat:u", "session": "s"})),
+        (
+            "unsubscribe",
+            json!({"user": "u", "channel": "chat:u", "session": "s"}),
+        ),
         ("presence", json!({"channel": "chat:u", "x": 1})),
         ("channels", json!({"pattern": "*", "x": 1})),
         ("info", json!({"x": 1})),
@@ -200,11 +231,18 @@ fn unknown_fields_are_refused_and_payload_options_are_checked() {
         assert_eq!(status, 400, "{method}: {reply}");
         assert_eq!(reply["error"]["code"], 107, "{method}: {reply}");
         assert!(
-            reply["error"]["message"].as_str().unwrap().contains("unknown field"),
+            reply["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field"),
             "{method}: {reply}"
         );
     }
-    let (_, h) = api(server.addr, "history", &json!({"channel": "feed:u", "limit": 0}));
+    let (_, h) = api(
+        server.addr,
+        "history",
+        &json!({"channel": "feed:u", "limit": 0}),
+    );
     assert_eq!(h["result"]["offset"], 0, "nothing published: {h}");
     for body in [
         json!({"channel": "feed:u"}),
@@ -223,7 +261,11 @@ fn server_subscribe_positions_and_recovers_or_refuses_an_incomplete_recovery() {
     let (mut c, _) = Client::connected(&server, "erin");
     let mut epoch = String::new();
     for n in 1..=3 {
-        let (_, r) = api(server.addr, "publish", &json!({"channel": "tiny:r", "data": n}));
+        let (_, r) = api(
+            server.addr,
+            "publish",
+            &json!({"channel": "tiny:r", "data": n}),
+        );
         epoch = r["result"]["epoch"].as_str().unwrap().to_string();
     }
     // Recover after offset 1: the push, then offsets 2 and 3, then live ones.
@@ -241,14 +283,26 @@ fn server_subscribe_positions_and_recovers_or_refuses_an_incomplete_recovery() {
         let p = c.push(Duration::from_secs(5)).unwrap();
         assert_eq!(p["push"]["pub"]["offset"], n, "{p}");
     }
-    api(server.addr, "publish", &json!({"channel": "tiny:r", "data": 4}));
+    api(
+        server.addr,
+        "publish",
+        &json!({"channel": "tiny:r", "data": 4}),
+    );
     let p = c.push(Duration::from_secs(5)).unwrap();
     assert_eq!(p["push"]["pub"]["offset"], 4, "{p}");
     // Subscribing again changes nothing (already subscribed).
-    api(server.addr, "subscribe", &json!({"user": "erin", "channel": "tiny:r"}));
+    api(
+        server.addr,
+        "subscribe",
+        &json!({"user": "erin", "channel": "tiny:r"}),
+    );
     // Too far back for `tiny` (5 kept): not subscribed at all, no push.
     for n in 5..=12 {
-        api(server.addr, "publish", &json!({"channel": "tiny:q", "data": n}));
+        api(
+            server.addr,
+            "publish",
+            &json!({"channel": "tiny:q", "data": n}),
+        );
     }
     let (_, r) = api(
         server.addr,
@@ -270,16 +324,27 @@ fn refresh_extends_clears_or_expires_connections() {
     let server = Server::start(BASE_CONFIG, &[]);
     let (mut c, _) = Client::connected(&server, "fay");
     let later = now_secs() + 120;
-    let (_, r) = api(server.addr, "refresh", &json!({"user": "fay", "expire_at": later}));
+    let (_, r) = api(
+        server.addr,
+        "refresh",
+        &json!({"user": "fay", "expire_at": later}),
+    );
     assert_eq!(r, json!({"result": {}}));
     let p = c.push(Duration::from_secs(5)).unwrap();
     let ttl = p["push"]["refresh"]["ttl"].as_u64().unwrap();
-    assert!((110..=120).contains(&ttl) && p["push"]["refresh"]["expires"] == true, "{p}");
+    assert!(
+        (110..=120).contains(&ttl) && p["push"]["refresh"]["expires"] == true,
+        "{p}"
+    );
     api(server.addr, "refresh", &json!({"user": "fay"}));
     let p = c.push(Duration::from_secs(5)).unwrap();
     assert_eq!(p["push"], json!({"refresh": {}}), "{p}");
     // A time already past ends it as expired.
-    api(server.addr, "refresh", &json!({"user": "fay", "expire_at": 1}));
+    api(
+        server.addr,
+        "refresh",
+        &json!({"user": "fay", "expire_at": 1}),
+    );
     let closed = c.closed(Duration::from_secs(5)).expect("closed");
     assert_eq!(closed.code, 3005);
 }
@@ -315,18 +380,34 @@ fn two_redis_nodes_subscribe_refresh_and_list_channels_cluster_wide() {
     let r = other.command("subscribe", json!({"channel": "chat:only-b"}));
     assert!(r["subscribe"].is_object(), "{r}");
     // Subscribe through node A: both of gus's connections, on both nodes, get the push.
-    let (_, r) = api(a.addr, "subscribe", &json!({"user": "gus", "channel": "feed:x", "data": "hi"}));
+    let (_, r) = api(
+        a.addr,
+        "subscribe",
+        &json!({"user": "gus", "channel": "feed:x", "data": "hi"}),
+    );
     assert_eq!(r, json!({"result": {}}));
     for c in [&mut on_a, &mut on_b] {
         let p = c.push(Duration::from_secs(5)).expect("subscribe push")["push"].clone();
-        assert_eq!((&p["channel"], &p["subscribe"]["data"]), (&json!("feed:x"), &json!("hi")), "{p}");
+        assert_eq!(
+            (&p["channel"], &p["subscribe"]["data"]),
+            (&json!("feed:x"), &json!("hi")),
+            "{p}"
+        );
         assert_eq!(p["subscribe"]["recoverable"], true, "{p}");
     }
     // They receive what is published anywhere.
-    api(b.addr, "publish", &json!({"channel": "feed:x", "data": 1, "tags": {"t": "x"}}));
+    api(
+        b.addr,
+        "publish",
+        &json!({"channel": "feed:x", "data": 1, "tags": {"t": "x"}}),
+    );
     for c in [&mut on_a, &mut on_b] {
         let p = c.push(Duration::from_secs(5)).expect("publication")["push"].clone();
-        assert_eq!((&p["pub"]["data"], &p["pub"]["tags"]), (&json!(1), &json!({"t": "x"})), "{p}");
+        assert_eq!(
+            (&p["pub"]["data"], &p["pub"]["tags"]),
+            (&json!(1), &json!({"t": "x"})),
+            "{p}"
+        );
     }
     // Channels through either node: every channel of the cluster, counts summed.
     for node in [&a, &b] {
@@ -338,7 +419,11 @@ fn two_redis_nodes_subscribe_refresh_and_list_channels_cluster_wide() {
             "{ch}"
         );
         let (_, ch) = api(node.addr, "channels", &json!({"pattern": "chat:*"}));
-        assert_eq!(ch["result"]["channels"], json!({"chat:only-b": {"num_clients": 1}}), "{ch}");
+        assert_eq!(
+            ch["result"]["channels"],
+            json!({"chat:only-b": {"num_clients": 1}}),
+            "{ch}"
+        );
     }
     // Refresh through node A reaches the client on node B only (by client id).
     let later = now_secs() + 300;
@@ -358,13 +443,17 @@ fn two_redis_nodes_subscribe_refresh_and_list_channels_cluster_wide() {
         assert_eq!(closed.code, 3005);
     }
     // Batch through node A sees the cluster too (once gus's closed connections are gone).
-    eventually(Duration::from_secs(5), "batch sees chat:only-b alone", || {
-        let (_, body) = api(
-            a.addr,
-            "batch",
-            &json!({"commands": [{"channels": {}}, {"presence_stats": {"channel": "chat:only-b"}}]}),
-        );
-        body["replies"][0]["channels"]["channels"] == json!({"chat:only-b": {"num_clients": 1}})
-            && body["replies"][1]["presence_stats"]["num_clients"] == 1
-    });
+    eventually(
+        Duration::from_secs(5),
+        "batch sees chat:only-b alone",
+        || {
+            let (_, body) = api(
+                a.addr,
+                "batch",
+                &json!({"commands": [{"channels": {}}, {"presence_stats": {"channel": "chat:only-b"}}]}),
+            );
+            body["replies"][0]["channels"]["channels"] == json!({"chat:only-b": {"num_clients": 1}})
+                && body["replies"][1]["presence_stats"]["num_clients"] == 1
+        },
+    );
 }
