@@ -88,6 +88,9 @@ pub enum Query {
     Presence(Arc<str>),
     /// Channels with their local subscriber counts (optional glob pattern).
     Channels(Option<Arc<str>>),
+    /// `/api/channels`: the channels of the whole cluster (Redis mode: every node is asked,
+    /// see `broker::redis::survey`; standalone: the same as `Channels`).
+    ClusterChannels(Option<Arc<str>>),
     /// Connection, subscription and user counts.
     Stats,
     /// Every presence entry of the shard, for re-announcing after Redis lost them.
@@ -120,7 +123,7 @@ impl Part {
     pub fn empty_for(query: &Query) -> Part {
         match query {
             Query::Presence(_) => Part::Presence(Vec::new()),
-            Query::Channels(_) => Part::Channels(Vec::new()),
+            Query::Channels(_) | Query::ClusterChannels(_) => Part::Channels(Vec::new()),
             Query::Stats => Part::Stats {
                 connections: 0,
                 subscriptions: 0,

@@ -646,7 +646,7 @@ async fn call_one(shard: &impl ApiContext, method: &str, body: &[u8]) -> (u16, V
         },
         "channels" => match parse::<ChannelsBody>(body) {
             Ok(b) => Ok(
-                match gather(shard, Query::Channels(b.pattern.map(Arc::from))).await {
+                match gather(shard, Query::ClusterChannels(b.pattern.map(Arc::from))).await {
                     Ok(Part::Channels(list)) => {
                         let map: serde_json::Map<String, Value> = list
                             .into_iter()

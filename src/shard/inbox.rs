@@ -122,7 +122,7 @@ impl Shard {
                     .unwrap_or_default();
                 Part::Presence(list)
             }
-            Query::Channels(pattern) => Part::Channels(
+            Query::Channels(pattern) | Query::ClusterChannels(pattern) => Part::Channels(
                 index
                     .channels()
                     .filter(|ch| {

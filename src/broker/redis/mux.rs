@@ -472,7 +472,7 @@ impl Mux {
             (Query::Presence(channel), GatherTarget::Shard(reply)) => {
                 self.presence(channel, *reply)
             }
-            (Query::Channels(pattern), GatherTarget::Shard(reply)) => {
+            (Query::ClusterChannels(pattern), GatherTarget::Shard(reply)) => {
                 self.survey_channels(pattern.clone(), *reply)
             }
             (Query::Nodes, GatherTarget::Shard(reply)) => {
