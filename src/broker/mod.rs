@@ -86,7 +86,6 @@ impl<K: std::hash::Hash + Eq> Interest<K> {
         self.masks.len()
     }
 
-    #[allow(dead_code)] // the brokers' tests use it; kept beside `len`
     pub fn is_empty(&self) -> bool {
         self.masks.is_empty()
     }

@@ -327,6 +327,7 @@ impl Mux {
 
     fn subscribe(&self, shard: usize, channel: Arc<str>) {
         let first = self.interest.borrow_mut().add(channel.clone(), shard);
+        let first_of_node = first && self.interest.borrow().len() == 1;
         if !self.sub_up() {
             // A subscription acknowledged now would silently miss what other nodes publish:
             // refuse it (temporary error; the SDK retries). The shard rolls back and withdraws
@@ -339,6 +340,10 @@ impl Mux {
                     .arg(b"SUBSCRIBE")
                     .parts(&key.0);
             });
+            if first_of_node {
+                // The node's first channel: it has something to tell `/api/channels` surveys.
+                self.survey_questions(true);
+            }
             if self.tracker.borrow().is_history(&channel) {
                 self.tracker.borrow_mut().created(&channel);
             }
@@ -352,6 +357,7 @@ impl Mux {
         if !self.interest.borrow_mut().remove(&channel, shard) {
             return;
         }
+
         self.confirming.borrow_mut().remove(&channel);
         let mut out = Vec::new();
         self.tracker.borrow_mut().removed(&channel, &mut out);
@@ -363,6 +369,9 @@ impl Mux {
                     .arg(b"UNSUBSCRIBE")
                     .parts(&key.0);
             });
+            if self.interest.borrow().is_empty() {
+                self.survey_questions(false);
+            }
         }
     }
 

@@ -168,6 +168,9 @@ impl Mux {
 
     /// Redis confirmed a SUBSCRIBE.
     fn subscribed(&self, name: &[u8]) {
+        if self.survey_subscribed(name) {
+            return;
+        }
         let Some(channel) = self.keys.channel_of(name) else {
             return;
         };

@@ -41,8 +41,8 @@ pub(super) enum Waiter {
     Publish(ReplyTo),
     Presence(ReplyTo),
     Nodes(ReplyTo),
-    /// The registry's live nodes, for `/api/channels` survey N ([`super::survey`]).
-    SurveyNodes(u64),
+    /// PUBLISH of `/api/channels` survey N's question ([`super::survey`]).
+    SurveyAsked(u64),
 }
 
 /// The waiters of the commands in flight, in command order, each with its encoded command when
@@ -210,10 +210,10 @@ impl Mux {
                 tracing::warn!(reply = ?other, "nodes script failed");
                 self.reply(to, BrokerReply::Gathered(Part::Nodes(Vec::new())));
             }
-            (Waiter::SurveyNodes(id), BytesFrame::Array(items)) => {
-                self.survey_nodes(id, Some(json_items(&items)))
+            (Waiter::SurveyAsked(id), BytesFrame::Integer(n)) => {
+                self.survey_asked(id, Some(n.max(0) as u64))
             }
-            (Waiter::SurveyNodes(id), _) => self.survey_nodes(id, None),
+            (Waiter::SurveyAsked(id), _) => self.survey_asked(id, None),
         }
     }
 
@@ -240,7 +240,7 @@ impl Mux {
                 self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)))
             }
             Waiter::Nodes(to) => self.reply(to, BrokerReply::Gathered(Part::Nodes(Vec::new()))),
-            Waiter::SurveyNodes(id) => self.survey_nodes(id, None),
+            Waiter::SurveyAsked(id) => self.survey_asked(id, None),
         }
     }
 }

@@ -1,14 +1,16 @@
 //! Cluster-wide `/api/channels` in Redis mode: a survey over pub/sub, as Centrifugo answers it.
 //!
-//! The asking node reads the registry's live nodes, gathers its own shards and publishes the
-//! question on `PREFIX:survey`; every other node gathers its shards and publishes its channel
-//! counts on `PREFIX:survey:ASKER`; the asker sums them by channel and answers once its own
-//! part and every other live node of the registry answered. A node that died but whose lease has not lapsed yet
-//! never answers: the call then fails with the shard's request timeout
-//! (`limits.broker_reply_timeout_ms`) until the lease lapses. Every node subscribes both
-//! channels whenever its subscriber connection comes up. Surveys waiting are bounded
-//! (`redis_options.max_pending_surveys`) and swept by the lease loop once older than the
-//! request timeout.
+//! Every node with at least one channel listens on `PREFIX:survey` (a node without channels has
+//! nothing to add and holds no subscription for it). The asking node listens on
+//! `PREFIX:survey:UID` while it has a survey open, gathers its own shards and, once that
+//! subscription is confirmed, publishes the question on `PREFIX:survey`; PUBLISH's reply says
+//! how many nodes heard it. Each of them gathers its shards and publishes its channel counts to
+//! the asker (the asker hears its own question too when it listens, and counts it). The asker
+//! sums the counts by channel and answers once its own part and every node that heard the
+//! question answered. A node that dies meanwhile never answers: the call then fails with the
+//! shard's request timeout (`limits.broker_reply_timeout_ms`). Surveys open at once are bounded
+//! (`redis_options.max_pending_surveys`); the lease loop forgets those older than the request
+//! timeout, and the asker stops listening when none is open.
 //!
 //! Runs on the multiplexer's thread; no borrow is held across a call that may answer a shard.
 
@@ -17,7 +19,7 @@ use super::replies::Waiter;
 use super::resp::Command;
 use crate::bus::{BrokerError, BrokerReply, Part, Query, ReplyTo};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,11 +45,25 @@ struct Answer {
 struct Survey {
     reply: ReplyTo,
     started: Instant,
-    /// Nodes of the registry that have not answered yet (`None` until the registry is read).
-    waiting_for: Option<HashSet<String>>,
     pattern: Option<Arc<str>>,
+    /// The question is published (or being published).
+    asked: bool,
+    /// Nodes that heard the question (PUBLISH's reply), once known.
+    expected: Option<u64>,
+    /// Answers received, plus our own question heard back.
+    heard: u64,
     local_done: bool,
     counts: HashMap<Arc<str>, u32>,
+}
+
+/// Whether this node listens on its answers channel.
+#[derive(Default, PartialEq, Eq)]
+enum Listening {
+    #[default]
+    Off,
+    /// SUBSCRIBE sent, confirmation awaited.
+    Requested,
+    On,
 }
 
 /// The surveys this node is waiting on.
@@ -55,10 +71,14 @@ struct Survey {
 pub(super) struct Surveys {
     pending: HashMap<u64, Survey>,
     next: u64,
+    listening: Listening,
+    /// SUBSCRIBEs of the answers channel not confirmed yet (an old one may still come back
+    /// after an UNSUBSCRIBE: only the last one counts).
+    subscribes_in_flight: u32,
 }
 
 impl Mux {
-    /// `/api/channels` in Redis mode: this node's shards and every other node of the registry.
+    /// `/api/channels` in Redis mode: this node's shards and every node that hears the question.
     pub(super) fn survey_channels(&self, pattern: Option<Arc<str>>, reply: ReplyTo) {
         if !self.is_up() || !self.sub_up() {
             self.reply(reply, BrokerReply::Failed(BrokerError::Unavailable));
@@ -69,7 +89,7 @@ impl Mux {
             self.reply(reply, BrokerReply::Failed(BrokerError::Unavailable));
             return;
         }
-        let id = {
+        let (id, was_off, on) = {
             let mut s = self.surveys.borrow_mut();
             s.next += 1;
             let id = s.next;
@@ -78,56 +98,120 @@ impl Mux {
                 Survey {
                     reply,
                     started: Instant::now(),
-                    waiting_for: None,
                     pattern: pattern.clone(),
+                    asked: false,
+                    expected: None,
+                    heard: 0,
                     local_done: false,
                     counts: HashMap::new(),
                 },
             );
-            id
+            let was_off = s.listening == Listening::Off;
+            if was_off {
+                s.listening = Listening::Requested;
+                s.subscribes_in_flight += 1;
+            }
+            (id, was_off, s.listening == Listening::On)
         };
-        self.eval_nodes(Waiter::SurveyNodes(id));
+        if was_off {
+            self.survey_listen(true);
+        } else if on {
+            self.survey_ask(id);
+        }
         self.gather(Query::Channels(pattern), GatherTarget::Survey(id));
     }
 
-    /// The registry's live nodes for survey `id` (`None`: Redis could not say): the question
-    /// goes to the others.
-    pub(super) fn survey_nodes(&self, id: u64, nodes: Option<Vec<serde_json::Value>>) {
-        let Some(nodes) = nodes else {
-            if let Some(s) = self.surveys.borrow_mut().pending.remove(&id) {
-                self.reply(s.reply, BrokerReply::Failed(BrokerError::Unavailable));
-            }
+    /// Starts or stops listening on this node's answers channel.
+    fn survey_listen(&self, on: bool) {
+        if !self.sub_up() {
             return;
+        }
+        let key = self.keys.survey_answers(&self.node.uid);
+        let verb: &[u8] = if on { b"SUBSCRIBE" } else { b"UNSUBSCRIBE" };
+        self.sub_command(|out| {
+            Command::new(out, 2).arg(verb).arg(&key);
+        });
+    }
+
+    /// Starts or stops listening for other nodes' questions (while the node has channels).
+    /// Queued past `max_write_queue_bytes` if need be: one short command that comes with a
+    /// channel's own SUBSCRIBE or UNSUBSCRIBE (whose bound resets a congested connection).
+    pub(super) fn survey_questions(&self, on: bool) {
+        if !self.sub_up() {
+            return;
+        }
+        let verb: &[u8] = if on { b"SUBSCRIBE" } else { b"UNSUBSCRIBE" };
+        self.sub.borrow_mut().push_unbounded(|out| {
+            Command::new(out, 2).arg(verb).arg(self.keys.survey());
+        });
+    }
+
+    /// A SUBSCRIBE of `name` was confirmed: true when it was this node's answers channel.
+    pub(super) fn survey_subscribed(&self, name: &[u8]) -> bool {
+        if name != &self.keys.survey_answers(&self.node.uid)[..] {
+            return false;
+        }
+        let ask: Vec<u64> = {
+            let mut s = self.surveys.borrow_mut();
+            s.subscribes_in_flight = s.subscribes_in_flight.saturating_sub(1);
+            if s.listening != Listening::Requested || s.subscribes_in_flight > 0 {
+                return true;
+            }
+            s.listening = Listening::On;
+            s.pending
+                .iter()
+                .filter(|(_, v)| !v.asked)
+                .map(|(id, _)| *id)
+                .collect()
         };
-        let others: HashSet<String> = nodes
-            .iter()
-            .filter_map(|n| n["uid"].as_str().map(str::to_string))
-            .filter(|uid| *uid != self.node.uid)
-            .collect();
+        for id in ask {
+            self.survey_ask(id);
+        }
+        self.flush();
+        true
+    }
+
+    /// Publishes survey `id`'s question; PUBLISH's reply says how many nodes heard it.
+    fn survey_ask(&self, id: u64) {
         let pattern = {
             let mut s = self.surveys.borrow_mut();
-            let Some(survey) = s.pending.get_mut(&id) else {
+            let Some(v) = s.pending.get_mut(&id) else {
                 return;
             };
-            survey.waiting_for = Some(others.clone());
-            survey.pattern.clone()
+            v.asked = true;
+            v.pattern.clone()
         };
-        if !others.is_empty() {
-            let question = Question {
-                id,
-                from: self.node.uid.clone(),
-                pattern: pattern.as_deref().map(str::to_string),
-            };
-            let body = serde_json::to_vec(&question).expect("question");
-            self.command(Waiter::Ignore, |out| {
-                Command::new(out, 3)
-                    .arg(b"PUBLISH")
-                    .arg(self.keys.survey())
-                    .arg(&body);
-            });
-            self.flush();
+        let question = Question {
+            id,
+            from: self.node.uid.clone(),
+            pattern: pattern.as_deref().map(str::to_string),
+        };
+        let body = serde_json::to_vec(&question).expect("question");
+        self.command(Waiter::SurveyAsked(id), |out| {
+            Command::new(out, 3)
+                .arg(b"PUBLISH")
+                .arg(self.keys.survey())
+                .arg(&body);
+        });
+    }
+
+    /// PUBLISH's reply to survey `id`'s question: how many nodes heard it (`None`: it failed).
+    pub(super) fn survey_asked(&self, id: u64, heard_by: Option<u64>) {
+        match heard_by {
+            Some(n) => {
+                if let Some(v) = self.surveys.borrow_mut().pending.get_mut(&id) {
+                    v.expected = Some(n);
+                }
+                self.survey_maybe_done(id);
+            }
+            None => {
+                let failed = self.surveys.borrow_mut().pending.remove(&id);
+                if let Some(v) = failed {
+                    self.reply(v.reply, BrokerReply::Failed(BrokerError::Unavailable));
+                }
+                self.survey_quiet();
+            }
         }
-        self.survey_maybe_done(id);
     }
 
     /// This node's shards answered survey `id` (ours, or another node's question).
@@ -164,7 +248,13 @@ impl Mux {
     pub(super) fn survey_message(&self, name: &[u8], payload: &[u8]) -> bool {
         if name == self.keys.survey() {
             if let Ok(q) = serde_json::from_slice::<Question>(payload) {
-                if q.from != self.node.uid {
+                if q.from == self.node.uid {
+                    // Our own question, counted in PUBLISH's reply.
+                    if let Some(v) = self.surveys.borrow_mut().pending.get_mut(&q.id) {
+                        v.heard += 1;
+                    }
+                    self.survey_maybe_done(q.id);
+                } else {
                     let target = GatherTarget::SurveyAnswer {
                         id: q.id,
                         to: Arc::from(q.from),
@@ -177,9 +267,7 @@ impl Mux {
         if name == &self.keys.survey_answers(&self.node.uid)[..] {
             if let Ok(a) = serde_json::from_slice::<Answer>(payload) {
                 if let Some(s) = self.surveys.borrow_mut().pending.get_mut(&a.id) {
-                    if let Some(w) = s.waiting_for.as_mut() {
-                        w.remove(&a.uid);
-                    }
+                    s.heard += 1;
                     add(
                         &mut s.counts,
                         a.channels.into_iter().map(|(c, n)| (Arc::from(c), n)),
@@ -196,7 +284,7 @@ impl Mux {
         let done = {
             let mut s = self.surveys.borrow_mut();
             match s.pending.get(&id) {
-                Some(v) if v.local_done && v.waiting_for.as_ref().is_some_and(|w| w.is_empty()) => {
+                Some(v) if v.local_done && v.expected.is_some_and(|e| v.heard >= e) => {
                     s.pending.remove(&id)
                 }
                 _ => None,
@@ -205,6 +293,23 @@ impl Mux {
         if let Some(v) = done {
             let list = v.counts.into_iter().collect();
             self.reply(v.reply, BrokerReply::Gathered(Part::Channels(list)));
+            self.survey_quiet();
+        }
+    }
+
+    /// No survey open: stop listening for answers.
+    fn survey_quiet(&self) {
+        let stop = {
+            let mut s = self.surveys.borrow_mut();
+            let stop = s.pending.is_empty() && s.listening != Listening::Off;
+            if stop {
+                s.listening = Listening::Off;
+            }
+            stop
+        };
+        if stop {
+            self.survey_listen(false);
+            self.flush();
         }
     }
 
@@ -212,6 +317,20 @@ impl Mux {
     pub(super) fn sweep_surveys(&self, now: Instant) {
         let max = Duration::from_millis(self.cfg.limits.broker_reply_timeout_ms as u64);
         (self.surveys.borrow_mut().pending).retain(|_, s| now.duration_since(s.started) <= max);
+        self.survey_quiet();
+    }
+
+    /// The subscriber connection is gone: open surveys fail (temporary error).
+    pub(super) fn surveys_down(&self) {
+        let failed: Vec<Survey> = {
+            let mut s = self.surveys.borrow_mut();
+            s.listening = Listening::Off;
+            s.subscribes_in_flight = 0;
+            s.pending.drain().map(|(_, v)| v).collect()
+        };
+        for v in failed {
+            self.reply(v.reply, BrokerReply::Failed(BrokerError::Unavailable));
+        }
     }
 }
 
