@@ -1156,4 +1156,46 @@ mod tests {
         assert_eq!(offsets, ["1", "2", "3", "4", "5"], "{text}");
         assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 5);
     }
+
+    fn payload(json: &str) -> Result<Prepared, Value> {
+        #[derive(Deserialize)]
+        struct P {
+            data: Option<Box<RawValue>>,
+            b64data: Option<String>,
+            tags: Option<BTreeMap<String, String>>,
+            #[serde(default)]
+            skip_history: bool,
+            idempotency_key: Option<String>,
+        }
+        let b: P = serde_json::from_str(json).unwrap();
+        prepare(payload_of!(b))
+    }
+
+    #[test]
+    fn payloads_json_bytes_become_data_binary_stays_base64() {
+        let p = payload(r#"{"b64data":"eyJuIjoxfQ=="}"#).ok().unwrap();
+        assert_eq!((p.data.get(), p.extras.is_none()), (r#"{"n":1}"#, true));
+        let p = payload(r#"{"b64data":"AAH/","tags":{"a":"1"},"skip_history":true}"#)
+            .ok()
+            .unwrap();
+        assert_eq!(p.data.get(), r#""AAH/""#);
+        let e = p.extras.unwrap();
+        assert!(e.binary && e.skip_history);
+        assert_eq!(e.tags.unwrap().get(), r#"{"a":"1"}"#);
+        let p = payload(r#"{"data":1,"tags":{},"idempotency_key":""}"#)
+            .ok()
+            .unwrap();
+        assert!(
+            p.extras.is_none() && p.idempotency_key.is_none(),
+            "empty is none"
+        );
+        for bad in [
+            r#"{}"#,
+            r#"{"data":1,"b64data":"AA=="}"#,
+            r#"{"b64data":"A"}"#,
+        ] {
+            let e = payload(bad).err().unwrap();
+            assert_eq!(e["error"]["code"], 107, "{bad}");
+        }
+    }
 }

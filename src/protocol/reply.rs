@@ -394,4 +394,32 @@ mod tests {
             r#"{"id":1,"connect":{"client":"abc","version":"0.1.0","ping":25,"pong":true}}"#
         );
     }
+
+    #[test]
+    fn server_side_pushes_have_the_protocol_shapes() {
+        let mut v = Vec::new();
+        let result = SubscribeResult {
+            recoverable: true,
+            epoch: Some("e".into()),
+            offset: Some(4),
+            expires: true,
+            ttl: 9,
+            data: Some(RawValue::from_string("{\"a\":1}".into()).unwrap()),
+            ..Default::default()
+        };
+        subscribe_push(&mut v, "c:1", &result);
+        assert_eq!(
+            String::from_utf8(v).unwrap(),
+            r#"{"push":{"channel":"c:1","subscribe":{"recoverable":true,"epoch":"e","offset":4,"positioned":true,"data":{"a":1}}}}"#
+        );
+        let mut v = Vec::new();
+        subscribe_push(&mut v, "c", &SubscribeResult::default());
+        assert_eq!(v, br#"{"push":{"channel":"c","subscribe":{}}}"#);
+        let mut v = Vec::new();
+        refresh_push(&mut v, 60);
+        assert_eq!(v, br#"{"push":{"refresh":{"expires":true,"ttl":60}}}"#);
+        let mut v = Vec::new();
+        refresh_push(&mut v, 0);
+        assert_eq!(v, br#"{"push":{"refresh":{}}}"#);
+    }
 }
