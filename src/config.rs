@@ -345,6 +345,11 @@ pub struct RedisOptions {
     /// `redis_replies_full`. The node's own stream reads (one per history channel at most) are
     /// not refused.
     pub max_pending_replies: usize,
+    /// `/api/channels` calls this node may have waiting for the other nodes' answers at once
+    /// (a survey over Redis pub/sub; each waits at most `limits.broker_reply_timeout_ms`).
+    /// Over it: the call is answered at once with a temporary error (100), counted as
+    /// `surveys_refused`.
+    pub max_pending_surveys: usize,
 }
 
 impl Default for RedisOptions {
@@ -366,6 +371,8 @@ impl Default for RedisOptions {
             max_write_queue_bytes: 16 * 1024 * 1024,
             // As deep as the shards → broker queue: a full inbox of publishes fits in flight.
             max_pending_replies: 65_536,
+            // Channel listings are an operator's tool, not a hot path.
+            max_pending_surveys: 64,
         }
     }
 }
@@ -430,6 +437,10 @@ pub struct Limits {
     /// Over it: HTTP 413 and close, from the declared `Content-Length` before any body byte is
     /// read, or as soon as the chunks pass it.
     pub max_api_body_bytes: usize,
+    /// Commands one `/api/batch` request may carry. Over it: HTTP 400, error 107, nothing run
+    /// (a parallel batch starts all its commands at once, so this bounds one request's
+    /// broker requests in flight).
+    pub max_api_batch_commands: usize,
     /// Bytes a connection may have queued for writing. Over it: disconnect 3008 "slow".
     pub max_outbox_bytes: usize,
     /// Channels one connection may be subscribed to. Over it: error 106 "limit exceeded".
@@ -490,6 +501,7 @@ impl Default for Limits {
             max_message_bytes: 64 * 1024,
             max_request_head_bytes: 8 * 1024,
             max_api_body_bytes: 1024 * 1024,
+            max_api_batch_commands: 1000,
             max_outbox_bytes: 1024 * 1024,
             max_channels_per_connection: 128,
             max_channel_name_bytes: 255,
@@ -1052,6 +1064,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if r.max_pending_surveys == 0 {
+            return Err(invalid(
+                "redis_options.max_pending_surveys",
+                "must be at least 1",
+            ));
+        }
         if r.max_pending_replies == 0 {
             return Err(invalid(
                 "redis_options.max_pending_replies",
@@ -1120,7 +1138,7 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        let positive: [(&str, usize); 15] = [
+        let positive: [(&str, usize); 16] = [
             (
                 "limits.command_rate_per_sec",
                 l.command_rate_per_sec as usize,
@@ -1133,6 +1151,7 @@ impl Config {
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_request_head_bytes", l.max_request_head_bytes),
             ("limits.max_api_body_bytes", l.max_api_body_bytes),
+            ("limits.max_api_batch_commands", l.max_api_batch_commands),
             ("limits.max_outbox_bytes", l.max_outbox_bytes),
             (
                 "limits.max_channels_per_connection",

@@ -218,8 +218,10 @@ impl State {
                 data,
                 info,
                 idempotency_key,
+                extras,
                 reply,
             } => {
+                let extras = extras.as_deref();
                 if let Some(key) = &idempotency_key {
                     if let Some(prev) = self.idempotency.get(&channel, key) {
                         self.stats
@@ -238,11 +240,16 @@ impl State {
                     .namespace_of(&channel)
                     .map_or(0, |ns| ns.history_size as usize);
                 let mut bytes_change = (0, 0);
-                let pos = match self.stream(&channel) {
+                // `skip_history`: published as in a channel without history (no offset).
+                let stream = match extras.is_some_and(|e| e.skip_history) {
+                    true => None,
+                    false => self.stream(&channel),
+                };
+                let pos = match stream {
                     Some(stream) => {
                         let offset = stream.next_offset();
                         let mut p = Vec::with_capacity(data.get().len() + 64);
-                        publication::object(&mut p, &data, info.as_deref(), Some(offset));
+                        publication::object(&mut p, &data, info.as_deref(), extras, Some(offset));
                         let object = bytes::Bytes::from(p);
                         let before = stream.bytes();
                         stream.push(object.clone(), size, now);
@@ -268,6 +275,7 @@ impl State {
                                 &channel,
                                 &data,
                                 info.as_deref(),
+                                extras,
                             );
                             let frame = frame.finish(OP_TEXT);
                             super::send_to(&self.shards, mask, || ToShard::Publication {
@@ -416,6 +424,7 @@ mod tests {
             data: RawValue::from_string("{\"n\":1}".into()).unwrap(),
             info: None,
             idempotency_key: None,
+            extras: None,
             reply: ReplyTo { shard: 0, token },
         });
     }

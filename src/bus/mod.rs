@@ -12,6 +12,7 @@
 
 pub mod doorbell;
 pub mod node_state;
+pub mod process;
 
 pub use doorbell::Doorbell;
 pub use node_state::{
@@ -93,6 +94,9 @@ pub enum Query {
     Presence(Arc<str>),
     /// Channels with their local subscriber counts (optional glob pattern).
     Channels(Option<Arc<str>>),
+    /// `/api/channels`: the channels of the whole cluster (Redis mode: every node is asked,
+    /// see `broker::redis::survey`; standalone: the same as `Channels`).
+    ClusterChannels(Option<Arc<str>>),
     /// Connection, subscription and user counts.
     Stats,
     /// Every presence entry of the shard, for re-announcing after Redis lost them.
@@ -125,7 +129,7 @@ impl Part {
     pub fn empty_for(query: &Query) -> Part {
         match query {
             Query::Presence(_) => Part::Presence(Vec::new()),
-            Query::Channels(_) => Part::Channels(Vec::new()),
+            Query::Channels(_) | Query::ClusterChannels(_) => Part::Channels(Vec::new()),
             Query::Stats => Part::Stats {
                 connections: 0,
                 subscriptions: 0,
@@ -148,8 +152,57 @@ pub enum ShardCommand {
         code: u16,
         reason: Arc<str>,
     },
-    /// Remove a user's connections from a channel, with an unsubscribe push.
-    Unsubscribe { user: Arc<str>, channel: Arc<str> },
+    /// Remove a user's connections (or one client of theirs) from a channel, with an
+    /// unsubscribe push.
+    Unsubscribe {
+        user: Arc<str>,
+        channel: Arc<str>,
+        client: Option<Arc<str>>,
+    },
+    /// Subscribe a user's connections (or one client of theirs) to a channel, announced by a
+    /// subscribe push (server API `subscribe`).
+    Subscribe {
+        user: Arc<str>,
+        sub: Box<ServerSubscribe>,
+    },
+    /// Extend or end a user's connections (or one client's) (server API `refresh`).
+    Refresh {
+        user: Arc<str>,
+        client: Option<Arc<str>>,
+        /// End them now as expired (disconnect 3005).
+        expired: bool,
+        /// New expiry, Unix seconds; 0 = never (ignored with `expired`).
+        expire_at: u64,
+    },
+}
+
+impl ShardCommand {
+    /// The user whose connections the command is for.
+    pub fn user(&self) -> &Arc<str> {
+        match self {
+            ShardCommand::Disconnect { user, .. }
+            | ShardCommand::Unsubscribe { user, .. }
+            | ShardCommand::Subscribe { user, .. }
+            | ShardCommand::Refresh { user, .. } => user,
+        }
+    }
+}
+
+/// A server-side subscription the server API asks for (boxed: rare and larger than the
+/// other commands). Serialisable: in Redis mode it travels on the user's personal channel.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ServerSubscribe {
+    pub channel: String,
+    /// Only this client of the user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// For the client, in the subscribe push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<RawValue>>,
+    /// Recover the publications after this position (offset, epoch); a connection for which
+    /// that cannot be complete is not subscribed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<(u64, String)>,
 }
 
 /// Why the broker could not do something.
@@ -230,6 +283,8 @@ pub enum ToBroker {
         info: Option<Box<ClientInfo>>,
         /// Suppress a repeat of this key within the idempotency window.
         idempotency_key: Option<Box<str>>,
+        /// Server API extras (tags, binary data, skip_history); `None` for client publishes.
+        extras: Option<Box<crate::protocol::publication::Extras>>,
         reply: ReplyTo,
     },
     /// A subscriber of a history channel needs its position (and, with `since`, what it
@@ -362,6 +417,9 @@ pub struct BusStats {
     /// Redis commands refused (requester answered with a temporary error) because
     /// `redis_options.max_pending_replies` commands were waiting for their reply.
     pub redis_replies_full: AtomicU64,
+    /// `/api/channels` calls refused (temporary error) because
+    /// `redis_options.max_pending_surveys` were waiting for other nodes' answers.
+    pub surveys_refused: AtomicU64,
     /// Gauge: bytes of publications the standalone broker holds as history (bound
     /// `limits.max_history_bytes`), refreshed every second.
     pub history_bytes: AtomicU64,
@@ -406,6 +464,7 @@ impl BusStats {
             ("history_evictions", get(&self.history_evictions)),
             ("redis_write_queue_full", get(&self.redis_write_queue_full)),
             ("redis_replies_full", get(&self.redis_replies_full)),
+            ("surveys_refused", get(&self.surveys_refused)),
         ]
     }
 }

@@ -44,6 +44,8 @@ pub struct NodeInfo {
     /// A receiving handle on the shards → broker queue, for its depth only (unlike a sender, it
     /// does not keep the queue open: the broker ends when the last shard's sender is gone).
     pub broker_queue: OnceLock<crossbeam_channel::Receiver<super::ToBroker>>,
+    /// CPU use between readings, for `info`'s `process` (see [`super::process`]).
+    pub cpu: super::process::CpuSampler,
 }
 
 impl NodeInfo {
@@ -66,6 +68,7 @@ impl NodeInfo {
             cluster: Default::default(),
             metrics_addr: Default::default(),
             broker_queue: Default::default(),
+            cpu: Default::default(),
         }
     }
 
@@ -206,6 +209,10 @@ impl NodeInfo {
         e.insert("num_subs".into(), json!(counts.subs));
         e.insert("num_channels".into(), json!(counts.channels));
         e.insert("uptime".into(), json!(self.started.elapsed().as_secs()));
+        // Centrifugo's `process` object: CPU percent and RSS bytes of this node's process.
+        if let Some(p) = self.cpu.stats() {
+            e.insert("process".into(), json!(p));
+        }
         e.insert("address".into(), json!(self.address));
         e.insert("shards".into(), json!(self.shard_snapshots.len()));
         let broker = if redis_mode { "redis" } else { "memory" };

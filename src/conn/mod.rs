@@ -6,6 +6,7 @@
 pub mod bucket;
 pub mod outbox;
 pub mod proxied;
+pub mod server_side;
 pub mod session;
 pub mod sub_extras;
 

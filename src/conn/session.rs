@@ -66,6 +66,9 @@ pub struct Recovery {
     /// A server-side subscription made by `connect` (id is the connect's): its result goes
     /// into the connect reply.
     pub connect: bool,
+    /// A subscription made by the server API (`/api/subscribe`, id 0): announced with a
+    /// subscribe push instead of a reply.
+    pub server_push: Option<Rc<super::server_side::ServerPush>>,
 }
 
 /// What the session needs from its shard. Implemented by the shard for one connection.
@@ -721,6 +724,7 @@ impl Session {
                         }),
                     reject_unrecovered: false,
                     connect: true,
+                    server_push: None,
                 },
                 _ => Recovery::default(),
             };
@@ -868,6 +872,7 @@ impl Session {
             since: since.filter(|_| ns.recover),
             reject_unrecovered,
             connect: false,
+            server_push: None,
         };
         let (chan, mut ack) = host
             .subscribe(id, channel, &recovery)

@@ -24,9 +24,10 @@ use crate::bus::NodeCounts;
 use crate::bus::{
     BrokerError, BrokerReply, HistoryQuery, Part, Query, ShardCommand, StreamPos, ToBroker,
 };
-use crate::bus::{NodeInfo, ReplyTo};
+use crate::bus::{NodeInfo, ReplyTo, ServerSubscribe};
 use crate::config::Config;
-use crate::protocol::command::HistoryRequest;
+use crate::protocol::command::{HistoryRequest, StreamPosition};
+use crate::protocol::publication::Extras;
 use crate::protocol::reply::{presence_result, presence_stats};
 use crate::protocol::{Disconnect, ErrorCode};
 use futures_lite::AsyncWriteExt;
@@ -34,6 +35,7 @@ use glommio::net::TcpStream;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -123,11 +125,11 @@ impl Request {
     }
 
     /// Whether answering it sends several broker messages one after another (`broadcast`: one
-    /// publish per channel; `info`: three gathers). A call started after it in the same batch
+    /// publish per channel; `info`: three gathers; `batch`: its commands). A call started after it in the same batch
     /// could otherwise slip a message in between, so a batch waits for such a call before it
     /// starts the next ones (see [`answer_all`]).
     fn sends_in_sequence(&self) -> bool {
-        matches!(self, Request::Call(c) if c.method == "broadcast" || c.method == "info")
+        matches!(self, Request::Call(c) if matches!(&*c.method, "broadcast" | "info" | "batch"))
     }
 }
 
@@ -372,34 +374,91 @@ fn authorized(key: &str, head: &Head) -> bool {
     })
 }
 
+// Request bodies. Every one refuses a field it does not know (`deny_unknown_fields`): HTTP 400,
+// error 107 naming the field. Centrifugo's decoder ignores unknown fields; here a field we do
+// not implement (Centrifugo's `session`, `override`, `b64info`, `delta`, ...) or a misspelt one
+// is never dropped silently, so a backend learns at once that it did not do what it asked.
+
+/// `data` or `b64data` (exactly one), `tags`, `skip_history` and `idempotency_key`: what
+/// `publish` and `broadcast` share (serde's `flatten` does not work with
+/// `deny_unknown_fields`, so each body lists them).
+struct Payload {
+    data: Option<Box<RawValue>>,
+    b64data: Option<String>,
+    tags: Option<BTreeMap<String, String>>,
+    skip_history: bool,
+    idempotency_key: Option<String>,
+}
+
+macro_rules! payload_of {
+    ($b:expr) => {
+        Payload {
+            data: $b.data,
+            b64data: $b.b64data,
+            tags: $b.tags,
+            skip_history: $b.skip_history,
+            idempotency_key: $b.idempotency_key,
+        }
+    };
+}
+
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PublishBody {
     channel: String,
-    data: Box<RawValue>,
-    /// A repeat with the same key within `limits.idempotency_window_secs` is not published
-    /// again; it gets the first publish's result.
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    /// Standard base64 of the payload bytes.
+    #[serde(default)]
+    b64data: Option<String>,
+    #[serde(default)]
+    tags: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    skip_history: bool,
+    /// A repeat with the same key (per channel) within `limits.idempotency_window_secs` is not
+    /// published again; it gets the first publish's result.
     #[serde(default)]
     idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BroadcastBody {
     channels: Vec<String>,
-    data: Box<RawValue>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    /// Standard base64 of the payload bytes.
+    #[serde(default)]
+    b64data: Option<String>,
+    #[serde(default)]
+    tags: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    skip_history: bool,
+    /// A repeat with the same key (per channel) within `limits.idempotency_window_secs` is not
+    /// published again; it gets the first publish's result.
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ChannelBody {
     channel: String,
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct ChannelsBody {
     #[serde(default)]
     pattern: Option<String>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct InfoBody {}
+
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DisconnectBody {
     user: String,
     #[serde(default)]
@@ -409,6 +468,7 @@ struct DisconnectBody {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DisconnectSpec {
     code: u16,
     #[serde(default)]
@@ -416,34 +476,168 @@ struct DisconnectSpec {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UnsubscribeBody {
     user: String,
     channel: String,
+    #[serde(default)]
+    client: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeBody {
+    user: String,
+    channel: String,
+    #[serde(default)]
+    client: Option<String>,
+    /// For the client, in the subscribe push.
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    recover_since: Option<PositionBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PositionBody {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    epoch: String,
+}
+
+/// `/api/history`: the client's `history` request, with unknown fields refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryBody {
+    channel: String,
+    #[serde(default)]
+    limit: i64,
+    #[serde(default)]
+    since: Option<PositionBody>,
+    #[serde(default)]
+    reverse: bool,
+}
+
+impl HistoryBody {
+    fn request(&self) -> HistoryRequest<'_> {
+        HistoryRequest {
+            channel: self.channel.as_str().into(),
+            limit: self.limit,
+            since: self.since.as_ref().map(|p| StreamPosition {
+                offset: p.offset,
+                epoch: p.epoch.as_str().into(),
+            }),
+            reverse: self.reverse,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshBody {
+    user: String,
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(default)]
+    expired: bool,
+    /// Unix seconds; 0 or absent = the connections no longer expire.
+    #[serde(default)]
+    expire_at: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    commands: Vec<BTreeMap<String, Box<RawValue>>>,
+    #[serde(default)]
+    parallel: bool,
+}
+
+fn bad_request(message: impl std::fmt::Display) -> Value {
+    json!({"error": {"code": 107, "message": format!("bad request: {message}")}})
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, (u16, Value)> {
-    serde_json::from_slice(if body.is_empty() { b"{}" } else { body }).map_err(|e| {
-        (
-            400,
-            json!({"error": {"code": 107, "message": format!("bad request: {e}")}}),
-        )
-    })
+    serde_json::from_slice(if body.is_empty() { b"{}" } else { body })
+        .map_err(|e| (400, bad_request(e)))
 }
 
+/// The answer to one API call: HTTP status and body (`{"result":..}` or `{"error":..}`).
 async fn dispatch(shard: &impl ApiContext, method: &str, body: &[u8]) -> (u16, Value) {
+    if method == "batch" {
+        return match parse::<BatchBody>(body) {
+            Ok(b) => batch(shard, b).await,
+            Err(e) => e,
+        };
+    }
+    call_one(shard, method, body).await
+}
+
+/// `batch`: every command's reply in order, as Centrifugo's `{"replies":[{"METHOD":RESULT} |
+/// {"error":ERROR}, ...]}`. Sequential by default (each command is done before the next
+/// starts); with `parallel` every command is started at once (a command's broker message is
+/// still sent in order) and the replies still come in command order. A command is an object
+/// with one key, the method; a batch inside a batch is refused (error 107).
+async fn batch(shard: &impl ApiContext, b: BatchBody) -> (u16, Value) {
+    if b.commands.len() > shard.config().limits.max_api_batch_commands {
+        return (
+            400,
+            bad_request("too many commands in a batch (limits.max_api_batch_commands)"),
+        );
+    }
+    let replies = if b.parallel {
+        let runs = b.commands.iter().map(|c| batch_command(shard, c));
+        join_in_order(runs.collect()).await
+    } else {
+        let mut replies = Vec::with_capacity(b.commands.len());
+        for command in &b.commands {
+            replies.push(batch_command(shard, command).await);
+        }
+        replies
+    };
+    (200, json!({ "replies": replies }))
+}
+
+/// One command of a batch: `{"METHOD":RESULT}` or `{"error":ERROR}`.
+async fn batch_command(
+    shard: &impl ApiContext,
+    command: &BTreeMap<String, Box<RawValue>>,
+) -> Value {
+    let Some((method, body)) = command.iter().next().filter(|_| command.len() == 1) else {
+        return bad_request("a command has exactly one method");
+    };
+    if method == "batch" {
+        return bad_request("batch inside batch");
+    }
+    let (_, mut reply) = call_one(shard, method, body.get().as_bytes()).await;
+    match reply.get_mut("result").map(Value::take) {
+        Some(result) => json!({ method.as_str(): result }),
+        None => reply,
+    }
+}
+
+async fn call_one(shard: &impl ApiContext, method: &str, body: &[u8]) -> (u16, Value) {
     let result = match method {
         "publish" => match parse::<PublishBody>(body) {
-            Ok(b) => Ok(publish(shard, &b.channel, b.data, b.idempotency_key).await),
+            Ok(b) => Ok(match prepare(payload_of!(b)) {
+                Ok(p) => publish(shard, &b.channel, p).await,
+                Err(e) => e,
+            }),
             Err(e) => Err(e),
         },
         "broadcast" => match parse::<BroadcastBody>(body) {
-            Ok(b) => {
-                let mut responses = Vec::with_capacity(b.channels.len());
-                for ch in &b.channels {
-                    responses.push(publish(shard, ch, b.data.clone(), None).await);
+            Ok(b) => Ok(match prepare(payload_of!(b)) {
+                Ok(p) => {
+                    let mut responses = Vec::with_capacity(b.channels.len());
+                    for ch in &b.channels {
+                        responses.push(publish(shard, ch, p.clone()).await);
+                    }
+                    json!({"result": {"responses": responses}})
                 }
-                Ok(json!({"result": {"responses": responses}}))
-            }
+                Err(e) => e,
+            }),
             Err(e) => Err(e),
         },
         "presence" | "presence_stats" => match parse::<ChannelBody>(body) {
@@ -452,7 +646,7 @@ async fn dispatch(shard: &impl ApiContext, method: &str, body: &[u8]) -> (u16, V
         },
         "channels" => match parse::<ChannelsBody>(body) {
             Ok(b) => Ok(
-                match gather(shard, Query::Channels(b.pattern.map(Arc::from))).await {
+                match gather(shard, Query::ClusterChannels(b.pattern.map(Arc::from))).await {
                     Ok(Part::Channels(list)) => {
                         let map: serde_json::Map<String, Value> = list
                             .into_iter()
@@ -465,7 +659,10 @@ async fn dispatch(shard: &impl ApiContext, method: &str, body: &[u8]) -> (u16, V
             ),
             Err(e) => Err(e),
         },
-        "info" => Ok(info(shard).await),
+        "info" => match parse::<InfoBody>(body) {
+            Ok(_) => Ok(info(shard).await),
+            Err(e) => Err(e),
+        },
         "disconnect" => match parse::<DisconnectBody>(body) {
             Ok(b) => {
                 let (code, reason) = match b.disconnect {
@@ -489,17 +686,37 @@ async fn dispatch(shard: &impl ApiContext, method: &str, body: &[u8]) -> (u16, V
             Err(e) => Err(e),
         },
         "unsubscribe" => match parse::<UnsubscribeBody>(body) {
+            Ok(b) => Ok(match check_channel(shard, &b.channel) {
+                Err(e) => e,
+                Ok(_) => command(
+                    shard,
+                    ShardCommand::Unsubscribe {
+                        user: b.user.into(),
+                        channel: b.channel.into(),
+                        client: b.client.map(Arc::from),
+                    },
+                ),
+            }),
+            Err(e) => Err(e),
+        },
+        "subscribe" => match parse::<SubscribeBody>(body) {
+            Ok(b) => Ok(subscribe(shard, b)),
+            Err(e) => Err(e),
+        },
+        "refresh" => match parse::<RefreshBody>(body) {
             Ok(b) => Ok(command(
                 shard,
-                ShardCommand::Unsubscribe {
+                ShardCommand::Refresh {
                     user: b.user.into(),
-                    channel: b.channel.into(),
+                    client: b.client.map(Arc::from),
+                    expired: b.expired,
+                    expire_at: b.expire_at,
                 },
             )),
             Err(e) => Err(e),
         },
-        "history" => match parse::<HistoryRequest>(body) {
-            Ok(b) => Ok(history(shard, b).await),
+        "history" => match parse::<HistoryBody>(body) {
+            Ok(b) => Ok(history(shard, b.request()).await),
             Err(e) => Err(e),
         },
         "history_remove" => match parse::<ChannelBody>(body) {
@@ -531,25 +748,73 @@ fn check_channel<'c>(
         .ok_or_else(|| api_error(ErrorCode::UnknownChannel))
 }
 
-async fn publish(
-    shard: &impl ApiContext,
-    channel: &str,
+/// A publication ready for the broker: its data (JSON text, or a JSON string of base64 for
+/// binary bytes), extras and idempotency key.
+#[derive(Clone)]
+struct Prepared {
     data: Box<RawValue>,
+    extras: Option<Box<Extras>>,
     idempotency_key: Option<String>,
-) -> Value {
+}
+
+/// Checks a payload: exactly one of `data` and `b64data` (107 otherwise); `b64data` must be
+/// standard base64; bytes that are JSON text are published as plain `data` (every client
+/// format can take them), other bytes as `b64data` (for protobuf clients; JSON clients get the
+/// base64 string). Empty `tags` are no tags. An idempotency key is at most 256 bytes.
+fn prepare(p: Payload) -> Result<Prepared, Value> {
+    use base64::Engine;
+    if p.idempotency_key.as_ref().is_some_and(|k| k.len() > 256) {
+        return Err(bad_request("idempotency_key longer than 256 bytes"));
+    }
+    let (data, binary) = match (p.data, p.b64data) {
+        (Some(_), Some(_)) => return Err(bad_request("data and b64data are exclusive")),
+        (None, None) => return Err(bad_request("data or b64data required")),
+        (Some(data), None) => (data, false),
+        (None, Some(b64)) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| bad_request(format!("b64data: {e}")))?;
+            match std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|text| RawValue::from_string(text.trim().to_string()).ok())
+            {
+                Some(json_text) => (json_text, false),
+                None => {
+                    let canonical = base64::engine::general_purpose::STANDARD.encode(&bytes);
+                    let string = serde_json::to_string(&canonical).expect("a string");
+                    (RawValue::from_string(string).expect("a JSON string"), true)
+                }
+            }
+        }
+    };
+    let tags = (p.tags.filter(|t| !t.is_empty()))
+        .map(|tags| serde_json::value::to_raw_value(&tags).expect("a string map"));
+    let extras = (binary || tags.is_some() || p.skip_history).then(|| {
+        Box::new(Extras {
+            binary,
+            tags,
+            skip_history: p.skip_history,
+        })
+    });
+    Ok(Prepared {
+        data,
+        extras,
+        idempotency_key: p.idempotency_key.filter(|k| !k.is_empty()),
+    })
+}
+
+async fn publish(shard: &impl ApiContext, channel: &str, p: Prepared) -> Value {
     if let Err(e) = check_channel(shard, channel) {
         return e;
-    }
-    if idempotency_key.as_ref().is_some_and(|k| k.len() > 256) {
-        return api_error(ErrorCode::BadRequest);
     }
     let channel: Arc<str> = channel.into();
     let reply = shard
         .request(|reply| ToBroker::Publish {
             channel,
-            data,
+            data: p.data,
             info: None,
-            idempotency_key: idempotency_key.filter(|k| !k.is_empty()).map(Box::from),
+            idempotency_key: p.idempotency_key.map(Box::from),
+            extras: p.extras,
             reply,
         })
         .await;
@@ -560,6 +825,32 @@ async fn publish(
         Ok(BrokerReply::Published(Ok(None))) => json!({"result": {}}),
         _ => api_error(ErrorCode::Internal),
     }
+}
+
+/// `subscribe`: the user's connections on every node (or one client of theirs) join the
+/// channel and get a subscribe push. `recover_since` needs a namespace with recovery (108
+/// otherwise).
+fn subscribe(shard: &impl ApiContext, b: SubscribeBody) -> Value {
+    let ns = match check_channel(shard, &b.channel) {
+        Ok(ns) => ns,
+        Err(e) => return e,
+    };
+    if b.recover_since.is_some() && !(ns.has_history() && ns.recover) {
+        return api_error(ErrorCode::NotAvailable);
+    }
+    let sub = ServerSubscribe {
+        channel: b.channel,
+        client: b.client,
+        data: b.data,
+        since: b.recover_since.map(|p| (p.offset, p.epoch)),
+    };
+    command(
+        shard,
+        ShardCommand::Subscribe {
+            user: b.user.into(),
+            sub: Box::new(sub),
+        },
+    )
 }
 
 async fn history(shard: &impl ApiContext, b: HistoryRequest<'_>) -> Value {
@@ -864,5 +1155,47 @@ mod tests {
             .collect();
         assert_eq!(offsets, ["1", "2", "3", "4", "5"], "{text}");
         assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 5);
+    }
+
+    fn payload(json: &str) -> Result<Prepared, Value> {
+        #[derive(Deserialize)]
+        struct P {
+            data: Option<Box<RawValue>>,
+            b64data: Option<String>,
+            tags: Option<BTreeMap<String, String>>,
+            #[serde(default)]
+            skip_history: bool,
+            idempotency_key: Option<String>,
+        }
+        let b: P = serde_json::from_str(json).unwrap();
+        prepare(payload_of!(b))
+    }
+
+    #[test]
+    fn payloads_json_bytes_become_data_binary_stays_base64() {
+        let p = payload(r#"{"b64data":"eyJuIjoxfQ=="}"#).ok().unwrap();
+        assert_eq!((p.data.get(), p.extras.is_none()), (r#"{"n":1}"#, true));
+        let p = payload(r#"{"b64data":"AAH/","tags":{"a":"1"},"skip_history":true}"#)
+            .ok()
+            .unwrap();
+        assert_eq!(p.data.get(), r#""AAH/""#);
+        let e = p.extras.unwrap();
+        assert!(e.binary && e.skip_history);
+        assert_eq!(e.tags.unwrap().get(), r#"{"a":"1"}"#);
+        let p = payload(r#"{"data":1,"tags":{},"idempotency_key":""}"#)
+            .ok()
+            .unwrap();
+        assert!(
+            p.extras.is_none() && p.idempotency_key.is_none(),
+            "empty is none"
+        );
+        for bad in [
+            r#"{}"#,
+            r#"{"data":1,"b64data":"AA=="}"#,
+            r#"{"b64data":"A"}"#,
+        ] {
+            let e = payload(bad).err().unwrap();
+            assert_eq!(e["error"]["code"], 107, "{bad}");
+        }
     }
 }

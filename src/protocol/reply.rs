@@ -256,6 +256,49 @@ pub fn is_join_leave_push(channel: &str, push: &[u8]) -> bool {
     rest.starts_with(b",\"join\":{") || rest.starts_with(b",\"leave\":{")
 }
 
+/// Appends a subscribe push for a subscription the server made (`/api/subscribe`):
+/// `{"push":{"channel":C,"subscribe":{..}}}` with the protocol's `Subscribe` fields
+/// (`recoverable`, `epoch`, `offset`, `positioned`, `data`) taken from `result`.
+pub fn subscribe_push(out: &mut Vec<u8>, channel: &str, result: &SubscribeResult) {
+    #[derive(Serialize)]
+    struct Subscribe<'a> {
+        #[serde(skip_serializing_if = "is_false")]
+        recoverable: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        #[serde(skip_serializing_if = "is_false")]
+        positioned: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a RawValue>,
+    }
+    let body = Subscribe {
+        recoverable: result.recoverable,
+        epoch: result.epoch.as_deref(),
+        offset: result.offset,
+        // A recoverable subscription is positioned (the SDK tracks its offset).
+        positioned: result.positioned || result.recoverable,
+        data: result.data.as_deref(),
+    };
+    out.extend_from_slice(b"{\"push\":{\"channel\":");
+    serde_json::to_writer(&mut *out, channel).expect("vec write");
+    out.extend_from_slice(b",\"subscribe\":");
+    serde_json::to_writer(&mut *out, &body).expect("vec write");
+    out.extend_from_slice(b"}}");
+}
+
+/// Appends a refresh push (`/api/refresh`): `{"push":{"refresh":{"expires":true,"ttl":N}}}`,
+/// or `{"push":{"refresh":{}}}` when the connection no longer expires (`ttl_secs` 0).
+pub fn refresh_push(out: &mut Vec<u8>, ttl_secs: u32) {
+    out.extend_from_slice(b"{\"push\":{\"refresh\":{");
+    if ttl_secs > 0 {
+        out.extend_from_slice(b"\"expires\":true,\"ttl\":");
+        out.extend_from_slice(itoa(ttl_secs).as_bytes());
+    }
+    out.extend_from_slice(b"}}}");
+}
+
 fn itoa(n: u32) -> String {
     // Small and not on the fan-out path (publications carry no id).
     n.to_string()
@@ -320,7 +363,7 @@ mod tests {
         assert!(is_join_leave_push("c", &l));
         let mut p = Vec::new();
         let data = serde_json::value::RawValue::from_string("{\"join\":1}".into()).unwrap();
-        crate::protocol::publication::push_new(&mut p, "c", &data, None);
+        crate::protocol::publication::push_new(&mut p, "c", &data, None, None);
         assert!(!is_join_leave_push("c", &p), "a publication is not one");
     }
 
@@ -414,5 +457,33 @@ mod tests {
             std::str::from_utf8(&v).unwrap(),
             r#"{"id":1,"connect":{"client":"abc","version":"0.1.0","ping":25,"pong":true}}"#
         );
+    }
+
+    #[test]
+    fn server_side_pushes_have_the_protocol_shapes() {
+        let mut v = Vec::new();
+        let result = SubscribeResult {
+            recoverable: true,
+            epoch: Some("e".into()),
+            offset: Some(4),
+            expires: true,
+            ttl: 9,
+            data: Some(RawValue::from_string("{\"a\":1}".into()).unwrap()),
+            ..Default::default()
+        };
+        subscribe_push(&mut v, "c:1", &result);
+        assert_eq!(
+            String::from_utf8(v).unwrap(),
+            r#"{"push":{"channel":"c:1","subscribe":{"recoverable":true,"epoch":"e","offset":4,"positioned":true,"data":{"a":1}}}}"#
+        );
+        let mut v = Vec::new();
+        subscribe_push(&mut v, "c", &SubscribeResult::default());
+        assert_eq!(v, br#"{"push":{"channel":"c","subscribe":{}}}"#);
+        let mut v = Vec::new();
+        refresh_push(&mut v, 60);
+        assert_eq!(v, br#"{"push":{"refresh":{"expires":true,"ttl":60}}}"#);
+        let mut v = Vec::new();
+        refresh_push(&mut v, 0);
+        assert_eq!(v, br#"{"push":{"refresh":{}}}"#);
     }
 }

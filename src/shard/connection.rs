@@ -560,6 +560,36 @@ impl Connection {
         self.settle(ctx, st, connected_before, expires_before);
     }
 
+    /// A server API command for this connection (`/api/subscribe`, `/api/refresh`): the
+    /// session applies it and its pushes are queued like replies.
+    pub fn server_command(&self, ctx: &ConnCtx, cmd: crate::conn::server_side::ServerCommand<'_>) {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        if st.phase != Phase::Open || st.echo {
+            return;
+        }
+        let expires_before = (st.expires_at, st.sub_expires_at);
+        let connected_before = st.session.is_connected();
+        let mut frame = FrameBuf::with_capacity(128);
+        let outcome = {
+            let (session, expiry) = st.session_and_expiry();
+            ctx.sessions
+                .server_command(self.key, session, expiry, cmd, frame.payload())
+        };
+        if frame.payload_len() > 0
+            && st
+                .outbox
+                .push(frame.finish(OP_TEXT), ctx.cfg.limits.max_outbox_bytes)
+                == Push::Overflow
+        {
+            bump(&ctx.counters.slow_disconnects);
+            queue_close_as(st, Reason::Slow);
+        } else if let Err(d) = outcome {
+            queue_close(st, Reason::Session(d), d.code(), d.reason());
+        }
+        self.settle(ctx, st, connected_before, expires_before);
+    }
+
     /// After the session ran: pings count from a new connect, the timer follows changed
     /// deadlines, and queued frames go out with this batch's flush.
     fn settle(

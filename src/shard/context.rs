@@ -137,6 +137,17 @@ pub trait SessionDriver {
     /// Connection `key`'s expiry came: true when the session refreshes it through the
     /// backend (it stays), false when it ends.
     fn refresh_due(&self, key: ConnKey, session: &mut Session, expiry: Expiry<'_>) -> bool;
+
+    /// A server API command for connection `key` (subscribe, refresh): its pushes go to
+    /// `out`; an error is the disconnect the connection ends with.
+    fn server_command(
+        &self,
+        key: ConnKey,
+        session: &mut Session,
+        expiry: Expiry<'_>,
+        cmd: crate::conn::server_side::ServerCommand<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Disconnect>;
 }
 
 /// What a connection may use of its shard, for one call.

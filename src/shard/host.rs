@@ -122,8 +122,10 @@ impl Host for ShardHost<'_> {
             Some(ch) => (ch.ready, ch.position.clone()),
             None => (ready_new, None),
         };
-        // How this subscriber joins: at once, or waiting for the broker.
-        let wait = if recovery.history && id != 0 {
+        // How this subscriber joins: at once, or waiting for the broker. One that gets no
+        // answer (a connect's server-side subscription without history) joins at once.
+        let answered = id != 0 || recovery.server_push.is_some();
+        let wait = if recovery.history && answered {
             match (&recovery.since, ready, &known) {
                 // The shard's own position is exact: no broker round trip.
                 (None, true, Some(_)) => None,
@@ -134,7 +136,7 @@ impl Host for ShardHost<'_> {
                     connect: recovery.connect,
                 }),
             }
-        } else if !ready && id != 0 {
+        } else if !ready && answered {
             Some(Want::Confirm)
         } else {
             None
@@ -147,6 +149,7 @@ impl Host for ShardHost<'_> {
                         key: self.key,
                         id,
                         want,
+                        push: recovery.server_push.clone(),
                     };
                     index.add_waiting(channel, w, ready_new)
                 }
@@ -226,6 +229,7 @@ impl Host for ShardHost<'_> {
             data: data.to_owned(),
             info: Some(Box::new(info)),
             idempotency_key: None,
+            extras: None,
             reply,
         })
     }
@@ -425,5 +429,17 @@ impl SessionDriver for Shard {
     fn refresh_due(&self, key: ConnKey, session: &mut Session, expiry: Expiry<'_>) -> bool {
         let mut host = ShardHost::new(self, key, expiry, None);
         session.refresh_due(&mut host)
+    }
+
+    fn server_command(
+        &self,
+        key: ConnKey,
+        session: &mut Session,
+        expiry: Expiry<'_>,
+        cmd: crate::conn::server_side::ServerCommand<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Disconnect> {
+        let mut host = ShardHost::new(self, key, expiry, None);
+        session.server_command(&mut host, cmd, out)
     }
 }

@@ -12,6 +12,7 @@ use super::counters::bump;
 use super::reason::Reason;
 use super::Shard;
 use crate::bus::{Part, Query, ShardCommand, ShardInbox, StreamPos, ToBroker, ToShard};
+use crate::conn::server_side::ServerCommand;
 use crate::protocol::reply;
 use crate::protocol::ErrorCode;
 use crate::ws::{FrameBuf, OP_TEXT};
@@ -149,7 +150,7 @@ impl Shard {
                     .unwrap_or_default();
                 Part::Presence(list)
             }
-            Query::Channels(pattern) => Part::Channels(
+            Query::Channels(pattern) | Query::ClusterChannels(pattern) => Part::Channels(
                 index
                     .channels()
                     .filter(|ch| {
@@ -214,26 +215,51 @@ impl Shard {
                 code,
                 reason,
             } => {
-                for conn in self.user_conns(&user) {
-                    if let Some(client) = &client {
-                        if conn.client_id().map(|c| c.to_string()).as_deref() != Some(&**client) {
-                            continue;
-                        }
-                    }
+                for conn in self.user_conns(&user, client.as_deref()) {
                     conn.close_with(&self.ctx(), Reason::Command, code, &reason);
                 }
             }
-            ShardCommand::Unsubscribe { user, channel } => {
-                for conn in self.user_conns(&user) {
+            ShardCommand::Unsubscribe {
+                user,
+                channel,
+                client,
+            } => {
+                for conn in self.user_conns(&user, client.as_deref()) {
                     self.server_unsubscribe(&conn, &channel);
+                }
+            }
+            ShardCommand::Subscribe { user, sub } => {
+                for conn in self.user_conns(&user, sub.client.as_deref()) {
+                    conn.server_command(&self.ctx(), ServerCommand::Subscribe(&sub));
+                }
+            }
+            ShardCommand::Refresh {
+                user,
+                client,
+                expired,
+                expire_at,
+            } => {
+                for conn in self.user_conns(&user, client.as_deref()) {
+                    if expired {
+                        conn.close(&self.ctx(), Reason::Expired);
+                    } else {
+                        conn.server_command(&self.ctx(), ServerCommand::Refresh { expire_at });
+                    }
                 }
             }
         }
     }
 
-    fn user_conns(&self, user: &str) -> Vec<Rc<Connection>> {
+    /// The local connections of `user` (only the one with client id `client`, when given).
+    fn user_conns(&self, user: &str, client: Option<&str>) -> Vec<Rc<Connection>> {
         let keys = self.users.borrow().keys_of(user);
-        keys.into_iter().filter_map(|k| self.conn(k)).collect()
+        let conns = keys.into_iter().filter_map(|k| self.conn(k));
+        match client {
+            None => conns.collect(),
+            Some(client) => conns
+                .filter(|c| c.client_id().is_some_and(|id| id.to_string() == client))
+                .collect(),
+        }
     }
 
     /// Removes a connection from `channel` on the server's request, telling the client.

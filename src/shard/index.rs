@@ -32,6 +32,8 @@ pub struct Waiting {
     /// The subscribe command's id (0 for a server-side subscription: no reply).
     pub id: u32,
     pub want: Want,
+    /// A server API subscription: announced by a subscribe push with this data once in.
+    pub push: Option<std::rc::Rc<crate::conn::server_side::ServerPush>>,
 }
 
 /// What a waiting subscriber waits for.
@@ -268,6 +270,7 @@ mod tests {
                 reject_unrecovered: false,
                 connect: false,
             },
+            push: None,
         }
     }
 

@@ -411,6 +411,7 @@ mod tests {
                 reject_unrecovered: false,
                 connect: false,
             },
+            push: None,
         };
         s.index.borrow_mut().add_waiting("h:1", waiting, true);
         let position = || s.index.borrow().lookup("h:1").unwrap().position.clone();

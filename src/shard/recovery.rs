@@ -72,6 +72,9 @@ impl Shard {
         result: &reply::SubscribeResult,
         pubs: &[bytes::Bytes],
     ) {
+        if let Some(push) = &w.push {
+            return self.push_subscribed(w, channel, result, pubs, push);
+        }
         if w.id == 0 {
             return;
         }
@@ -104,6 +107,35 @@ impl Shard {
             reply::result_with_publications(f.payload(), w.id, "subscribe", result, pubs);
             conn.push(&self.ctx(), f.finish(OP_TEXT));
         }
+    }
+
+    /// A server API subscription is in: its subscribe push, then the publications it
+    /// recovered (as publication pushes), in one frame.
+    fn push_subscribed(
+        &self,
+        w: &Waiting,
+        channel: &str,
+        result: &reply::SubscribeResult,
+        pubs: &[bytes::Bytes],
+        push: &crate::conn::server_side::ServerPush,
+    ) {
+        let Some(conn) = self.conn(w.key) else {
+            return;
+        };
+        let mut result = result.clone();
+        result.data = push.data.clone();
+        let len = 128
+            + pubs
+                .iter()
+                .map(|p| p.len() + channel.len() + 32)
+                .sum::<usize>();
+        let mut f = FrameBuf::with_capacity(len);
+        reply::subscribe_push(f.payload(), channel, &result);
+        for p in pubs {
+            f.payload().push(b'\n');
+            crate::protocol::publication::push(f.payload(), channel, p);
+        }
+        conn.push(&self.ctx(), f.finish(OP_TEXT));
     }
 
     /// Fails the waiting subscribers of `channel` that `pick` selects with `code`.

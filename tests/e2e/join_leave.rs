@@ -319,3 +319,32 @@ fn join_and_leave_in_a_history_channel_take_no_offset_across_nodes() {
         .collect();
     assert_eq!(got, vec![3, 4, 5, 6], "{r}");
 }
+
+/// A subscription the server API makes (`/api/subscribe`) is announced like any other: a join
+/// for those who asked, and a leave when `/api/unsubscribe` ends it.
+#[test]
+fn api_subscribe_and_unsubscribe_announce_join_and_leave() {
+    let server = Server::start(&format!("{BASE_CONFIG}{NAMESPACES}"), &[]);
+    let (mut watcher, r) = Client::connected(&server, "watcher");
+    let own = client_id(&r);
+    subscribe(&mut watcher, "room:api", true);
+    expect(&mut watcher, "join", "room:api", "watcher", &own);
+    let (mut dave, r) = Client::connected(&server, "dave");
+    let dave_id = client_id(&r);
+    let (status, body) = api(
+        server.addr,
+        "subscribe",
+        &json!({"user": "dave", "channel": "room:api"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let p = dave.push(WAIT).expect("a subscribe push");
+    assert!(p["push"]["subscribe"].is_object(), "{p}");
+    expect(&mut watcher, "join", "room:api", "dave", &dave_id);
+    let (status, body) = api(
+        server.addr,
+        "unsubscribe",
+        &json!({"user": "dave", "channel": "room:api"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    expect(&mut watcher, "leave", "room:api", "dave", &dave_id);
+}

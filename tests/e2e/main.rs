@@ -24,5 +24,6 @@ mod sdk;
 mod security_api;
 mod security_edge;
 mod security_tokens;
+mod server_api;
 mod status_page;
 mod tokens_asym;

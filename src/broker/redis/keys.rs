@@ -38,6 +38,7 @@ pub struct Keys {
     user: Box<[u8]>,
     node: Box<[u8]>,
     nodes: Box<[u8]>,
+    survey: Box<[u8]>,
 }
 
 impl Keys {
@@ -52,6 +53,7 @@ impl Keys {
             user: p("user:{"),
             node: p("node:"),
             nodes: p("nodes"),
+            survey: p("survey"),
         }
     }
 
@@ -102,6 +104,16 @@ impl Keys {
     /// `PREFIX:nodes`
     pub fn nodes(&self) -> &[u8] {
         &self.nodes
+    }
+
+    /// `PREFIX:survey`: the pub/sub channel every node hears cluster-wide questions on.
+    pub fn survey(&self) -> &[u8] {
+        &self.survey
+    }
+
+    /// `PREFIX:survey:UID`: where node `uid` hears the answers to its questions.
+    pub fn survey_answers(&self, uid: &str) -> Vec<u8> {
+        [&self.survey[..], b":", uid.as_bytes()].concat()
     }
 
     /// `PREFIX:ch:{CHANNEL}` → `CHANNEL`.

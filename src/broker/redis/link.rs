@@ -318,7 +318,8 @@ impl Mux {
         }
     }
 
-    /// Subscribes every channel and user of the node again, in one command.
+    /// Subscribes every channel and user of the node again, in one command, with the survey
+    /// question channel while the node has channels ([`super::survey`]).
     fn resubscribe(&self) {
         self.confirming.borrow_mut().clear();
         let interest = self.interest.borrow();
@@ -326,11 +327,15 @@ impl Mux {
         if interest.is_empty() && users.is_empty() {
             return;
         }
-        let n = interest.len() + users.len();
+        let questions = usize::from(!interest.is_empty());
+        let n = interest.len() + users.len() + questions;
         let mut sub = self.sub.borrow_mut();
         sub.push_unbounded(|out| {
             let mut cmd = Command::new(out, 1 + n);
             cmd.arg(b"SUBSCRIBE");
+            if questions > 0 {
+                cmd.arg(self.keys.survey());
+            }
             for c in interest.keys() {
                 cmd.parts(&self.keys.channel(c).0);
             }
@@ -344,6 +349,7 @@ impl Mux {
     /// (temporary error), and tracked channels wait to be repaired once it is back.
     fn sub_down(&self) {
         self.sub.borrow_mut().detach();
+        self.surveys_down();
         let confirming: Vec<Arc<str>> = self.confirming.borrow_mut().drain().collect();
         for channel in confirming {
             let mask = self.interest.borrow().mask(&channel);

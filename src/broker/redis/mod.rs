@@ -38,6 +38,7 @@ mod registry;
 mod replies;
 pub mod resp;
 pub mod scripts;
+mod survey;
 pub mod tracker;
 
 use super::Broker;

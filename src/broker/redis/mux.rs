@@ -40,6 +40,13 @@ pub(super) enum GatherTarget {
     Lease,
     /// After a reconnect: write every local presence entry again (Redis may have lost them).
     Reannounce,
+    /// This node's part of its own `/api/channels` survey `id` ([`super::survey`]).
+    Survey(u64),
+    /// This node's answer to survey `id` of node `to`.
+    SurveyAnswer {
+        id: u64,
+        to: Arc<str>,
+    },
 }
 
 /// The multiplexer.
@@ -67,6 +74,8 @@ pub(super) struct Mux {
     /// History channels' positions and repairs.
     pub(super) tracker: RefCell<Tracker>,
     pub(super) gathers: RefCell<Gathers<GatherTarget>>,
+    /// `/api/channels` calls waiting for the other nodes.
+    pub(super) surveys: RefCell<super::survey::Surveys>,
     /// Draining: no more lease refreshes.
     pub(super) leaving: Cell<bool>,
     /// Reused to build a publication before it is copied into a command.
@@ -92,6 +101,7 @@ impl Mux {
             users: RefCell::default(),
             confirming: RefCell::default(),
             gathers: RefCell::default(),
+            surveys: RefCell::default(),
             leaving: Cell::new(false),
             scratch: RefCell::default(),
         }
@@ -257,8 +267,16 @@ impl Mux {
                 data,
                 info,
                 idempotency_key,
+                extras,
                 reply,
-            } => self.publish(&channel, &data, info.as_deref(), idempotency_key, reply),
+            } => self.publish(
+                &channel,
+                &data,
+                info.as_deref(),
+                extras.as_deref(),
+                idempotency_key,
+                reply,
+            ),
             ToBroker::Position {
                 shard,
                 token,
@@ -310,6 +328,7 @@ impl Mux {
 
     fn subscribe(&self, shard: usize, channel: Arc<str>) {
         let first = self.interest.borrow_mut().add(channel.clone(), shard);
+        let first_of_node = first && self.interest.borrow().len() == 1;
         if !self.sub_up() {
             // A subscription acknowledged now would silently miss what other nodes publish:
             // refuse it (temporary error; the SDK retries). The shard rolls back and withdraws
@@ -322,6 +341,10 @@ impl Mux {
                     .arg(b"SUBSCRIBE")
                     .parts(&key.0);
             });
+            if first_of_node {
+                // The node's first channel: it has something to tell `/api/channels` surveys.
+                self.survey_questions(true);
+            }
             if self.tracker.borrow().is_history(&channel) {
                 self.tracker.borrow_mut().created(&channel);
             }
@@ -335,6 +358,7 @@ impl Mux {
         if !self.interest.borrow_mut().remove(&channel, shard) {
             return;
         }
+
         self.confirming.borrow_mut().remove(&channel);
         let mut out = Vec::new();
         self.tracker.borrow_mut().removed(&channel, &mut out);
@@ -346,6 +370,9 @@ impl Mux {
                     .arg(b"UNSUBSCRIBE")
                     .parts(&key.0);
             });
+            if self.interest.borrow().is_empty() {
+                self.survey_questions(false);
+            }
         }
     }
 
@@ -354,6 +381,7 @@ impl Mux {
         channel: &str,
         data: &serde_json::value::RawValue,
         info: Option<&ClientInfo>,
+        extras: Option<&publication::Extras>,
         idempotency_key: Option<Box<str>>,
         reply: ReplyTo,
     ) {
@@ -365,9 +393,12 @@ impl Mux {
         let ns = self.cfg.namespace_of(channel);
         let mut scratch = self.scratch.borrow_mut();
         scratch.clear();
-        if ns.is_some_and(|ns| ns.has_history()) || idempotency_key.is_some() {
+        // `skip_history`: published as in a channel without history (no offset).
+        let history =
+            ns.is_some_and(|ns| ns.has_history()) && !extras.is_some_and(|e| e.skip_history);
+        if history || idempotency_key.is_some() {
             // The publish script takes the next offset and completes the publication.
-            publication::open(&mut scratch, data, info);
+            publication::open(&mut scratch, data, info, extras);
             let split = scratch.len();
             publication::push_prefix(&mut scratch, channel);
             let (open, push_prefix) = scratch.split_at(split);
@@ -380,7 +411,10 @@ impl Mux {
                 channel,
                 open,
                 push_prefix,
-                history_size: ns.map_or(0, |ns| ns.history_size),
+                history_size: match history {
+                    true => ns.map_or(0, |ns| ns.history_size),
+                    false => 0,
+                },
                 history_ttl_secs: ns.map_or(0, |ns| ns.history_ttl_secs),
                 meta_ttl_secs: ns.map_or(0, |ns| ns.history_meta_ttl_secs),
                 new_epoch: history::new_epoch_in(&mut epoch),
@@ -393,7 +427,7 @@ impl Mux {
             return;
         }
         // The payload is the complete push, so receiving nodes only add a frame header.
-        publication::push_new(&mut scratch, channel, data, info);
+        publication::push_new(&mut scratch, channel, data, info, extras);
         let key = self.keys.channel(channel);
         self.command(Waiter::Publish(reply), |out| {
             super::resp::Command::new(out, 3)
@@ -443,11 +477,7 @@ impl Mux {
     fn user_command(&self, cmd: ShardCommand) {
         if !self.is_up() {
             // Redis down: at least this node's connections get it.
-            let user = match &cmd {
-                ShardCommand::Disconnect { user, .. } | ShardCommand::Unsubscribe { user, .. } => {
-                    user.clone()
-                }
-            };
+            let user = cmd.user().clone();
             tracing::warn!(%user, "Redis down: user command applied on this node only");
             for link in &self.shards {
                 link.send(ToShard::Command(cmd.clone()));
@@ -468,6 +498,9 @@ impl Mux {
         match (&query, &target) {
             (Query::Presence(channel), GatherTarget::Shard(reply)) => {
                 self.presence(channel, *reply)
+            }
+            (Query::ClusterChannels(pattern), GatherTarget::Shard(reply)) => {
+                self.survey_channels(pattern.clone(), *reply)
             }
             (Query::Nodes, GatherTarget::Shard(reply)) => {
                 if !self.is_up() {
@@ -491,6 +524,9 @@ impl Mux {
         match target {
             GatherTarget::Shard(reply) => self.reply(reply, BrokerReply::Gathered(merged)),
             GatherTarget::Lease => self.write_lease(merged),
+            target @ (GatherTarget::Survey(_) | GatherTarget::SurveyAnswer { .. }) => {
+                self.survey_part(target, merged)
+            }
             GatherTarget::Reannounce => {
                 if let Part::PresenceAll(entries) = merged {
                     for (channel, info) in entries {
@@ -627,6 +663,7 @@ mod tests {
             data: RawValue::from_string("{\"n\":1}".into()).unwrap(),
             info: None,
             idempotency_key: None,
+            extras: None,
             reply: ReplyTo { shard: 1, token },
         });
     }

@@ -30,6 +30,17 @@ pub(super) enum Control {
     },
     Unsubscribe {
         channel: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+    },
+    Subscribe(crate::bus::ServerSubscribe),
+    Refresh {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+        #[serde(default)]
+        expired: bool,
+        #[serde(default)]
+        expire_at: u64,
     },
 }
 
@@ -50,10 +61,29 @@ impl Control {
                     reason: reason.to_string(),
                 },
             ),
-            ShardCommand::Unsubscribe { user, channel } => (
+            ShardCommand::Unsubscribe {
+                user,
+                channel,
+                client,
+            } => (
                 user,
                 Control::Unsubscribe {
                     channel: channel.to_string(),
+                    client: client.as_ref().map(|c| c.to_string()),
+                },
+            ),
+            ShardCommand::Subscribe { user, sub } => (user, Control::Subscribe((**sub).clone())),
+            ShardCommand::Refresh {
+                user,
+                client,
+                expired,
+                expire_at,
+            } => (
+                user,
+                Control::Refresh {
+                    client: client.as_ref().map(|c| c.to_string()),
+                    expired: *expired,
+                    expire_at: *expire_at,
                 },
             ),
         };
@@ -74,9 +104,24 @@ impl Control {
                 code,
                 reason: reason.into(),
             },
-            Control::Unsubscribe { channel } => ShardCommand::Unsubscribe {
+            Control::Unsubscribe { channel, client } => ShardCommand::Unsubscribe {
                 user,
                 channel: channel.into(),
+                client: client.map(Arc::from),
+            },
+            Control::Subscribe(sub) => ShardCommand::Subscribe {
+                user,
+                sub: Box::new(sub),
+            },
+            Control::Refresh {
+                client,
+                expired,
+                expire_at,
+            } => ShardCommand::Refresh {
+                user,
+                client: client.map(Arc::from),
+                expired,
+                expire_at,
             },
         })
     }
@@ -123,6 +168,9 @@ impl Mux {
 
     /// Redis confirmed a SUBSCRIBE.
     fn subscribed(&self, name: &[u8]) {
+        if self.survey_subscribed(name) {
+            return;
+        }
         let Some(channel) = self.keys.channel_of(name) else {
             return;
         };
@@ -179,6 +227,9 @@ impl Mux {
                 offset: 0,
                 epoch: None,
             });
+            return;
+        }
+        if self.survey_message(name, &payload) {
             return;
         }
         // A user's personal channel: a control message for their connections.

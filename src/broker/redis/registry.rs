@@ -99,6 +99,7 @@ impl Mux {
                 self.gather(Query::Stats, GatherTarget::Lease);
             }
             self.tracker.borrow_mut().sweep(std::time::Instant::now());
+            self.sweep_surveys(std::time::Instant::now());
             let cached = self.tracker.borrow().cache_bytes() as u64;
             self.stats
                 .recovery_cache_bytes

@@ -41,6 +41,8 @@ pub(super) enum Waiter {
     Publish(ReplyTo),
     Presence(ReplyTo),
     Nodes(ReplyTo),
+    /// PUBLISH of `/api/channels` survey N's question ([`super::survey`]).
+    SurveyAsked(u64),
 }
 
 /// The waiters of the commands in flight, in command order, each with its encoded command when
@@ -208,6 +210,10 @@ impl Mux {
                 tracing::warn!(reply = ?other, "nodes script failed");
                 self.reply(to, BrokerReply::Gathered(Part::Nodes(Vec::new())));
             }
+            (Waiter::SurveyAsked(id), BytesFrame::Integer(n)) => {
+                self.survey_asked(id, Some(n.max(0) as u64))
+            }
+            (Waiter::SurveyAsked(id), _) => self.survey_asked(id, None),
         }
     }
 
@@ -234,6 +240,7 @@ impl Mux {
                 self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)))
             }
             Waiter::Nodes(to) => self.reply(to, BrokerReply::Gathered(Part::Nodes(Vec::new()))),
+            Waiter::SurveyAsked(id) => self.survey_asked(id, None),
         }
     }
 }

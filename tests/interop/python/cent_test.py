@@ -90,8 +90,10 @@ def _():
     assert (n.num_clients, n.num_users, n.num_subs) == (2, 2, 3), n
     assert n.num_channels == 2, n
     assert n.uptime >= 0
-    # Centrifugo's object fields are not taken by ours: cent leaves them empty...
-    assert n.metrics is None and n.process is None, n
+    # Centrifugo's `process` object (issue 19) decodes into cent's ProcessStats; `metrics` is
+    # not ours: cent leaves it empty...
+    assert n.metrics is None, n
+    assert n.process is not None and n.process.rss > 1 << 20 and n.process.cpu >= 0.0, n
     # ...and ours come through as extra fields.
     extra = n.model_extra
     assert extra["broker"] == "memory" and extra["shards"] == 2, extra
