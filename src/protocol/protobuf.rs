@@ -348,6 +348,20 @@ pub fn replies_from_json(json: &[u8], out: &mut Vec<u8>) -> Result<(), Untransla
     Ok(())
 }
 
+/// The length (header and payload) of the first frame in `buf`, a server frame we built.
+pub fn first_frame_len(buf: &[u8]) -> Option<usize> {
+    let b1 = *buf.get(1)?;
+    let (header, len) = match b1 & 0x7f {
+        126 => (4usize, u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize),
+        127 => (
+            10,
+            usize::try_from(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)).ok()?,
+        ),
+        n => (2, n as usize),
+    };
+    header.checked_add(len)
+}
+
 /// The payload of a complete server frame we built (unmasked; header per RFC 6455 §5.2), with
 /// its opcode. `None` for anything else.
 pub fn frame_payload(frame: &[u8]) -> Option<(u8, &[u8])> {

@@ -64,6 +64,11 @@ pub struct Counters {
     /// HTTP API requests found whole behind another in one read (pipelined on a keep-alive
     /// connection) and started together with it (`limits.max_pipelined_requests`).
     pub api_pipelined: Cell<u64>,
+    /// Protobuf connections closed with 3501 for a text frame or a malformed command frame.
+    pub protobuf_malformed: Cell<u64>,
+    /// JSON frames transcoded to protobuf on the shard: a shared frame that came without its
+    /// protobuf twin (once per shard per frame), or a frame built for one connection.
+    pub protobuf_transcodes: Cell<u64>,
     /// WebSocket connections ended, by [`Reason`] (`ended_<label>`, one slot per label).
     ended: [Cell<u64>; SLOTS],
 }
@@ -113,6 +118,8 @@ impl Counters {
             ("request_timeouts", self.request_timeouts.get()),
             ("origin_refusals", self.origin_refusals.get()),
             ("api_pipelined", self.api_pipelined.get()),
+            ("protobuf_malformed", self.protobuf_malformed.get()),
+            ("protobuf_transcodes", self.protobuf_transcodes.get()),
         ];
         all.extend(
             reason::counter_names()

@@ -76,14 +76,8 @@ impl Shard {
                 if let (Some(epoch), Some(_)) = (epoch, &ch.position) {
                     ch.position = Some(StreamPos { offset, epoch });
                 }
-                let conns = self.conns.borrow();
-                let ctx = self.ctx();
-                for key in &ch.subscribers {
-                    if let Some(c) = conns.get(*key) {
-                        c.push(&ctx, frame.clone());
-                        bump(&self.counters.deliveries);
-                    }
-                }
+                let (json, twin) = crate::bus::publication_frames(&frame);
+                self.deliver(&index, id, json, twin);
             }
             ToShard::Collect { gather, query } => {
                 let part = self.collect(&query);
@@ -101,6 +95,41 @@ impl Shard {
                 answer,
             } => self.position_answer(token, &channel, answer),
             ToShard::Insufficient { channel } => self.insufficient(&channel),
+        }
+    }
+
+    /// Queues a shared frame to every subscriber of channel `id`: the JSON frame to JSON
+    /// connections, its protobuf twin to protobuf ones. A frame that came without a twin (a
+    /// shared push the broker did not transcode) is transcoded here lazily, once for the
+    /// shard, when the first protobuf subscriber needs it.
+    pub(super) fn deliver(
+        &self,
+        index: &super::index::ChannelIndex,
+        id: crate::conn::session::ChanId,
+        json: bytes::Bytes,
+        mut twin: Option<bytes::Bytes>,
+    ) {
+        let Some(ch) = index.get(id) else {
+            return;
+        };
+        let conns = self.conns.borrow();
+        let ctx = self.ctx();
+        for key in &ch.subscribers {
+            let Some(c) = conns.get(*key) else {
+                continue;
+            };
+            if ch.protobuf > 0 && index.is_protobuf(*key) {
+                if twin.is_none() {
+                    bump(&self.counters.protobuf_transcodes);
+                    twin = crate::protocol::protobuf::binary_twin(&json).ok().flatten();
+                }
+                // Without a twin (not representable) `push` refuses the text frame and closes
+                // the connection as a server error.
+                c.push(&ctx, twin.clone().unwrap_or_else(|| json.clone()));
+            } else {
+                c.push(&ctx, json.clone());
+            }
+            bump(&self.counters.deliveries);
         }
     }
 

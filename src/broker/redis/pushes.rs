@@ -165,12 +165,7 @@ impl Mux {
             frame.payload().extend_from_slice(&payload);
             let frame = frame.finish(OP_TEXT);
             let channel: Arc<str> = Arc::from(channel);
-            crate::broker::send_to(&self.shards, mask, || ToShard::Publication {
-                channel: channel.clone(),
-                frame: frame.clone(),
-                offset: 0,
-                epoch: None,
-            });
+            self.forward(&channel, frame, 0, None);
             return;
         }
         // A user's personal channel: a control message for their connections.
