@@ -71,7 +71,8 @@ const JSON_BYTES: &[&str] = &[
 
 fn main() {
     println!("cargo:rerun-if-changed=proto/client.proto");
-    let fds = protox::compile(["proto/client.proto"], ["proto"]).expect("proto/client.proto compiles");
+    let fds =
+        protox::compile(["proto/client.proto"], ["proto"]).expect("proto/client.proto compiles");
     let mut config = prost_build::Config::new();
     for message in DERIVED {
         config.message_attribute(

@@ -508,10 +508,9 @@ mod tests {
         let (op, payload) = crate::protocol::protobuf::frame_payload(&twin).unwrap();
         assert_eq!(op, crate::ws::OP_BINARY);
         let mut payload = payload;
-        let reply = <crate::protocol::pb::Reply as prost::Message>::decode_length_delimited(
-            &mut payload,
-        )
-        .unwrap();
+        let reply =
+            <crate::protocol::pb::Reply as prost::Message>::decode_length_delimited(&mut payload)
+                .unwrap();
         let push = reply.push.unwrap();
         assert_eq!(push.channel, "c");
         assert_eq!(push.r#pub.unwrap().data, br#"{"n":1}"#);

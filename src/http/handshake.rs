@@ -145,7 +145,10 @@ mod tests {
         assert!(!accepted.protobuf);
         let out = String::from_utf8(accepted.response).unwrap();
         assert!(out.starts_with("HTTP/1.1 101"), "{out}");
-        assert!(!out.to_ascii_lowercase().contains("sec-websocket-protocol"), "{out}");
+        assert!(
+            !out.to_ascii_lowercase().contains("sec-websocket-protocol"),
+            "{out}"
+        );
         // RFC 6455 §1.3's example key and answer.
         assert!(out.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{out}");
     }
@@ -179,7 +182,11 @@ mod tests {
 
     #[test]
     fn the_protobuf_subprotocol_is_answered_and_marks_the_connection() {
-        let a = accept(&head("Sec-WebSocket-Protocol: centrifuge-protobuf\r\n"), &[]).unwrap();
+        let a = accept(
+            &head("Sec-WebSocket-Protocol: centrifuge-protobuf\r\n"),
+            &[],
+        )
+        .unwrap();
         assert!(a.protobuf);
         let out = String::from_utf8(a.response).unwrap().to_ascii_lowercase();
         assert!(

@@ -19,7 +19,10 @@ pub mod token;
 /// build time from `proto/client.proto` by prost (see `build.rs`).
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
-    include!(concat!(env!("OUT_DIR"), "/centrifugal.centrifuge.protocol.rs"));
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/centrifugal.centrifuge.protocol.rs"
+    ));
 }
 
 pub use codes::{Disconnect, ErrorCode};

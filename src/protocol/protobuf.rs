@@ -317,8 +317,11 @@ impl<'a> Obj<'a> {
         self.key(k);
         // The session splits a message into lines: line breaks between JSON tokens become
         // spaces (inside strings JSON only allows them escaped, so nothing else changes).
-        self.out
-            .extend(raw.get().chars().map(|c| if c == '\n' || c == '\r' { ' ' } else { c }));
+        self.out.extend(
+            raw.get()
+                .chars()
+                .map(|c| if c == '\n' || c == '\r' { ' ' } else { c }),
+        );
         true
     }
     fn close(self) {
@@ -352,7 +355,10 @@ pub fn replies_from_json(json: &[u8], out: &mut Vec<u8>) -> Result<(), Untransla
 pub fn first_frame_len(buf: &[u8]) -> Option<usize> {
     let b1 = *buf.get(1)?;
     let (header, len) = match b1 & 0x7f {
-        126 => (4usize, u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize),
+        126 => (
+            4usize,
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+        ),
         127 => (
             10,
             usize::try_from(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)).ok()?,
@@ -371,7 +377,10 @@ pub fn frame_payload(frame: &[u8]) -> Option<(u8, &[u8])> {
         return None; // masked: not one of ours
     }
     let (len, rest) = match b1 & 0x7f {
-        126 => (u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize, &rest[2..]),
+        126 => (
+            u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize,
+            &rest[2..],
+        ),
         127 => (
             u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as usize,
             &rest[8..],
@@ -607,10 +616,7 @@ mod tests {
     #[test]
     fn malformed_frames_are_refused() {
         let mut s = String::new();
-        assert_eq!(
-            commands_to_json(&[], &mut s),
-            Err(Malformed("empty frame"))
-        );
+        assert_eq!(commands_to_json(&[], &mut s), Err(Malformed("empty frame")));
         // Length says 5, 2 bytes follow.
         assert!(commands_to_json(&[5, 1, 2], &mut s).is_err());
         // A length prefix that never ends.
@@ -655,7 +661,10 @@ mod tests {
         let r = decode_replies(&out);
         assert_eq!(r.len(), 8);
         let c = r[0].connect.as_ref().unwrap();
-        assert_eq!((r[0].id, c.client.as_str(), c.ping, c.pong), (1, "c1", 25, true));
+        assert_eq!(
+            (r[0].id, c.client.as_str(), c.ping, c.pong),
+            (1, "c1", 25, true)
+        );
         assert_eq!(c.subs["s"].offset, 3);
         let s = r[1].subscribe.as_ref().unwrap();
         assert!(s.recoverable && s.positioned && s.recovered && s.was_recovering);
@@ -676,7 +685,16 @@ mod tests {
         let u = r[5].push.as_ref().unwrap().unsubscribe.as_ref().unwrap();
         assert_eq!((u.code, u.reason.as_str()), (2000, "server unsubscribe"));
         assert_eq!(
-            r[6].push.as_ref().unwrap().join.as_ref().unwrap().info.as_ref().unwrap().user,
+            r[6].push
+                .as_ref()
+                .unwrap()
+                .join
+                .as_ref()
+                .unwrap()
+                .info
+                .as_ref()
+                .unwrap()
+                .user,
             "u"
         );
         assert_eq!(r[7], pb::Reply::default(), "{{}} is the ping");
@@ -710,7 +728,10 @@ mod tests {
             let (op, payload) = frame_payload(&twin).unwrap();
             assert_eq!(op, crate::ws::OP_BINARY);
             let r = decode_replies(payload);
-            assert_eq!(r[0].push.as_ref().unwrap().r#pub.as_ref().unwrap().data, data.as_bytes());
+            assert_eq!(
+                r[0].push.as_ref().unwrap().r#pub.as_ref().unwrap().data,
+                data.as_bytes()
+            );
         }
         let close = crate::ws::close_frame(3000, "x");
         assert!(binary_twin(&close).unwrap().is_none());

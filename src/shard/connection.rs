@@ -26,8 +26,8 @@ use crate::conn::bucket::Bucket;
 use crate::conn::outbox::{Outbox, Push};
 use crate::conn::session::{Ended, Session};
 use crate::conn::ConnKey;
-use crate::protocol::reply::ClientInfo;
 use crate::protocol::protobuf;
+use crate::protocol::reply::ClientInfo;
 use crate::protocol::Disconnect;
 use crate::ws::{self, Event, Flow, FrameBuf, Partial, OP_PONG, OP_TEXT};
 use bytes::Bytes;
@@ -323,7 +323,9 @@ impl Connection {
             } else {
                 &PING_FRAME
             };
-            if st.outbox.push(Bytes::from_static(ping), ctx.cfg.limits.max_outbox_bytes)
+            if st
+                .outbox
+                .push(Bytes::from_static(ping), ctx.cfg.limits.max_outbox_bytes)
                 == Push::Overflow
             {
                 bump(&ctx.counters.slow_disconnects);

@@ -47,10 +47,10 @@ pub fn start(
         .borrow_mut()
         .insert_with(|key| Rc::new(Connection::new(key, fd, now, wire, bucket)));
     // Before it can subscribe: the index counts its subscriptions as protobuf ones.
-    shard.index.borrow_mut().set_protobuf(
-        conn.key.slot,
-        wire == super::connection::Wire::Protobuf,
-    );
+    shard
+        .index
+        .borrow_mut()
+        .set_protobuf(conn.key.slot, wire == super::connection::Wire::Protobuf);
     bump(&shard.counters.ws_opened);
     if conn.key.slot > MAX_SLOT {
         tracing::warn!(

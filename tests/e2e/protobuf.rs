@@ -62,7 +62,10 @@ impl PbClient {
             }),
             ..Default::default()
         });
-        let result = r.connect.clone().unwrap_or_else(|| panic!("connect failed: {r:?}"));
+        let result = r
+            .connect
+            .clone()
+            .unwrap_or_else(|| panic!("connect failed: {r:?}"));
         (c, result)
     }
 
@@ -270,7 +273,10 @@ fn protobuf_and_json_clients_share_channels() {
     // A payload that is not JSON text cannot be carried: error 107 for that command only.
     let r = p.command(publish("chat:room", &[0xff, 0x00, 0x10]));
     assert_eq!(r.error.expect("refused").code, 107);
-    assert!(p.push(Duration::from_millis(300)).is_none(), "nothing published");
+    assert!(
+        p.push(Duration::from_millis(300)).is_none(),
+        "nothing published"
+    );
     // Unsubscribe, and the connection goes on.
     let r = p.command(pb::Command {
         unsubscribe: Some(pb::UnsubscribeRequest {
@@ -304,7 +310,11 @@ fn protobuf_history_and_recovery() {
     let epoch = sub.epoch.clone();
     assert!(!epoch.is_empty());
     for n in 1..=3 {
-        let (_, body) = api(server.addr, "publish", &json!({"channel": ch, "data": {"n": n}}));
+        let (_, body) = api(
+            server.addr,
+            "publish",
+            &json!({"channel": ch, "data": {"n": n}}),
+        );
         assert_eq!(body["result"]["offset"], n, "{body}");
         let got = p.publication(ch);
         assert_eq!(got.offset, n);
@@ -321,7 +331,11 @@ fn protobuf_history_and_recovery() {
     });
     assert!(r.history.is_some(), "{r:?}");
     for n in 1..=2 {
-        api(server.addr, "publish", &json!({"channel": "open:h", "data": n}));
+        api(
+            server.addr,
+            "publish",
+            &json!({"channel": "open:h", "data": n}),
+        );
     }
     let r = p.command(pb::Command {
         history: Some(pb::HistoryRequest {
@@ -333,7 +347,11 @@ fn protobuf_history_and_recovery() {
     });
     let h = r.history.expect("history");
     assert_eq!(h.offset, 2);
-    let got: Vec<_> = h.publications.iter().map(|p| (p.offset, p.data.clone())).collect();
+    let got: Vec<_> = h
+        .publications
+        .iter()
+        .map(|p| (p.offset, p.data.clone()))
+        .collect();
     assert_eq!(got, [(1, b"1".to_vec()), (2, b"2".to_vec())]);
     // Newest first, and since a position.
     let history = |p: &mut PbClient, since: Option<pb::StreamPosition>, reverse: bool| {
@@ -346,7 +364,13 @@ fn protobuf_history_and_recovery() {
             }),
             ..Default::default()
         });
-        let offsets: Vec<u64> = r.history.unwrap().publications.iter().map(|p| p.offset).collect();
+        let offsets: Vec<u64> = r
+            .history
+            .unwrap()
+            .publications
+            .iter()
+            .map(|p| p.offset)
+            .collect();
         offsets
     };
     assert_eq!(history(&mut p, None, true), [2, 1]);
@@ -359,7 +383,11 @@ fn protobuf_history_and_recovery() {
     // A reconnecting protobuf client recovers what it missed.
     drop(p);
     for n in 4..=5 {
-        api(server.addr, "publish", &json!({"channel": ch, "data": {"n": n}}));
+        api(
+            server.addr,
+            "publish",
+            &json!({"channel": ch, "data": {"n": n}}),
+        );
     }
     let (mut p, _) = PbClient::connected(&server, "u");
     let r = p.command(pb::Command {
@@ -425,7 +453,11 @@ fn malformed_protobuf_closes_only_its_own_connection() {
     assert_eq!(c.closed(Duration::from_secs(5)).unwrap().code, 3501);
 
     // The others saw nothing of it and still work.
-    api(server.addr, "publish", &json!({"channel": "chat:m", "data": "still"}));
+    api(
+        server.addr,
+        "publish",
+        &json!({"channel": "chat:m", "data": "still"}),
+    );
     assert_eq!(bystander_pb.publication("chat:m").data, br#""still""#);
     assert_eq!(
         bystander_json.push(Duration::from_secs(5)).unwrap()["push"]["pub"]["data"],
@@ -459,7 +491,11 @@ fn a_publication_is_encoded_to_protobuf_once_per_node_and_only_for_protobuf_subs
         c.command("subscribe", json!({"channel": "chat:once"}));
     }
     for n in 0..3 {
-        api(server.addr, "publish", &json!({"channel": "chat:once", "data": n}));
+        api(
+            server.addr,
+            "publish",
+            &json!({"channel": "chat:once", "data": n}),
+        );
     }
     for c in &mut json_clients {
         for _ in 0..3 {
@@ -483,7 +519,11 @@ fn a_publication_is_encoded_to_protobuf_once_per_node_and_only_for_protobuf_subs
     }
     assert_eq!(shards.len(), 2, "protobuf clients on both shards");
     for n in 0..4 {
-        api(server.addr, "publish", &json!({"channel": "chat:once", "data": n}));
+        api(
+            server.addr,
+            "publish",
+            &json!({"channel": "chat:once", "data": n}),
+        );
     }
     for p in &mut pbs {
         for n in 0..4 {
@@ -506,13 +546,21 @@ fn a_publication_is_encoded_to_protobuf_once_per_node_and_only_for_protobuf_subs
     );
     // The protobuf subscribers leave: encoding stops.
     drop(pbs);
-    eventually(Duration::from_secs(5), "protobuf interest withdrawn", || {
-        let (_, info) = api(server.addr, "info", &json!({}));
-        info["result"]["nodes"][0]["num_clients"].as_u64() == Some(2)
-            || info["result"]["nodes"][0]["num_clients"].is_null()
-    });
+    eventually(
+        Duration::from_secs(5),
+        "protobuf interest withdrawn",
+        || {
+            let (_, info) = api(server.addr, "info", &json!({}));
+            info["result"]["nodes"][0]["num_clients"].as_u64() == Some(2)
+                || info["result"]["nodes"][0]["num_clients"].is_null()
+        },
+    );
     std::thread::sleep(Duration::from_millis(300));
-    api(server.addr, "publish", &json!({"channel": "chat:once", "data": 9}));
+    api(
+        server.addr,
+        "publish",
+        &json!({"channel": "chat:once", "data": 9}),
+    );
     for c in &mut json_clients {
         c.push(Duration::from_secs(5)).expect("delivered");
     }
@@ -544,7 +592,11 @@ fn protobuf_clients_on_two_redis_nodes() {
         jb.push(Duration::from_secs(5)).unwrap()["push"]["pub"]["data"],
         json!({"x": 1})
     );
-    api(a.addr, "publish", &json!({"channel": "feed:r", "data": "h"}));
+    api(
+        a.addr,
+        "publish",
+        &json!({"channel": "feed:r", "data": "h"}),
+    );
     let got = pb_.publication("feed:r");
     assert_eq!((got.offset, got.data.as_slice()), (1, &br#""h""#[..]));
     assert_eq!(pa.publication("feed:r").offset, 1);

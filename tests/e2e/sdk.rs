@@ -53,8 +53,13 @@ fn official_js_sdk_protobuf_interop() {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.to_string_lossy().ends_with(".protobuf.mjs"))
         .collect();
-    assert!(!files.is_empty(), "no *.protobuf.mjs files in tests/interop/protobuf");
-    let cfg = format!("{BASE_CONFIG}{HISTORY_NAMESPACES}\n[ping]\ninterval_secs = 2\npong_timeout_secs = 1\n");
+    assert!(
+        !files.is_empty(),
+        "no *.protobuf.mjs files in tests/interop/protobuf"
+    );
+    let cfg = format!(
+        "{BASE_CONFIG}{HISTORY_NAMESPACES}\n[ping]\ninterval_secs = 2\npong_timeout_secs = 1\n"
+    );
     let server = Server::start(&cfg, &[]);
     let out = Command::new("node")
         .arg("--test")
@@ -76,9 +81,20 @@ fn official_js_sdk_protobuf_interop() {
         "protobuf SDK tests failed:\n{stdout}\n{stderr}"
     );
     let count = |what: &str| tap_count(&stdout, what);
-    assert_eq!(count("# skipped "), 0, "protobuf SDK tests skipped:\n{stdout}");
-    assert_eq!(count("# todo "), 0, "protobuf SDK tests marked todo:\n{stdout}");
-    assert!(count("# pass ") >= 4, "too few protobuf SDK tests ran:\n{stdout}");
+    assert_eq!(
+        count("# skipped "),
+        0,
+        "protobuf SDK tests skipped:\n{stdout}"
+    );
+    assert_eq!(
+        count("# todo "),
+        0,
+        "protobuf SDK tests marked todo:\n{stdout}"
+    );
+    assert!(
+        count("# pass ") >= 4,
+        "too few protobuf SDK tests ran:\n{stdout}"
+    );
 }
 
 #[test]
