@@ -22,7 +22,7 @@ mod modules;
 common_modules!("common"; args, connect, http, info, kernel_memory, memory, net, reader, safety, server, ws);
 
 use common::args::{conns_under_nofile, Args};
-use common::connect::connect_many;
+use common::connect::connect_many_as;
 use common::info::NodeInfo;
 use common::kernel_memory::{meminfo, slabinfo, sockstat_tcp_mem_bytes};
 use common::memory::{mib, rss_bytes, smaps_rollup_bytes, status_bytes};
@@ -30,6 +30,7 @@ use common::net::raise_nofile;
 use common::reader::{Handler, Reader};
 use common::safety::{fatal, install_safety_nets};
 use common::server::{bench_server_args, Server};
+use common::ws::Format;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -44,6 +45,8 @@ cargo bench --bench density -- [options]
   --shards N        server --shards (default 2)
   --channels K      subscribe connection i to bench:<i % K> (default 1: all on bench:0)
   --threads N       connecting threads (default 8)
+  --protobuf        clients speak the protobuf protocol (centrifuge-protobuf, binary frames)
+                    instead of JSON; compare the two runs' B/conn
   --src-addrs N     number of source addresses 127.0.0.2.. (default: 1 per 10K conns, min 2)
   --settle-ms MS    settle time before each measurement (default 3000)
   --runs N          measurements, each with a fresh server; summary with median and spread (default 3)
@@ -71,6 +74,14 @@ impl Handler for Idle {
         self.unexpected += 1;
         if self.first.is_none() {
             self.first = Some(String::from_utf8_lossy(&line[..line.len().min(200)]).into());
+        }
+    }
+
+    fn on_binary(&mut self, _conn: usize, len: usize) {
+        // Protobuf connections: anything but their pings (answered by the reader).
+        self.unexpected += 1;
+        if self.first.is_none() {
+            self.first = Some(format!("a binary message of {len} bytes"));
         }
     }
 }
@@ -135,6 +146,8 @@ struct Opts {
     margin: u64,
     shards: usize,
     channels: usize,
+    /// The clients' wire format (`--protobuf`).
+    format: Format,
     threads: usize,
     n_src: usize,
     settle: Duration,
@@ -154,6 +167,11 @@ impl Opts {
             margin,
             shards: args.get("shards", 2usize),
             channels: args.get("channels", 1usize).max(1),
+            format: if args.has("protobuf") {
+                Format::Protobuf
+            } else {
+                Format::Json
+            },
             threads: args.get("threads", 8usize),
             n_src: args.get("src-addrs", n.div_ceil(10_000).max(2)),
             settle: Duration::from_millis(args.get("settle-ms", 3000u64)),
@@ -185,7 +203,8 @@ fn main() {
     }
     println!(
         "# density: conns={} (RLIMIT_NOFILE hard={}, margin={}) shards={} \
-         channels={} src_addrs=127.0.0.2..127.0.0.{} connect_threads={} settle={} ms runs={}",
+         channels={} src_addrs=127.0.0.2..127.0.0.{} connect_threads={} settle={} ms runs={} \
+         format={}",
         o.n,
         o.hard,
         o.margin,
@@ -194,7 +213,8 @@ fn main() {
         o.n_src + 1,
         o.threads,
         o.settle.as_millis(),
-        o.runs
+        o.runs,
+        o.format.name()
     );
     let mut results = Vec::new();
     let mut failed = false;
@@ -357,7 +377,15 @@ fn connect_in_two_stages(
     let n1 = o.n / 4;
     [(0, n1), (n1, o.n - n1)].map(|(first, count)| {
         let t0 = Instant::now();
-        let conns = match connect_many(addr, first, count, o.threads, o.n_src, chan_fn.clone()) {
+        let conns = match connect_many_as(
+            addr,
+            first,
+            count,
+            o.threads,
+            o.n_src,
+            chan_fn.clone(),
+            o.format,
+        ) {
             Ok(c) => c,
             Err(e) => fatal(&format!("connecting: {e}")),
         };

@@ -4,8 +4,9 @@
 
 use super::net::{src_addr, tcp_connect};
 use super::ws::{
-    check_handshake_response, connect_subscribe_frame, encode_client_frame, handshake_request,
-    is_ping_line, json_lines, response_head_end, WsDecoder, WsEvent,
+    answered_protobuf, check_handshake_response, connect_subscribe_frame,
+    connect_subscribe_frame_protobuf, encode_client_frame, handshake_request_as, is_ping_line,
+    json_lines, protobuf_replies, response_head_end, Format, WsDecoder, WsEvent, PROTOBUF_PING,
 };
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -25,11 +26,22 @@ pub fn ws_upgrade(
     src: Option<Ipv4Addr>,
     timeout: Duration,
 ) -> Result<(TcpStream, Vec<u8>), String> {
+    ws_upgrade_as(dst, src, timeout, Format::Json)
+}
+
+/// [`ws_upgrade`] in a wire format (protobuf: the subprotocol offered and checked).
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub fn ws_upgrade_as(
+    dst: SocketAddr,
+    src: Option<Ipv4Addr>,
+    timeout: Duration,
+    format: Format,
+) -> Result<(TcpStream, Vec<u8>), String> {
     let mut s = tcp_connect(dst, src, timeout).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
     let key = tungstenite::handshake::client::generate_key();
-    s.write_all(handshake_request(dst, &key).as_bytes())
+    s.write_all(handshake_request_as(dst, &key, format).as_bytes())
         .map_err(|e| format!("write handshake: {e}"))?;
     let mut buf = Vec::with_capacity(512);
     let mut tmp = [0u8; 2048];
@@ -46,6 +58,9 @@ pub fn ws_upgrade(
         }
     };
     check_handshake_response(&buf[..hdr_end], &key)?;
+    if format == Format::Protobuf && !answered_protobuf(&buf[..hdr_end]) {
+        return Err("the server did not answer the centrifuge-protobuf subprotocol".into());
+    }
     Ok((s, buf.split_off(hdr_end)))
 }
 
@@ -55,11 +70,16 @@ fn ws_connect_subscribe(
     src: Option<Ipv4Addr>,
     channel: &str,
     timeout: Duration,
+    format: Format,
 ) -> Result<(TcpStream, WsDecoder), String> {
-    let (mut s, mut data) = ws_upgrade(dst, src, timeout)?;
+    let (mut s, mut data) = ws_upgrade_as(dst, src, timeout, format)?;
     let mut tmp = [0u8; 2048];
     let mut dec = WsDecoder::default();
-    s.write_all(&connect_subscribe_frame(channel, None))
+    let hello = match format {
+        Format::Json => connect_subscribe_frame(channel, None),
+        Format::Protobuf => connect_subscribe_frame_protobuf(channel),
+    };
+    s.write_all(&hello)
         .map_err(|e| format!("write connect: {e}"))?;
     let (mut got_connect, mut got_sub) = (false, false);
     let mut err: Option<String> = None;
@@ -90,6 +110,27 @@ fn ws_connect_subscribe(
                     }
                 }
             }
+            WsEvent::Binary(msg) if format == Format::Protobuf => {
+                if msg == PROTOBUF_PING {
+                    pings += 1;
+                    return;
+                }
+                match protobuf_replies(msg) {
+                    Ok(replies) => {
+                        for r in replies {
+                            if let Some(e) = &r.error {
+                                err = Some(format!("error reply: {e:?}"));
+                            }
+                            match r.id {
+                                1 if r.connect.is_some() => got_connect = true,
+                                2 if r.subscribe.is_some() => got_sub = true,
+                                _ => {}
+                            }
+                        }
+                    }
+                    Err(e) => err = Some(e),
+                }
+            }
             WsEvent::Close(_) => closed = true,
             _ => {}
         };
@@ -102,7 +143,10 @@ fn ws_connect_subscribe(
         }
         for _ in 0..pings {
             let mut out = Vec::new();
-            encode_client_frame(&mut out, 1, b"{}");
+            match format {
+                Format::Json => encode_client_frame(&mut out, 1, b"{}"),
+                Format::Protobuf => encode_client_frame(&mut out, 2, PROTOBUF_PING),
+            }
             s.write_all(&out).map_err(|e| format!("write pong: {e}"))?;
         }
         pings = 0;
@@ -141,6 +185,20 @@ pub fn connect_many(
     n_src: usize,
     channel: Arc<dyn Fn(usize) -> String + Send + Sync>,
 ) -> Result<Vec<WsConn>, String> {
+    connect_many_as(dst, first, count, threads, n_src, channel, Format::Json)
+}
+
+/// [`connect_many`] with clients of one wire format.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub fn connect_many_as(
+    dst: SocketAddr,
+    first: usize,
+    count: usize,
+    threads: usize,
+    n_src: usize,
+    channel: Arc<dyn Fn(usize) -> String + Send + Sync>,
+    format: Format,
+) -> Result<Vec<WsConn>, String> {
     let threads = threads.clamp(1, count.max(1));
     let abort = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
@@ -165,6 +223,7 @@ pub fn connect_many(
                         Some(src_addr(idx, n_src)),
                         &channel(idx),
                         Duration::from_secs(10),
+                        format,
                     ) {
                         Ok(c) => {
                             ok = Some(c);

@@ -7,7 +7,7 @@
 use super::connect::WsConn;
 use super::net::Epoll;
 use super::safety::fatal;
-use super::ws::{encode_client_frame, is_ping_line, json_lines, WsDecoder, WsEvent};
+use super::ws::{encode_client_frame, is_ping_line, json_lines, WsDecoder, WsEvent, PROTOBUF_PING};
 use std::io::{self, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -239,6 +239,8 @@ impl<'a, H: Handler> Loop<'a, H> {
     fn process(&mut self, idx: usize, data: &[u8]) {
         let now = unix_ns();
         let (mut pings, mut ctrl_pings) = (0u32, Vec::<Vec<u8>>::new());
+        // Protobuf connections' pings: a binary message holding one empty reply.
+        let mut pb_pings = 0u32;
         let mut closed: Option<Option<u16>> = None;
         let c = &mut self.conns[idx];
         let id = c.id;
@@ -256,18 +258,24 @@ impl<'a, H: Handler> Loop<'a, H> {
                 }
             }
             WsEvent::Ping(p) => ctrl_pings.push(p.to_vec()),
+            WsEvent::Binary(b) if b == PROTOBUF_PING => pb_pings += 1,
             WsEvent::Binary(b) => handler.on_binary(id, b.len()),
             WsEvent::Pong => {}
             WsEvent::Close(code) => closed = closed.or(Some(code)),
         });
-        if pings > 0 && !self.handler.on_pings(id, pings) {
+        if pings + pb_pings > 0 && !self.handler.on_pings(id, pings + pb_pings) {
             pings = 0;
+            pb_pings = 0;
         }
-        if pings > 0 || !ctrl_pings.is_empty() {
+        if pings > 0 || pb_pings > 0 || !ctrl_pings.is_empty() {
             self.replies.clear();
             for _ in 0..pings {
                 encode_client_frame(&mut self.replies, 1, b"{}");
             }
+            for _ in 0..pb_pings {
+                encode_client_frame(&mut self.replies, 2, PROTOBUF_PING);
+            }
+            let pings = pings + pb_pings;
             for p in &ctrl_pings {
                 encode_client_frame(&mut self.replies, 0xA, p);
             }

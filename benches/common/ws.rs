@@ -204,12 +204,95 @@ pub fn is_ping_line(line: &[u8]) -> bool {
 }
 
 /// The upgrade request for `/connection/websocket` on `host` with `key`.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
 pub fn handshake_request(host: SocketAddr, key: &str) -> String {
+    handshake_request_as(host, key, Format::Json)
+}
+
+/// A client's wire format: the JSON protocol, or protobuf (`centrifuge-protobuf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub enum Format {
+    Json,
+    Protobuf,
+}
+
+impl Format {
+    #[allow(dead_code, reason = "each bench uses part of the shared code")]
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Protobuf => "protobuf",
+        }
+    }
+}
+
+/// The upgrade request, offering the protobuf subprotocol for [`Format::Protobuf`].
+pub fn handshake_request_as(host: SocketAddr, key: &str, format: Format) -> String {
+    let protocol = match format {
+        Format::Json => "",
+        Format::Protobuf => "Sec-WebSocket-Protocol: centrifuge-protobuf\r\n",
+    };
     format!(
         "GET /connection/websocket HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{protocol}\r\n"
     )
 }
+
+/// Whether a 101 response head answered the protobuf subprotocol.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub fn answered_protobuf(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head)
+        .to_ascii_lowercase()
+        .contains("sec-websocket-protocol: centrifuge-protobuf\r\n")
+}
+
+/// One binary frame with the protobuf `connect` (id 1) and `subscribe` to `channel` (id 2),
+/// varint-delimited.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub fn connect_subscribe_frame_protobuf(channel: &str) -> Vec<u8> {
+    use prost::Message as _;
+    use shardcast::protocol::pb;
+    let mut payload = Vec::new();
+    for cmd in [
+        pb::Command {
+            id: 1,
+            connect: Some(pb::ConnectRequest::default()),
+            ..Default::default()
+        },
+        pb::Command {
+            id: 2,
+            subscribe: Some(pb::SubscribeRequest {
+                channel: channel.to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ] {
+        cmd.encode_length_delimited(&mut payload).expect("vec");
+    }
+    let mut out = Vec::with_capacity(payload.len() + 16);
+    encode_client_frame(&mut out, 2, &payload);
+    out
+}
+
+/// The protobuf replies of one binary message; `Err` when it is not varint-delimited replies.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub fn protobuf_replies(mut msg: &[u8]) -> Result<Vec<shardcast::protocol::pb::Reply>, String> {
+    use prost::Message as _;
+    let mut out = Vec::new();
+    while !msg.is_empty() {
+        out.push(
+            shardcast::protocol::pb::Reply::decode_length_delimited(&mut msg)
+                .map_err(|e| format!("bad protobuf reply: {e}"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The protobuf server ping: one empty reply.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub const PROTOBUF_PING: &[u8] = &[0];
 
 /// The longest response head accepted.
 const MAX_RESPONSE_HEAD_BYTES: usize = 16384;

@@ -93,6 +93,8 @@ struct State {
     idempotency: Idempotency,
     /// Channel → mask of shards with local subscribers.
     interest: super::Interest<Arc<str>>,
+    /// Shards with protobuf subscribers, per channel (a subset of `interest`).
+    protobuf: super::ProtobufInterest,
     gathers: Gathers<ReplyTo>,
     stats: Arc<BusStats>,
 }
@@ -134,6 +136,7 @@ impl State {
             history_bytes: 0,
             idempotency: Idempotency::default(),
             interest: Default::default(),
+            protobuf: Default::default(),
             gathers: Gathers::default(),
             stats,
         }
@@ -212,6 +215,11 @@ impl State {
             }
             ToBroker::Unsubscribe { shard, channel } => {
                 self.interest.remove(&channel, shard);
+                self.protobuf.left(&channel, shard);
+            }
+            ToBroker::ProtobufInterest { shard, channel, on } => {
+                let mask = self.interest.mask(&channel);
+                self.protobuf.set(channel, shard, on, mask);
             }
             ToBroker::Publish {
                 channel,
@@ -256,7 +264,11 @@ impl State {
                         bytes_change = (before, stream.bytes());
                         let epoch = stream.epoch.clone();
                         if mask != 0 {
-                            let frame = super::push_frame(&channel, &object);
+                            let frame = super::publication_frame(
+                                super::push_frame(&channel, &object),
+                                self.protobuf.mask(&channel) & mask != 0,
+                                &self.stats,
+                            );
                             super::send_to(&self.shards, mask, || ToShard::Publication {
                                 channel: channel.clone(),
                                 frame: frame.clone(),
@@ -277,7 +289,11 @@ impl State {
                                 info.as_deref(),
                                 extras,
                             );
-                            let frame = frame.finish(OP_TEXT);
+                            let frame = super::publication_frame(
+                                frame.finish(OP_TEXT),
+                                self.protobuf.mask(&channel) & mask != 0,
+                                &self.stats,
+                            );
                             super::send_to(&self.shards, mask, || ToShard::Publication {
                                 channel: channel.clone(),
                                 frame: frame.clone(),
@@ -466,6 +482,76 @@ mod tests {
             channel: "c".into(),
         });
         assert!(s.interest.is_empty());
+    }
+
+    #[test]
+    fn protobuf_twin_is_made_once_and_only_while_a_shard_has_protobuf_subscribers() {
+        let (mut s, inboxes) = setup(2);
+        let sub = |s: &mut State, shard| {
+            s.handle(ToBroker::Subscribe {
+                shard,
+                channel: "c".into(),
+            })
+        };
+        let pb = |s: &mut State, shard, on| {
+            s.handle(ToBroker::ProtobufInterest {
+                shard,
+                channel: "c".into(),
+                on,
+            })
+        };
+        let frames = |i: usize, inboxes: &[crate::bus::ShardInbox]| loop {
+            match inboxes[i].rx.try_recv().unwrap() {
+                ToShard::Publication { frame, .. } => {
+                    return (frame.as_ptr(), crate::bus::publication_frames(&frame))
+                }
+                ToShard::Reply { .. } => continue,
+                other => panic!("{other:?}"),
+            }
+        };
+        sub(&mut s, 0);
+        sub(&mut s, 1);
+        publish(&mut s, "c", 1);
+        let (_, (json, twin)) = frames(0, &inboxes);
+        assert!(twin.is_none(), "no protobuf subscriber: JSON only");
+        assert_eq!(json[0], 0x81);
+        let _ = frames(1, &inboxes);
+        assert_eq!(s.stats.protobuf_encodes.load(Ordering::Relaxed), 0);
+        // Shard 1 gets a protobuf subscriber: one twin for the node, shared by both shards.
+        pb(&mut s, 1, true);
+        publish(&mut s, "c", 2);
+        let (p0, (json0, twin0)) = frames(0, &inboxes);
+        let (p1, (_, twin1)) = frames(1, &inboxes);
+        assert_eq!(p0, p1, "one buffer for every shard");
+        assert_eq!(s.stats.protobuf_encodes.load(Ordering::Relaxed), 1);
+        assert_eq!(json0[0], 0x81);
+        let twin = twin0.unwrap();
+        assert_eq!(twin, twin1.unwrap());
+        let (op, payload) = crate::protocol::protobuf::frame_payload(&twin).unwrap();
+        assert_eq!(op, crate::ws::OP_BINARY);
+        let mut payload = payload;
+        let reply =
+            <crate::protocol::pb::Reply as prost::Message>::decode_length_delimited(&mut payload)
+                .unwrap();
+        let push = reply.push.unwrap();
+        assert_eq!(push.channel, "c");
+        assert_eq!(push.r#pub.unwrap().data, br#"{"n":1}"#);
+        // Its protobuf subscriber left: JSON only again.
+        pb(&mut s, 1, false);
+        publish(&mut s, "c", 3);
+        assert!(frames(0, &inboxes).1 .1.is_none());
+        // A stale "on" from a shard that already left the channel is ignored, and leaving the
+        // channel clears a shard's protobuf interest too.
+        pb(&mut s, 1, true);
+        s.handle(ToBroker::Unsubscribe {
+            shard: 1,
+            channel: "c".into(),
+        });
+        pb(&mut s, 1, true);
+        let _ = frames(1, &inboxes);
+        publish(&mut s, "c", 4);
+        assert!(frames(0, &inboxes).1 .1.is_none());
+        assert_eq!(s.stats.protobuf_encodes.load(Ordering::Relaxed), 1);
     }
 
     #[test]

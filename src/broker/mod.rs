@@ -10,6 +10,11 @@
 //! ([`send_to`], [`reply_to`], [`scatter`]), the framing of a publication push
 //! ([`push_frame`]), the gather bookkeeping ([`gather`]) and channel history ([`history`]).
 //! Nothing here blocks or does I/O beyond queueing onto the shards' bounded queues.
+//!
+//! Encode once per format: beside the channel interest, each broker keeps which shards have
+//! protobuf subscribers of a channel ([`ProtobufInterest`]); while any of the shards a
+//! publication goes to has one, the publication's protobuf twin is made here, once for the
+//! node, and travels in the same buffer as its JSON frame ([`publication_frame`]).
 
 pub mod gather;
 pub mod history;
@@ -88,6 +93,64 @@ impl<K: std::hash::Hash + Eq> Interest<K> {
 
     pub fn is_empty(&self) -> bool {
         self.masks.is_empty()
+    }
+}
+
+/// Which shards have protobuf subscribers of a channel: always a subset of the channel's
+/// interest mask (a shard's `Unsubscribe` clears its bit here too).
+#[derive(Debug, Default)]
+pub(crate) struct ProtobufInterest {
+    masks: Interest<std::sync::Arc<str>>,
+}
+
+impl ProtobufInterest {
+    /// Applies a shard's [`crate::bus::ToBroker::ProtobufInterest`]; `channel_mask` is the
+    /// channel's interest now (an `on` from a shard outside it is stale and ignored).
+    pub fn set(&mut self, channel: std::sync::Arc<str>, shard: usize, on: bool, channel_mask: u64) {
+        if on && channel_mask & (1 << shard) != 0 {
+            self.masks.add(channel, shard);
+        } else {
+            self.masks.remove(&*channel, shard);
+        }
+    }
+
+    /// The shard left the channel altogether.
+    pub fn left(&mut self, channel: &str, shard: usize) {
+        self.masks.remove(channel, shard);
+    }
+
+    /// The shards with protobuf subscribers of `channel`.
+    pub fn mask(&self, channel: &str) -> u64 {
+        self.masks.mask(channel)
+    }
+}
+
+/// The frame a publication travels in to shards: its JSON frame and, when `protobuf` (some
+/// receiving shard has a protobuf subscriber), the protobuf twin appended in the same buffer
+/// ([`crate::bus::publication_frames`] splits them). A JSON frame the schema cannot carry (not expected) goes without a twin; the shard's
+/// lazy transcoding then refuses it too and closes its protobuf subscribers as a server error.
+pub(crate) fn publication_frame(
+    json: bytes::Bytes,
+    protobuf: bool,
+    stats: &crate::bus::BusStats,
+) -> bytes::Bytes {
+    if !protobuf {
+        return json;
+    }
+    match crate::protocol::protobuf::binary_twin(&json) {
+        Ok(Some(twin)) => {
+            stats
+                .protobuf_encodes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut both = Vec::with_capacity(json.len() + twin.len());
+            both.extend_from_slice(&json);
+            both.extend_from_slice(&twin);
+            bytes::Bytes::from(both)
+        }
+        Ok(None) | Err(_) => {
+            tracing::warn!("publication without a protobuf form");
+            json
+        }
     }
 }
 

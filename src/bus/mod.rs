@@ -276,6 +276,15 @@ pub enum ToBroker {
     Subscribe { shard: ShardId, channel: Arc<str> },
     /// The shard's last local subscriber of `channel` left (1 → 0).
     Unsubscribe { shard: ShardId, channel: Arc<str> },
+    /// The shard has protobuf subscribers of `channel` (`on`), or no longer has any: the
+    /// broker then adds (or stops adding) a protobuf twin to the channel's publications. Sent
+    /// at the end of a shard's batch, after the `Subscribe` it follows; ignored for a shard
+    /// without interest in the channel (its `Unsubscribe` cleared this too).
+    ProtobufInterest {
+        shard: ShardId,
+        channel: Arc<str>,
+        on: bool,
+    },
     /// Publish to every subscriber on every node.
     Publish {
         channel: Arc<str>,
@@ -335,6 +344,11 @@ pub enum ToBroker {
 pub enum ToShard {
     /// A publication, already a complete WebSocket frame shared by every recipient. In a
     /// history channel it carries its offset (0 otherwise) and the stream's epoch.
+    ///
+    /// `frame` is the JSON text frame; the same buffer may go on after it with the protobuf
+    /// binary frame of the same publication (its twin, made by the broker once for the node
+    /// while some shard has a protobuf subscriber; see [`publication_frames`]). The first
+    /// frame's header says where it ends, so the message stays as small as it was.
     Publication {
         channel: Arc<str>,
         frame: Bytes,
@@ -380,6 +394,14 @@ pub enum ToShard {
     },
 }
 
+/// The JSON frame and, when present, the protobuf twin carried by a [`ToShard::Publication`].
+pub fn publication_frames(frame: &Bytes) -> (Bytes, Option<Bytes>) {
+    match crate::protocol::protobuf::first_frame_len(frame) {
+        Some(at) if at < frame.len() => (frame.slice(..at), Some(frame.slice(at..))),
+        _ => (frame.clone(), None),
+    }
+}
+
 /// Counters shared by the broker and the shards (relaxed atomics; read by `/api/info` and logs).
 #[derive(Debug, Default)]
 pub struct BusStats {
@@ -420,6 +442,9 @@ pub struct BusStats {
     /// `/api/channels` calls refused (temporary error) because
     /// `redis_options.max_pending_surveys` were waiting for other nodes' answers.
     pub surveys_refused: AtomicU64,
+    /// Protobuf twins of publications made by the broker (at most one per publication per
+    /// node, only while some shard has a protobuf subscriber of the channel).
+    pub protobuf_encodes: AtomicU64,
     /// Gauge: bytes of publications the standalone broker holds as history (bound
     /// `limits.max_history_bytes`), refreshed every second.
     pub history_bytes: AtomicU64,
@@ -465,6 +490,7 @@ impl BusStats {
             ("redis_write_queue_full", get(&self.redis_write_queue_full)),
             ("redis_replies_full", get(&self.redis_replies_full)),
             ("surveys_refused", get(&self.surveys_refused)),
+            ("protobuf_encodes", get(&self.protobuf_encodes)),
         ]
     }
 }

@@ -3,6 +3,12 @@
 //! request and computes `Sec-WebSocket-Accept`; the origin check ([`crate::pattern::origin`]) runs here
 //! too, so a foreign page is refused before the 101. Pure: no socket, no shard state (the front
 //! door applies the node's own limits afterwards).
+//!
+//! The wire format is chosen here, as Centrifugo chooses it: the `centrifuge-protobuf`
+//! subprotocol (answered in `Sec-WebSocket-Protocol`), or `?format=protobuf` /
+//! `?cf_protocol=protobuf` in the URL for clients that cannot offer subprotocols, makes a
+//! protobuf connection; anything else is JSON. A client offering `centrifuge-json` gets it
+//! answered (the server's preference when both are offered, as in Centrifugo).
 
 use super::{plain, Head};
 use crate::pattern::origin;
@@ -33,8 +39,46 @@ impl Refusal {
     }
 }
 
-/// Checks an upgrade request; the 101 response on success.
-pub fn accept(head: &Head, allowed_origins: &[String]) -> Result<Vec<u8>, Refusal> {
+/// The JSON subprotocol name.
+pub const SUBPROTOCOL_JSON: &str = "centrifuge-json";
+/// The protobuf subprotocol name.
+pub const SUBPROTOCOL_PROTOBUF: &str = "centrifuge-protobuf";
+
+/// An accepted upgrade: the 101 response and the connection's wire format.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub response: Vec<u8>,
+    /// The client speaks the protobuf protocol (binary frames).
+    pub protobuf: bool,
+}
+
+/// The subprotocol to answer, if the client offered one we speak (JSON preferred).
+fn subprotocol(head: &Head) -> Option<&'static str> {
+    let offered = |name: &str| {
+        head.header_values("sec-websocket-protocol").any(|v| {
+            std::str::from_utf8(v)
+                .unwrap_or("")
+                .split(',')
+                .any(|p| p.trim() == name)
+        })
+    };
+    [SUBPROTOCOL_JSON, SUBPROTOCOL_PROTOBUF]
+        .into_iter()
+        .find(|p| offered(p))
+}
+
+/// `format=protobuf` or `cf_protocol=protobuf` in the query string.
+fn query_wants_protobuf(path: &str) -> bool {
+    let Some((_, query)) = path.split_once('?') else {
+        return false;
+    };
+    query
+        .split('&')
+        .any(|kv| kv == "format=protobuf" || kv == "cf_protocol=protobuf")
+}
+
+/// Checks an upgrade request; the 101 response (with the chosen subprotocol) on success.
+pub fn accept(head: &Head, allowed_origins: &[String]) -> Result<Accepted, Refusal> {
     if head.method != "GET" {
         return Err(Refusal::Method);
     }
@@ -46,7 +90,7 @@ pub fn accept(head: &Head, allowed_origins: &[String]) -> Result<Vec<u8>, Refusa
         builder = builder.header(name.as_str(), value.as_slice());
     }
     let request = builder.body(()).map_err(|_| Refusal::BadHeaders)?;
-    let accept = tungstenite::handshake::server::create_response(&request).map_err(|e| {
+    let mut accept = tungstenite::handshake::server::create_response(&request).map_err(|e| {
         let status = if head.header("upgrade").is_none() {
             426
         } else {
@@ -65,10 +109,22 @@ pub fn accept(head: &Head, allowed_origins: &[String]) -> Result<Vec<u8>, Refusa
             return Err(Refusal::Origin);
         }
     }
-    let mut out = Vec::with_capacity(160);
+    let chosen = subprotocol(head);
+    if let Some(p) = chosen {
+        accept.headers_mut().insert(
+            "sec-websocket-protocol",
+            tungstenite::http::HeaderValue::from_static(p),
+        );
+    }
+    let protobuf = chosen == Some(SUBPROTOCOL_PROTOBUF)
+        || (chosen.is_none() && query_wants_protobuf(&head.path));
+    let mut out = Vec::with_capacity(200);
     tungstenite::handshake::server::write_response(&mut out, &accept)
         .map_err(|_| Refusal::BadHeaders)?;
-    Ok(out)
+    Ok(Accepted {
+        response: out,
+        protobuf,
+    })
 }
 
 #[cfg(test)]
@@ -85,8 +141,14 @@ mod tests {
 
     #[test]
     fn a_valid_upgrade_gets_the_101_with_the_rfc_accept_key() {
-        let out = String::from_utf8(accept(&head(""), &[]).unwrap()).unwrap();
+        let accepted = accept(&head(""), &[]).unwrap();
+        assert!(!accepted.protobuf);
+        let out = String::from_utf8(accepted.response).unwrap();
         assert!(out.starts_with("HTTP/1.1 101"), "{out}");
+        assert!(
+            !out.to_ascii_lowercase().contains("sec-websocket-protocol"),
+            "{out}"
+        );
         // RFC 6455 §1.3's example key and answer.
         assert!(out.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{out}");
     }
@@ -116,5 +178,41 @@ mod tests {
         assert!(accept(&own, &[]).is_ok());
         let listed = head("Origin: https://app.example.com\r\n");
         assert!(accept(&listed, &["https://*.example.com".to_string()]).is_ok());
+    }
+
+    #[test]
+    fn the_protobuf_subprotocol_is_answered_and_marks_the_connection() {
+        let a = accept(
+            &head("Sec-WebSocket-Protocol: centrifuge-protobuf\r\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(a.protobuf);
+        let out = String::from_utf8(a.response).unwrap().to_ascii_lowercase();
+        assert!(
+            out.contains("sec-websocket-protocol: centrifuge-protobuf\r\n"),
+            "{out}"
+        );
+        // JSON is preferred when both are offered (as Centrifugo's server list orders them).
+        let both = head("Sec-WebSocket-Protocol: centrifuge-protobuf, centrifuge-json\r\n");
+        let a = accept(&both, &[]).unwrap();
+        assert!(!a.protobuf);
+        assert!(String::from_utf8(a.response)
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("sec-websocket-protocol: centrifuge-json\r\n"));
+        // An unknown subprotocol is not answered.
+        let other = accept(&head("Sec-WebSocket-Protocol: mqtt\r\n"), &[]).unwrap();
+        assert!(!other.protobuf);
+        assert!(!String::from_utf8(other.response)
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("sec-websocket-protocol"));
+        // The URL form, for clients that cannot offer subprotocols.
+        let mut q = head("");
+        q.path = "/connection/websocket?cf_protocol=protobuf".into();
+        assert!(accept(&q, &[]).unwrap().protobuf);
+        q.path = "/connection/websocket?x=1&format=protobuf".into();
+        assert!(accept(&q, &[]).unwrap().protobuf);
     }
 }

@@ -9,6 +9,12 @@
 //! frame itself when there is one, else one buffer holding them all), and while that send is in
 //! flight new frames wait and go together in the next one ([`Connection::sent`]).
 //!
+//! Wire formats ([`Wire`]): a JSON connection gets the session's output in text frames; a
+//! protobuf connection (`centrifuge-protobuf`) has its binary frames turned into the session's
+//! JSON command lines and everything it is sent turned into varint-delimited replies in binary
+//! frames, here, at the one place output is framed ([`crate::protocol::protobuf`]). Shared
+//! publication frames come with their protobuf twin from the broker or the shard's inbox.
+//!
 //! Runs on the shard thread. Sees only [`ConnCtx`] (never the shard itself) and makes no system
 //! call: it says what to submit, and when the connection must end its methods return the
 //! [`Reason`] and the shard tears it down ([`super::io`]). Holds no borrow past a call.
@@ -20,6 +26,7 @@ use crate::conn::bucket::Bucket;
 use crate::conn::outbox::{Outbox, Push};
 use crate::conn::session::{Ended, Session};
 use crate::conn::ConnKey;
+use crate::protocol::protobuf;
 use crate::protocol::reply::ClientInfo;
 use crate::protocol::Disconnect;
 use crate::ws::{self, Event, Flow, FrameBuf, Partial, OP_PONG, OP_TEXT};
@@ -37,6 +44,39 @@ const CLOSE_TIMEOUT_SECS: u32 = 3;
 
 /// The server ping: an empty JSON object in a text frame.
 static PING_FRAME: [u8; 4] = [0x81, 0x02, b'{', b'}'];
+
+/// The server ping of a protobuf connection: an empty `Reply`, varint-delimited (one zero
+/// byte), in a binary frame.
+static PING_FRAME_PROTOBUF: [u8; 3] = [0x82, 0x01, 0x00];
+
+/// How a connection's messages are encoded (it takes the place of a flag: no extra byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// The JSON protocol in text frames.
+    Json,
+    /// The protobuf protocol (`centrifuge-protobuf`) in binary frames.
+    Protobuf,
+    /// The conformance echo endpoint: messages are echoed, no protocol session.
+    Echo,
+}
+
+/// Frames session output (JSON lines in `f`) for `wire`: a text frame, or for protobuf the
+/// same replies transcoded into a binary frame.
+fn frame_output(wire: Wire, f: FrameBuf) -> Result<Bytes, Reason> {
+    if wire != Wire::Protobuf {
+        return Ok(f.finish(OP_TEXT));
+    }
+    let mut f = f;
+    let json = &f.payload()[ws::HEADROOM..];
+    let mut out = FrameBuf::with_capacity(json.len());
+    match protobuf::replies_from_json(json, out.payload()) {
+        Ok(()) => Ok(out.finish(ws::OP_BINARY)),
+        Err(e) => {
+            tracing::warn!(error = %e, "session output not representable in protobuf");
+            Err(Reason::ServerError)
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -72,8 +112,8 @@ pub struct ConnState {
     sending: bool,
     /// Queued in the shard's dirty list (to be flushed at the end of the batch).
     dirty: bool,
-    /// Conformance echo endpoint: messages are echoed, no protocol session.
-    echo: bool,
+    /// The connection's wire format (JSON, protobuf, or the conformance echo endpoint).
+    wire: Wire,
     /// Command rate limit.
     bucket: Bucket,
 }
@@ -99,7 +139,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(key: ConnKey, fd: OwnedFd, now: u32, echo: bool, bucket: Bucket) -> Connection {
+    pub fn new(key: ConnKey, fd: OwnedFd, now: u32, wire: Wire, bucket: Bucket) -> Connection {
         Connection {
             key,
             fd: Cell::new(fd.into_raw_fd()),
@@ -116,7 +156,7 @@ impl Connection {
                 sub_expires_at: 0,
                 sending: false,
                 dirty: false,
-                echo,
+                wire,
                 bucket,
             }),
         }
@@ -142,13 +182,36 @@ impl Connection {
         }
     }
 
+    /// The connection's wire format.
+    pub fn wire(&self) -> Wire {
+        self.state.borrow().wire
+    }
+
     /// Queues a frame (fan-out, deferred reply, ping). Over the outbox bound the connection is
-    /// closed as slow and its queue dropped.
+    /// closed as slow and its queue dropped. A JSON text frame queued for a protobuf
+    /// connection is transcoded to its binary twin first (shared frames come transcoded
+    /// already, once per shard: see the inbox).
     pub fn push(&self, ctx: &ConnCtx, frame: Bytes) {
         let mut st = self.state.borrow_mut();
         if st.phase != Phase::Open {
             return;
         }
+        let frame = if st.wire == Wire::Protobuf && frame.first() == Some(&(0x80 | OP_TEXT)) {
+            bump(&ctx.counters.protobuf_transcodes);
+            match protobuf::binary_twin(&frame) {
+                Ok(Some(twin)) => twin,
+                Ok(None) | Err(_) => {
+                    tracing::warn!("frame not representable in protobuf");
+                    queue_close_as(&mut st, Reason::ServerError);
+                    self.arm(ctx, &mut st);
+                    drop(st);
+                    self.wake(ctx);
+                    return;
+                }
+            }
+        } else {
+            frame
+        };
         let was_empty = st.outbox.is_empty();
         if st.outbox.push(frame, ctx.cfg.limits.max_outbox_bytes) == Push::Overflow {
             bump(&ctx.counters.slow_disconnects);
@@ -229,7 +292,7 @@ impl Connection {
             }
             Phase::Open => {}
         }
-        if st.echo {
+        if st.wire == Wire::Echo {
             // Conformance endpoint: no protocol heartbeats and no stale timeout.
             st.last_ping = now;
             self.arm(ctx, &mut st);
@@ -256,10 +319,15 @@ impl Connection {
             st.last_ping = now;
             st.awaiting_pong = true;
             let was_empty = st.outbox.is_empty();
-            if st.outbox.push(
-                Bytes::from_static(&PING_FRAME),
-                ctx.cfg.limits.max_outbox_bytes,
-            ) == Push::Overflow
+            let ping: &'static [u8] = if st.wire == Wire::Protobuf {
+                &PING_FRAME_PROTOBUF
+            } else {
+                &PING_FRAME
+            };
+            if st
+                .outbox
+                .push(Bytes::from_static(ping), ctx.cfg.limits.max_outbox_bytes)
+                == Push::Overflow
             {
                 bump(&ctx.counters.slow_disconnects);
                 queue_close_as(&mut st, Reason::Slow);
@@ -304,6 +372,7 @@ impl Connection {
             outbox,
             expires_at,
             sub_expires_at,
+            wire,
             ..
         } = st;
         let expiry = Expiry {
@@ -316,10 +385,15 @@ impl Connection {
             .expire_subscriptions(self.key, session, expiry, f.payload())
             > 0
         {
-            // Like a server ping: over the outbox bound the next write closes it as slow.
-            if outbox.push(f.finish(OP_TEXT), ctx.cfg.limits.max_outbox_bytes) == Push::Overflow {
-                bump(&ctx.counters.slow_disconnects);
-                queue_close_as(st, Reason::Slow);
+            match frame_output(*wire, f) {
+                // Like a server ping: over the outbox bound the next write closes it as slow.
+                Ok(frame) => {
+                    if outbox.push(frame, ctx.cfg.limits.max_outbox_bytes) == Push::Overflow {
+                        bump(&ctx.counters.slow_disconnects);
+                        queue_close_as(st, Reason::Slow);
+                    }
+                }
+                Err(why) => queue_close_as(st, why),
             }
         }
     }
@@ -422,7 +496,9 @@ impl Connection {
         let mut overflow = false;
         let expires_before = (st.expires_at, st.sub_expires_at);
         let connected_before = st.session.is_connected();
-        let echo = st.echo;
+        let wire = st.wire;
+        let echo = wire == Wire::Echo;
+        let mut commands = String::new();
         let ConnState {
             session,
             outbox,
@@ -446,13 +522,30 @@ impl Connection {
                     }
                     Flow::Continue
                 }
-                Event::Message { payload, .. } => {
+                Event::Message { payload, text } => {
                     bump(&counters.messages_in);
                     *awaiting_pong = false;
-                    let Ok(text) = std::str::from_utf8(payload) else {
-                        let d = Disconnect::BadRequest;
-                        close = Some((Reason::Session(d), d.code(), d.reason()));
-                        return Flow::Stop;
+                    let bad_request = Some((
+                        Reason::Session(Disconnect::BadRequest),
+                        Disconnect::BadRequest.code(),
+                        Disconnect::BadRequest.reason(),
+                    ));
+                    let text = if wire == Wire::Protobuf {
+                        // Binary frames of varint-delimited commands only; a text frame or a
+                        // malformed one ends this connection with 3501, as in Centrifugo.
+                        commands.clear();
+                        if text || protobuf::commands_to_json(payload, &mut commands).is_err() {
+                            bump(&counters.protobuf_malformed);
+                            close = bad_request;
+                            return Flow::Stop;
+                        }
+                        commands.as_str()
+                    } else {
+                        let Ok(text) = std::str::from_utf8(payload) else {
+                            close = bad_request;
+                            return Flow::Stop;
+                        };
+                        text
                     };
                     let mut frame = FrameBuf::with_capacity(96);
                     let outcome = ctx.sessions.handle_message(
@@ -466,11 +559,20 @@ impl Connection {
                         text,
                         frame.payload(),
                     );
-                    if frame.payload_len() > 0
-                        && outbox.push(frame.finish(OP_TEXT), max_outbox) == Push::Overflow
-                    {
-                        overflow = true;
-                        return Flow::Stop;
+                    if frame.payload_len() > 0 {
+                        match frame_output(wire, frame) {
+                            Ok(frame) => {
+                                if outbox.push(frame, max_outbox) == Push::Overflow {
+                                    overflow = true;
+                                    return Flow::Stop;
+                                }
+                            }
+                            Err(why) => {
+                                let d = Disconnect::ServerError;
+                                close = Some((why, d.code(), d.reason()));
+                                return Flow::Stop;
+                            }
+                        }
                     }
                     match outcome {
                         Ok(()) => Flow::Continue,
@@ -538,12 +640,22 @@ impl Connection {
             ctx.sessions
                 .proxied(self.key, session, expiry, waiting, answer, frame.payload())
         };
-        let overflow = frame.payload_len() > 0
-            && st
-                .outbox
-                .push(frame.finish(OP_TEXT), ctx.cfg.limits.max_outbox_bytes)
-                == Push::Overflow;
-        if overflow {
+        let framed = if frame.payload_len() > 0 {
+            frame_output(st.wire, frame).map(Some)
+        } else {
+            Ok(None)
+        };
+        let overflow = match &framed {
+            Ok(Some(frame)) => {
+                st.outbox
+                    .push(frame.clone(), ctx.cfg.limits.max_outbox_bytes)
+                    == Push::Overflow
+            }
+            _ => false,
+        };
+        if let Err(why) = framed {
+            queue_close_as(st, why);
+        } else if overflow {
             bump(&ctx.counters.slow_disconnects);
             queue_close_as(st, Reason::Slow);
         } else {
@@ -565,7 +677,7 @@ impl Connection {
     pub fn server_command(&self, ctx: &ConnCtx, cmd: crate::conn::server_side::ServerCommand<'_>) {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
-        if st.phase != Phase::Open || st.echo {
+        if st.phase != Phase::Open || st.wire == Wire::Echo {
             return;
         }
         let expires_before = (st.expires_at, st.sub_expires_at);
@@ -576,12 +688,22 @@ impl Connection {
             ctx.sessions
                 .server_command(self.key, session, expiry, cmd, frame.payload())
         };
-        if frame.payload_len() > 0
-            && st
-                .outbox
-                .push(frame.finish(OP_TEXT), ctx.cfg.limits.max_outbox_bytes)
-                == Push::Overflow
-        {
+        let framed = if frame.payload_len() > 0 {
+            frame_output(st.wire, frame).map(Some)
+        } else {
+            Ok(None)
+        };
+        let overflow = match &framed {
+            Ok(Some(frame)) => {
+                st.outbox
+                    .push(frame.clone(), ctx.cfg.limits.max_outbox_bytes)
+                    == Push::Overflow
+            }
+            _ => false,
+        };
+        if let Err(why) = framed {
+            queue_close_as(st, why);
+        } else if overflow {
             bump(&ctx.counters.slow_disconnects);
             queue_close_as(st, Reason::Slow);
         } else if let Err(d) = outcome {

@@ -71,6 +71,11 @@ pub struct Counters {
     pub join_leave_dropped: Cell<u64>,
     /// Join and leave pushes queued to subscribers.
     pub join_leave_deliveries: Cell<u64>,
+    /// Protobuf connections closed with 3501 for a text frame or a malformed command frame.
+    pub protobuf_malformed: Cell<u64>,
+    /// JSON frames transcoded to protobuf on the shard: a shared frame that came without its
+    /// protobuf twin (once per shard per frame), or a frame built for one connection.
+    pub protobuf_transcodes: Cell<u64>,
     /// WebSocket connections ended, by [`Reason`] (`ended_<label>`, one slot per label).
     ended: [Cell<u64>; SLOTS],
 }
@@ -123,6 +128,8 @@ impl Counters {
             ("join_leave_sent", self.join_leave_sent.get()),
             ("join_leave_dropped", self.join_leave_dropped.get()),
             ("join_leave_deliveries", self.join_leave_deliveries.get()),
+            ("protobuf_malformed", self.protobuf_malformed.get()),
+            ("protobuf_transcodes", self.protobuf_transcodes.get()),
         ];
         all.extend(
             reason::counter_names()

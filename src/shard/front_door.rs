@@ -100,14 +100,19 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                     || (!shard.cfg.conformance_echo_path.is_empty()
                         && p == shard.cfg.conformance_echo_path) =>
             {
-                let echo = p != "/connection/websocket";
+                let echo_path = p != "/connection/websocket";
                 // The headers the backend's proxies get, copied from this request.
                 let copied: Vec<(String, Vec<u8>)> = (shard.cfg.proxy.http_headers.iter())
                     .filter_map(|name| head.header(name).map(|v| (name.clone(), v.to_vec())))
                     .collect();
                 let early = buf.split_off(head.len);
                 drop(buf);
-                if let Some(stream) = upgrade(&shard, stream, &head).await {
+                if let Some((stream, protobuf)) = upgrade(&shard, stream, &head).await {
+                    let wire = match (echo_path, protobuf) {
+                        (true, _) => super::connection::Wire::Echo,
+                        (false, true) => super::connection::Wire::Protobuf,
+                        (false, false) => super::connection::Wire::Json,
+                    };
                     // The WebSocket phase leaves glommio's socket type (and this task): the
                     // shard arms a multishot receive for it on its own ring, so an idle
                     // connection holds no task, no future, no buffer and no glommio source.
@@ -118,7 +123,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                         shard.node.connections.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }
-                    super::io::start(&shard, fd, early, echo, copied);
+                    super::io::start(&shard, fd, early, wire, copied);
                 }
                 return;
             }
@@ -204,9 +209,9 @@ fn pipelined(shard: &Shard, first: api::Request, buf: &mut Vec<u8>) -> Vec<api::
 }
 
 /// Checks the upgrade ([`http::handshake`]), applies the node's own limits (draining, the
-/// connection limit) and writes the 101. Returns the stream for the WebSocket phase, or `None`
-/// after having answered with an error status.
-async fn upgrade(shard: &Shard, mut stream: TcpStream, head: &Head) -> Option<TcpStream> {
+/// connection limit) and writes the 101. Returns the stream for the WebSocket phase and whether
+/// it speaks protobuf, or `None` after having answered with an error status.
+async fn upgrade(shard: &Shard, mut stream: TcpStream, head: &Head) -> Option<(TcpStream, bool)> {
     let accept = match handshake::accept(head, &shard.cfg.allowed_origins) {
         Ok(bytes) => bytes,
         Err(refusal) => {
@@ -232,11 +237,11 @@ async fn upgrade(shard: &Shard, mut stream: TcpStream, head: &Head) -> Option<Tc
             .await;
         return None;
     }
-    if stream.write_all(&accept).await.is_err() {
+    if stream.write_all(&accept.response).await.is_err() {
         shard.node.connections.fetch_sub(1, Ordering::Relaxed);
         return None;
     }
-    Some(stream)
+    Some((stream, accept.protobuf))
 }
 
 /// The API's view of the shard: configuration, node state and the broker.

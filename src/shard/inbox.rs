@@ -67,7 +67,7 @@ impl Shard {
                 offset,
                 epoch,
             } => {
-                if let Some(epoch) = epoch {
+                {
                     let mut index = self.index.borrow_mut();
                     let Some(id) = index.id_of(&channel) else {
                         return;
@@ -76,7 +76,7 @@ impl Shard {
                     // Only once a position answer of this incarnation of the channel set it:
                     // until then, publications may be left over from before the shard last
                     // left it.
-                    if ch.position.is_some() {
+                    if let (Some(epoch), Some(_)) = (epoch, &ch.position) {
                         ch.position = Some(StreamPos { offset, epoch });
                     }
                 }
@@ -104,7 +104,11 @@ impl Shard {
 
     /// Queues `frame`, shared, to every local subscriber of `channel` that `wants` it (by
     /// connection and channel id); returns how many got it. The one fan-out of the shard:
-    /// publications, repairs and join/leave messages all go through here.
+    /// publications, repairs and join/leave messages all go through here. JSON connections
+    /// get the JSON frame, protobuf ones its protobuf twin (appended by the broker, see
+    /// [`crate::bus::publication_frames`]); a frame that came without a twin (a shared push
+    /// the broker did not transcode) is transcoded here lazily, once for the shard, when the
+    /// first protobuf subscriber needs it.
     pub(super) fn deliver(
         &self,
         channel: &str,
@@ -116,6 +120,7 @@ impl Shard {
             return 0;
         };
         let ch = index.get(id).expect("interned");
+        let (json, mut twin) = crate::bus::publication_frames(&frame);
         let conns = self.conns.borrow();
         let ctx = self.ctx();
         let mut n = 0;
@@ -123,11 +128,22 @@ impl Shard {
             if !wants(*key, id) {
                 continue;
             }
-            if let Some(c) = conns.get(*key) {
-                c.push(&ctx, frame.clone());
-                bump(&self.counters.deliveries);
-                n += 1;
+            let Some(c) = conns.get(*key) else {
+                continue;
+            };
+            if ch.protobuf > 0 && index.is_protobuf(*key) {
+                if twin.is_none() {
+                    bump(&self.counters.protobuf_transcodes);
+                    twin = crate::protocol::protobuf::binary_twin(&json).ok().flatten();
+                }
+                // Without a twin (not representable) `push` refuses the text frame and closes
+                // the connection as a server error.
+                c.push(&ctx, twin.clone().unwrap_or_else(|| json.clone()));
+            } else {
+                c.push(&ctx, json.clone());
             }
+            bump(&self.counters.deliveries);
+            n += 1;
         }
         n
     }

@@ -3,6 +3,13 @@
 //! Acts only on transitions: the first local subscriber of a channel registers the shard's
 //! interest with the broker, the last one withdraws it. Removal is O(1) (a set per channel),
 //! so a mass disconnect from a huge channel stays linear.
+//!
+//! Per-format interest: the index knows which connections speak protobuf (one bit per table
+//! slot, allocated only once the shard has a protobuf connection) and counts each channel's
+//! protobuf subscribers; when a channel's count crosses 0 ↔ 1 the channel is noted, and the
+//! shard tells the broker at the end of the batch ([`ChannelIndex::take_format_changes`]), so
+//! the broker encodes a publication to protobuf only while some shard has a protobuf
+//! subscriber of its channel.
 
 use crate::conn::session::ChanId;
 use crate::conn::ConnKey;
@@ -23,6 +30,8 @@ pub struct Channel {
     /// History channels: the stream position of the last publication this shard received
     /// (exact, since publications and position answers arrive in one ordered queue).
     pub position: Option<crate::bus::StreamPos>,
+    /// Subscribers (waiting ones included) that speak protobuf.
+    pub protobuf: u32,
 }
 
 /// A subscriber waiting for the broker.
@@ -66,6 +75,12 @@ pub struct ChannelIndex {
     slots: Vec<Option<Channel>>,
     free: Vec<ChanId>,
     subscriptions: u64,
+    /// One bit per connection slot: the connection there speaks protobuf. Empty (no heap)
+    /// until the shard's first protobuf connection.
+    protobuf_slots: Vec<u64>,
+    /// Channels whose protobuf subscriber count went 0 → 1 or back to 0 since the last
+    /// [`ChannelIndex::take_format_changes`].
+    format_changes: Vec<Rc<str>>,
 }
 
 impl ChannelIndex {
@@ -80,6 +95,61 @@ impl ChannelIndex {
         self.add_member(name, waiting.key, ready, Some(waiting))
     }
 
+    /// Marks the connection in `slot` as speaking protobuf (`on`) or not: set when a
+    /// connection starts (before it can subscribe), cleared when it ends.
+    pub fn set_protobuf(&mut self, slot: u32, on: bool) {
+        let (word, bit) = ((slot / 64) as usize, slot % 64);
+        if on {
+            if self.protobuf_slots.len() <= word {
+                self.protobuf_slots.resize(word + 1, 0);
+            }
+            self.protobuf_slots[word] |= 1 << bit;
+        } else if let Some(w) = self.protobuf_slots.get_mut(word) {
+            *w &= !(1 << bit);
+        }
+    }
+
+    /// Whether connection `key` speaks protobuf.
+    pub fn is_protobuf(&self, key: ConnKey) -> bool {
+        let (word, bit) = ((key.slot / 64) as usize, key.slot % 64);
+        self.protobuf_slots
+            .get(word)
+            .is_some_and(|w| w & (1 << bit) != 0)
+    }
+
+    /// The channels whose protobuf interest changed, each with whether it has protobuf
+    /// subscribers now (once per channel; a channel that is gone has none).
+    pub fn take_format_changes(&mut self) -> Vec<(Rc<str>, bool)> {
+        if self.format_changes.is_empty() {
+            return Vec::new();
+        }
+        let mut changed = std::mem::take(&mut self.format_changes);
+        changed.sort_unstable();
+        changed.dedup();
+        changed
+            .into_iter()
+            .map(|name| {
+                let now = self.lookup(&name).is_some_and(|ch| ch.protobuf > 0);
+                (name, now)
+            })
+            .collect()
+    }
+
+    /// Counts a protobuf subscriber of `ch` in (`+1`) or out (`-1`), noting 0 ↔ 1 crossings.
+    fn count_protobuf(changes: &mut Vec<Rc<str>>, ch: &mut Channel, joined: bool) {
+        if joined {
+            ch.protobuf += 1;
+            if ch.protobuf == 1 {
+                changes.push(ch.name.clone());
+            }
+        } else {
+            ch.protobuf = ch.protobuf.saturating_sub(1);
+            if ch.protobuf == 0 {
+                changes.push(ch.name.clone());
+            }
+        }
+    }
+
     fn add_member(
         &mut self,
         name: &str,
@@ -88,6 +158,7 @@ impl ChannelIndex {
         waiting: Option<Waiting>,
     ) -> Added {
         self.subscriptions += 1;
+        let protobuf = self.is_protobuf(key);
         let place = |ch: &mut Channel| match waiting {
             Some(w) => ch.waiting.push(w),
             None => {
@@ -99,6 +170,9 @@ impl ChannelIndex {
                 .as_mut()
                 .expect("interned id is live");
             place(ch);
+            if protobuf {
+                Self::count_protobuf(&mut self.format_changes, ch, true);
+            }
             return Added::More(id);
         }
         let name: Rc<str> = name.into();
@@ -108,8 +182,12 @@ impl ChannelIndex {
             ready,
             waiting: Vec::new(),
             position: None,
+            protobuf: 0,
         };
         place(&mut channel);
+        if protobuf {
+            Self::count_protobuf(&mut self.format_changes, &mut channel, true);
+        }
         let id = match self.free.pop() {
             Some(id) => {
                 self.slots[id as usize] = Some(channel);
@@ -127,10 +205,14 @@ impl ChannelIndex {
     /// Removes `key` (subscribed or waiting) from channel `id`; returns the channel name
     /// when it was the last one.
     pub fn remove(&mut self, id: ChanId, key: ConnKey) -> Option<Rc<str>> {
+        let protobuf = self.is_protobuf(key);
         let ch = self.slots.get_mut(id as usize)?.as_mut()?;
         if !ch.subscribers.remove(&key) {
             let pos = ch.waiting.iter().position(|w| w.key == key)?;
             ch.waiting.swap_remove(pos);
+        }
+        if protobuf {
+            Self::count_protobuf(&mut self.format_changes, ch, false);
         }
         self.subscriptions -= 1;
         self.release_if_empty(id)
@@ -170,12 +252,23 @@ impl ChannelIndex {
         id: ChanId,
         pick: impl Fn(&Waiting) -> bool,
     ) -> (Vec<Waiting>, Option<Rc<str>>) {
-        let Some(ch) = self.get_mut(id) else {
-            return (Vec::new(), None);
+        let protobuf: Vec<bool> = match self.get(id) {
+            Some(ch) => ch.waiting.iter().map(|w| self.is_protobuf(w.key)).collect(),
+            None => return (Vec::new(), None),
         };
-        let (picked, rest): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut ch.waiting)
-            .into_iter()
-            .partition(|w| pick(w));
+        let ch = self.slots[id as usize].as_mut().expect("checked");
+        let mut picked = Vec::new();
+        let mut rest = Vec::new();
+        for (w, pb) in std::mem::take(&mut ch.waiting).into_iter().zip(protobuf) {
+            if pick(&w) {
+                if pb {
+                    Self::count_protobuf(&mut self.format_changes, ch, false);
+                }
+                picked.push(w);
+            } else {
+                rest.push(w);
+            }
+        }
         ch.waiting = rest;
         self.subscriptions -= picked.len() as u64;
         let emptied = if picked.is_empty() {
@@ -189,6 +282,9 @@ impl ChannelIndex {
     /// Removes every subscriber of channel `id` (waiting ones too); returns them and the name.
     pub fn clear(&mut self, id: ChanId) -> Option<(Vec<ConnKey>, Rc<str>)> {
         let ch = self.slots.get_mut(id as usize)?.take()?;
+        if ch.protobuf > 0 {
+            self.format_changes.push(ch.name.clone());
+        }
         let mut keys: Vec<ConnKey> = ch.subscribers.into_iter().collect();
         keys.extend(ch.waiting.iter().map(|w| w.key));
         self.subscriptions -= keys.len() as u64;
@@ -301,5 +397,39 @@ mod tests {
         };
         assert_eq!(ix.fail(d, |_| true).1.as_deref(), Some("x"));
         assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn protobuf_subscribers_are_counted_and_their_crossings_noted() {
+        let mut ix = ChannelIndex::default();
+        assert!(!ix.is_protobuf(k(130)));
+        ix.set_protobuf(130, true);
+        ix.set_protobuf(2, true);
+        assert!(ix.is_protobuf(k(130)) && ix.is_protobuf(k(2)) && !ix.is_protobuf(k(3)));
+        // A JSON subscriber: no protobuf interest.
+        let Added::First(a) = ix.add("a", k(3), true) else {
+            panic!()
+        };
+        assert!(ix.take_format_changes().is_empty());
+        ix.add("a", k(130), true);
+        ix.add_waiting("a", waiting(2, 1), true);
+        assert_eq!(ix.get(a).unwrap().protobuf, 2);
+        assert_eq!(ix.take_format_changes(), vec![(Rc::from("a"), true)]);
+        ix.remove(a, k(130));
+        assert!(ix.take_format_changes().is_empty(), "one is left");
+        let (failed, _) = ix.fail(a, |_| true);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(ix.take_format_changes(), vec![(Rc::from("a"), false)]);
+        // In and out within one batch: announced once, as it is now.
+        ix.add("a", k(2), true);
+        ix.remove(a, k(2));
+        assert_eq!(ix.take_format_changes(), vec![(Rc::from("a"), false)]);
+        // A cleared channel had protobuf subscribers: it has none now.
+        ix.add("a", k(2), true);
+        let _ = ix.take_format_changes();
+        ix.clear(a);
+        assert_eq!(ix.take_format_changes(), vec![(Rc::from("a"), false)]);
+        ix.set_protobuf(130, false);
+        assert!(!ix.is_protobuf(k(130)));
     }
 }

@@ -34,7 +34,7 @@ pub fn start(
     shard: &Shard,
     fd: RawFd,
     mut early: Vec<u8>,
-    echo: bool,
+    wire: super::connection::Wire,
     headers: Vec<(String, Vec<u8>)>,
 ) {
     // SAFETY: the caller transfers ownership of an open socket descriptor (a fresh dup).
@@ -45,7 +45,12 @@ pub fn start(
     let conn = shard
         .conns
         .borrow_mut()
-        .insert_with(|key| Rc::new(Connection::new(key, fd, now, echo, bucket)));
+        .insert_with(|key| Rc::new(Connection::new(key, fd, now, wire, bucket)));
+    // Before it can subscribe: the index counts its subscriptions as protobuf ones.
+    shard
+        .index
+        .borrow_mut()
+        .set_protobuf(conn.key.slot, wire == super::connection::Wire::Protobuf);
     bump(&shard.counters.ws_opened);
     if conn.key.slot > MAX_SLOT {
         tracing::warn!(
@@ -75,6 +80,7 @@ impl Shard {
     /// last flush (a connection whose send is in flight waits for its completion, and then
     /// sends everything queued meanwhile at once), and anything else queued on the ring.
     pub fn flush_dirty(&self) {
+        self.announce_formats();
         let ctx = self.ctx();
         loop {
             let dirty = self.io.take_dirty();
@@ -102,6 +108,19 @@ impl Shard {
         self.ring.submit();
     }
 
+    /// Tells the broker which channels gained their first or lost their last protobuf
+    /// subscriber on this shard since the last flush (after the `Subscribe` each follows).
+    fn announce_formats(&self) {
+        let changes = self.index.borrow_mut().take_format_changes();
+        for (channel, on) in changes {
+            self.send_broker_must(crate::bus::ToBroker::ProtobufInterest {
+                shard: self.id,
+                channel: std::sync::Arc::from(&*channel),
+                on,
+            });
+        }
+    }
+
     /// Ends a connection: its session leaves every channel, its user is forgotten, its slot is
     /// freed, and its pending receive (and send, if any) are cancelled and its socket closed
     /// through the ring; later completions of this generation find nothing and are ignored.
@@ -111,6 +130,8 @@ impl Shard {
             return;
         }
         let reason = conn.finish(&self.ctx(), event);
+        // After the session left its channels (counted by format): the slot is free.
+        self.index.borrow_mut().set_protobuf(conn.key.slot, false);
         self.conns.borrow_mut().remove(conn.key);
         if let Some(fd) = conn.take_fd() {
             self.ring.cancel_and_close(fd, conn.key);
@@ -344,7 +365,13 @@ mod tests {
         };
         let shard = Shard::new(0, Arc::new(cfg), node, tx);
         let (server, client) = UnixStream::pair().unwrap();
-        start(&shard, server.into_raw_fd(), Vec::new(), false, Vec::new());
+        start(
+            &shard,
+            server.into_raw_fd(),
+            Vec::new(),
+            crate::shard::connection::Wire::Json,
+            Vec::new(),
+        );
         let conn = shard.conns.borrow().all().pop().expect("started");
         client
             .set_read_timeout(Some(Duration::from_secs(2)))
@@ -402,7 +429,13 @@ mod tests {
         assert_eq!(client.read(&mut b).unwrap(), 0, "the socket is closed");
         // A new connection takes the same slot with the next generation.
         let (server2, mut client2) = UnixStream::pair().unwrap();
-        start(&shard, server2.into_raw_fd(), Vec::new(), true, Vec::new());
+        start(
+            &shard,
+            server2.into_raw_fd(),
+            Vec::new(),
+            crate::shard::connection::Wire::Echo,
+            Vec::new(),
+        );
         let new = shard.conns.borrow().all().pop().expect("started");
         assert_eq!(new.key.slot, old.slot);
         assert_ne!(new.key.generation, old.generation);

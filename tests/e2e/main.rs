@@ -15,6 +15,7 @@ mod jwks_https;
 #[allow(dead_code, reason = "shared with the library's token tests")]
 mod keys;
 mod pipelining;
+mod protobuf;
 mod protocol;
 mod proxy;
 mod recovery;

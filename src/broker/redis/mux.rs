@@ -60,6 +60,8 @@ pub(super) struct Mux {
     pub(super) shards: Vec<ShardLink>,
     /// Channel → mask of shards with local subscribers.
     pub(super) interest: RefCell<Interest<Arc<str>>>,
+    /// Channel → shards with protobuf subscribers (a subset of `interest`).
+    pub(super) protobuf: RefCell<crate::broker::ProtobufInterest>,
     /// User → mask of shards holding their connections.
     pub(super) users: RefCell<Interest<Arc<str>>>,
     /// Channels whose SUBSCRIBE is sent but not confirmed yet.
@@ -98,6 +100,7 @@ impl Mux {
             target: b.target,
             shards,
             interest: RefCell::default(),
+            protobuf: RefCell::default(),
             users: RefCell::default(),
             confirming: RefCell::default(),
             gathers: RefCell::default(),
@@ -323,6 +326,10 @@ impl Mux {
             ToBroker::Leave => self.leave(),
             ToBroker::Stop => {} // handled by the run loop
             ToBroker::UserInterest { shard, user, on } => self.user_interest(shard, user, on),
+            ToBroker::ProtobufInterest { shard, channel, on } => {
+                let mask = self.interest.borrow().mask(&*channel);
+                self.protobuf.borrow_mut().set(channel, shard, on, mask);
+            }
         }
     }
 
@@ -355,6 +362,7 @@ impl Mux {
     }
 
     fn unsubscribe(&self, shard: usize, channel: Arc<str>) {
+        self.protobuf.borrow_mut().left(&channel, shard);
         if !self.interest.borrow_mut().remove(&channel, shard) {
             return;
         }
@@ -538,6 +546,29 @@ impl Mux {
         }
     }
 
+    /// Hands a publication's frame to the shards with subscribers of `channel`, with its
+    /// protobuf twin made here (once for the node) while one of them has protobuf subscribers.
+    pub(super) fn forward(
+        &self,
+        channel: &Arc<str>,
+        frame: bytes::Bytes,
+        offset: u64,
+        epoch: Option<Arc<str>>,
+    ) {
+        let mask = self.interest.borrow().mask(&**channel);
+        if mask == 0 {
+            return;
+        }
+        let protobuf = self.protobuf.borrow().mask(channel) & mask != 0;
+        let frame = crate::broker::publication_frame(frame, protobuf, &self.stats);
+        crate::broker::send_to(&self.shards, mask, || ToShard::Publication {
+            channel: channel.clone(),
+            frame: frame.clone(),
+            offset,
+            epoch: epoch.clone(),
+        });
+    }
+
     /// Carries out what the tracker decided.
     pub(super) fn apply(&self, actions: Vec<Action>) {
         for action in actions {
@@ -548,14 +579,7 @@ impl Mux {
                     since,
                 } => self.read_stream(channel, gen, since),
                 Action::Forward { channel, live } => {
-                    let mask = self.interest.borrow().mask(&*channel);
-                    let epoch = live.epoch.clone();
-                    crate::broker::send_to(&self.shards, mask, || ToShard::Publication {
-                        channel: channel.clone(),
-                        frame: live.frame.clone(),
-                        offset: live.offset,
-                        epoch: Some(epoch.clone()),
-                    });
+                    self.forward(&channel, live.frame.clone(), live.offset, Some(live.epoch));
                 }
                 Action::Answer {
                     shard,

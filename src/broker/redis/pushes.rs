@@ -221,12 +221,7 @@ impl Mux {
                 });
                 return;
             }
-            crate::broker::send_to(&self.shards, mask, || ToShard::Publication {
-                channel: channel.clone(),
-                frame: frame.clone(),
-                offset: 0,
-                epoch: None,
-            });
+            self.forward(&channel, frame, 0, None);
             return;
         }
         if self.survey_message(name, &payload) {
