@@ -606,3 +606,76 @@ fn protobuf_clients_on_two_redis_nodes() {
     );
     assert!(counter(&b, "protobuf_encodes") >= 2);
 }
+
+/// What the other parts of the protocol add reaches a protobuf client in its own form: a
+/// join/leave push with `chan_info`-less info, a publication's `tags`, binary `b64data` as the
+/// raw bytes, and the server API's subscribe and refresh pushes.
+#[test]
+fn join_leave_tags_binary_data_and_server_pushes_reach_protobuf_clients() {
+    let cfg = format!(
+        "{BASE_CONFIG}\n[namespaces.room]\nallow_subscribe_for_client = true\njoin_leave = true\nforce_push_join_leave = true\n"
+    );
+    let server = Server::start(&cfg, &[]);
+    let (mut p, _) = PbClient::connected(&server, "alice");
+    let r = p.command(subscribe("room:1"));
+    assert!(r.error.is_none(), "{r:?}");
+    // Its own join first (forced), then a JSON client's join and leave.
+    let own = p.push(Duration::from_secs(5)).expect("own join");
+    assert_eq!(own.join.expect("a join").info.expect("info").user, "alice");
+    let (mut j, reply) = Client::connected(&server, "bob");
+    let bob = reply["connect"]["client"].as_str().unwrap().to_string();
+    let r = j.command("subscribe", json!({"channel": "room:1"}));
+    assert!(r["subscribe"].is_object(), "{r}");
+    let join = p.push(Duration::from_secs(5)).expect("bob's join");
+    assert_eq!(join.channel, "room:1");
+    let info = join.join.expect("a join").info.expect("info");
+    assert_eq!(
+        (info.user.as_str(), info.client.as_str()),
+        ("bob", bob.as_str())
+    );
+    j.command("unsubscribe", json!({"channel": "room:1"}));
+    let leave = p.push(Duration::from_secs(5)).expect("bob's leave");
+    assert_eq!(
+        leave.leave.expect("a leave").info.expect("info").user,
+        "bob"
+    );
+
+    // Tags and binary data from the API.
+    let (status, body) = api(
+        server.addr,
+        "publish",
+        &json!({"channel": "room:1", "b64data": "AAEC/w==", "tags": {"k": "v"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let publication = p.publication("room:1");
+    assert_eq!(publication.data, [0u8, 1, 2, 255]);
+    assert_eq!(publication.tags.get("k").map(String::as_str), Some("v"));
+
+    // The server API subscribes and refreshes the protobuf connection.
+    let (status, body) = api(
+        server.addr,
+        "subscribe",
+        &json!({"user": "alice", "channel": "news", "data": {"hello": 1}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let sub = p.push(Duration::from_secs(5)).expect("a subscribe push");
+    assert_eq!(sub.channel, "news");
+    assert_eq!(sub.subscribe.expect("a subscribe").data, br#"{"hello":1}"#);
+    let expire_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let (status, body) = api(
+        server.addr,
+        "refresh",
+        &json!({"user": "alice", "expire_at": expire_at}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let refresh = p.push(Duration::from_secs(5)).expect("a refresh push");
+    let refresh = refresh.refresh.expect("a refresh");
+    assert!(
+        refresh.expires && refresh.ttl > 590 && refresh.ttl <= 600,
+        "{refresh:?}"
+    );
+}
