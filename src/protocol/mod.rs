@@ -16,7 +16,7 @@ pub mod reply;
 pub mod token;
 
 /// The protocol's protobuf messages (package `centrifugal.centrifuge.protocol`), generated at
-/// build time from `proto/client.proto` by prost (see `build.rs`).
+/// build time from `src/protocol/client.proto` by prost (see `src/build.rs`).
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     include!(concat!(

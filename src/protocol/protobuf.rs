@@ -15,7 +15,7 @@
 //! command's `bytes` payload must hold JSON text: otherwise that command alone is answered with
 //! error 107 (bad request), since the session has no way to carry binary data.
 //!
-//! The generated message types are [`pb`] (from `proto/client.proto`, by `build.rs`).
+//! The generated message types are [`pb`] (from `src/protocol/client.proto`, by `src/build.rs`).
 
 use super::pb;
 use bytes::Bytes;

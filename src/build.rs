@@ -1,4 +1,4 @@
-//! Generates the protobuf message types of the client protocol (`proto/client.proto`) with
+//! Generates the protobuf message types of the client protocol (`src/protocol/client.proto`) with
 //! prost, compiling the schema with protox: pure Rust, no `protoc` binary needed.
 //!
 //! The reply-side JSON → protobuf transcoder deserializes the session's JSON straight into
@@ -70,9 +70,9 @@ const JSON_BYTES: &[&str] = &[
 ];
 
 fn main() {
-    println!("cargo:rerun-if-changed=proto/client.proto");
-    let fds =
-        protox::compile(["proto/client.proto"], ["proto"]).expect("proto/client.proto compiles");
+    println!("cargo:rerun-if-changed=src/protocol/client.proto");
+    let fds = protox::compile(["src/protocol/client.proto"], ["src/protocol"])
+        .expect("src/protocol/client.proto compiles");
     let mut config = prost_build::Config::new();
     for message in DERIVED {
         config.message_attribute(
