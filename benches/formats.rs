@@ -3,8 +3,8 @@
 //!
 //! One server (`--shards 1` by default, executor pinned to core 0), two channels with `--subs`
 //! subscribers each, all connected for the whole run:
-//! - `fmt:json`: every subscriber speaks JSON;
-//! - `fmt:mixed`: half JSON, half protobuf (`centrifuge-protobuf`).
+//! - `fmt-json`: every subscriber speaks JSON;
+//! - `fmt-mixed`: half JSON, half protobuf (`centrifuge-protobuf`).
 //!
 //! The phases alternate (json, mixed, json, mixed, ... `--rounds` times), each publishing
 //! `--rate` publications/s for `--secs` through the HTTP API to its channel only, so drift of
@@ -18,7 +18,7 @@
 //! Prints `formats <phase> ...` lines, then `formats ratio mixed/json <x>` (CPU per delivery).
 //! Exits non-zero on a lost delivery, a closed subscriber or a dead server.
 //!
-//! Run: `cargo bench --bench formats [-- --subs 1000 --rate 100 --secs 5 --rounds 2]`.
+//! Run: `cargo bench --bench formats [-- --subs 1000 --rate 100 --secs 5 --rounds 3]`.
 
 #[macro_use]
 #[path = "common/modules.rs"]
@@ -30,11 +30,11 @@ common_modules!(
 
 use common::args::Args;
 use common::connect::connect_many_as;
-use common::cpu::{cpu_secs, online_cpus, sched_ns};
+use common::cpu::{cpu_secs, online_cpus, sched_ns, self_cpu_secs};
 use common::http::HttpClient;
 use common::info::{counter_delta, NodeInfo};
 use common::net::raise_nofile;
-use common::pinning::{client_cpus, pin_bench_threads};
+use common::pinning::{client_cpus, own_thread_affinities, pin_bench_threads, threads_of};
 use common::reader::{Handler, Reader};
 use common::safety::{fatal, install_safety_nets};
 use common::server::Server;
@@ -47,10 +47,10 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 cargo bench --bench formats -- [options]
-  --subs N         subscribers per channel (default 1000; fmt:mixed has N/2 protobuf)
+  --subs N         subscribers per channel (default 1000; fmt-mixed has N/2 protobuf)
   --rate R         publications/s in each phase (default 100)
   --secs S         length of each phase (default 5)
-  --rounds N       json+mixed phase pairs (default 2)
+  --rounds N       json+mixed phase pairs (default 3)
   --shards N       server --shards (default 1)
   --src-addrs N    source addresses 127.0.0.2.. for subscribers (default 2)
   --threads N      connecting threads (default 4)
@@ -59,8 +59,8 @@ cargo bench --bench formats -- [options]
   --server-log     server stderr to our stderr (default: a log file under target/)
 env SHARDCAST_BIN overrides the server binary.";
 
-const JSON_CHANNEL: &str = "fmt:json";
-const MIXED_CHANNEL: &str = "fmt:mixed";
+const JSON_CHANNEL: &str = "fmt-json";
+const MIXED_CHANNEL: &str = "fmt-mixed";
 
 /// Deliveries seen by the reader: JSON pushes and protobuf messages, and anything else.
 #[derive(Default)]
@@ -102,6 +102,8 @@ struct Totals {
     sched_ns: u64,
     encodes: u64,
     transcodes: u64,
+    /// The bench's own CPU (its readers decode both formats), seconds.
+    bench_cpu_s: f64,
 }
 
 fn main() {
@@ -112,7 +114,7 @@ fn main() {
     let subs: usize = args.get("subs", 1000usize);
     let rate: f64 = args.get("rate", 100.0f64);
     let secs: f64 = args.get("secs", 5.0f64);
-    let rounds: usize = args.get("rounds", 2usize);
+    let rounds: usize = args.get("rounds", 3usize);
     let shards: usize = args.get("shards", 1usize);
     let n_src: usize = args.get("src-addrs", 2usize);
     let threads: usize = args.get("threads", 4usize);
@@ -137,6 +139,11 @@ fn main() {
         args.has("server-log"),
     );
     pin_bench_threads(&client_cpus(&args, ncpu), shards);
+    println!(
+        "# pinning: server threads [{}]; bench threads [{}]",
+        threads_of(server.pid),
+        own_thread_affinities()
+    );
 
     let counts = Arc::new(Counts::default());
     let reader = Reader::spawn("formats-reader", Count(counts.clone()));
@@ -172,13 +179,14 @@ fn main() {
         ] {
             let t = run_phase(&server, &counts, channel, subs, rate, secs, &mut seq);
             println!(
-                "formats {phase} round {}: {} publications, {} of {} deliveries, server CPU {:.3} s ({} µs/delivery by schedstat), protobuf encodes {} transcodes {}",
+                "formats {phase} round {}: {} publications, {} of {} deliveries, server CPU {:.3} s ({} µs/delivery by schedstat), bench CPU {:.3} s, protobuf encodes {} transcodes {}",
                 round + 1,
                 t.pubs,
                 t.deliveries,
                 t.expected,
                 t.cpu_s,
                 per_delivery_us(&t),
+                t.bench_cpu_s,
                 t.encodes,
                 t.transcodes
             );
@@ -193,7 +201,7 @@ fn main() {
     }
     for (phase, t) in [("json", &json), ("mixed", &mixed)] {
         println!(
-            "formats {phase}: {:.3} µs server CPU per delivery (schedstat; utime+stime {:.3} µs), {} deliveries, protobuf encodes per publication {:.2}",
+            "formats {phase}: {} µs server CPU per delivery (schedstat; utime+stime {:.3} µs), {} deliveries, protobuf encodes per publication {:.2}",
             per_delivery_us(t),
             t.cpu_s * 1e6 / t.deliveries.max(1) as f64,
             t.deliveries,
@@ -241,14 +249,14 @@ fn run_phase(
         || counts.json.load(Ordering::Relaxed) + counts.protobuf.load(Ordering::Relaxed);
     let info_before = NodeInfo::fetch(server.addr).ok();
     let base = delivered();
-    let (cpu0, sched0) = (cpu_secs(server.pid), sched_ns(server.pid));
+    let (cpu0, sched0, own0) = (cpu_secs(server.pid), sched_ns(server.pid), self_cpu_secs());
     let pubs = publish(server.addr, channel, rate, secs, seq);
     let expected = pubs * subs as u64;
     let t0 = Instant::now();
     while delivered() - base < expected && t0.elapsed() < Duration::from_secs(5) {
         thread::sleep(Duration::from_millis(5));
     }
-    let (cpu1, sched1) = (cpu_secs(server.pid), sched_ns(server.pid));
+    let (cpu1, sched1, own1) = (cpu_secs(server.pid), sched_ns(server.pid), self_cpu_secs());
     let info_after = NodeInfo::fetch(server.addr).ok();
     let delta = |name| counter_delta(info_before.as_ref(), info_after.as_ref(), name).unwrap_or(0);
     Totals {
@@ -259,6 +267,7 @@ fn run_phase(
         sched_ns: sched1 - sched0,
         encodes: delta("protobuf_encodes"),
         transcodes: delta("protobuf_transcodes"),
+        bench_cpu_s: own1 - own0,
     }
 }
 
