@@ -15,7 +15,8 @@
 //!   [`shard::reason::Reason`]; [`shard::connection`] is one WebSocket connection (plain
 //!   state, no task), which sees its shard only through [`shard::context::ConnCtx`];
 //!   [`shard::host`] is the session's `Host`; [`shard::inbox`] applies broker messages and
-//!   [`shard::recovery`] the subscription answers among them; [`shard::requests`] waits for the
+//!   [`shard::recovery`] the subscription answers among them and [`shard::join_leave`] the
+//!   join/leave messages; [`shard::requests`] waits for the
 //!   broker's answers; [`shard::broker_link`] sends to the broker (with the bounded
 //!   must-deliver backlog); [`shard::table`], [`shard::users`], [`shard::index`] and
 //!   [`shard::timer`] are its tables; [`shard::counters`] its counters; [`shard::drain`] paces
@@ -27,10 +28,15 @@
 //!   Redis multiplexer ([`broker::redis`]), sharing interest refcounts and gathering
 //!   ([`broker::gather`]); channel history ([`broker::history`]) and the multiplexer's
 //!   per-channel offsets and gap repair ([`broker::redis::tracker`]).
-//! - [`conn`]: one connection's plain state: [`conn::session`] (the protocol, no I/O),
-//!   [`conn::outbox`] (bounded queue of shared frames) and [`conn::bucket`] (rate limit).
+//! - [`conn`]: one connection's plain state: [`conn::session`] (the protocol, no I/O; what the
+//!   server API does to it in [`conn::server_side`], the backend's answers in
+//!   [`conn::proxied`], the rare per-subscription extras such as `chan_info` in
+//!   [`conn::sub_extras`]), [`conn::outbox`] (bounded queue of shared frames) and
+//!   [`conn::bucket`] (rate limit).
 //! - [`protocol`]: commands, replies, the publication wire form ([`protocol::publication`]), the
-//!   error and disconnect tables ([`protocol::codes`]), tokens; [`ws`]: RFC 6455 framing over
+//!   error and disconnect tables ([`protocol::codes`]), tokens, and the protobuf form of the
+//!   protocol ([`protocol::pb`], generated from `src/protocol/client.proto` by `src/build.rs`;
+//!   [`protocol::protobuf`] converts at the connection's edge); [`ws`]: RFC 6455 framing over
 //!   shared buffers.
 //! - [`backend`]: calls to the application's backend (proxies, JWKS) over HTTP/1.1 and HTTPS:
 //!   one [`backend::HttpClient`] per shard on its executor (hyper over glommio sockets, rustls),
