@@ -78,6 +78,30 @@ fn frame_output(wire: Wire, f: FrameBuf) -> Result<Bytes, Reason> {
     }
 }
 
+/// Queues what a session wrote outside a client message (a backend's answer, a server API
+/// command, expired subscriptions) in the connection's wire format. Over the outbox bound the
+/// connection is closed as slow; output that protobuf cannot express closes it as a server
+/// error. True when the connection goes on.
+fn queue_output(ctx: &ConnCtx, st: &mut ConnState, frame: FrameBuf) -> bool {
+    if frame.payload_len() == 0 {
+        return true;
+    }
+    match frame_output(st.wire, frame) {
+        Ok(frame) => {
+            if st.outbox.push(frame, ctx.cfg.limits.max_outbox_bytes) == Push::Overflow {
+                bump(&ctx.counters.slow_disconnects);
+                queue_close_as(st, Reason::Slow);
+                return false;
+            }
+            true
+        }
+        Err(why) => {
+            queue_close_as(st, why);
+            false
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Open,
@@ -367,34 +391,14 @@ impl Connection {
 
     /// Ends the subscriptions whose deadline passed and queues their unsubscribe pushes.
     fn expire_subscriptions(&self, ctx: &ConnCtx, st: &mut ConnState) {
-        let ConnState {
-            session,
-            outbox,
-            expires_at,
-            sub_expires_at,
-            wire,
-            ..
-        } = st;
-        let expiry = Expiry {
-            conn: expires_at,
-            subs: sub_expires_at,
-        };
         let mut f = FrameBuf::with_capacity(96);
+        let (session, expiry) = st.session_and_expiry();
         if ctx
             .sessions
             .expire_subscriptions(self.key, session, expiry, f.payload())
             > 0
         {
-            match frame_output(*wire, f) {
-                // Like a server ping: over the outbox bound the next write closes it as slow.
-                Ok(frame) => {
-                    if outbox.push(frame, ctx.cfg.limits.max_outbox_bytes) == Push::Overflow {
-                        bump(&ctx.counters.slow_disconnects);
-                        queue_close_as(st, Reason::Slow);
-                    }
-                }
-                Err(why) => queue_close_as(st, why),
-            }
+            queue_output(ctx, st, f);
         }
     }
 
@@ -640,25 +644,7 @@ impl Connection {
             ctx.sessions
                 .proxied(self.key, session, expiry, waiting, answer, frame.payload())
         };
-        let framed = if frame.payload_len() > 0 {
-            frame_output(st.wire, frame).map(Some)
-        } else {
-            Ok(None)
-        };
-        let overflow = match &framed {
-            Ok(Some(frame)) => {
-                st.outbox
-                    .push(frame.clone(), ctx.cfg.limits.max_outbox_bytes)
-                    == Push::Overflow
-            }
-            _ => false,
-        };
-        if let Err(why) = framed {
-            queue_close_as(st, why);
-        } else if overflow {
-            bump(&ctx.counters.slow_disconnects);
-            queue_close_as(st, Reason::Slow);
-        } else {
+        if queue_output(ctx, st, frame) {
             match outcome {
                 Ok(()) => {}
                 Err(Ended::Protocol(d)) => {
@@ -688,26 +674,10 @@ impl Connection {
             ctx.sessions
                 .server_command(self.key, session, expiry, cmd, frame.payload())
         };
-        let framed = if frame.payload_len() > 0 {
-            frame_output(st.wire, frame).map(Some)
-        } else {
-            Ok(None)
-        };
-        let overflow = match &framed {
-            Ok(Some(frame)) => {
-                st.outbox
-                    .push(frame.clone(), ctx.cfg.limits.max_outbox_bytes)
-                    == Push::Overflow
+        if queue_output(ctx, st, frame) {
+            if let Err(d) = outcome {
+                queue_close(st, Reason::Session(d), d.code(), d.reason());
             }
-            _ => false,
-        };
-        if let Err(why) = framed {
-            queue_close_as(st, why);
-        } else if overflow {
-            bump(&ctx.counters.slow_disconnects);
-            queue_close_as(st, Reason::Slow);
-        } else if let Err(d) = outcome {
-            queue_close(st, Reason::Session(d), d.code(), d.reason());
         }
         self.settle(ctx, st, connected_before, expires_before);
     }

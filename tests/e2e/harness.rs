@@ -58,6 +58,18 @@ allow_history_for_client = true
 
 /// The number a `node --test` TAP summary line reports (`# pass 12` → 12); `u32::MAX` when
 /// the line is missing.
+/// The test venv's Python (with `cent` and the Python SDK), installed by the README's test
+/// command; fails with how to install it when it is missing.
+pub fn interop_python(what: &str) -> std::path::PathBuf {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop-py/bin/python");
+    assert!(
+        python.exists(),
+        "{what} is not installed: run `python3 -m venv target/interop-py && target/interop-py/bin/pip install -r tests/interop/python/requirements.txt` (the README's test command does)"
+    );
+    python
+}
+
 pub fn tap_count(stdout: &str, what: &str) -> u32 {
     stdout
         .lines()

@@ -58,11 +58,7 @@ fn short(p: &Value) -> String {
 #[test]
 fn official_cent_client_calls_every_new_server_api_method_and_option() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join("target/interop-py/bin/python");
-    assert!(
-        python.exists(),
-        "cent is not installed: run `python3 -m venv target/interop-py && target/interop-py/bin/pip install -r tests/interop/python/requirements.txt` (the README's test command does)"
-    );
+    let python = interop_python("cent");
     let cfg = format!("{BASE_CONFIG}{HISTORY_NAMESPACES}");
     let server = Server::start(&cfg, &[]);
     let (mut carol1, c1) = Client::connected(&server, "carol");
