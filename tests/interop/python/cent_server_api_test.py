@@ -14,9 +14,7 @@ on any failure.
 
 import base64
 import os
-import sys
 import time
-import traceback
 
 from cent import (
     BatchRequest,
@@ -38,41 +36,16 @@ from cent import (
 from cent.dto import BoolValue, ChannelOptionsOverride
 from cent.exceptions import CentApiResponseError, CentTransportError
 
+from checks import check, eventually, finish
+
 API = os.environ["SHARDCAST_HTTP"].rstrip("/") + "/api"
 KEY = os.environ["SHARDCAST_API_KEY"]
 CAROL1 = os.environ["SHARDCAST_CAROL1"]
 CAROL2 = os.environ["SHARDCAST_CAROL2"]
 
 client = Client(API, KEY, timeout=10)
-passed = 0
-failed = 0
 
 
-def check(name):
-    def run(fn):
-        global passed, failed
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - every failure is reported, then counted
-            failed += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-        else:
-            passed += 1
-            print(f"ok {name}", flush=True)
-        return fn
-
-    return run
-
-
-def eventually(what, fn, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.05)
 
 
 def b64(raw):
@@ -265,5 +238,4 @@ def _():
     )
 
 
-print(f"{passed} passed, {failed} failed", flush=True)
-sys.exit(1 if failed else 0)
+finish()

@@ -10,9 +10,6 @@ SHARDCAST_ALICE (client id of user alice, subscribed to chat:room and feed:x) an
 """
 
 import os
-import sys
-import time
-import traceback
 
 from cent import (
     BroadcastRequest,
@@ -41,6 +38,8 @@ from cent import (
 )
 from cent.exceptions import CentApiResponseError, CentUnauthorizedError
 
+from checks import check, eventually, finish
+
 API = os.environ["SHARDCAST_HTTP"].rstrip("/") + "/api"
 KEY = os.environ["SHARDCAST_API_KEY"]
 VERSION = os.environ["SHARDCAST_VERSION"]
@@ -48,35 +47,8 @@ ALICE = os.environ["SHARDCAST_ALICE"]
 BOB = os.environ["SHARDCAST_BOB"]
 
 client = Client(API, KEY, timeout=10)
-passed = 0
-failed = 0
 
 
-def check(name):
-    def run(fn):
-        global passed, failed
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - every failure is reported, then counted
-            failed += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-        else:
-            passed += 1
-            print(f"ok {name}", flush=True)
-        return fn
-
-    return run
-
-
-def eventually(what, fn, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.05)
 
 
 @check("info decodes into cent's Node model with our figures")
@@ -238,5 +210,4 @@ def _():
     assert "feed:x" not in r.channels and "chat:room" not in r.channels, r.channels
 
 
-print(f"{passed} passed, {failed} failed", flush=True)
-sys.exit(1 if failed else 0)
+finish()
