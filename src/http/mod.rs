@@ -10,6 +10,7 @@
 pub mod api;
 pub mod body;
 pub mod handshake;
+pub mod stream;
 
 use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
