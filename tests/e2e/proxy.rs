@@ -11,8 +11,8 @@
 
 use crate::harness::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -590,5 +590,59 @@ fn proxy_latency_histogram_for_connect_in_metrics() {
     assert!(
         shown,
         "no proxy latency histogram _count for connect >= 1 in /metrics; proxy lines: {proxy_lines:#?}"
+    );
+}
+
+/// A unidirectional client without a token gets its subscriptions from the connect proxy
+/// (issue 20): uni SSE with the page's cookie, the backend answering `channels`.
+#[test]
+fn a_uni_sse_client_subscribes_to_the_channels_the_connect_proxy_names() {
+    let backend = Backend::start();
+    let cfg = proxy_config(&backend, 2, "") + "[transports]\nuni_sse = true\n";
+    let server = Server::start(&cfg, &[]);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /connection/uni_sse HTTP/1.1\r\nHost: t\r\nCookie: session=uni; channels=uni-news\r\n\r\n")
+        .unwrap();
+    let mut got = String::new();
+    let mut read_until = |s: &mut TcpStream, needle: &str, got: &mut String| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !got.contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in {got:?}");
+            let mut b = [0u8; 4096];
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0, "EOF; got {got:?}");
+            got.push_str(&String::from_utf8_lossy(&b[..n]));
+        }
+    };
+    read_until(&mut s, "\n\n", &mut got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    read_until(&mut s, "data: {\"connect\":", &mut got);
+    read_until(&mut s, "}\n\n", &mut got);
+    let connect: Value = serde_json::from_str(
+        got.split("data: ")
+            .nth(1)
+            .unwrap()
+            .split("\n\n")
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        connect["connect"]["subs"]["uni-news"].is_object(),
+        "{connect}"
+    );
+    // The page's cookie reached the backend (proxy.http_headers), as over WebSocket.
+    backend.wait_request("connect", Duration::from_secs(5), |r| {
+        r["headers"]["cookie"]
+            .as_str()
+            .is_some_and(|c| c.contains("session=uni"))
+    });
+    publish(&server, "uni-news", json!({"via": "proxy"}));
+    read_until(&mut s, "\"via\"", &mut got);
+    read_until(&mut s, "}}\n\n", &mut got);
+    assert!(
+        got.contains(r#"data: {"channel":"uni-news","pub":{"data":{"via":"proxy"}}}"#),
+        "{got}"
     );
 }
