@@ -605,7 +605,7 @@ fn a_uni_sse_client_subscribes_to_the_channels_the_connect_proxy_names() {
     s.write_all(b"GET /connection/uni_sse HTTP/1.1\r\nHost: t\r\nCookie: session=uni; channels=uni-news\r\n\r\n")
         .unwrap();
     let mut got = String::new();
-    let mut read_until = |s: &mut TcpStream, needle: &str, got: &mut String| {
+    let read_until = |s: &mut TcpStream, needle: &str, got: &mut String| {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !got.contains(needle) {
             assert!(Instant::now() < deadline, "no {needle:?} in {got:?}");
