@@ -319,20 +319,20 @@ impl Mux {
     }
 
     /// Subscribes every channel and user of the node again, in one command, with the survey
-    /// question channel while the node has channels ([`super::survey`]).
+    /// question channel while the node has channels ([`super::survey`]) and the node's own
+    /// channel for emulation requests.
     fn resubscribe(&self) {
         self.confirming.borrow_mut().clear();
         let interest = self.interest.borrow();
         let users = self.users.borrow();
-        if interest.is_empty() && users.is_empty() {
-            return;
-        }
         let questions = usize::from(!interest.is_empty());
-        let n = interest.len() + users.len() + questions;
+        // The node's own channel (emulation requests other nodes received) is always on.
+        let n = interest.len() + users.len() + questions + 1;
         let mut sub = self.sub.borrow_mut();
         sub.push_unbounded(|out| {
             let mut cmd = Command::new(out, 1 + n);
             cmd.arg(b"SUBSCRIBE");
+            cmd.parts(&self.keys.node(&self.node.uid).0);
             if questions > 0 {
                 cmd.arg(self.keys.survey());
             }
