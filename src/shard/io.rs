@@ -61,6 +61,8 @@ pub fn start(
         return;
     }
     shard.proxies.keep_headers(conn.key, headers);
+    #[cfg(debug_assertions)]
+    shard.test_mark_websocket(conn.key, wire);
     conn.arm_first(&ctx);
     shard.ring.arm_recv(conn.raw_fd(), conn.key);
     if !early.is_empty() {
