@@ -49,15 +49,21 @@ pub fn max_body_bytes(cfg: &Config) -> usize {
     cfg.limits.max_message_bytes.saturating_mul(2) + 4096
 }
 
+/// A request's `Origin` is neither its host nor in `allowed_origins`: 403.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OriginRefused;
+
 /// The CORS answer headers for a request: empty without `Origin`; `Err` when the origin is
 /// not allowed (403).
-pub fn cors(head: &Head, allowed_origins: &[String]) -> Result<String, ()> {
+pub fn cors(head: &Head, allowed_origins: &[String]) -> Result<String, OriginRefused> {
     let Some(origin) = head.header("origin").filter(|o| !o.is_empty()) else {
         return Ok(String::new());
     };
-    let origin = std::str::from_utf8(origin).map_err(|_| ())?.trim();
+    let origin = std::str::from_utf8(origin)
+        .map_err(|_| OriginRefused)?
+        .trim();
     if !crate::pattern::origin::allowed(origin, head.header_str("host"), allowed_origins) {
-        return Err(());
+        return Err(OriginRefused);
     }
     Ok(format!(
         "Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n"
@@ -154,7 +160,7 @@ pub async fn serve(
         answer(status, cors, "", body, false)
     };
     let early = match cors(head, &cfg.allowed_origins) {
-        Err(()) => Err(refuse_early(403, "", "origin not allowed\n")),
+        Err(OriginRefused) => Err(refuse_early(403, "", "origin not allowed\n")),
         Ok(cors) if head.method == "OPTIONS" => {
             let asked = head
                 .header_str("access-control-request-headers")
