@@ -133,6 +133,8 @@ pub struct Config {
     /// The backend proxies (connect, refresh, subscribe, publish, sub_refresh, rpc) and the
     /// outbound HTTP client that calls them ([`crate::backend`]).
     pub proxy: ProxyConfig,
+    /// The transports besides `/connection/websocket`, each off until enabled.
+    pub transports: TransportsConfig,
 }
 
 impl Default for Config {
@@ -163,6 +165,7 @@ impl Default for Config {
             conformance_echo_path: String::new(),
             allowed_origins: Vec::new(),
             drain: DrainConfig::default(),
+            transports: TransportsConfig::default(),
             ping: PingConfig::default(),
             limits: Limits::default(),
             ring: RingConfig::default(),
@@ -401,6 +404,31 @@ impl Default for DrainConfig {
             deadline_secs: 30,
         }
     }
+}
+
+/// The transports a node serves besides `/connection/websocket` (which is always on), as in
+/// Centrifugo: every one is off by default, so a node exposes only what its operator chose;
+/// the path of a disabled one answers 404. The browser ones (`http_stream`, `sse`, `uni_sse`,
+/// `uni_http_stream`) answer CORS per `allowed_origins`: a preflight `OPTIONS` gets 204 with
+/// the allowed origin echoed, a refused `Origin` gets 403.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportsConfig {
+    /// `POST /connection/http_stream`: the bidirectional emulation's server-to-client half
+    /// over a streamed response (newline-delimited JSON), for the SDKs when WebSocket is
+    /// blocked (commands arrive as `POST /emulation`). Default false.
+    pub http_stream: bool,
+    /// `GET /connection/sse?cf_connect=...`: the same over Server-Sent Events. Default false.
+    pub sse: bool,
+    /// `GET /connection/uni_sse?cf_connect=...` (or `POST` with the connect request as body):
+    /// unidirectional, pushes as SSE events, for clients without an SDK. Default false.
+    pub uni_sse: bool,
+    /// `POST /connection/uni_http_stream` (the connect request as body): unidirectional,
+    /// pushes as newline-delimited JSON. Default false.
+    pub uni_http_stream: bool,
+    /// `GET /connection/uni_websocket`: one connect request message, then pushes in text
+    /// frames. Default false.
+    pub uni_websocket: bool,
 }
 
 /// App-level ping/pong of the Centrifugo protocol.

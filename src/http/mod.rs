@@ -11,6 +11,7 @@ pub mod api;
 pub mod body;
 pub mod emulation;
 pub mod handshake;
+pub mod stream;
 
 use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;

@@ -58,6 +58,233 @@ pub enum Wire {
     Protobuf,
     /// The conformance echo endpoint: messages are echoed, no protocol session.
     Echo,
+    /// `/connection/sse`: the emulation's stream as Server-Sent Events (`data: <reply>`),
+    /// commands by `POST /emulation`. Reads nothing from the socket.
+    Sse,
+    /// `/connection/http_stream`: the emulation's stream as newline-delimited JSON replies.
+    HttpStream,
+    /// `/connection/uni_sse`: pushes alone (no `{"push":...}` wrapper) as SSE events.
+    UniSse,
+    /// `/connection/uni_http_stream`: pushes alone as newline-delimited JSON.
+    UniHttpStream,
+    /// `/connection/uni_websocket`: one connect request message, then pushes alone in text
+    /// frames; later client messages are ignored.
+    UniWebsocket,
+}
+
+impl Wire {
+    /// The connection is the body of an HTTP response (no WebSocket frames either way).
+    pub fn is_http_stream(self) -> bool {
+        matches!(
+            self,
+            Wire::Sse | Wire::HttpStream | Wire::UniSse | Wire::UniHttpStream
+        )
+    }
+
+    /// A unidirectional transport: the client gets pushes only, and sends nothing after its
+    /// connect request.
+    pub fn is_uni(self) -> bool {
+        matches!(
+            self,
+            Wire::UniSse | Wire::UniHttpStream | Wire::UniWebsocket
+        )
+    }
+
+    /// Output is reframed at the edge (anything but plain JSON/protobuf WebSocket frames).
+    fn reframed(self) -> bool {
+        self.is_http_stream() || self.is_uni()
+    }
+}
+
+/// The payload of an unmasked server text frame (a slice of the same bytes), or `None` for
+/// any other frame.
+fn text_payload(frame: &Bytes) -> Option<Bytes> {
+    if frame.len() < 2 || frame[0] != 0x80 | OP_TEXT {
+        return None;
+    }
+    let (start, len) = match frame[1] & 0x7f {
+        126 if frame.len() >= 4 => (4, u16::from_be_bytes([frame[2], frame[3]]) as usize),
+        127 if frame.len() >= 10 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&frame[2..10]);
+            (10, u64::from_be_bytes(n) as usize)
+        }
+        126 | 127 => return None,
+        n => (2, n as usize),
+    };
+    (frame.len() == start + len).then(|| frame.slice(start..))
+}
+
+/// One line of session output as a unidirectional client gets it (Centrifugo sends the
+/// `Push` objects alone): a push's inner object (a slice of the shared bytes), the connect
+/// reply without its `id` (`{"connect":{...}}`, the connect push), the ping `{}` as it is;
+/// other replies are dropped (a uni client sends no commands; a connect error closes it,
+/// see [`uni_connect_error`]).
+fn uni_line(line: Bytes) -> Option<Bytes> {
+    const PUSH: &[u8] = b"{\"push\":";
+    const ID: &[u8] = b"{\"id\":";
+    if line.starts_with(PUSH) && line.ends_with(b"}") {
+        return Some(line.slice(PUSH.len()..line.len() - 1));
+    }
+    if line.starts_with(ID) {
+        let comma = line.iter().position(|&b| b == b',')?;
+        let rest = &line[comma + 1..];
+        if rest.starts_with(b"\"connect\":") {
+            let mut out = Vec::with_capacity(rest.len() + 1);
+            out.push(b'{');
+            out.extend_from_slice(rest);
+            return Some(Bytes::from(out));
+        }
+        return None;
+    }
+    Some(line)
+}
+
+/// The disconnect a connect error reply in uni session output becomes (Centrifugo's default
+/// mapping for unidirectional clients: expired → 3005, too many requests → 3013,
+/// permission denied → 3507, anything else → 3004).
+fn uni_connect_error(json: &[u8]) -> Option<Disconnect> {
+    let at = json
+        .windows(17)
+        .position(|w| w == b"\"error\":{\"code\":")?;
+    let digits: Vec<u8> = json[at + 17..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
+    let code: u32 = std::str::from_utf8(&digits).ok()?.parse().ok()?;
+    Some(match code {
+        109 | 110 => Disconnect::Expired,
+        111 => Disconnect::TooManyRequests,
+        103 => Disconnect::PermissionDenied,
+        _ => Disconnect::ServerError,
+    })
+}
+
+static SSE_DATA: &[u8] = b"data: ";
+static SSE_END: &[u8] = b"\n\n";
+static LINE_END: &[u8] = b"\n";
+
+/// Queues `frame` (a WebSocket frame as the session, the broker or the timer produce it) in
+/// the connection's wire format. WebSocket wires queue it as it is. The other wires queue
+/// each JSON line of its payload, a slice of the same bytes (a shared publication stays
+/// shared: no copy per connection), inside its framing: SSE `data: <line>\n\n`, HTTP stream
+/// `<line>\n`, uni WebSocket a header of its own before the slice. A frame's lines are
+/// queued whole or not at all: past `max` bytes queued nothing is queued and it overflows.
+fn queue_frame(outbox: &mut Outbox, wire: Wire, frame: Bytes, max: usize) -> Push {
+    if !wire.reframed() {
+        return outbox.push(frame, max);
+    }
+    let Some(payload) = text_payload(&frame) else {
+        // Control frames (pongs) only exist on a uni WebSocket; a stream has none.
+        if wire.is_http_stream() {
+            return Push::Queued;
+        }
+        return outbox.push(frame, max);
+    };
+    let lines = || {
+        payload
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| {
+                let line = payload.slice_ref(l);
+                if wire.is_uni() {
+                    uni_line(line)
+                } else {
+                    Some(line)
+                }
+            })
+    };
+    let framing = |len: usize| match wire {
+        Wire::Sse | Wire::UniSse => SSE_DATA.len() + SSE_END.len(),
+        Wire::HttpStream | Wire::UniHttpStream => LINE_END.len(),
+        _ => frame_head(len).1,
+    };
+    let total: usize = lines().map(|l| l.len() + framing(l.len())).sum();
+    if outbox.len_bytes() + total > max {
+        return Push::Overflow;
+    }
+    for line in lines() {
+        match wire {
+            Wire::Sse | Wire::UniSse => {
+                outbox.push_unbounded(Bytes::from_static(SSE_DATA));
+                outbox.push_unbounded(line);
+                outbox.push_unbounded(Bytes::from_static(SSE_END));
+            }
+            Wire::HttpStream | Wire::UniHttpStream => {
+                outbox.push_unbounded(line);
+                outbox.push_unbounded(Bytes::from_static(LINE_END));
+            }
+            _ => {
+                let (head, n) = frame_head(line.len());
+                let head = match SMALL_TEXT_HEADS.get(line.len()) {
+                    // Most pushes are short: their header is a static slice, no allocation.
+                    Some(h) => Bytes::from_static(h),
+                    None => Bytes::copy_from_slice(&head[..n]),
+                };
+                outbox.push_unbounded(head);
+                outbox.push_unbounded(line);
+            }
+        }
+    }
+    Push::Queued
+}
+
+/// Headers of unmasked text frames of 0..126 payload bytes, indexed by length.
+static SMALL_TEXT_HEADS: [[u8; 2]; 126] = {
+    let mut t = [[0x80 | OP_TEXT, 0]; 126];
+    let mut i = 0;
+    while i < 126 {
+        t[i][1] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// The header of an unmasked text frame with a payload of `len` bytes, and its length.
+fn frame_head(len: usize) -> ([u8; 10], usize) {
+    let mut h = [0u8; 10];
+    h[0] = 0x80 | OP_TEXT;
+    if len < 126 {
+        h[1] = len as u8;
+        (h, 2)
+    } else if len <= u16::MAX as usize {
+        h[1] = 126;
+        h[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        (h, 4)
+    } else {
+        h[1] = 127;
+        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (h, 10)
+    }
+}
+
+/// The connect command a unidirectional client's connect request becomes: the request (a
+/// JSON object, `ConnectRequest`: `token`, `data`, `subs`, `name`, `version`) under
+/// `connect` with id 1. `None` when it is not a JSON object (the caller refuses it: HTTP 400,
+/// or close 3501 on a uni WebSocket). Empty = `{}`.
+pub fn uni_connect_command(request: &[u8]) -> Option<String> {
+    let request = std::str::from_utf8(request).ok()?.trim();
+    let request = if request.is_empty() { "{}" } else { request };
+    match serde_json::from_str::<serde_json::Value>(request) {
+        // Re-encoded: compact, on one line (the session reads commands line by line).
+        Ok(v @ serde_json::Value::Object(_)) => Some(format!("{{\"id\":1,\"connect\":{v}}}")),
+        _ => None,
+    }
+}
+
+fn bad_request_close() -> (Reason, u16, &'static str) {
+    let d = Disconnect::BadRequest;
+    (Reason::Session(d), d.code(), d.reason())
+}
+
+/// The disconnect push of a stream or uni connection, `{"push":{"disconnect":{...}}}` in a
+/// text frame (framed for its wire by [`queue_frame`]), the form Centrifugo's non-WebSocket
+/// transports end with.
+fn disconnect_push(code: u16, reason: &str) -> Bytes {
+    let reason = serde_json::to_string(reason).unwrap_or_else(|_| "\"\"".into());
+    let json = format!("{{\"push\":{{\"disconnect\":{{\"code\":{code},\"reason\":{reason}}}}}}}");
+    ws::text_frame(json.as_bytes())
 }
 
 /// Frames session output (JSON lines in `f`) for `wire`: a text frame, or for protobuf the
@@ -86,9 +313,17 @@ fn queue_output(ctx: &ConnCtx, st: &mut ConnState, frame: FrameBuf) -> bool {
     if frame.payload_len() == 0 {
         return true;
     }
+    let mut frame = frame;
+    if st.wire.is_uni() {
+        if let Some(d) = uni_connect_error(&frame.payload()[ws::HEADROOM..]) {
+            queue_close(st, Reason::Session(d), d.code(), d.reason());
+            return false;
+        }
+    }
     match frame_output(st.wire, frame) {
         Ok(frame) => {
-            if st.outbox.push(frame, ctx.cfg.limits.max_outbox_bytes) == Push::Overflow {
+            let max = ctx.cfg.limits.max_outbox_bytes;
+            if queue_frame(&mut st.outbox, st.wire, frame, max) == Push::Overflow {
                 bump(&ctx.counters.slow_disconnects);
                 queue_close_as(st, Reason::Slow);
                 return false;
@@ -237,7 +472,10 @@ impl Connection {
             frame
         };
         let was_empty = st.outbox.is_empty();
-        if st.outbox.push(frame, ctx.cfg.limits.max_outbox_bytes) == Push::Overflow {
+        let wire = st.wire;
+        if queue_frame(&mut st.outbox, wire, frame, ctx.cfg.limits.max_outbox_bytes)
+            == Push::Overflow
+        {
             bump(&ctx.counters.slow_disconnects);
             queue_close_as(&mut st, Reason::Slow);
             self.arm(ctx, &mut st); // the close timeout now applies
@@ -341,18 +579,17 @@ impl Connection {
             self.expire_subscriptions(ctx, &mut st);
         } else if connected && now >= st.last_ping + ping.interval_secs {
             st.last_ping = now;
-            st.awaiting_pong = true;
+            // A unidirectional client cannot answer: its pings only keep the stream alive.
+            st.awaiting_pong = !st.wire.is_uni();
             let was_empty = st.outbox.is_empty();
             let ping: &'static [u8] = if st.wire == Wire::Protobuf {
                 &PING_FRAME_PROTOBUF
             } else {
                 &PING_FRAME
             };
-            if st
-                .outbox
-                .push(Bytes::from_static(ping), ctx.cfg.limits.max_outbox_bytes)
-                == Push::Overflow
-            {
+            let wire = st.wire;
+            let max = ctx.cfg.limits.max_outbox_bytes;
+            if queue_frame(&mut st.outbox, wire, Bytes::from_static(ping), max) == Push::Overflow {
                 bump(&ctx.counters.slow_disconnects);
                 queue_close_as(&mut st, Reason::Slow);
             } else if !was_empty {
@@ -490,8 +727,10 @@ impl Connection {
     pub fn process(&self, ctx: &ConnCtx, input: &mut [u8]) {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
-        if st.phase != Phase::Open {
-            return; // closing: the rest of the input is discarded
+        if st.phase != Phase::Open || st.wire.is_http_stream() {
+            // Closing: the rest of the input is discarded. A stream's client has said
+            // everything in its request (commands come by `/emulation`): ignored.
+            return;
         }
         let max_outbox = ctx.cfg.limits.max_outbox_bytes;
         let counters = ctx.counters;
@@ -503,6 +742,7 @@ impl Connection {
         let wire = st.wire;
         let echo = wire == Wire::Echo;
         let mut commands = String::new();
+        let mut uni_connect: Option<Vec<u8>> = None;
         let ConnState {
             session,
             outbox,
@@ -523,6 +763,14 @@ impl Connection {
                     if outbox.push(f.finish(op), max_outbox) == Push::Overflow {
                         overflow = true;
                         return Flow::Stop;
+                    }
+                    Flow::Continue
+                }
+                Event::Message { payload, .. } if wire == Wire::UniWebsocket => {
+                    // The first message is the connect request; the rest are ignored, as in
+                    // Centrifugo.
+                    if !session.is_connected() && uni_connect.is_none() {
+                        uni_connect = Some(payload.to_vec());
                     }
                     Flow::Continue
                 }
@@ -566,7 +814,7 @@ impl Connection {
                     if frame.payload_len() > 0 {
                         match frame_output(wire, frame) {
                             Ok(frame) => {
-                                if outbox.push(frame, max_outbox) == Push::Overflow {
+                                if queue_frame(outbox, wire, frame, max_outbox) == Push::Overflow {
                                     overflow = true;
                                     return Flow::Stop;
                                 }
@@ -604,6 +852,12 @@ impl Connection {
                 }
             });
         st.partial = partial;
+        if let Some(request) = uni_connect.filter(|_| result.is_ok() && close.is_none()) {
+            match uni_connect_command(&request) {
+                Some(cmd) => self.run_text(ctx, st, &cmd),
+                None => close = Some(bad_request_close()),
+            }
+        }
         match result {
             Err(v) => {
                 bump(&ctx.counters.protocol_violations);
@@ -621,6 +875,48 @@ impl Connection {
             }
         }
         self.settle(ctx, st, connected_before, expires_before);
+    }
+
+    /// Runs `text` (JSON command lines) through the session exactly as a WebSocket text
+    /// message: the connect of a stream transport (from its request), and, for emulation, the
+    /// commands that arrive by `POST /emulation`. Replies go out on the connection.
+    pub fn command_text(&self, ctx: &ConnCtx, text: &str) {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        if st.phase != Phase::Open {
+            return;
+        }
+        let expires_before = (st.expires_at, st.sub_expires_at);
+        let connected_before = st.session.is_connected();
+        self.run_text(ctx, st, text);
+        self.settle(ctx, st, connected_before, expires_before);
+    }
+
+    /// The session runs `text`; its output is queued, a disconnect it asks for is queued.
+    fn run_text(&self, ctx: &ConnCtx, st: &mut ConnState, text: &str) {
+        bump(&ctx.counters.messages_in);
+        st.awaiting_pong = false;
+        let mut frame = FrameBuf::with_capacity(96);
+        let outcome = {
+            let ConnState {
+                session,
+                expires_at,
+                sub_expires_at,
+                bucket,
+                ..
+            } = &mut *st;
+            let expiry = Expiry {
+                conn: expires_at,
+                subs: sub_expires_at,
+            };
+            ctx.sessions
+                .handle_message(self.key, session, expiry, bucket, text, frame.payload())
+        };
+        if queue_output(ctx, st, frame) {
+            if let Err(d) = outcome {
+                queue_close(st, Reason::Session(d), d.code(), d.reason());
+            }
+        }
     }
 
     /// A backend call of this connection ended: its session finishes what waited (replies,
@@ -788,7 +1084,20 @@ fn queue_close(st: &mut ConnState, why: Reason, code: u16, text: &str) {
     if code == Disconnect::Slow.code() {
         st.outbox.drop_unstarted();
     }
-    st.outbox.push_unbounded(ws::close_frame(code, text));
+    if st.wire.reframed() && why != Reason::PeerCloseFrame {
+        // Streams end with the disconnect push (their only way to say why); a uni
+        // WebSocket sends it before its close frame, as Centrifugo does.
+        let wire = st.wire;
+        queue_frame(
+            &mut st.outbox,
+            wire,
+            disconnect_push(code, text),
+            usize::MAX,
+        );
+    }
+    if !st.wire.is_http_stream() {
+        st.outbox.push_unbounded(ws::close_frame(code, text));
+    }
     st.phase = Phase::Closing;
     st.end.get_or_insert(why);
 }

@@ -15,9 +15,10 @@
 //! shard's I/O ([`super::io::start`]). The request head lives in a transient buffer freed
 //! before the WebSocket phase starts. Shard thread only; no `RefCell` borrow across an await.
 
+use super::connection::{uni_connect_command, Wire};
 use super::counters::bump;
 use super::Shard;
-use crate::http::{self, api, handshake, Head};
+use crate::http::{self, api, handshake, stream as hs, Head};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -109,22 +110,21 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 drop(buf);
                 if let Some((stream, protobuf)) = upgrade(&shard, stream, &head).await {
                     let wire = match (echo_path, protobuf) {
-                        (true, _) => super::connection::Wire::Echo,
-                        (false, true) => super::connection::Wire::Protobuf,
-                        (false, false) => super::connection::Wire::Json,
+                        (true, _) => Wire::Echo,
+                        (false, true) => Wire::Protobuf,
+                        (false, false) => Wire::Json,
                     };
-                    // The WebSocket phase leaves glommio's socket type (and this task): the
-                    // shard arms a multishot receive for it on its own ring, so an idle
-                    // connection holds no task, no future, no buffer and no glommio source.
-                    // SAFETY: dup(2) of a socket we own; the copy is handed to the shard.
-                    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-                    drop(stream);
-                    if fd < 0 {
-                        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
-                        return;
-                    }
-                    super::io::start(&shard, fd, early, wire, copied);
+                    hand_over(&shard, stream, early, wire, copied);
                 }
+                return;
+            }
+            (_, p) if Transport::of_path(p).is_some() => {
+                let kind = Transport::of_path(p).expect("matched");
+                if !kind.enabled(&shard.cfg.transports) {
+                    let _ = stream.write_all(&http::plain(404, "not found\n")).await;
+                    return;
+                }
+                Box::pin(serve_stream(shard, stream, head, buf, deadline, kind)).await;
                 return;
             }
             ("GET" | "HEAD", "/healthz") => {
@@ -178,6 +178,221 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     }
 }
 
+/// The transports besides `/connection/websocket` ([`crate::config::TransportsConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Sse,
+    HttpStream,
+    UniSse,
+    UniHttpStream,
+    UniWebsocket,
+}
+
+impl Transport {
+    fn of_path(path: &str) -> Option<Transport> {
+        Some(match path {
+            "/connection/sse" => Transport::Sse,
+            "/connection/http_stream" => Transport::HttpStream,
+            "/connection/uni_sse" => Transport::UniSse,
+            "/connection/uni_http_stream" => Transport::UniHttpStream,
+            "/connection/uni_websocket" => Transport::UniWebsocket,
+            _ => return None,
+        })
+    }
+
+    fn enabled(self, t: &crate::config::TransportsConfig) -> bool {
+        match self {
+            Transport::Sse => t.sse,
+            Transport::HttpStream => t.http_stream,
+            Transport::UniSse => t.uni_sse,
+            Transport::UniHttpStream => t.uni_http_stream,
+            Transport::UniWebsocket => t.uni_websocket,
+        }
+    }
+
+    fn wire(self) -> Wire {
+        match self {
+            Transport::Sse => Wire::Sse,
+            Transport::HttpStream => Wire::HttpStream,
+            Transport::UniSse => Wire::UniSse,
+            Transport::UniHttpStream => Wire::UniHttpStream,
+            Transport::UniWebsocket => Wire::UniWebsocket,
+        }
+    }
+}
+
+/// Serves a request to one of the enabled stream transports: CORS (a refused origin gets 403,
+/// a preflight its 204), the connect data (the `cf_connect` parameter or the body, at most
+/// `limits.max_message_bytes`; a bad one gets 400 with its reason), the node's own limits
+/// (draining, the connection limit: 503), then the response head, and the socket becomes a
+/// connection of the shard's I/O with the connect command run at once. A uni WebSocket is an
+/// ordinary upgrade whose first message (or `cf_connect`) is the connect request.
+async fn serve_stream(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    head: Head,
+    mut buf: Vec<u8>,
+    deadline: Instant,
+    kind: Transport,
+) {
+    let copied: Vec<(String, Vec<u8>)> = (shard.cfg.proxy.http_headers.iter())
+        .filter_map(|name| head.header(name).map(|v| (name.clone(), v.to_vec())))
+        .collect();
+    let connect_param = hs::query_param(&head.path, hs::CONNECT_PARAM);
+    if kind == Transport::UniWebsocket {
+        let mut early = buf.split_off(head.len);
+        drop(buf);
+        let first = match connect_param
+            .as_deref()
+            .map(|r| uni_connect_command(r.as_bytes()))
+        {
+            Some(None) => {
+                let _ = stream
+                    .write_all(&http::plain(400, "invalid connect request\n"))
+                    .await;
+                return;
+            }
+            Some(Some(_)) => connect_param.as_deref(),
+            None => None,
+        };
+        let Some((stream, _)) = upgrade(&shard, stream, &head).await else {
+            return;
+        };
+        if let Some(request) = first {
+            // The connect request of the URL goes first, as if it were the first message.
+            let mut frame = crate::ws::client_frame(1, true, request.as_bytes(), [0; 4]);
+            frame.append(&mut early);
+            early = frame;
+        }
+        hand_over(&shard, stream, early, Wire::UniWebsocket, copied);
+        return;
+    }
+    let cors = hs::cors(&head, &shard.cfg.allowed_origins);
+    if cors == hs::Cors::Refused {
+        bump(&shard.counters.origin_refusals);
+        let _ = stream
+            .write_all(&http::plain(403, "origin not allowed\n"))
+            .await;
+        return;
+    }
+    let refuse = |status: u16, reason: &str| {
+        let mut r = http::plain(status, reason);
+        let extra = hs::cors_headers(&cors);
+        if !extra.is_empty() {
+            // The CORS headers go in the head, so a browser page can read the reason.
+            let at = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 2;
+            r.splice(at..at, extra.into_bytes());
+        }
+        r
+    };
+    let data: Vec<u8> = match (head.method.as_str(), kind) {
+        ("OPTIONS", _) => {
+            let _ = stream.write_all(&hs::preflight(&head, &cors)).await;
+            return;
+        }
+        ("GET", Transport::Sse | Transport::UniSse) => match connect_param {
+            Some(c) => c.into_bytes(),
+            None if kind == Transport::UniSse => Vec::new(),
+            None => {
+                let _ = stream
+                    .write_all(&refuse(400, "no connect command (cf_connect)\n"))
+                    .await;
+                return;
+            }
+        },
+        ("POST", _) => {
+            buf.drain(..head.len);
+            let max = shard.cfg.limits.max_message_bytes;
+            match hs::read_body(&mut stream, &head, &mut buf, max, deadline).await {
+                Ok(body) => body,
+                Err(hs::BodyFailure::Status(status, reason)) => {
+                    let _ = stream.write_all(&refuse(status, reason)).await;
+                    return;
+                }
+                Err(hs::BodyFailure::Gone(http::ReadError::Timeout)) => {
+                    bump(&shard.counters.request_timeouts);
+                    let _ = stream.write_all(&http::request_timeout()).await;
+                    return;
+                }
+                Err(hs::BodyFailure::Gone(_)) => return,
+            }
+        }
+        _ => {
+            let _ = stream.write_all(&refuse(405, "method not allowed\n")).await;
+            return;
+        }
+    };
+    drop(buf);
+    let command = match kind {
+        Transport::Sse | Transport::HttpStream => match hs::check_commands(&data) {
+            Ok(text) => text.to_string(),
+            Err(reason) => {
+                let _ = stream.write_all(&refuse(400, reason)).await;
+                return;
+            }
+        },
+        _ => match uni_connect_command(&data) {
+            Some(cmd) => cmd,
+            None => {
+                let _ = stream
+                    .write_all(&refuse(400, "invalid connect request\n"))
+                    .await;
+                return;
+            }
+        },
+    };
+    if let Err(answer) = admit(&shard) {
+        let _ = stream.write_all(&refuse(answer.0, answer.1)).await;
+        return;
+    }
+    let sse = matches!(kind, Transport::Sse | Transport::UniSse);
+    if stream
+        .write_all(&hs::stream_head(sse, &cors))
+        .await
+        .is_err()
+    {
+        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    hand_over(&shard, stream, command.into_bytes(), kind.wire(), copied);
+}
+
+/// Hands a socket whose request was answered (a 101 or a stream's head) to the shard's I/O.
+/// The WebSocket phase leaves glommio's socket type (and the front door's task): the shard
+/// arms a multishot receive for it on its own ring, so an idle connection holds no task, no
+/// future, no buffer and no glommio source.
+fn hand_over(
+    shard: &Shard,
+    stream: TcpStream,
+    early: Vec<u8>,
+    wire: Wire,
+    copied: Vec<(String, Vec<u8>)>,
+) {
+    // SAFETY: dup(2) of a socket we own; the copy is handed to the shard.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    drop(stream);
+    if fd < 0 {
+        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    super::io::start(shard, fd, early, wire, copied);
+}
+
+/// The node's own limits on a new connection: refused while draining or at the connection
+/// limit (503, reason), else counted in the node's connections.
+fn admit(shard: &Shard) -> Result<(), (u16, &'static str)> {
+    if shard.node.draining.load(Ordering::Relaxed) {
+        return Err((503, "node is draining\n"));
+    }
+    let max = shard.cfg.limits.max_connections;
+    if shard.node.connections.fetch_add(1, Ordering::Relaxed) >= max {
+        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+        bump(&shard.counters.refused_full);
+        return Err((503, "connection limit reached\n"));
+    }
+    Ok(())
+}
+
 fn is_api_path(path: &str) -> bool {
     path.starts_with("/api/") || path == "/api"
 }
@@ -229,19 +444,8 @@ async fn upgrade(shard: &Shard, mut stream: TcpStream, head: &Head) -> Option<(T
             return None;
         }
     };
-    if shard.node.draining.load(Ordering::Relaxed) {
-        let _ = stream
-            .write_all(&http::plain(503, "node is draining\n"))
-            .await;
-        return None;
-    }
-    let max = shard.cfg.limits.max_connections;
-    if shard.node.connections.fetch_add(1, Ordering::Relaxed) >= max {
-        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
-        bump(&shard.counters.refused_full);
-        let _ = stream
-            .write_all(&http::plain(503, "connection limit reached\n"))
-            .await;
+    if let Err((status, reason)) = admit(shard) {
+        let _ = stream.write_all(&http::plain(status, reason)).await;
         return None;
     }
     if stream.write_all(&accept.response).await.is_err() {

@@ -65,7 +65,10 @@ pub fn start(
     shard.test_mark_websocket(conn.key, wire);
     conn.arm_first(&ctx);
     shard.ring.arm_recv(conn.raw_fd(), conn.key);
-    if !early.is_empty() {
+    if wire.is_http_stream() {
+        // A stream's request carried its connect command (checked by the front door).
+        conn.command_text(&ctx, std::str::from_utf8(&early).unwrap_or(""));
+    } else if !early.is_empty() {
         conn.process(&ctx, &mut early);
     }
     // Submits the receive, and the replies to early commands if there are any.
