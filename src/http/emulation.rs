@@ -13,7 +13,8 @@
 //! cluster (the SDK closes its transport and reconnects); a session gone from a live node is
 //! answered 204 too (its stream has ended, and the client reconnects from there).
 //!
-//! Bounds: the body (in decoded bytes) at most twice `limits.max_message_bytes` plus 4 KiB
+//! Enabled with either emulation transport (`transports.http_stream`, `transports.sse`);
+//! otherwise 404. Bounds: the body (in decoded bytes) at most twice `limits.max_message_bytes` plus 4 KiB
 //! (JSON escaping of the commands), the commands at most `limits.max_message_bytes`: 413 past
 //! either. The broker queue's bound applies (503 when full). CORS follows `allowed_origins`
 //! as the WebSocket upgrade does (a refused `Origin` gets 403).
@@ -152,6 +153,14 @@ pub async fn serve(
 ) -> bool {
     buf.drain(..head.len.min(buf.len()));
     let cfg = ctx.config();
+    if !(cfg.transports.http_stream || cfg.transports.sse) {
+        // No emulation transport is enabled: the endpoint does not exist.
+        let _ = stream
+            .write_all(&answer(404, "", "", "not found\n", false))
+            .await;
+        discard(stream, cfg).await;
+        return false;
+    }
     let max_body = max_body_bytes(cfg);
     // Refusals decided before the body is read close the connection (after a bounded discard
     // of the unread body, so the answer is not destroyed by a reset).

@@ -956,40 +956,10 @@ impl Connection {
 
     /// Commands POSTed to `/emulation` for this connection (bidirectional emulation over
     /// HTTP-streaming or SSE): run through the session exactly as a WebSocket text message
-    /// (rate limit, replies in the connection's framing on its stream, a pong `{}` clears the
-    /// pending ping); an error ends the connection as it would a WebSocket one.
+    /// ([`Connection::command_text`]: rate limit, replies on its stream, a pong `{}` clears
+    /// the pending ping); an error ends the connection as it would a WebSocket one.
     pub fn emulated(&self, ctx: &ConnCtx, data: &str) {
-        let mut guard = self.state.borrow_mut();
-        let st = &mut *guard;
-        if st.phase != Phase::Open || st.wire == Wire::Echo {
-            return;
-        }
-        bump(&ctx.counters.messages_in);
-        st.awaiting_pong = false;
-        let expires_before = (st.expires_at, st.sub_expires_at);
-        let connected_before = st.session.is_connected();
-        let mut frame = FrameBuf::with_capacity(96);
-        let outcome = {
-            let ConnState {
-                session,
-                expires_at,
-                sub_expires_at,
-                bucket,
-                ..
-            } = st;
-            let expiry = Expiry {
-                conn: expires_at,
-                subs: sub_expires_at,
-            };
-            ctx.sessions
-                .handle_message(self.key, session, expiry, bucket, data, frame.payload())
-        };
-        if queue_output(ctx, st, frame) {
-            if let Err(d) = outcome {
-                queue_close(st, Reason::Session(d), d.code(), d.reason());
-            }
-        }
-        self.settle(ctx, st, connected_before, expires_before);
+        self.command_text(ctx, data);
     }
 
     /// A server API command for this connection (`/api/subscribe`, `/api/refresh`): the

@@ -61,6 +61,14 @@ pub fn start(
         return;
     }
     shard.proxies.keep_headers(conn.key, headers);
+    if matches!(
+        wire,
+        super::connection::Wire::Sse | super::connection::Wire::HttpStream
+    ) {
+        // Bidirectional emulation: its connect reply names its session and node, and
+        // `/emulation` POSTs reach it by them.
+        shard.mark_emulated(conn.key);
+    }
     #[cfg(debug_assertions)]
     shard.test_mark_websocket(conn.key, wire);
     conn.arm_first(&ctx);

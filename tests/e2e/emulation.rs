@@ -12,6 +12,9 @@ use std::time::Duration;
 
 const HOOK: &[(&str, &str)] = &[("SHARDCAST_TEST_EMULATED_WEBSOCKET", "1")];
 
+/// The endpoint exists while an emulation transport is enabled.
+const TRANSPORTS: &str = "[transports]\nhttp_stream = true\nsse = true\n";
+
 /// Sends one raw request on a fresh connection; returns (status, the whole response).
 fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -56,7 +59,7 @@ fn counter(addr: SocketAddr, name: &str) -> u64 {
 
 #[test]
 fn emulation_posts_reach_their_connection_on_every_shard() {
-    let server = Server::start_with_env(BASE_CONFIG, &[], HOOK);
+    let server = Server::start_with_env(&format!("{BASE_CONFIG}{TRANSPORTS}"), &[], HOOK);
     let mut clients = Vec::new();
     for i in 0..64 {
         if clients.len() == 4 {
@@ -150,7 +153,8 @@ fn emulation_posts_reach_their_connection_on_every_shard() {
 
 #[test]
 fn emulation_cors_follows_allowed_origins() {
-    let config = format!("allowed_origins = [\"https://app.example.com\"]\n{BASE_CONFIG}");
+    let config =
+        format!("allowed_origins = [\"https://app.example.com\"]\n{BASE_CONFIG}{TRANSPORTS}");
     let server = Server::start_with_env(&config, &[], HOOK);
     let (mut c, reply) = Client::connected(&server, "alice");
     let cmd = request(&reply, "{\"id\":9,\"subscribe\":{\"channel\":\"chat:c\"}}");
@@ -182,7 +186,7 @@ fn emulation_cors_follows_allowed_origins() {
 #[test]
 fn emulation_post_to_another_node_reaches_the_session_through_redis() {
     let redis = Redis::start(&[]);
-    let config = format!("redis = \"{}\"\n{BASE_CONFIG}", redis.url());
+    let config = format!("redis = \"{}\"\n{BASE_CONFIG}{TRANSPORTS}", redis.url());
     let a = Server::start_with_env(&config, &[], HOOK);
     let b = Server::start_with_env(&config, &[], HOOK);
     let (mut on_a, reply) = Client::connected(&a, "alice");
