@@ -133,6 +133,12 @@ fn uni_line(line: Bytes) -> Option<Bytes> {
             let mut out = Vec::with_capacity(rest.len() + 1);
             out.push(b'{');
             out.extend_from_slice(rest);
+            // A uni client cannot answer pings: Centrifugo announces no pong to it. `pong`
+            // follows `data` and `subs` in the result, so its last occurrence is its own.
+            const PONG: &[u8] = b",\"pong\":true";
+            if let Some(at) = out.windows(PONG.len()).rposition(|w| w == PONG) {
+                out.drain(at..at + PONG.len());
+            }
             return Some(Bytes::from(out));
         }
         return None;
@@ -144,10 +150,9 @@ fn uni_line(line: Bytes) -> Option<Bytes> {
 /// mapping for unidirectional clients: expired → 3005, too many requests → 3013,
 /// permission denied → 3507, anything else → 3004).
 fn uni_connect_error(json: &[u8]) -> Option<Disconnect> {
-    let at = json
-        .windows(17)
-        .position(|w| w == b"\"error\":{\"code\":")?;
-    let digits: Vec<u8> = json[at + 17..]
+    const ERROR: &[u8] = b"\"error\":{\"code\":";
+    let at = json.windows(ERROR.len()).position(|w| w == ERROR)?;
+    let digits: Vec<u8> = json[at + ERROR.len()..]
         .iter()
         .take_while(|b| b.is_ascii_digit())
         .copied()
@@ -1075,6 +1080,127 @@ fn queue_close(st: &mut ConnState, why: Reason, code: u16, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn queued(wire: Wire, frame: Bytes) -> (Outbox, Push) {
+        let mut o = Outbox::default();
+        let r = queue_frame(&mut o, wire, frame, 1 << 20);
+        (o, r)
+    }
+
+    fn bytes_of(o: &Outbox) -> String {
+        let mut v = Vec::new();
+        o.fill(&mut v, usize::MAX);
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn stream_wires_frame_each_line_and_share_the_publication_bytes() {
+        let json = br#"{"push":{"channel":"c","pub":{"data":1}}}"#;
+        let frame = ws::text_frame(json);
+        let payload_at = frame.as_ptr() as usize + 2;
+        let (o, _) = queued(Wire::Sse, frame.clone());
+        assert_eq!(
+            bytes_of(&o),
+            format!("data: {}\n\n", std::str::from_utf8(json).unwrap())
+        );
+        let (o, _) = queued(Wire::HttpStream, frame.clone());
+        assert_eq!(
+            bytes_of(&o),
+            format!("{}\n", std::str::from_utf8(json).unwrap())
+        );
+        let (o, _) = queued(Wire::UniHttpStream, frame.clone());
+        assert_eq!(bytes_of(&o), "{\"channel\":\"c\",\"pub\":{\"data\":1}}\n");
+        let (o, _) = queued(Wire::UniSse, frame.clone());
+        assert_eq!(
+            bytes_of(&o),
+            "data: {\"channel\":\"c\",\"pub\":{\"data\":1}}\n\n"
+        );
+        let (mut o, _) = queued(Wire::UniWebsocket, frame.clone());
+        let inner = r#"{"channel":"c","pub":{"data":1}}"#;
+        let mut want = vec![0x81, inner.len() as u8];
+        want.extend_from_slice(inner.as_bytes());
+        let mut got = Vec::new();
+        o.fill(&mut got, usize::MAX);
+        assert_eq!(got, want);
+        // The JSON is a slice of the shared frame, not a copy: the second piece points into it.
+        assert!(o.single().is_none());
+        o.consume(2);
+        let piece = o.single().expect("the slice").clone();
+        assert_eq!(
+            piece.as_ptr() as usize,
+            payload_at + 8,
+            "same bytes as the frame"
+        );
+        // WebSocket wires take the frame itself.
+        let (o, _) = queued(Wire::Json, frame.clone());
+        assert_eq!(o.single().unwrap().as_ptr(), frame.as_ptr());
+    }
+
+    #[test]
+    fn several_lines_and_replies_in_one_frame() {
+        let f = ws::text_frame(
+            br#"{"id":1,"connect":{"client":"x","ping":25,"pong":true}}
+{"push":{"channel":"c","pub":{}}}
+{"id":2,"error":{"code":1,"message":"m"}}
+{}"#,
+        );
+        let (o, _) = queued(Wire::HttpStream, f.clone());
+        assert_eq!(bytes_of(&o).lines().count(), 4);
+        let (o, _) = queued(Wire::UniHttpStream, f);
+        assert_eq!(
+            bytes_of(&o),
+            "{\"connect\":{\"client\":\"x\",\"ping\":25}}\n{\"channel\":\"c\",\"pub\":{}}\n{}\n",
+            "the connect push without pong; other replies dropped; the ping kept"
+        );
+    }
+
+    #[test]
+    fn a_frame_over_the_bound_queues_nothing() {
+        let mut o = Outbox::default();
+        let f = ws::text_frame(&[b'x'; 100]);
+        assert_eq!(
+            queue_frame(&mut o, Wire::Sse, f.clone(), 100),
+            Push::Overflow
+        );
+        assert!(o.is_empty());
+        assert_eq!(queue_frame(&mut o, Wire::Sse, f, 108), Push::Queued);
+        assert_eq!(o.len_bytes(), 108);
+    }
+
+    #[test]
+    fn long_payload_headers_are_read() {
+        let big = vec![b'a'; 70_000];
+        let f = ws::text_frame(&big);
+        assert_eq!(text_payload(&f).unwrap().len(), 70_000);
+        let mid = vec![b'a'; 300];
+        assert_eq!(text_payload(&ws::text_frame(&mid)).unwrap().len(), 300);
+        assert!(text_payload(&ws::close_frame(1000, "")).is_none());
+        assert_eq!(frame_head(300).1, 4);
+        assert_eq!(frame_head(70_000).1, 10);
+    }
+
+    #[test]
+    fn uni_connect_errors_become_centrifugos_disconnects() {
+        let e = |c: u32| {
+            uni_connect_error(
+                format!(r#"{{"id":1,"error":{{"code":{c},"message":"m"}}}}"#).as_bytes(),
+            )
+        };
+        assert_eq!(e(109), Some(Disconnect::Expired));
+        assert_eq!(e(111), Some(Disconnect::TooManyRequests));
+        assert_eq!(e(103), Some(Disconnect::PermissionDenied));
+        assert_eq!(e(100), Some(Disconnect::ServerError));
+        assert_eq!(uni_connect_error(br#"{"id":1,"connect":{}}"#), None);
+        assert_eq!(
+            uni_connect_command(b" {\"token\":\n\"t\"} ").as_deref(),
+            Some(r#"{"id":1,"connect":{"token":"t"}}"#)
+        );
+        assert_eq!(
+            uni_connect_command(b"").as_deref(),
+            Some(r#"{"id":1,"connect":{}}"#)
+        );
+        assert_eq!(uni_connect_command(b"[]"), None);
+    }
 
     #[test]
     fn per_connection_state_stays_small() {

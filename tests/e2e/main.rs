@@ -29,3 +29,4 @@ mod security_tokens;
 mod server_api;
 mod status_page;
 mod tokens_asym;
+mod transports;
