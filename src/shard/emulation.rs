@@ -94,20 +94,6 @@ impl Shard {
         self.emulated.borrow_mut().mark(key);
     }
 
-    /// Test hook, debug builds only: with `SHARDCAST_TEST_EMULATED_WEBSOCKET=1` in the
-    /// environment, JSON WebSocket connections are marked emulated, so that the routing of
-    /// `/emulation` POSTs is tested end to end with WebSocket clients. Never in release builds.
-    #[cfg(debug_assertions)]
-    pub(super) fn test_mark_websocket(&self, key: ConnKey, wire: super::connection::Wire) {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on = *ON.get_or_init(|| {
-            std::env::var_os("SHARDCAST_TEST_EMULATED_WEBSOCKET").is_some_and(|v| v == "1")
-        });
-        if on && wire == super::connection::Wire::Json {
-            self.mark_emulated(key);
-        }
-    }
-
     /// The session id and node uid for the connect reply of connection `key`, if emulated.
     pub(super) fn emulation_ids(&self, key: ConnKey) -> Option<(String, String)> {
         let emulated = self.emulated.borrow();

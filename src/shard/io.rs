@@ -69,8 +69,6 @@ pub fn start(
         // `/emulation` POSTs reach it by them.
         shard.mark_emulated(conn.key);
     }
-    #[cfg(debug_assertions)]
-    shard.test_mark_websocket(conn.key, wire);
     conn.arm_first(&ctx);
     shard.ring.arm_recv(conn.raw_fd(), conn.key);
     if wire.is_http_stream() {

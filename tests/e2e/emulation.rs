@@ -1,24 +1,117 @@
 //! Bidirectional emulation's routing: commands POSTed to `/emulation` reach the connection
 //! that owns the session, on any shard of the node and on another node through Redis, and
-//! its replies come on that connection. The connections here are WebSocket ones marked
-//! emulated by the debug build's test hook (`SHARDCAST_TEST_EMULATED_WEBSOCKET`), so the
-//! routing is tested apart from the stream transports; `sdk.rs` runs the official SDK over
-//! the real HTTP-streaming and SSE transports.
+//! its replies come on that connection's stream. The connections are raw HTTP-streaming
+//! clients (`POST /connection/http_stream`); `sdk.rs` runs the official SDK over both
+//! emulation transports.
 
 use crate::harness::*;
 use serde_json::{json, Value};
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
-const HOOK: &[(&str, &str)] = &[("SHARDCAST_TEST_EMULATED_WEBSOCKET", "1")];
+/// A raw bidirectional HTTP-streaming client: its replies and pushes are the response's
+/// newline-delimited JSON lines; its commands go by `POST /emulation`.
+struct StreamClient {
+    reader: BufReader<TcpStream>,
+    pending: std::collections::VecDeque<Value>,
+    connect: Value,
+}
+
+impl StreamClient {
+    /// Opens the stream with a connect command for `user` and reads the connect reply.
+    fn open(addr: SocketAddr, user: &str) -> StreamClient {
+        let t = token(user, Some(3600), SECRET);
+        let body = json!({"id": 1, "connect": {"token": t}}).to_string();
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        write!(
+            s,
+            "POST /connection/http_stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reader = BufReader::new(s);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            assert!(Instant::now() < deadline, "no stream head: {head}");
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            head.push_str(&line);
+        }
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut c = StreamClient {
+            reader,
+            pending: Default::default(),
+            connect: Value::Null,
+        };
+        c.connect = c.reply(1);
+        assert!(c.connect["connect"].is_object(), "{}", c.connect);
+        c
+    }
+
+    /// Reads one line into `pending` (server pings `{}` are skipped). False at the end.
+    fn read_some(&mut self) -> bool {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => false,
+            Ok(_) => {
+                let v: Value = serde_json::from_str(line.trim()).expect("JSON lines");
+                if !v.as_object().is_some_and(|o| o.is_empty()) {
+                    self.pending.push_back(v);
+                }
+                true
+            }
+            Err(_) => {
+                // A timeout keeps what was read of a partial line in `line`: keep it.
+                if !line.is_empty() {
+                    let mut rest = String::new();
+                    let _ = self.reader.read_line(&mut rest);
+                    line.push_str(&rest);
+                    if let Ok(v) = serde_json::from_str::<Value>(line.trim()) {
+                        self.pending.push_back(v);
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    fn reply(&mut self, id: u32) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pos) = self.pending.iter().position(|v| v["id"] == id) {
+                return self.pending.remove(pos).unwrap();
+            }
+            assert!(Instant::now() < deadline, "no reply to {id}");
+            assert!(
+                self.read_some(),
+                "stream ended while waiting for reply {id}"
+            );
+        }
+    }
+
+    fn push(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(pos) = self.pending.iter().position(|v| v.get("push").is_some()) {
+                return self.pending.remove(pos);
+            }
+            if Instant::now() >= deadline || !self.read_some() {
+                return None;
+            }
+        }
+    }
+}
 
 /// The endpoint exists while an emulation transport is enabled.
 const TRANSPORTS: &str = "[transports]\nhttp_stream = true\nsse = true\n";
 
 /// Sends one raw request on a fresh connection; returns (status, the whole response).
 fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(request.as_bytes()).unwrap();
     let mut out = Vec::new();
@@ -59,19 +152,24 @@ fn counter(addr: SocketAddr, name: &str) -> u64 {
 
 #[test]
 fn emulation_posts_reach_their_connection_on_every_shard() {
-    let server = Server::start_with_env(&format!("{BASE_CONFIG}{TRANSPORTS}"), &[], HOOK);
+    let server = Server::start(&format!("{BASE_CONFIG}{TRANSPORTS}"), &[]);
     let mut clients = Vec::new();
     for i in 0..64 {
         if clients.len() == 4 {
             break;
         }
-        let (c, reply) = Client::connected(&server, &format!("u{i}"));
+        let c = StreamClient::open(server.addr, &format!("u{i}"));
+        let reply = c.connect.clone();
         let shard = Client::shard_of(&reply);
         if clients.iter().filter(|(_, _, s)| *s == shard).count() < 2 {
             clients.push((c, reply, shard));
         }
     }
     assert!(clients.iter().any(|(_, _, s)| *s == 0) && clients.iter().any(|(_, _, s)| *s == 1));
+    // A WebSocket connection has no session: nothing can be sent to it by POST.
+    let (_ws, ws_reply) = Client::connected(&server, "ws-user");
+    assert!(ws_reply["connect"].get("session").is_none(), "{ws_reply}");
+    assert!(ws_reply["connect"].get("node").is_none(), "{ws_reply}");
     for (_, reply, shard) in &clients {
         let session = reply["connect"]["session"].as_str().expect("session");
         assert!(session.starts_with(&format!("{shard}.")), "{session}");
@@ -127,7 +225,7 @@ fn emulation_posts_reach_their_connection_on_every_shard() {
     );
     eventually(Duration::from_secs(5), "the connection ends", || {
         let (_, info) = api(server.addr, "info", &json!({}));
-        info["result"]["nodes"][0]["num_clients"].as_u64() == Some(3)
+        info["result"]["nodes"][0]["num_clients"].as_u64() == Some(4)
     });
     assert_eq!(post(server.addr, &ended, "").0, 204);
     eventually(Duration::from_secs(5), "unknown sessions counted", || {
@@ -155,8 +253,9 @@ fn emulation_posts_reach_their_connection_on_every_shard() {
 fn emulation_cors_follows_allowed_origins() {
     let config =
         format!("allowed_origins = [\"https://app.example.com\"]\n{BASE_CONFIG}{TRANSPORTS}");
-    let server = Server::start_with_env(&config, &[], HOOK);
-    let (mut c, reply) = Client::connected(&server, "alice");
+    let server = Server::start(&config, &[]);
+    let mut c = StreamClient::open(server.addr, "alice");
+    let reply = c.connect.clone();
     let cmd = request(&reply, "{\"id\":9,\"subscribe\":{\"channel\":\"chat:c\"}}");
     let (status, text) = post(server.addr, &cmd, "Origin: https://app.example.com\r\n");
     assert_eq!(status, 204, "{text}");
@@ -187,9 +286,10 @@ fn emulation_cors_follows_allowed_origins() {
 fn emulation_post_to_another_node_reaches_the_session_through_redis() {
     let redis = Redis::start(&[]);
     let config = format!("redis = \"{}\"\n{BASE_CONFIG}{TRANSPORTS}", redis.url());
-    let a = Server::start_with_env(&config, &[], HOOK);
-    let b = Server::start_with_env(&config, &[], HOOK);
-    let (mut on_a, reply) = Client::connected(&a, "alice");
+    let a = Server::start(&config, &[]);
+    let b = Server::start(&config, &[]);
+    let mut on_a = StreamClient::open(a.addr, "alice");
+    let reply = on_a.connect.clone();
     let (mut on_b, _) = Client::connected(&b, "bob");
     let node_a = reply["connect"]["node"].as_str().unwrap().to_string();
     // Each node listens on its own channel for requests other nodes received.

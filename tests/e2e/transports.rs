@@ -179,7 +179,10 @@ fn uni_sse_gets_the_connect_push_then_publications_of_the_tokens_channels() {
     );
     assert!(connect["connect"]["client"].is_string(), "{connect}");
     assert!(connect["connect"]["subs"]["news"].is_object(), "{connect}");
-    assert!(connect["connect"].get("pong").is_none(), "no pong asked of a uni client");
+    assert!(
+        connect["connect"].get("pong").is_none(),
+        "no pong asked of a uni client"
+    );
     publish(&server, "news", json!({"n": 1}));
     let p = s.event(T).expect("publication");
     assert_eq!(p["channel"], "news", "the push object alone: {p}");
