@@ -230,7 +230,16 @@ pub async fn serve(
         }
     };
     let keep = head.keep_alive();
-    let bytes = match decide(&body, cfg, ctx.node()) {
+    let protobuf = head.header("content-type").is_some_and(|v| {
+        v.trim_ascii()
+            .eq_ignore_ascii_case(b"application/octet-stream")
+    });
+    let decided = if protobuf {
+        Err((400, "only the JSON protocol is supported over emulation\n"))
+    } else {
+        decide(&body, cfg, ctx.node())
+    };
+    let bytes = match decided {
         Ok(req) => {
             if ctx.hand_over(req) {
                 ctx.count(true);

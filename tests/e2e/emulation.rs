@@ -246,7 +246,14 @@ fn emulation_posts_reach_their_connection_on_every_shard() {
         "GET /emulation HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status, 405);
-    assert_eq!(counter(server.addr, "emulation_refused"), 5);
+    // Protobuf emulation requests are declined (JSON only).
+    let pb = raw(
+        server.addr,
+        "POST /emulation HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\nContent-Length: 2\r\nConnection: close\r\n\r\n\n\x01",
+    );
+    assert_eq!(pb.0, 400, "{}", pb.1);
+    assert!(pb.1.contains("only the JSON protocol"), "{}", pb.1);
+    assert_eq!(counter(server.addr, "emulation_refused"), 6);
 }
 
 #[test]
@@ -284,7 +291,7 @@ fn emulation_cors_follows_allowed_origins() {
 
 #[test]
 fn emulation_post_to_another_node_reaches_the_session_through_redis() {
-    let redis = Redis::start(&[]);
+    let mut redis = Redis::start(&[]);
     let config = format!("redis = \"{}\"\n{BASE_CONFIG}{TRANSPORTS}", redis.url());
     let a = Server::start(&config, &[]);
     let b = Server::start(&config, &[]);
@@ -320,6 +327,38 @@ fn emulation_post_to_another_node_reaches_the_session_through_redis() {
     );
     assert!(counter(b.addr, "emulation_forwarded") >= 2);
     assert_eq!(counter(a.addr, "emulation_forwarded"), 0);
+    // Redis restarted: the node's channel is subscribed again with the rest.
+    redis.restart();
+    let again = request(
+        &reply,
+        "{\"id\":7,\"subscribe\":{\"channel\":\"chat:after\"}}",
+    );
+    eventually(Duration::from_secs(15), "B forwards again", || {
+        post(b.addr, &again, "").0 == 204
+    });
+    eventually(Duration::from_secs(15), "A listens again", || {
+        let n = redis.cli(&["PUBSUB", "NUMSUB", &format!("shardcast:node:{node_a}")]);
+        n.get(1).map(|s| s.trim()) == Some("1")
+    });
+    // A request published while A was still resubscribing may be lost (like any pub/sub
+    // message; the SDK's command times out and it retries): send until one gets through.
+    let mut id = 7;
+    let mut answered = false;
+    for _ in 0..20 {
+        if on_a
+            .pending
+            .iter()
+            .any(|v| v["id"].as_u64().is_some_and(|i| i >= 7))
+        {
+            answered = true;
+            break;
+        }
+        let _ = on_a.push(Duration::from_millis(200));
+        id += 1;
+        let cmd = format!("{{\"id\":{id},\"presence_stats\":{{\"channel\":\"chat:x\"}}}}");
+        assert_eq!(post(b.addr, &request(&reply, &cmd), "").0, 204);
+    }
+    assert!(answered, "no reply through B after the Redis restart");
     // A node the cluster does not know: 404 (the SDK reconnects).
     let gone = json!({"session": "0.0.0.0", "node": "no-such-node", "data": ""}).to_string();
     assert_eq!(post(b.addr, &gone, "").0, 404);
