@@ -22,7 +22,7 @@ mod modules;
 common_modules!("common"; args, connect, http, info, kernel_memory, memory, net, reader, safety, server, ws);
 
 use common::args::{conns_under_nofile, Args};
-use common::connect::connect_many_as;
+use common::connect::{connect_many_as, sse_connect_many};
 use common::info::NodeInfo;
 use common::kernel_memory::{meminfo, slabinfo, sockstat_tcp_mem_bytes};
 use common::memory::{mib, rss_bytes, smaps_rollup_bytes, status_bytes};
@@ -46,6 +46,9 @@ cargo bench --bench density -- [options]
   --channels K      subscribe connection i to bench:<i % K> (default 1: all on bench:0)
   --threads N       connecting threads (default 8)
   --protobuf        clients speak the protobuf protocol (centrifuge-protobuf, binary frames)
+  --transport T     websocket (default) or sse: idle SSE streams (GET /connection/sse, the
+                    emulation's stream; the server gets [transports] sse = true and a 300 s
+                    ping interval, since the bench has no /emulation path for pongs)
                     instead of JSON; compare the two runs' B/conn
   --src-addrs N     number of source addresses 127.0.0.2.. (default: 1 per 10K conns, min 2)
   --settle-ms MS    settle time before each measurement (default 3000)
@@ -148,6 +151,8 @@ struct Opts {
     channels: usize,
     /// The clients' wire format (`--protobuf`).
     format: Format,
+    /// `--transport sse`: idle SSE streams instead of WebSockets.
+    sse: bool,
     threads: usize,
     n_src: usize,
     settle: Duration,
@@ -171,6 +176,11 @@ impl Opts {
                 Format::Protobuf
             } else {
                 Format::Json
+            },
+            sse: match args.str("transport").as_deref() {
+                None | Some("websocket") => false,
+                Some("sse") => true,
+                Some(t) => fatal(&format!("--transport {t}: want websocket or sse")),
             },
             threads: args.get("threads", 8usize),
             n_src: args.get("src-addrs", n.div_ceil(10_000).max(2)),
@@ -204,7 +214,7 @@ fn main() {
     println!(
         "# density: conns={} (RLIMIT_NOFILE hard={}, margin={}) shards={} \
          channels={} src_addrs=127.0.0.2..127.0.0.{} connect_threads={} settle={} ms runs={} \
-         format={}",
+         format={} transport={}",
         o.n,
         o.hard,
         o.margin,
@@ -214,7 +224,8 @@ fn main() {
         o.threads,
         o.settle.as_millis(),
         o.runs,
-        o.format.name()
+        o.format.name(),
+        if o.sse { "sse" } else { "websocket" }
     );
     let mut results = Vec::new();
     let mut failed = false;
@@ -267,7 +278,15 @@ fn run_once(o: &Opts, args: &Args, t_start: Instant) -> (RunResult, bool) {
     let mut server = Server::start(
         "density",
         o.shards,
-        &bench_server_args(args, "density", ""),
+        &bench_server_args(
+            args,
+            "density",
+            if o.sse {
+                "[transports]\nsse = true\n[ping]\ninterval_secs = 300\npong_timeout_secs = 60\n"
+            } else {
+                ""
+            },
+        ),
         args.has("server-log"),
     );
     println!("# server: {}", server.describe());
@@ -300,13 +319,23 @@ fn run_once(o: &Opts, args: &Args, t_start: Instant) -> (RunResult, bool) {
     );
 
     let keeper = Reader::spawn("keeper", Idle::default());
-    let [s1, s2] = connect_in_two_stages(o, server.addr, server.pid, &keeper, &base);
+    let sse_held = std::sync::Mutex::new(Vec::new());
+    let [s1, s2] = connect_in_two_stages(o, server.addr, server.pid, &keeper, &sse_held, &base);
     let user = report_user(&base, &s1, &s2);
     let k_slope = report_kernel(&base, &s1, &s2);
     report_projection(&base, user, k_slope);
 
     let alive = server.alive();
     let (stats, idle) = keeper.stop();
+    let sse_held = sse_held.into_inner().unwrap();
+    let (sse_closed, _) = sse_idle_check(&sse_held);
+    if o.sse {
+        println!(
+            "# SSE streams held: {} (closed by server: {sse_closed})",
+            sse_held.len()
+        );
+    }
+    drop(sse_held);
     println!(
         "# connections held: {} (closed by server: {}, pings answered: {}, unexpected messages: {}{}, errors: {}{}); server alive at end: {alive}; elapsed {:.1} s",
         stats.conns,
@@ -330,7 +359,7 @@ fn run_once(o: &Opts, args: &Args, t_start: Instant) -> (RunResult, bool) {
         baseline: base.server_rss,
         kernel: k_slope,
     };
-    (r, alive && stats.closed == 0)
+    (r, alive && stats.closed == 0 && sse_closed == 0)
 }
 
 /// The median (upper of the two middle ones for an even count) and the range.
@@ -369,6 +398,7 @@ fn connect_in_two_stages(
     addr: SocketAddr,
     pid: i32,
     keeper: &Reader<Idle>,
+    sse_held: &std::sync::Mutex<Vec<std::net::TcpStream>>,
     base: &Snap,
 ) -> [Snap; 2] {
     let channels = o.channels;
@@ -377,6 +407,27 @@ fn connect_in_two_stages(
     let n1 = o.n / 4;
     [(0, n1), (n1, o.n - n1)].map(|(first, count)| {
         let t0 = Instant::now();
+        if o.sse {
+            let streams = match sse_connect_many(addr, first, count, o.threads, o.n_src, chan_fn.clone()) {
+                Ok(s) => s,
+                Err(e) => fatal(&format!("connecting SSE streams: {e}")),
+            };
+            let dt = t0.elapsed().as_secs_f64();
+            println!(
+                "density connect: +{count} SSE streams (connect+subscribe verified) in {dt:.2} s = {:.0} conn/s, total {}",
+                count as f64 / dt,
+                first + count
+            );
+            sse_held.lock().unwrap().extend(streams);
+            thread::sleep(o.settle);
+            let (closed, unexpected) = sse_idle_check(&sse_held.lock().unwrap());
+            if closed > 0 || unexpected > 0 {
+                fatal(&format!(
+                    "{closed} SSE streams were closed by the server while idle, {unexpected} got unexpected data"
+                ));
+            }
+            return snap_line(pid, first + count, base);
+        }
         let conns = match connect_many_as(
             addr,
             first,
@@ -403,7 +454,36 @@ fn connect_in_two_stages(
                 "{closed} connections were closed by the server while idle"
             ));
         }
-        let s = Snap::take(pid, first + count);
+        snap_line(pid, first + count, base)
+    })
+}
+
+/// Idle SSE streams may get pings only (`data: {}`): (closed, with other data).
+fn sse_idle_check(streams: &[std::net::TcpStream]) -> (usize, usize) {
+    use std::io::Read;
+    let (mut closed, mut unexpected) = (0, 0);
+    let mut buf = [0u8; 4096];
+    for s in streams {
+        s.set_nonblocking(true).ok();
+        match (&*s).read(&mut buf) {
+            Ok(0) => closed += 1,
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if text.split("\n\n").any(|e| !e.is_empty() && e != "data: {}") {
+                    unexpected += 1;
+                }
+            }
+            Err(_) => {}
+        }
+        s.set_nonblocking(false).ok();
+    }
+    (closed, unexpected)
+}
+
+/// Takes a snapshot at `conns` connections and prints its RSS line.
+fn snap_line(pid: i32, conns: usize, base: &Snap) -> Snap {
+    {
+        let s = Snap::take(pid, conns);
         println!(
             "density rss@{}: server RSS {:.2} MiB, Δ vs baseline {:+.2} MiB = {:.0} B/conn user-space (average; anon {:+.2} MiB of which huge pages {:+.2} MiB, file-backed {:+.2} MiB)",
             s.conns,
@@ -415,7 +495,7 @@ fn connect_in_two_stages(
             mib(d(base.server_file, s.server_file) as f64)
         );
         s
-    })
+    }
 }
 
 /// The user-space lines (RSS slope between the stages); returns (slope, average) in B/conn.

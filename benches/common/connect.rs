@@ -275,3 +275,87 @@ pub fn connect_many_as(
     all.sort_by_key(|c| c.id);
     Ok(all)
 }
+
+/// Opens an idle SSE stream (`GET /connection/sse?cf_connect=...`, the bidirectional
+/// emulation's stream, as the JS SDK's EventSource transport opens it) whose connect command
+/// is followed by a subscribe to `channel`, and waits for both replies. Returns the socket
+/// (still blocking).
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub fn sse_connect_subscribe(
+    dst: SocketAddr,
+    src: Option<Ipv4Addr>,
+    channel: &str,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    let mut s = tcp_connect(dst, src, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout)).ok();
+    s.set_write_timeout(Some(timeout)).ok();
+    let commands = format!(
+        "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{}}}}}",
+        serde_json::Value::from(channel)
+    );
+    let q = percent_encoding::utf8_percent_encode(&commands, percent_encoding::NON_ALPHANUMERIC);
+    s.write_all(format!("GET /connection/sse?cf_connect={q} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write request: {e}"))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut tmp = [0u8; 2048];
+    loop {
+        let n = s.read(&mut tmp).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err(format!("EOF before the subscribe reply: {}", String::from_utf8_lossy(&buf)));
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if !text.starts_with("HTTP/1.1 200") && text.contains("\r\n") {
+            return Err(format!("refused: {}", text.lines().next().unwrap_or("")));
+        }
+        if let Some(at) = text.find("data: {\"id\":2,") {
+            let reply = &text[at..];
+            if reply.contains("\n\n") {
+                if reply.contains("\"error\"") {
+                    return Err(format!("subscribe failed: {reply}"));
+                }
+                return Ok(s);
+            }
+        }
+    }
+}
+
+/// [`connect_many`] for idle SSE streams ([`sse_connect_subscribe`]), one retry each.
+#[allow(dead_code, reason = "each bench uses part of the shared code")]
+pub fn sse_connect_many(
+    dst: SocketAddr,
+    first: usize,
+    count: usize,
+    threads: usize,
+    n_src: usize,
+    channel: Arc<dyn Fn(usize) -> String + Send + Sync>,
+) -> Result<Vec<TcpStream>, String> {
+    let threads = threads.clamp(1, count.max(1));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let channel = channel.clone();
+            thread::spawn(move || {
+                let mut out = Vec::new();
+                let mut i = t;
+                while i < count {
+                    let idx = first + i;
+                    let src = Some(src_addr(idx, n_src));
+                    let timeout = Duration::from_secs(10);
+                    let s = sse_connect_subscribe(dst, src, &channel(idx), timeout).or_else(|_| {
+                        thread::sleep(Duration::from_millis(50));
+                        sse_connect_subscribe(dst, src, &channel(idx), timeout)
+                    })?;
+                    out.push(s);
+                    i += threads;
+                }
+                Ok::<_, String>(out)
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(count);
+    for h in handles {
+        all.extend(h.join().map_err(|_| "connect thread panicked".to_string())??);
+    }
+    Ok(all)
+}

@@ -1298,6 +1298,113 @@ mod heap_tests {
 }
 
 #[cfg(test)]
+mod stream_heap_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::shard::{NodeInfo, Shard};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    /// Heap bytes per idle, connected, subscribed connection opened by `open` (a client
+    /// thread's request; it returns the socket once the subscribe reply came).
+    fn idle_heap_bytes(open: fn(std::net::SocketAddr, usize) -> std::net::TcpStream) -> isize {
+        const N: usize = 200;
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                let mut cfg = Config {
+                    insecure: true,
+                    ..Config::default()
+                };
+                cfg.transports.sse = true;
+                let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
+                let (tx, _rx) = crate::bus::broker_queue(1 << 16, false).unwrap();
+                let shard = Shard::new(0, Arc::new(cfg), node, tx);
+                crate::shard::spawn_io(&shard);
+                let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+                let client = std::thread::spawn(move || {
+                    let socks: Vec<_> = (0..N).map(|i| open(addr, i)).collect();
+                    done_rx.recv().unwrap();
+                    drop(socks);
+                });
+                let mut before = (0, 0);
+                for i in 0..N {
+                    let stream = listener.accept().await.unwrap();
+                    glommio::spawn_local(crate::shard::front_door::serve(shard.clone(), stream))
+                        .detach();
+                    if i == 0 {
+                        while shard.conns.borrow().is_empty() {
+                            glommio::timer::sleep(Duration::from_millis(5)).await;
+                        }
+                        glommio::timer::sleep(Duration::from_millis(50)).await;
+                        before = crate::alloc_count::live();
+                    }
+                }
+                while shard.index.borrow().subscriptions() < N as u64 {
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                }
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                let after = crate::alloc_count::live();
+                done_tx.send(()).unwrap();
+                client.join().unwrap();
+                (after.0 - before.0) / (N - 1) as isize
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    fn read_until(s: &mut std::net::TcpStream, needle: &str) {
+        let mut got = Vec::new();
+        let mut b = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains(needle) {
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&b[..n]);
+        }
+    }
+
+    fn open_ws(addr: std::net::SocketAddr, i: usize) -> std::net::TcpStream {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /connection/websocket HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+        let cmd = format!(
+            "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":\"c{}\"}}}}",
+            i % 10
+        );
+        s.write_all(&ws::client_frame(1, true, cmd.as_bytes(), [1, 2, 3, 4]))
+            .unwrap();
+        read_until(&mut s, "\"id\":2");
+        s
+    }
+
+    fn open_sse(addr: std::net::SocketAddr, i: usize) -> std::net::TcpStream {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        // {"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"cN"}}, form-encoded.
+        let q = format!("%7B%22id%22%3A1%2C%22connect%22%3A%7B%7D%7D%0A%7B%22id%22%3A2%2C%22subscribe%22%3A%7B%22channel%22%3A%22c{}%22%7D%7D", i % 10);
+        s.write_all(
+            format!("GET /connection/sse?cf_connect={q} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        read_until(&mut s, "\"id\":2");
+        s
+    }
+
+    /// An idle SSE connection costs no more heap than an idle WebSocket one: the same
+    /// `Connection` in the same table, framed only when something is sent.
+    #[test]
+    fn idle_stream_connection_heap_bytes_match_a_websocket_ones() {
+        let ws = idle_heap_bytes(open_ws);
+        let sse = idle_heap_bytes(open_sse);
+        eprintln!("idle subscribed connection: WebSocket {ws} heap bytes, SSE {sse} heap bytes");
+        assert!(
+            sse <= ws,
+            "an SSE connection holds {sse} heap bytes, a WebSocket one {ws}"
+        );
+    }
+}
+
+#[cfg(test)]
 mod glommio_cost_tests {
     use futures_lite::AsyncReadExt;
     use std::time::Duration;

@@ -285,6 +285,19 @@ async fn serve_stream(
         }
         r
     };
+    if head
+        .header_str("content-type")
+        .is_some_and(|t| t.starts_with("application/octet-stream"))
+    {
+        // The protobuf flavour of the streams is not served (JSON only).
+        let _ = stream
+            .write_all(&refuse(
+                400,
+                "protobuf is not supported on this transport\n",
+            ))
+            .await;
+        return;
+    }
     let data: Vec<u8> = match (head.method.as_str(), kind) {
         ("OPTIONS", _) => {
             let _ = stream.write_all(&hs::preflight(&head, &cors)).await;

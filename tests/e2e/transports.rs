@@ -135,8 +135,13 @@ fn channel_token(user: &str, channels: &[&str]) -> String {
 }
 
 fn post(path: &str, body: &str, extra: &str) -> String {
+    let json = if extra.contains("Content-Type") {
+        ""
+    } else {
+        "Content-Type: application/json\r\n"
+    };
     format!(
-        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: t\r\n{json}{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
 }
@@ -215,6 +220,10 @@ fn uni_http_stream_and_bad_requests() {
         (post("/connection/uni_http_stream", "[1]", ""), "invalid connect request"),
         (post("/connection/http_stream", "nope", ""), "connect command is not a JSON object"),
         (get("/connection/sse", ""), "no connect command"),
+        (
+            post("/connection/http_stream", "\u{1}", "Content-Type: application/octet-stream\r\n"),
+            "protobuf is not supported",
+        ),
         (get("/connection/uni_sse?cf_connect=%7Bx", ""), "invalid connect request"),
         (get("/connection/uni_websocket?cf_connect=1", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"), "invalid connect request"),
     ] {
