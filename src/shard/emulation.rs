@@ -7,7 +7,9 @@
 //! an id cannot be guessed from another one (only the client that got it in its connect reply
 //! can send commands as that connection). Nothing is stored per connection for it: the id is
 //! computed again to check it. Only connections marked emulated (by the transport that opened
-//! them) answer to an id; a WebSocket connection never does.
+//! them: one bit per table slot, allocated only once the shard has an emulated connection, so
+//! a stream connection costs no more heap than a WebSocket one) answer to an id; a WebSocket
+//! connection never does.
 //!
 //! Shard thread only; a request is handled in one call, with no borrow kept.
 
@@ -15,22 +17,22 @@ use super::counters::bump;
 use super::Shard;
 use crate::bus::Emulation;
 use crate::conn::ConnKey;
-use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 
 /// The shard's emulated connections and the secret their session ids are tagged with.
 pub struct EmulatedConns {
     /// Keyed hasher (SipHash with keys drawn at random when the shard starts).
     secret: std::collections::hash_map::RandomState,
-    /// Connections opened by an emulation transport (only those; WebSocket ones never).
-    keys: HashSet<ConnKey>,
+    /// One bit per connection slot: the connection there was opened by an emulation
+    /// transport. Empty (no heap) until the shard's first one.
+    slots: Vec<u64>,
 }
 
 impl Default for EmulatedConns {
     fn default() -> Self {
         EmulatedConns {
             secret: std::collections::hash_map::RandomState::new(),
-            keys: HashSet::new(),
+            slots: Vec::new(),
         }
     }
 }
@@ -66,32 +68,41 @@ impl EmulatedConns {
             return None;
         }
         let key = ConnKey { slot, generation };
-        (self.tag(shard, key) == tag && self.keys.contains(&key)).then_some(key)
+        (self.tag(shard, key) == tag && self.contains(key)).then_some(key)
     }
 
-    /// Marks connection `key` as emulated (its connect reply carries its session id).
-    pub fn mark(&mut self, key: ConnKey) {
-        self.keys.insert(key);
+    /// Marks the connection of `key` as emulated (`on`: its connect reply carries its session
+    /// id) or not; set for every new connection, so a reused slot never keeps the mark.
+    pub fn set(&mut self, key: ConnKey, on: bool) {
+        let (word, bit) = ((key.slot / 64) as usize, key.slot % 64);
+        if on {
+            if self.slots.len() <= word {
+                self.slots.resize(word + 1, 0);
+            }
+            self.slots[word] |= 1 << bit;
+        } else if let Some(w) = self.slots.get_mut(word) {
+            *w &= !(1 << bit);
+        }
     }
 
-    /// Whether connection `key` is emulated.
+    /// Whether the connection in `key`'s slot is emulated (the caller checks the generation
+    /// in the table).
     pub fn contains(&self, key: ConnKey) -> bool {
-        !self.keys.is_empty() && self.keys.contains(&key)
+        let (word, bit) = ((key.slot / 64) as usize, key.slot % 64);
+        self.slots.get(word).is_some_and(|w| w & (1 << bit) != 0)
     }
 
     /// Forgets connection `key` (it ended).
     pub fn forget(&mut self, key: ConnKey) {
-        if !self.keys.is_empty() {
-            self.keys.remove(&key);
-        }
+        self.set(key, false);
     }
 }
 
 impl Shard {
-    /// Marks connection `key` as a bidirectional emulation one (called by the transport that
-    /// opened it, before its connect is run).
-    pub fn mark_emulated(&self, key: ConnKey) {
-        self.emulated.borrow_mut().mark(key);
+    /// Marks connection `key` as a bidirectional emulation one (`on`) or not, as it starts
+    /// (before its connect is run).
+    pub fn set_emulated(&self, key: ConnKey, on: bool) {
+        self.emulated.borrow_mut().set(key, on);
     }
 
     /// The session id and node uid for the connect reply of connection `key`, if emulated.
@@ -151,23 +162,28 @@ mod tests {
         let id = e.session_id(2, key);
         assert!(id.starts_with("2.7.3."), "{id}");
         assert_eq!(e.lookup(2, &id), None, "not marked yet");
-        e.mark(key);
+        e.set(key, true);
         assert_eq!(e.lookup(2, &id), Some(key));
         assert_eq!(e.lookup(1, &id), None, "another shard's id");
-        // A guessed tag, another generation, or trailing parts miss.
+        // A guessed tag, or trailing parts miss (another generation of the slot is the
+        // table's to refuse: `Shard::emulation` looks the key up there).
         assert_eq!(e.lookup(2, "2.7.3.0000000000000000"), None);
-        let stale = e.session_id(
-            2,
-            ConnKey {
-                slot: 7,
-                generation: 4,
-            },
-        );
-        assert_eq!(e.lookup(2, &stale), None);
         assert_eq!(e.lookup(2, &format!("{id}.1")), None);
         assert_eq!(e.lookup(2, "garbage"), None);
         e.forget(key);
         assert_eq!(e.lookup(2, &id), None, "forgotten once it ended");
+        // The slot reused by a WebSocket connection: not emulated.
+        e.set(key, true);
+        e.set(key, false);
+        assert_eq!(e.lookup(2, &id), None);
+        // Marks of other slots are their own; no heap until the first mark.
+        assert!(EmulatedConns::default().slots.is_empty());
+        let far = ConnKey {
+            slot: 200,
+            generation: 0,
+        };
+        e.set(far, true);
+        assert!(e.contains(far) && !e.contains(key));
         // Another shard's secret gives another tag for the same key.
         let other = EmulatedConns::default();
         assert_ne!(other.session_id(2, key), id);
