@@ -392,6 +392,8 @@ impl State {
                     });
                 }
             }
+            // Standalone: the only node is this one (the front door refused other nodes).
+            ToBroker::Emulation(req) => req.route(&self.shards, &self.stats),
             // Standalone: presence is read from the shards and user commands go to every shard.
             ToBroker::PresenceAdd { .. }
             | ToBroker::Leave

@@ -337,6 +337,41 @@ pub enum ToBroker {
         user: Arc<str>,
         on: bool,
     },
+    /// Commands POSTed to `/emulation` for an emulated connection (HTTP-streaming or SSE):
+    /// the broker hands them to the shard named in the session (this node), or publishes them
+    /// on the owning node's channel (Redis mode). Fire and forget, as the POST was answered.
+    Emulation(Box<Emulation>),
+}
+
+/// An emulation request (Centrifugo's `EmulationRequest`, JSON form): the client commands
+/// `data` for connection `session` on node `node`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Emulation {
+    pub node: String,
+    pub session: String,
+    /// The commands as the connection's session reads a WebSocket text message (JSON lines).
+    pub data: String,
+}
+
+impl Emulation {
+    /// The shard a session id names (`<shard>.<slot>.<generation>.<tag>`), if well formed.
+    pub fn shard(&self) -> Option<ShardId> {
+        self.session.split('.').next()?.parse().ok()
+    }
+
+    /// Hands the request to the shard its session names (a broker's local delivery). A
+    /// session naming no shard of this node is dropped and counted (`emulation_unroutable`):
+    /// the POST was answered already, and the SDK's command times out as for a lost message.
+    pub fn route(self: Box<Self>, shards: &[ShardLink], stats: &BusStats) {
+        match self.shard().and_then(|i| shards.get(i)) {
+            Some(link) => {
+                link.send(ToShard::Emulation(self));
+            }
+            None => {
+                stats.emulation_unroutable.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Broker → shard.
@@ -392,6 +427,8 @@ pub enum ToShard {
     SubscribeFailed {
         channel: Arc<str>,
     },
+    /// Emulation commands for one of this shard's connections (see [`ToBroker::Emulation`]).
+    Emulation(Box<Emulation>),
 }
 
 /// The JSON frame and, when present, the protobuf twin carried by a [`ToShard::Publication`].
@@ -442,6 +479,12 @@ pub struct BusStats {
     /// `/api/channels` calls refused (temporary error) because
     /// `redis_options.max_pending_surveys` were waiting for other nodes' answers.
     pub surveys_refused: AtomicU64,
+    /// Emulation requests the broker could not hand over: a session naming no shard of this
+    /// node, an unreadable request from another node, or Redis down for another node's
+    /// session (the POST was answered already; the SDK's command times out).
+    pub emulation_unroutable: AtomicU64,
+    /// Emulation requests published for another node (Redis mode).
+    pub emulation_forwarded: AtomicU64,
     /// Protobuf twins of publications made by the broker (at most one per publication per
     /// node, only while some shard has a protobuf subscriber of the channel).
     pub protobuf_encodes: AtomicU64,
@@ -491,6 +534,8 @@ impl BusStats {
             ("redis_replies_full", get(&self.redis_replies_full)),
             ("surveys_refused", get(&self.surveys_refused)),
             ("protobuf_encodes", get(&self.protobuf_encodes)),
+            ("emulation_unroutable", get(&self.emulation_unroutable)),
+            ("emulation_forwarded", get(&self.emulation_forwarded)),
         ]
     }
 }

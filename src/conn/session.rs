@@ -109,6 +109,11 @@ pub trait Host {
     /// The connect reply waits for `waiting` server-side subscriptions (subscribed with
     /// `Ack::Later`): the host completes `result` (its `subs` hold the ready ones) and sends it.
     fn connect_later(&mut self, id: u32, result: reply::ConnectResult<'_>, waiting: u32);
+    /// For a bidirectional emulation connection (HTTP-streaming, SSE): its session id and the
+    /// node's uid, for the connect reply. `None` for WebSocket connections.
+    fn emulation(&self) -> Option<(String, String)> {
+        None
+    }
     /// Reads history; the host replies to `id`.
     fn history(&mut self, id: u32, channel: &str, query: HistoryQuery) -> Result<(), ErrorCode>;
     /// Connection token expiry changed (0 = never): the host arms its timer.
@@ -763,6 +768,7 @@ impl Session {
         // A client refreshes a token itself; a connection the backend let in is refreshed by
         // the node, and the client is not told it expires.
         let announce = exp > 0 && !grant.server_refresh;
+        let emulation = host.emulation();
         let result = reply::ConnectResult {
             client: &client,
             version: VERSION,
@@ -772,6 +778,8 @@ impl Session {
             subs,
             ping: host.config().ping.interval_secs,
             pong: true,
+            session: emulation.as_ref().map(|e| e.0.as_str()),
+            node: emulation.as_ref().map(|e| e.1.as_str()),
         };
         if waiting > 0 {
             // The host announces the joins once the connect reply is out.

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod body;
+pub mod emulation;
 pub mod handshake;
 pub mod stream;
 

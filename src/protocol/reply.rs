@@ -28,6 +28,12 @@ pub struct ConnectResult<'a> {
     pub subs: BTreeMap<&'a str, SubscribeResult>,
     pub ping: u32,
     pub pong: bool,
+    /// Bidirectional emulation only (HTTP-streaming, SSE): the connection's session id and
+    /// node uid, which the client sends with every `/emulation` POST.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<&'a str>,
 }
 
 /// `refresh` result.
@@ -415,6 +421,8 @@ mod tests {
             subs: BTreeMap::new(),
             ping: 25,
             pong: true,
+            session: None,
+            node: None,
         })
         .unwrap();
         let mut subs = BTreeMap::new();
@@ -451,12 +459,24 @@ mod tests {
             subs: BTreeMap::new(),
             ping: 25,
             pong: true,
+            session: None,
+            node: None,
         };
         result(&mut v, 1, "connect", &r);
         assert_eq!(
             std::str::from_utf8(&v).unwrap(),
             r#"{"id":1,"connect":{"client":"abc","version":"0.1.0","ping":25,"pong":true}}"#
         );
+        let emulated = ConnectResult {
+            session: Some("0.1.2.ab"),
+            node: Some("n1"),
+            ..r
+        };
+        v.clear();
+        result(&mut v, 1, "connect", &emulated);
+        assert!(std::str::from_utf8(&v)
+            .unwrap()
+            .ends_with(r#""ping":25,"pong":true,"session":"0.1.2.ab","node":"n1"}}"#));
     }
 
     #[test]

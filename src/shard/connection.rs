@@ -959,6 +959,14 @@ impl Connection {
         self.settle(ctx, st, connected_before, expires_before);
     }
 
+    /// Commands POSTed to `/emulation` for this connection (bidirectional emulation over
+    /// HTTP-streaming or SSE): run through the session exactly as a WebSocket text message
+    /// ([`Connection::command_text`]: rate limit, replies on its stream, a pong `{}` clears
+    /// the pending ping); an error ends the connection as it would a WebSocket one.
+    pub fn emulated(&self, ctx: &ConnCtx, data: &str) {
+        self.command_text(ctx, data);
+    }
+
     /// A server API command for this connection (`/api/subscribe`, `/api/refresh`): the
     /// session applies it and its pushes are queued like replies.
     pub fn server_command(&self, ctx: &ConnCtx, cmd: crate::conn::server_side::ServerCommand<'_>) {

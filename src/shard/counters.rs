@@ -76,6 +76,14 @@ pub struct Counters {
     /// JSON frames transcoded to protobuf on the shard: a shared frame that came without its
     /// protobuf twin (once per shard per frame), or a frame built for one connection.
     pub protobuf_transcodes: Cell<u64>,
+    /// `/emulation` POSTs accepted and handed over (answered 204).
+    pub emulation_requests: Cell<u64>,
+    /// `/emulation` POSTs refused: bad body (400), unknown node (404), too large (413),
+    /// origin (403), broker queue full or Redis down (503).
+    pub emulation_refused: Cell<u64>,
+    /// Emulation requests that reached their shard for no live emulated connection (the
+    /// stream ended, or the id is not one this shard gave): dropped.
+    pub emulation_unknown_sessions: Cell<u64>,
     /// WebSocket connections ended, by [`Reason`] (`ended_<label>`, one slot per label).
     ended: [Cell<u64>; SLOTS],
 }
@@ -130,6 +138,12 @@ impl Counters {
             ("join_leave_deliveries", self.join_leave_deliveries.get()),
             ("protobuf_malformed", self.protobuf_malformed.get()),
             ("protobuf_transcodes", self.protobuf_transcodes.get()),
+            ("emulation_requests", self.emulation_requests.get()),
+            ("emulation_refused", self.emulation_refused.get()),
+            (
+                "emulation_unknown_sessions",
+                self.emulation_unknown_sessions.get(),
+            ),
         ];
         all.extend(
             reason::counter_names()

@@ -141,6 +141,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 }
                 buf.drain(..head.len);
             }
+            (_, http::emulation::PATH) => {
+                let served =
+                    http::emulation::serve(&*shard, &mut stream, &head, &mut buf, deadline);
+                if !Box::pin(served).await {
+                    return;
+                }
+            }
             (_, p) if is_api_path(p) => {
                 let Some(first) =
                     Box::pin(api::read(&*shard, &mut stream, &head, &mut buf, deadline)).await

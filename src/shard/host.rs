@@ -85,6 +85,9 @@ impl Host for ShardHost<'_> {
     fn config(&self) -> &Config {
         &self.shard.cfg
     }
+    fn emulation(&self) -> Option<(String, String)> {
+        self.shard.emulation_ids(self.key)
+    }
     fn verifier(&self) -> Option<&TokenVerifier> {
         self.shard.verifier.as_ref()
     }
@@ -410,6 +413,7 @@ impl SessionDriver for Shard {
             self.forget_user(&ident.user, key);
         }
         self.connects.borrow_mut().remove(&key);
+        self.emulated.borrow_mut().forget(key);
         self.proxies.forget_connection(key);
     }
 

@@ -99,6 +99,7 @@ impl Shard {
                 answer,
             } => self.position_answer(token, &channel, answer),
             ToShard::Insufficient { channel } => self.insufficient(&channel),
+            ToShard::Emulation(req) => self.emulation(&req),
         }
     }
 

@@ -61,6 +61,13 @@ pub fn start(
         return;
     }
     shard.proxies.keep_headers(conn.key, headers);
+    // Bidirectional emulation: its connect reply names its session and node, and
+    // `/emulation` POSTs reach it by them.
+    let emulated = matches!(
+        wire,
+        super::connection::Wire::Sse | super::connection::Wire::HttpStream
+    );
+    shard.set_emulated(conn.key, emulated);
     conn.arm_first(&ctx);
     shard.ring.arm_recv(conn.raw_fd(), conn.key);
     if wire.is_http_stream() {

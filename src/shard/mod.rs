@@ -23,6 +23,7 @@ pub mod connection;
 pub mod context;
 pub mod counters;
 pub mod drain;
+pub mod emulation;
 pub mod front_door;
 pub mod host;
 pub mod inbox;
@@ -123,6 +124,8 @@ pub struct Shard {
     proxies: proxy::Proxies,
     /// This shard, for the tasks it starts.
     me: std::rc::Weak<Shard>,
+    /// Bidirectional emulation connections and their session ids' secret.
+    emulated: RefCell<emulation::EmulatedConns>,
 }
 
 impl Shard {
@@ -170,6 +173,7 @@ impl Shard {
             flusher_running: Cell::new(false),
             inbox_probe: RefCell::default(),
             client_seq: Cell::new(0),
+            emulated: RefCell::default(),
         }))
     }
 

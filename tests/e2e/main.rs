@@ -6,6 +6,7 @@ mod abuse;
 mod conformance;
 mod deploy;
 mod drain;
+mod emulation;
 mod harness;
 mod history;
 mod http_api;

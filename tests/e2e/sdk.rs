@@ -9,16 +9,31 @@ use std::process::Command;
 /// server with `cfg` plus 2 s pings, and checks that every test ran (none skipped or todo, at
 /// least `min_pass` passed) and passed.
 fn run_node_tests(what: &str, targets: &[std::path::PathBuf], cfg: &str, min_pass: u32) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
     let cfg = format!("{cfg}\n[ping]\ninterval_secs = 2\npong_timeout_secs = 1\n");
     let server = Server::start(&cfg, &[]);
+    let env = [
+        ("SHARDCAST_WS", server.ws_url()),
+        ("SHARDCAST_HTTP", server.http_url()),
+    ];
+    run_node_tests_with(what, targets, &env, min_pass);
+}
+
+/// Runs `node --test` on `targets` in tests/interop with `env` besides the API key, the
+/// token secret and the 2 s / 1 s ping settings (the servers' `[ping]` must match), and
+/// checks that every test ran (none skipped or todo, at least `min_pass` passed) and passed.
+fn run_node_tests_with(
+    what: &str,
+    targets: &[std::path::PathBuf],
+    env: &[(&str, String)],
+    min_pass: u32,
+) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
     let out = Command::new("node")
         .arg("--test")
         .arg("--test-concurrency=1")
         .args(targets)
         .current_dir(&dir)
-        .env("SHARDCAST_WS", server.ws_url())
-        .env("SHARDCAST_HTTP", server.http_url())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("SHARDCAST_API_KEY", API_KEY)
         .env("SHARDCAST_SECRET", SECRET)
         .env("SHARDCAST_PING_SECS", "2")
@@ -35,6 +50,38 @@ fn run_node_tests(what: &str, targets: &[std::path::PathBuf], cfg: &str, min_pas
         count("# pass ") >= min_pass,
         "too few {what} ran:\n{stdout}"
     );
+}
+
+/// Bidirectional emulation with the official JS SDK and WebSocket unavailable, over
+/// `http_stream` and over `sse`: two nodes on one real Redis, the stream on node A and every
+/// command POSTed to node B's `/emulation` (tests/interop/cluster/emulation.cluster.mjs:
+/// connect, subscribe, publish, presence, history, recovery, pings; 6 tests per transport).
+#[test]
+fn official_js_sdk_over_http_stream_and_sse_with_commands_via_the_other_node() {
+    let dir = interop_dir("node_modules/eventsource");
+    let redis = Redis::start(&[]);
+    let cfg = format!(
+        "redis = \"{}\"\n{BASE_CONFIG}{HISTORY_NAMESPACES}\n[transports]\nhttp_stream = true\nsse = true\n[ping]\ninterval_secs = 2\npong_timeout_secs = 1\n",
+        redis.url()
+    );
+    let a = Server::start(&cfg, &[]);
+    let b = Server::start(&cfg, &[]);
+    let env = [
+        ("SHARDCAST_A_HTTP", a.http_url()),
+        ("SHARDCAST_B_HTTP", b.http_url()),
+    ];
+    let file = dir.join("cluster/emulation.cluster.mjs");
+    run_node_tests_with("SDK emulation tests", &[file], &env, 12);
+    // The commands really went through B to A: B forwarded them, A ran them.
+    let counter = |addr, name: &str| {
+        let (_, info) = api(addr, "info", &serde_json::json!({}));
+        info["result"]["nodes"][0]["counters"][name]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(counter(b.addr, "emulation_requests") >= 12);
+    assert!(counter(b.addr, "emulation_forwarded") >= 12);
+    assert_eq!(counter(a.addr, "emulation_requests"), 0);
 }
 
 fn interop_dir(needs: &str) -> std::path::PathBuf {

@@ -6,7 +6,9 @@
 //! - `PREFIX:idem:{CHANNEL}:KEY` result of an idempotent publish
 //! - `PREFIX:presence:{CHANNEL}` presence hash
 //! - `PREFIX:user:{USER}` a user's personal channel (control messages)
-//! - `PREFIX:node:UID` a node's lease, and `PREFIX:nodes` the zset of leases by expiry
+//! - `PREFIX:node:UID` a node's lease, and `PREFIX:nodes` the zset of leases by expiry; the
+//!   same name is the node's pub/sub channel for emulation requests (pub/sub channels and keys
+//!   are separate namespaces in Redis)
 //!
 //! The `{...}` hash tag keeps a channel's keys in one cluster slot. These shapes are a data
 //! format: nodes of different versions share one Redis, so they must never change (a unit test
@@ -96,6 +98,11 @@ impl Keys {
         Key([&self.node, uid.as_bytes(), b"", b""])
     }
 
+    /// `PREFIX:node:UID` → `UID`: a message on a node's channel (emulation requests).
+    pub fn node_of<'a>(&self, name: &'a [u8]) -> Option<&'a str> {
+        std::str::from_utf8(name.strip_prefix(&self.node[..])?).ok()
+    }
+
     /// `PREFIX:node:` (the nodes script appends each uid).
     pub fn node_prefix(&self) -> &[u8] {
         &self.node
@@ -154,6 +161,8 @@ mod tests {
         assert_eq!(text(k.user("alice")), "sc:user:{alice}");
         assert_eq!(text(k.node("uid-1")), "sc:node:uid-1");
         assert_eq!(k.node_prefix(), b"sc:node:");
+        assert_eq!(k.node_of(b"sc:node:uid-1"), Some("uid-1"));
+        assert_eq!(k.node_of(b"sc:user:{uid-1}"), None);
         assert_eq!(k.nodes(), b"sc:nodes");
     }
 

@@ -319,20 +319,28 @@ impl Mux {
     }
 
     /// Subscribes every channel and user of the node again, in one command, with the survey
-    /// question channel while the node has channels ([`super::survey`]).
+    /// question channel while the node has channels ([`super::survey`]) and, while an
+    /// emulation transport is enabled, the node's own channel for emulation requests.
     fn resubscribe(&self) {
         self.confirming.borrow_mut().clear();
         let interest = self.interest.borrow();
         let users = self.users.borrow();
-        if interest.is_empty() && users.is_empty() {
+        // The node's own channel (emulation requests other nodes received) while an emulation
+        // transport is enabled: from the start, so no request for a fresh session is missed.
+        let t = &self.cfg.transports;
+        let node_channel = usize::from(t.http_stream || t.sse);
+        if interest.is_empty() && users.is_empty() && node_channel == 0 {
             return;
         }
         let questions = usize::from(!interest.is_empty());
-        let n = interest.len() + users.len() + questions;
+        let n = interest.len() + users.len() + questions + node_channel;
         let mut sub = self.sub.borrow_mut();
         sub.push_unbounded(|out| {
             let mut cmd = Command::new(out, 1 + n);
             cmd.arg(b"SUBSCRIBE");
+            if node_channel > 0 {
+                cmd.parts(&self.keys.node(&self.node.uid).0);
+            }
             if questions > 0 {
                 cmd.arg(self.keys.survey());
             }

@@ -326,6 +326,7 @@ impl Mux {
             ToBroker::Leave => self.leave(),
             ToBroker::Stop => {} // handled by the run loop
             ToBroker::UserInterest { shard, user, on } => self.user_interest(shard, user, on),
+            ToBroker::Emulation(req) => self.emulation(req),
             ToBroker::ProtobufInterest { shard, channel, on } => {
                 let mask = self.interest.borrow().mask(&*channel);
                 self.protobuf.borrow_mut().set(channel, shard, on, mask);
@@ -478,6 +479,33 @@ impl Mux {
                 .arg(b"PUBLISH")
                 .parts(&key.0)
                 .arg(push);
+        });
+    }
+
+    /// An emulation request: this node's goes to its shard; another node's is published on
+    /// that node's channel (`PREFIX:node:UID`), which its multiplexer listens on. While Redis
+    /// is down another node's request is dropped and counted (the front door answers 503 then).
+    fn emulation(&self, req: Box<crate::bus::Emulation>) {
+        if req.node == self.node.uid {
+            req.route(&self.shards, &self.stats);
+            return;
+        }
+        if !self.is_up() {
+            self.stats
+                .emulation_unroutable
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let body = serde_json::to_vec(&*req).expect("emulation request");
+        let key = self.keys.node(&req.node);
+        self.stats
+            .emulation_forwarded
+            .fetch_add(1, Ordering::Relaxed);
+        self.command(Waiter::Ignore, |out| {
+            super::resp::Command::new(out, 3)
+                .arg(b"PUBLISH")
+                .parts(&key.0)
+                .arg(&body);
         });
     }
 

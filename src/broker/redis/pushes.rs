@@ -227,6 +227,20 @@ impl Mux {
         if self.survey_message(name, &payload) {
             return;
         }
+        if let Some(uid) = self.keys.node_of(name) {
+            // This node's channel: an emulation request another node received.
+            match serde_json::from_slice::<Box<crate::bus::Emulation>>(&payload) {
+                Ok(req) if uid == self.node.uid && req.node == uid => {
+                    req.route(&self.shards, &self.stats)
+                }
+                _ => {
+                    self.stats
+                        .emulation_unroutable
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         // A user's personal channel: a control message for their connections.
         let Some(user) = self.keys.user_of(name) else {
             return;
