@@ -313,7 +313,7 @@ impl Session {
             return false;
         }
         let client = ident.client.to_string();
-        let mut body = proxy::Request::new(&client);
+        let mut body = proxy::Request::new(&client, host.transport());
         body.user = Some(&ident.user);
         let body = body.to_vec();
         // Until the answer sets the new expiry, the connection stays; without an answer the
@@ -341,7 +341,7 @@ impl Session {
             return false;
         }
         let client = ident.client.to_string();
-        let mut body = proxy::Request::new(&client);
+        let mut body = proxy::Request::new(&client, host.transport());
         body.user = Some(&ident.user);
         body.channel = Some(&name);
         let body = body.to_vec();

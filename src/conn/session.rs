@@ -114,6 +114,10 @@ pub trait Host {
     fn emulation(&self) -> Option<(String, String)> {
         None
     }
+    /// The connection's `transport` and `protocol` as the proxies name them.
+    fn transport(&self) -> (&'static str, &'static str) {
+        ("websocket", "json")
+    }
     /// Reads history; the host replies to `id`.
     fn history(&mut self, id: u32, channel: &str, query: HistoryQuery) -> Result<(), ErrorCode>;
     /// Connection token expiry changed (0 = never): the host arms its timer.
@@ -457,7 +461,7 @@ impl Session {
                         if ns.publish_proxy && host.config().proxy.publish_endpoint.is_some() =>
                     {
                         let client = ident.client.to_string();
-                        let mut body = proxy::Request::new(&client);
+                        let mut body = proxy::Request::new(&client, host.transport());
                         body.user = Some(&ident.user);
                         body.channel = Some(&p.channel);
                         body.data = Some(p.data);
@@ -527,7 +531,7 @@ impl Session {
             }
             (Some(ident), Request::Rpc(r)) if host.config().proxy.rpc_endpoint.is_some() => {
                 let client = ident.client.to_string();
-                let mut body = proxy::Request::new(&client);
+                let mut body = proxy::Request::new(&client, host.transport());
                 body.user = Some(&ident.user);
                 body.method = &r.method;
                 body.data = r.data;
@@ -618,7 +622,7 @@ impl Session {
             // No token: the backend's connect proxy says who this is.
             let client = host.new_client_id();
             let client_text = client.to_string();
-            let mut body = proxy::Request::new(&client_text);
+            let mut body = proxy::Request::new(&client_text, host.transport());
             body.name = &request.name;
             body.version = &request.version;
             body.data = request.data;
@@ -832,7 +836,7 @@ impl Session {
         {
             // The backend decides (tokens and user-limited channels decide for themselves).
             let client = ident.client.to_string();
-            let mut body = proxy::Request::new(&client);
+            let mut body = proxy::Request::new(&client, host.transport());
             body.user = Some(&ident.user);
             body.channel = Some(channel);
             body.data = request.data;

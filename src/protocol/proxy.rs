@@ -72,12 +72,14 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
-    /// A request from a WebSocket client speaking JSON.
-    pub fn new(client: &'a str) -> Self {
+    /// A request from `client`, connected over `transport` speaking `protocol` (Centrifugo's
+    /// names: `websocket`, `sse`, `http_stream`, `uni_*`; `json` or `protobuf`). Payloads are
+    /// JSON whatever the client's protocol, so `encoding` is always `json`.
+    pub fn new(client: &'a str, (transport, protocol): (&'static str, &'static str)) -> Self {
         Request {
             client,
-            transport: "websocket",
-            protocol: "json",
+            transport,
+            protocol,
             encoding: "json",
             user: None,
             channel: None,
@@ -267,7 +269,7 @@ mod tests {
     #[test]
     fn request_bodies_have_the_documented_fields() {
         let data = RawValue::from_string(r#"{"x":1}"#.into()).unwrap();
-        let mut r = Request::new("c1");
+        let mut r = Request::new("c1", ("websocket", "json"));
         r.name = "js";
         r.data = Some(&data);
         let v: Value = serde_json::from_slice(&r.to_vec()).unwrap();
@@ -276,7 +278,7 @@ mod tests {
             serde_json::json!({"client":"c1","transport":"websocket","protocol":"json",
                 "encoding":"json","name":"js","data":{"x":1}})
         );
-        let mut r = Request::new("c2");
+        let mut r = Request::new("c2", ("sse", "protobuf"));
         r.user = Some("");
         r.channel = Some("chat:a");
         let v: Value = serde_json::from_slice(&r.to_vec()).unwrap();
@@ -285,6 +287,10 @@ mod tests {
             "user is always sent after connect, even when empty"
         );
         assert_eq!(v["channel"], "chat:a");
+        assert_eq!(
+            (&v["transport"], &v["protocol"]),
+            (&serde_json::json!("sse"), &serde_json::json!("protobuf"))
+        );
         assert!(v.get("method").is_none() && v.get("data").is_none());
     }
 

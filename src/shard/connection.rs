@@ -73,6 +73,22 @@ pub enum Wire {
 }
 
 impl Wire {
+    /// The connection's `transport` and `protocol` as the proxies' request bodies name them
+    /// (Centrifugo's names).
+    pub fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Wire::Json | Wire::Echo => ("websocket", "json"),
+            Wire::Protobuf => ("websocket", "protobuf"),
+            Wire::Sse => ("sse", "json"),
+            Wire::HttpStream => ("http_stream", "json"),
+            Wire::UniSse => ("uni_sse", "json"),
+            Wire::UniHttpStream => ("uni_http_stream", "json"),
+            Wire::UniWebsocket => ("uni_websocket", "json"),
+        }
+    }
+}
+
+impl Wire {
     /// The connection is the body of an HTTP response (no WebSocket frames either way).
     pub fn is_http_stream(self) -> bool {
         matches!(
@@ -388,6 +404,7 @@ impl ConnState {
         let expiry = Expiry {
             conn: &mut self.expires_at,
             subs: &mut self.sub_expires_at,
+            wire: self.wire,
         };
         (&mut self.session, expiry)
     }
@@ -811,6 +828,7 @@ impl Connection {
                         Expiry {
                             conn: &mut *expires_at,
                             subs: &mut *sub_expires_at,
+                            wire,
                         },
                         bucket,
                         text,
@@ -908,11 +926,13 @@ impl Connection {
                 expires_at,
                 sub_expires_at,
                 bucket,
+                wire,
                 ..
             } = &mut *st;
             let expiry = Expiry {
                 conn: expires_at,
                 subs: sub_expires_at,
+                wire: *wire,
             };
             ctx.sessions
                 .handle_message(self.key, session, expiry, bucket, text, frame.payload())

@@ -91,6 +91,8 @@ impl SharedIo {
 pub struct Expiry<'a> {
     pub conn: &'a mut u32,
     pub subs: &'a mut u32,
+    /// The connection's wire (what the proxies are told it is).
+    pub wire: super::connection::Wire,
 }
 
 /// The shard's protocol side, as one connection sees it.

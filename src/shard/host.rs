@@ -38,6 +38,8 @@ pub struct ShardHost<'a> {
     pub sub_expires_at: &'a mut u32,
     /// The connection's command bucket (`None` while tearing down).
     pub bucket: Option<&'a mut Bucket>,
+    /// The connection's wire: its transport and protocol for the proxies.
+    pub wire: super::connection::Wire,
 }
 
 impl<'a> ShardHost<'a> {
@@ -55,6 +57,7 @@ impl<'a> ShardHost<'a> {
             expires_at: expiry.conn,
             sub_expires_at: expiry.subs,
             bucket,
+            wire: expiry.wire,
         }
     }
 
@@ -82,6 +85,9 @@ impl<'a> ShardHost<'a> {
 }
 
 impl Host for ShardHost<'_> {
+    fn transport(&self) -> (&'static str, &'static str) {
+        self.wire.names()
+    }
     fn config(&self) -> &Config {
         &self.shard.cfg
     }
@@ -402,6 +408,7 @@ impl SessionDriver for Shard {
         let expiry = Expiry {
             conn: &mut expires,
             subs: &mut sub_expires,
+            wire: super::connection::Wire::Json,
         };
         let mut host = ShardHost::new(self, key, expiry, None);
         session.leave_all(&mut host);

@@ -632,11 +632,14 @@ fn a_uni_sse_client_subscribes_to_the_channels_the_connect_proxy_names() {
         connect["connect"]["subs"]["uni-news"].is_object(),
         "{connect}"
     );
-    // The page's cookie reached the backend (proxy.http_headers), as over WebSocket.
+    // The page's cookie reached the backend (proxy.http_headers), as over WebSocket, and the
+    // body names the transport as Centrifugo does.
     backend.wait_request("connect", Duration::from_secs(5), |r| {
         r["headers"]["cookie"]
             .as_str()
             .is_some_and(|c| c.contains("session=uni"))
+            && r["body"]["transport"] == "uni_sse"
+            && r["body"]["protocol"] == "json"
     });
     publish(&server, "uni-news", json!({"via": "proxy"}));
     read_until(&mut s, "\"via\"", &mut got);
