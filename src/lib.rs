@@ -22,8 +22,12 @@
 //!   [`shard::timer`] are its tables; [`shard::counters`] its counters; [`shard::drain`] paces
 //!   the shutdown.
 //! - [`http`]: HTTP/1.1 pieces beneath the shard: request heads, responses, the WebSocket
-//!   handshake ([`http::handshake`]), request bodies ([`http::body`]) and the server API
-//!   ([`http::api`], over [`http::api::ApiContext`], which the shard implements).
+//!   handshake ([`http::handshake`]), request bodies ([`http::body`]), the server API
+//!   ([`http::api`], over [`http::api::ApiContext`], which the shard implements), the stream
+//!   transports' requests and CORS ([`http::stream`]: SSE, HTTP-streaming and the uni
+//!   transports, which then live on the io_uring path as connections with their own `Wire`)
+//!   and the emulation POSTs ([`http::emulation`], handed to the owning shard, on this node or
+//!   another, by [`shard::emulation`]).
 //! - [`broker`]: the broker interface, its in-memory implementation ([`broker::memory`]) and the
 //!   Redis multiplexer ([`broker::redis`]), sharing interest refcounts and gathering
 //!   ([`broker::gather`]); channel history ([`broker::history`]) and the multiplexer's
