@@ -46,14 +46,16 @@ cargo bench --bench density -- [options]
   --channels K      subscribe connection i to bench:<i % K> (default 1: all on bench:0)
   --threads N       connecting threads (default 8)
   --protobuf        clients speak the protobuf protocol (centrifuge-protobuf, binary frames)
+                    instead of JSON; compare the two runs' B/conn
   --transport T     websocket (default) or sse: idle SSE streams (GET /connection/sse, the
                     emulation's stream; the server gets [transports] sse = true and a 300 s
-                    ping interval, since the bench has no /emulation path for pongs)
-                    instead of JSON; compare the two runs' B/conn
+                    ping interval, since the bench has no /emulation path for pongs); or
+                    sse,websocket: both in the same run (alternating, a fresh server each),
+                    a summary for each and the ratio of their medians
   --src-addrs N     number of source addresses 127.0.0.2.. (default: 1 per 10K conns, min 2)
   --settle-ms MS    settle time before each measurement (default 3000)
   --runs N          measurements, each with a fresh server; summary with median and spread (default 3)
-  --deadline S      hard overall deadline in seconds (default 60 + 60 per run)
+  --deadline S      hard overall deadline in seconds (default 60 + 60 per run and transport)
   --server-env L    environment for the server, comma-separated K=V (e.g. MIMALLOC_PURGE_DELAY=0)
   --no-thp          start the server with transparent huge pages disabled (PR_SET_THP_DISABLE,
                     inherited): its anonymous memory then grows by 4 KiB pages, not 2 MiB ones
@@ -143,6 +145,7 @@ fn d(a: u64, b: u64) -> i64 {
 }
 
 /// The run's settings, from the command line.
+#[derive(Clone)]
 struct Opts {
     n: usize,
     hard: u64,
@@ -151,8 +154,10 @@ struct Opts {
     channels: usize,
     /// The clients' wire format (`--protobuf`).
     format: Format,
-    /// `--transport sse`: idle SSE streams instead of WebSockets.
+    /// `--transport sse`: idle SSE streams instead of WebSockets (this run's).
     sse: bool,
+    /// The transports to measure in turn, each run: false = WebSocket, true = SSE.
+    transports: Vec<bool>,
     threads: usize,
     n_src: usize,
     settle: Duration,
@@ -177,11 +182,19 @@ impl Opts {
             } else {
                 Format::Json
             },
-            sse: match args.str("transport").as_deref() {
-                None | Some("websocket") => false,
-                Some("sse") => true,
-                Some(t) => fatal(&format!("--transport {t}: want websocket or sse")),
-            },
+            sse: false,
+            transports: args
+                .str("transport")
+                .unwrap_or_else(|| "websocket".into())
+                .split(',')
+                .map(|t| match t.trim() {
+                    "websocket" => false,
+                    "sse" => true,
+                    t => fatal(&format!(
+                        "--transport {t}: want websocket, sse or both, comma separated"
+                    )),
+                })
+                .collect(),
             threads: args.get("threads", 8usize),
             n_src: args.get("src-addrs", n.div_ceil(10_000).max(2)),
             settle: Duration::from_millis(args.get("settle-ms", 3000u64)),
@@ -195,8 +208,9 @@ fn main() {
         return;
     };
     let runs_hint = args.get("runs", 3u64).max(1);
+    let transports_hint = args.str("transport").map_or(1, |t| t.split(',').count()) as u64;
     install_safety_nets(Duration::from_secs(
-        args.get("deadline", 60 + 60 * runs_hint),
+        args.get("deadline", 60 + 60 * runs_hint * transports_hint),
     ));
     let t_start = Instant::now();
     let o = Opts::parse(&args);
@@ -225,19 +239,40 @@ fn main() {
         o.settle.as_millis(),
         o.runs,
         o.format.name(),
-        if o.sse { "sse" } else { "websocket" }
+        args.str("transport").unwrap_or_else(|| "websocket".into())
     );
-    let mut results = Vec::new();
+    let name = |sse: bool| if sse { "sse" } else { "websocket" };
+    let mut results: Vec<Vec<RunResult>> = o.transports.iter().map(|_| Vec::new()).collect();
     let mut failed = false;
     for run in 1..=o.runs {
-        if o.runs > 1 {
-            println!("# run {run}/{}", o.runs);
+        for (i, &sse) in o.transports.iter().enumerate() {
+            if o.runs > 1 || o.transports.len() > 1 {
+                println!("# run {run}/{} ({})", o.runs, name(sse));
+            }
+            let this = Opts { sse, ..o.clone() };
+            let (r, ok) = run_once(&this, &args, t_start);
+            results[i].push(r);
+            failed |= !ok;
         }
-        let (r, ok) = run_once(&o, &args, t_start);
-        results.push(r);
-        failed |= !ok;
     }
-    report_summary(&o, &results);
+    for (i, &sse) in o.transports.iter().enumerate() {
+        if o.transports.len() > 1 {
+            println!("# transport {}:", name(sse));
+        }
+        report_summary(&o, &results[i]);
+    }
+    if o.transports.len() == 2 {
+        let med = |rs: &[RunResult], f: &dyn Fn(&RunResult) -> f64| {
+            median_spread(rs.iter().map(f).collect()).0
+        };
+        println!(
+            "density ratio {}/{}: average {:.3}, slope {:.3} (medians, same run)",
+            name(o.transports[0]),
+            name(o.transports[1]),
+            med(&results[0], &|r| r.avg) / med(&results[1], &|r| r.avg),
+            med(&results[0], &|r| r.slope) / med(&results[1], &|r| r.slope)
+        );
+    }
     if failed {
         std::process::exit(1);
     }
