@@ -1233,75 +1233,15 @@ mod tests {
 
 #[cfg(test)]
 mod heap_tests {
+    use super::stream_heap_tests::{idle_heap_bytes, open_ws};
     use super::*;
-    use crate::config::Config;
-    use crate::shard::{NodeInfo, Shard};
-    use std::io::{Read, Write};
-    use std::sync::Arc;
 
     /// Heap bytes one idle, connected, subscribed WebSocket connection holds on its shard thread
     /// (counted by the test allocator: exact, no allocator overhead, no kernel). The density
     /// bench measures the same thing as RSS.
     #[test]
     fn idle_subscribed_connection_heap_bytes() {
-        const N: usize = 200;
-        let result = glommio::LocalExecutorBuilder::default()
-            .spawn(|| async {
-                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                let addr = listener.local_addr().unwrap();
-                let cfg = Config {
-                    insecure: true,
-                    ..Config::default()
-                };
-                let node = Arc::new(NodeInfo::new("t".into(), "t".into(), "t".into(), 1));
-                let (tx, _rx) = crate::bus::broker_queue(1 << 16, false).unwrap();
-                let shard = Shard::new(0, Arc::new(cfg), node, tx);
-                crate::shard::spawn_io(&shard);
-                // Clients on another thread: their allocations are not counted here.
-                let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-                let client = std::thread::spawn(move || {
-                    let mut socks = Vec::new();
-                    for i in 0..N {
-                        let mut s = std::net::TcpStream::connect(addr).unwrap();
-                        s.write_all(b"GET /connection/websocket HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
-                        let mut head = [0u8; 129];
-                        s.read_exact(&mut head).unwrap();
-                        let cmd = format!("{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":\"c{}\"}}}}", i % 10);
-                        s.write_all(&ws::client_frame(1, true, cmd.as_bytes(), [1, 2, 3, 4])).unwrap();
-                        let mut reply = [0u8; 512];
-                        let n = s.read(&mut reply).unwrap();
-                        assert!(String::from_utf8_lossy(&reply[..n]).contains("\"subscribe\""));
-                        socks.push(s);
-                    }
-                    done_rx.recv().unwrap();
-                    drop(socks);
-                });
-                // Warm up one connection first (lazily built executor state), then measure.
-                let mut before = (0, 0);
-                for i in 0..N {
-                    let stream = listener.accept().await.unwrap();
-                    glommio::spawn_local(crate::shard::front_door::serve(shard.clone(), stream)).detach();
-                    if i == 0 {
-                        while shard.conns.borrow().is_empty() {
-                            glommio::timer::sleep(Duration::from_millis(5)).await;
-                        }
-                        glommio::timer::sleep(Duration::from_millis(50)).await;
-                        before = crate::alloc_count::live();
-                    }
-                }
-                while shard.index.borrow().subscriptions() < N as u64 {
-                    glommio::timer::sleep(Duration::from_millis(5)).await;
-                }
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-                let after = crate::alloc_count::live();
-                done_tx.send(()).unwrap();
-                client.join().unwrap();
-                let n = (N - 1) as isize;
-                ((after.0 - before.0) / n, (after.1 - before.1) as f64 / n as f64)
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+        let result = idle_heap_bytes(open_ws);
         eprintln!(
             "idle subscribed connection: {} heap bytes in {:.1} blocks on its shard (Connection {} B, Session {} B)",
             result.0,
@@ -1325,9 +1265,12 @@ mod stream_heap_tests {
     use std::io::{Read, Write};
     use std::sync::Arc;
 
-    /// Heap bytes per idle, connected, subscribed connection opened by `open` (a client
-    /// thread's request; it returns the socket once the subscribe reply came).
-    fn idle_heap_bytes(open: fn(std::net::SocketAddr, usize) -> std::net::TcpStream) -> isize {
+    /// Heap bytes (and allocator blocks) per idle, connected, subscribed connection opened by
+    /// `open` (a client thread's request; it returns the socket once the subscribe reply came),
+    /// measured over 199 connections after a first one warmed the executor up.
+    pub(super) fn idle_heap_bytes(
+        open: fn(std::net::SocketAddr, usize) -> std::net::TcpStream,
+    ) -> (isize, f64) {
         const N: usize = 200;
         glommio::LocalExecutorBuilder::default()
             .spawn(move || async move {
@@ -1368,7 +1311,11 @@ mod stream_heap_tests {
                 let after = crate::alloc_count::live();
                 done_tx.send(()).unwrap();
                 client.join().unwrap();
-                (after.0 - before.0) / (N - 1) as isize
+                let n = (N - 1) as isize;
+                (
+                    (after.0 - before.0) / n,
+                    (after.1 - before.1) as f64 / n as f64,
+                )
             })
             .unwrap()
             .join()
@@ -1385,7 +1332,7 @@ mod stream_heap_tests {
         }
     }
 
-    fn open_ws(addr: std::net::SocketAddr, i: usize) -> std::net::TcpStream {
+    pub(super) fn open_ws(addr: std::net::SocketAddr, i: usize) -> std::net::TcpStream {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.write_all(b"GET /connection/websocket HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
         let cmd = format!(
@@ -1414,8 +1361,8 @@ mod stream_heap_tests {
     /// `Connection` in the same table, framed only when something is sent.
     #[test]
     fn idle_stream_connection_heap_bytes_match_a_websocket_ones() {
-        let ws = idle_heap_bytes(open_ws);
-        let sse = idle_heap_bytes(open_sse);
+        let ws = idle_heap_bytes(open_ws).0;
+        let sse = idle_heap_bytes(open_sse).0;
         eprintln!("idle subscribed connection: WebSocket {ws} heap bytes, SSE {sse} heap bytes");
         assert!(
             sse <= ws,

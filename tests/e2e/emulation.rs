@@ -6,7 +6,7 @@
 
 use crate::harness::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -111,18 +111,7 @@ const TRANSPORTS: &str = "[transports]\nhttp_stream = true\nsse = true\n";
 
 /// Sends one raw request on a fresh connection; returns (status, the whole response).
 fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, text)
+    http_response(addr, request)
 }
 
 /// POSTs `body` to `/emulation` on a fresh connection, with extra header lines.

@@ -150,8 +150,9 @@ pub fn now_secs() -> u64 {
         .as_secs()
 }
 
-/// One HTTP request on a fresh connection; returns (status, body).
-pub fn http(addr: SocketAddr, raw: &str) -> (u16, String) {
+/// One HTTP request on a fresh connection, read to its end; returns (status, the whole
+/// response: head and body).
+pub fn http_response(addr: SocketAddr, raw: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(raw.as_bytes()).unwrap();
@@ -163,6 +164,12 @@ pub fn http(addr: SocketAddr, raw: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    (status, text)
+}
+
+/// One HTTP request on a fresh connection; returns (status, body).
+pub fn http(addr: SocketAddr, raw: &str) -> (u16, String) {
+    let (status, text) = http_response(addr, raw);
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
