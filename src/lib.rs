@@ -1,8 +1,8 @@
 //! shardcast: a self-hosted real-time fan-out server.
 //!
-//! Clients hold WebSocket connections speaking the Centrifugo client protocol v2 (JSON),
-//! subscribe to channels and receive every publication on them; backends publish through an
-//! HTTP API compatible with a subset of Centrifugo's.
+//! Clients hold WebSocket connections (or HTTP-streaming, SSE and unidirectional ones) speaking
+//! the Centrifugo client protocol v2 (JSON or Protobuf), subscribe to channels and receive every
+//! publication on them; backends publish through an HTTP API compatible with Centrifugo's.
 //!
 //! # Layout (where to start reading)
 //! - [`node`]: boot and teardown order: listeners, broker thread, one shard per core, `READY`,
