@@ -2,7 +2,8 @@
 //!
 //! Clients hold WebSocket connections (or HTTP-streaming, SSE and unidirectional ones) speaking
 //! the Centrifugo client protocol v2 (JSON or Protobuf), subscribe to channels and receive every
-//! publication on them; backends publish through an HTTP API compatible with Centrifugo's.
+//! publication on them; backends publish through an HTTP API compatible with most of
+//! Centrifugo's.
 //!
 //! # Layout (where to start reading)
 //! - [`node`]: boot and teardown order: listeners, broker thread, one shard per core, `READY`,
