@@ -38,6 +38,7 @@ mod registry;
 mod replies;
 pub mod resp;
 pub mod scripts;
+mod stream;
 mod survey;
 pub mod tracker;
 
@@ -54,6 +55,11 @@ pub struct RedisBroker {
     node: Arc<NodeInfo>,
     stats: Arc<BusStats>,
     target: RedisTarget,
+    /// `rediss://`: the TLS connector and the name Redis's certificate must carry.
+    tls: Option<(
+        futures_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     /// CPU to pin the multiplexer to.
     cpu: Option<usize>,
 }
@@ -66,11 +72,19 @@ impl RedisBroker {
         cpu: Option<usize>,
     ) -> Result<RedisBroker, String> {
         let target = cfg.redis.clone().ok_or("no Redis URL configured")?;
+        let tls = match stream::tls_config(&cfg, &target)? {
+            Some(config) => Some((
+                futures_rustls::TlsConnector::from(config),
+                stream::server_name(&target)?,
+            )),
+            None => None,
+        };
         Ok(RedisBroker {
             cfg,
             node,
             stats,
             target,
+            tls,
             cpu,
         })
     }
