@@ -23,6 +23,7 @@
 //! Layout, one file per noun:
 //! - [`mux`]: the multiplexer's state and the handling of each shard request (start here)
 //! - [`link`]: the connections' lifecycle and their bounded write queues; [`backoff`] its delays
+//! - [`stream`]: a connection's socket, plain TCP or TLS (`rediss://`, rustls)
 //! - [`replies`]: reply correlation on the command connection (bounded waiters)
 //! - [`pushes`]: what the subscriber connection brings (publications, control messages)
 //! - [`registry`]: the node lease and the presence entries it owns
