@@ -192,12 +192,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`, parsed once when the
-/// configuration is read (TOML key `redis`, flag `--redis`).
+/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`, or `rediss://...` for TLS
+/// (checked against `redis_options.tls_ca_file`, the server name being the URL's host), parsed
+/// once when the configuration is read (TOML key `redis`, flag `--redis`).
 ///
 /// The user name and password are percent-decoded (RFC 3986), so a password holding reserved
 /// characters is written percent-encoded (`+` as `%2B`, `&` as `%26`, `@` as `%40`, `:` as `%3A`,
-/// `%` as `%25`, ...). Only the `redis` scheme is accepted (no TLS yet) and no query keys: an
+/// `%` as `%25`, ...). Only the `redis` and `rediss` schemes are accepted and no query keys: an
 /// unknown one would otherwise be silently ignored. `Debug` never shows the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisTarget {
@@ -206,6 +207,8 @@ pub struct RedisTarget {
     pub username: Option<String>,
     pub password: Option<String>,
     pub db: u32,
+    /// `rediss://`: both connections go over TLS.
+    pub tls: bool,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -216,6 +219,7 @@ impl std::fmt::Debug for RedisTarget {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("db", &self.db)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -230,15 +234,20 @@ impl RedisTarget {
             && scheme
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
-        if is_scheme && !scheme.eq_ignore_ascii_case("redis") {
+        if is_scheme
+            && !scheme.eq_ignore_ascii_case("redis")
+            && !scheme.eq_ignore_ascii_case("rediss")
+        {
             return Err(format!(
-                "has the unsupported scheme `{scheme}` (only redis:// is supported; TLS is not)"
+                "has the unsupported scheme `{scheme}` (only redis:// and rediss:// are supported)"
             ));
         }
         let url = url::Url::parse(text).map_err(|e| format!("is not a URL ({e})"))?;
-        if url.scheme() != "redis" {
-            return Err("must start with redis://".into());
-        }
+        let tls = match url.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            _ => return Err("must start with redis:// or rediss://".into()),
+        };
         if let Some((key, _)) = url.query_pairs().next() {
             return Err(format!(
                 "has the unsupported query key `{key}` (no query keys are supported)"
@@ -282,6 +291,7 @@ impl RedisTarget {
             username,
             password,
             db,
+            tls,
         })
     }
 }
@@ -353,6 +363,14 @@ pub struct RedisOptions {
     /// Over it: the call is answered at once with a temporary error (100), counted as
     /// `surveys_refused`.
     pub max_pending_surveys: usize,
+    /// `rediss://` only: PEM file of the CA certificates Redis's certificate is checked
+    /// against; empty (the default) = the system's trust store.
+    pub tls_ca_file: String,
+    /// `rediss://` only: PEM file of the node's client certificate (chain), for a Redis that
+    /// requires one (`tls-auth-clients yes`); set with `tls_key_file`, or neither. Default "".
+    pub tls_cert_file: String,
+    /// `rediss://` only: PEM file of the private key of `tls_cert_file`. Default "".
+    pub tls_key_file: String,
 }
 
 impl Default for RedisOptions {
@@ -376,8 +394,70 @@ impl Default for RedisOptions {
             max_pending_replies: 65_536,
             // Channel listings are an operator's tool, not a hot path.
             max_pending_surveys: 64,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
+}
+
+impl RedisOptions {
+    /// The client certificate chain and key (`tls_cert_file`, `tls_key_file`), if set. Errors
+    /// name the key and the file.
+    #[allow(clippy::type_complexity)]
+    pub fn tls_identity(
+        &self,
+    ) -> Result<
+        Option<(
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        )>,
+        ConfigError,
+    > {
+        use rustls::pki_types::pem::PemObject;
+        match (self.tls_cert_file.is_empty(), self.tls_key_file.is_empty()) {
+            (true, true) => return Ok(None),
+            (false, true) => {
+                return Err(invalid(
+                    "redis_options.tls_key_file",
+                    "must be set with redis_options.tls_cert_file (both or neither)",
+                ))
+            }
+            (true, false) => {
+                return Err(invalid(
+                    "redis_options.tls_cert_file",
+                    "must be set with redis_options.tls_key_file (both or neither)",
+                ))
+            }
+            (false, false) => {}
+        }
+        let certs = pem_certs(&self.tls_cert_file)
+            .map_err(|e| invalid("redis_options.tls_cert_file", e))?;
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_file(&self.tls_key_file).map_err(|e| {
+                invalid(
+                    "redis_options.tls_key_file",
+                    format!(
+                        "{:?} holds no readable PEM private key: {e}",
+                        self.tls_key_file
+                    ),
+                )
+            })?;
+        Ok(Some((certs, key)))
+    }
+}
+
+/// The certificates of the PEM file `path` (it must hold at least one).
+pub fn pem_certs(path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {path:?}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{path:?} is not a PEM certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{path:?} holds no PEM certificate"));
+    }
+    Ok(certs)
 }
 
 /// The shutdown protocol: `/healthz` fails first, listeners close after `listener_grace_secs`,
@@ -769,15 +849,7 @@ impl ProxyConfig {
 
     /// The CA certificates of `ca_file` (it must hold at least one), for the TLS set-up.
     pub fn ca_certs(&self) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-        use rustls::pki_types::pem::PemObject;
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(&self.ca_file)
-            .map_err(|e| format!("cannot read {:?}: {e}", self.ca_file))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{:?} is not a PEM certificate file: {e}", self.ca_file))?;
-        if certs.is_empty() {
-            return Err(format!("{:?} holds no PEM certificate", self.ca_file));
-        }
-        Ok(certs)
+        pem_certs(&self.ca_file)
     }
 
     /// Checks the section's ranges, header names and CA file (part of [`Config::validate`]).
@@ -1086,6 +1158,35 @@ impl Config {
                 "connect_timeout_ms and presence_ttl_secs must be at least 1",
             ));
         }
+        let tls_keys = [
+            ("redis_options.tls_ca_file", &r.tls_ca_file),
+            ("redis_options.tls_cert_file", &r.tls_cert_file),
+            ("redis_options.tls_key_file", &r.tls_key_file),
+        ];
+        match &self.redis {
+            Some(t) if t.tls => {
+                if !r.tls_ca_file.is_empty() {
+                    pem_certs(&r.tls_ca_file)
+                        .map_err(|e| invalid("redis_options.tls_ca_file", e))?;
+                } else if rustls_native_certs::load_native_certs().certs.is_empty() {
+                    return Err(invalid(
+                        "redis_options.tls_ca_file",
+                        "is empty (the system's trust store) but the system has no CA \
+                         certificates: install them or set redis_options.tls_ca_file",
+                    ));
+                }
+                r.tls_identity()?;
+            }
+            Some(_) => {
+                if let Some((key, _)) = tls_keys.iter().find(|(_, v)| !v.is_empty()) {
+                    return Err(invalid(
+                        key,
+                        "is set but `redis` is not a rediss:// URL (TLS is off)",
+                    ));
+                }
+            }
+            None => {}
+        }
         if r.max_held_publications == 0 {
             return Err(invalid(
                 "redis_options.max_held_publications",
@@ -1389,7 +1490,14 @@ mod tests {
             (t.host.as_str(), t.password.as_deref()),
             ("::1", Some("secret"))
         );
-        assert!(RedisTarget::parse("rediss://h:1").is_err());
+        assert!(!t.tls);
+        let t = RedisTarget::parse("rediss://:pw@10.0.0.5:6380/1").unwrap();
+        assert!(t.tls);
+        assert_eq!((t.host.as_str(), t.port, t.db), ("10.0.0.5", 6380, 1));
+        assert_eq!(
+            RedisTarget::parse("rediss://redis.local").unwrap().port,
+            6379
+        );
         assert!(RedisTarget::parse("redis://h:1/x").is_err());
         assert!(RedisTarget::parse("not a url").is_err());
     }
@@ -1432,8 +1540,8 @@ mod tests {
 
     #[test]
     fn unsupported_scheme_and_query_keys_are_named() {
-        let err = RedisTarget::parse("rediss://:pw@h:1").unwrap_err();
-        assert!(err.contains("`rediss`"), "{err}");
+        let err = RedisTarget::parse("redis+tls://:pw@h:1").unwrap_err();
+        assert!(err.contains("`redis+tls`") && !err.contains("pw"), "{err}");
         let err = RedisTarget::parse("unix:///run/redis.sock").unwrap_err();
         assert!(err.contains("`unix`"), "{err}");
         let err = RedisTarget::parse("unix://:pw@/run/redis.sock").unwrap_err();
@@ -1468,10 +1576,10 @@ mod tests {
             !debug.contains("m'n(o)") && !debug.contains("%24m"),
             "{debug}"
         );
-        let err = Config::from_toml("insecure = true\nredis = \"rediss://:hunter2@h:1\"\n")
+        let err = Config::from_toml("insecure = true\nredis = \"rediz://:hunter2@h:1\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`redis`") && err.contains("`rediss`"), "{err}");
+        assert!(err.contains("`redis`") && err.contains("`rediz`"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
     }
 
@@ -1604,6 +1712,62 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.limits.broker_backlog_capacity, 8);
         assert_eq!(c.limits.broker_reply_timeout_ms, 250);
+    }
+
+    #[test]
+    fn redis_tls_files_are_checked_at_start() {
+        let dir = std::env::temp_dir().join(format!("shardcast-redis-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let missing = dir.join("missing.pem");
+        let tls = "insecure = true\nredis = \"rediss://127.0.0.1:6380\"\n[redis_options]\n";
+        let plain = "insecure = true\nredis = \"redis://127.0.0.1:6379\"\n[redis_options]\n";
+        let cases = [
+            (
+                format!("{tls}tls_ca_file = {:?}\n", missing.display().to_string()),
+                "redis_options.tls_ca_file",
+                "missing.pem",
+            ),
+            (
+                format!("{tls}tls_ca_file = {:?}\n", not_pem.display().to_string()),
+                "redis_options.tls_ca_file",
+                "not.pem",
+            ),
+            (
+                format!("{tls}tls_key_file = {:?}\n", not_pem.display().to_string()),
+                "redis_options.tls_cert_file",
+                "both or neither",
+            ),
+            (
+                format!("{tls}tls_cert_file = {:?}\n", not_pem.display().to_string()),
+                "redis_options.tls_key_file",
+                "both or neither",
+            ),
+            (
+                format!(
+                    "{tls}tls_cert_file = {:?}\ntls_key_file = {:?}\n",
+                    missing.display().to_string(),
+                    not_pem.display().to_string()
+                ),
+                "redis_options.tls_cert_file",
+                "missing.pem",
+            ),
+            (
+                format!("{plain}tls_ca_file = {:?}\n", not_pem.display().to_string()),
+                "redis_options.tls_ca_file",
+                "rediss://",
+            ),
+        ];
+        for (toml, key, detail) in cases {
+            let err = Config::from_toml(&toml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(detail), "{toml}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

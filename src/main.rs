@@ -29,7 +29,8 @@ struct RunArgs {
     /// Number of shards (executors, one per core) [default: one per online CPU].
     #[arg(long)]
     shards: Option<usize>,
-    /// Redis URL redis://[[user]:password@]host[:port][/db], user and password
+    /// Redis URL redis://[[user]:password@]host[:port][/db] (rediss:// for TLS, see
+    /// redis_options.tls_ca_file), user and password
     /// percent-encoded; unset = standalone (memory broker). Prefer the environment variable
     /// or the config file to keep a password out of the process list.
     #[arg(long, env = "SHARDCAST_REDIS", hide_env_values = true)]

@@ -14,8 +14,23 @@ use std::sync::Arc;
 /// system store is not an error here (`Config::validate` refuses an `https://` endpoint
 /// without roots), it only fails each TLS call with an unknown-issuer error.
 pub fn client_config(opts: &ProxyConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut config = build(&opts.ca_file, None)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client configuration trusting the CAs of `ca_file` (PEM), or the system's trust store
+/// when it is empty, presenting `identity` (certificate chain and key) when given. Shared with
+/// the Redis link (`rediss://`).
+pub fn build(
+    ca_file: &str,
+    identity: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
-    if opts.ca_file.is_empty() {
+    if ca_file.is_empty() {
         let found = rustls_native_certs::load_native_certs();
         for e in &found.errors {
             tracing::warn!(error = %e, "system CA certificates: some could not be read");
@@ -23,21 +38,24 @@ pub fn client_config(opts: &ProxyConfig) -> Result<Arc<rustls::ClientConfig>, St
         let (added, ignored) = roots.add_parsable_certificates(found.certs);
         tracing::debug!(added, ignored, "system CA certificates loaded");
     } else {
-        for cert in opts.ca_certs()? {
+        for cert in crate::config::pem_certs(ca_file)? {
             roots
                 .add(cert)
-                .map_err(|e| format!("{:?}: bad CA certificate: {e}", opts.ca_file))?;
+                .map_err(|e| format!("{ca_file:?}: bad CA certificate: {e}"))?;
         }
     }
     // rustls 0.23.48 marks the ring provider deprecated for lacking post-quantum key exchange
     // (aws-lc-rs has it). We stay on ring on purpose: aws-lc-rs needs cmake and a C build.
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS set-up: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+        .with_root_certificates(roots);
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| format!("client certificate and key: {e}")),
+    }
 }

@@ -162,9 +162,9 @@ fn unsupported_redis_scheme_or_query_key_refuses_to_start_and_names_it() {
     let cases: [Case; 4] = [
         (
             BASE_CONFIG.to_string(),
-            &["--redis", "rediss://:hunter2@127.0.0.1:6379"],
+            &["--redis", "redis+sentinel://:hunter2@127.0.0.1:26379"],
             &[],
-            "`rediss`",
+            "`redis+sentinel`",
         ),
         (
             BASE_CONFIG.to_string(),

@@ -13,6 +13,7 @@
 use super::backoff::Backoff;
 use super::mux::{GatherTarget, Mux};
 use super::resp::{encode, next_frame, Command};
+use super::stream::RedisStream;
 use crate::bus::{Query, RedisLink, ToShard};
 use bytes::BytesMut;
 use futures_lite::AsyncWriteExt;
@@ -36,7 +37,7 @@ pub(super) struct Writer {
 impl Writer {
     /// A task writing what is sent to it to `out`, batch by batch, until a write fails or every
     /// handle is dropped.
-    pub fn spawn(mut out: futures_lite::io::WriteHalf<TcpStream>) -> (Writer, glommio::Task<()>) {
+    pub fn spawn(mut out: futures_lite::io::WriteHalf<RedisStream>) -> (Writer, glommio::Task<()>) {
         let (tx, rx) = local_channel::new_unbounded::<Vec<u8>>();
         let in_flight = Rc::new(Cell::new(0usize));
         let counted = in_flight.clone();
@@ -180,17 +181,36 @@ impl Mux {
     }
 
     /// Opens one connection and runs AUTH, SELECT and CLIENT SETNAME on it.
-    async fn connect_one(&self, role: &str) -> Result<(TcpStream, BytesMut), String> {
+    async fn connect_one(&self, role: &str) -> Result<(RedisStream, BytesMut), String> {
         let addr = (self.target.host.as_str(), self.target.port);
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
             .map_err(|e| format!("cannot resolve {}: {e}", self.target.host))?
             .next()
             .ok_or("no address")?;
         let timeout = Duration::from_millis(self.cfg.redis_options.connect_timeout_ms as u64);
-        let mut stream = TcpStream::connect_timeout(addr, timeout)
+        let tcp = TcpStream::connect_timeout(addr, timeout)
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let mut stream = match &self.tls {
+            None => RedisStream::Plain(tcp),
+            Some((connector, name)) => {
+                // The handshake within the connect timeout too: a server that accepts and
+                // never answers must not hold the link.
+                let handshake = async {
+                    connector
+                        .connect(name.clone(), tcp)
+                        .await
+                        .map_err(|e| format!("TLS handshake with {addr}: {e}"))
+                };
+                let expired = async {
+                    glommio::timer::sleep(timeout).await;
+                    Err(format!("TLS handshake with {addr}: timed out"))
+                };
+                let tls = futures_lite::future::or(handshake, expired).await?;
+                RedisStream::Tls(Box::new(tls))
+            }
+        };
         let mut hello = Vec::new();
         let mut expected = 0;
         if let Some(password) = &self.target.password {
@@ -221,7 +241,9 @@ impl Mux {
         Ok((stream, buf))
     }
 
-    async fn connect_pair(&self) -> Result<((TcpStream, BytesMut), (TcpStream, BytesMut)), String> {
+    async fn connect_pair(
+        &self,
+    ) -> Result<((RedisStream, BytesMut), (RedisStream, BytesMut)), String> {
         let cmd = self.connect_one("cmd").await?;
         let sub = self.connect_one("sub").await?;
         Ok((cmd, sub))
@@ -229,7 +251,7 @@ impl Mux {
 
     /// Runs both connections until the command connection fails; the subscriber connection is
     /// reconnected on its own meanwhile whenever it fails.
-    async fn serve(self: &Rc<Self>, cmd: (TcpStream, BytesMut), sub: (TcpStream, BytesMut)) {
+    async fn serve(self: &Rc<Self>, cmd: (RedisStream, BytesMut), sub: (RedisStream, BytesMut)) {
         let (cmd_stream, cmd_buf) = cmd;
         let (cmd_read, cmd_write) = futures_lite::io::split(cmd_stream);
         let (cmd_tx, cmd_writer) = Writer::spawn(cmd_write);

@@ -23,6 +23,7 @@
 //! Layout, one file per noun:
 //! - [`mux`]: the multiplexer's state and the handling of each shard request (start here)
 //! - [`link`]: the connections' lifecycle and their bounded write queues; [`backoff`] its delays
+//! - [`stream`]: a connection's socket, plain TCP or TLS (`rediss://`, rustls)
 //! - [`replies`]: reply correlation on the command connection (bounded waiters)
 //! - [`pushes`]: what the subscriber connection brings (publications, control messages)
 //! - [`registry`]: the node lease and the presence entries it owns
@@ -38,6 +39,7 @@ mod registry;
 mod replies;
 pub mod resp;
 pub mod scripts;
+mod stream;
 mod survey;
 pub mod tracker;
 
@@ -54,6 +56,11 @@ pub struct RedisBroker {
     node: Arc<NodeInfo>,
     stats: Arc<BusStats>,
     target: RedisTarget,
+    /// `rediss://`: the TLS connector and the name Redis's certificate must carry.
+    tls: Option<(
+        futures_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     /// CPU to pin the multiplexer to.
     cpu: Option<usize>,
 }
@@ -66,11 +73,19 @@ impl RedisBroker {
         cpu: Option<usize>,
     ) -> Result<RedisBroker, String> {
         let target = cfg.redis.clone().ok_or("no Redis URL configured")?;
+        let tls = match stream::tls_config(&cfg, &target)? {
+            Some(config) => Some((
+                futures_rustls::TlsConnector::from(config),
+                stream::server_name(&target)?,
+            )),
+            None => None,
+        };
         Ok(RedisBroker {
             cfg,
             node,
             stats,
             target,
+            tls,
             cpu,
         })
     }

@@ -55,6 +55,11 @@ pub(super) struct Mux {
     pub(super) node: Arc<NodeInfo>,
     pub(super) stats: Arc<BusStats>,
     pub(super) target: RedisTarget,
+    /// `rediss://`: the TLS connector and the name Redis's certificate must carry.
+    pub(super) tls: Option<(
+        futures_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     pub(super) keys: Keys,
     pub(super) scripts: Scripts,
     pub(super) shards: Vec<ShardLink>,
@@ -98,6 +103,7 @@ impl Mux {
             node: b.node,
             stats: b.stats,
             target: b.target,
+            tls: b.tls,
             shards,
             interest: RefCell::default(),
             protobuf: RefCell::default(),

@@ -9,12 +9,12 @@
 use super::mux::Mux;
 use super::replies::parse_position;
 use super::resp::next_frame;
+use super::stream::RedisStream;
 use super::tracker::Live;
 use crate::bus::{ShardCommand, ToShard};
 use crate::protocol::publication;
 use crate::ws::{FrameBuf, OP_TEXT};
 use bytes::{Bytes, BytesMut};
-use glommio::net::TcpStream;
 use redis_protocol::resp2::types::BytesFrame;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -131,7 +131,7 @@ impl Mux {
     /// Reads the subscriber connection until it fails.
     pub(super) async fn read_pushes(
         &self,
-        mut stream: futures_lite::io::ReadHalf<TcpStream>,
+        mut stream: futures_lite::io::ReadHalf<RedisStream>,
         mut buf: BytesMut,
     ) -> String {
         loop {

@@ -9,11 +9,11 @@
 
 use super::mux::Mux;
 use super::resp::{json_items, next_frame};
+use super::stream::RedisStream;
 use super::tracker::ReadResult;
 use crate::bus::{BrokerError, BrokerReply, HistoryPage, Part, ReplyTo, StreamPos};
 use crate::protocol::reply::ClientInfo;
 use bytes::BytesMut;
-use glommio::net::TcpStream;
 use redis_protocol::resp2::types::BytesFrame;
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -88,7 +88,7 @@ impl Mux {
     /// Reads the command connection's replies and answers their waiters, until it fails.
     pub(super) async fn read_replies(
         &self,
-        mut stream: futures_lite::io::ReadHalf<TcpStream>,
+        mut stream: futures_lite::io::ReadHalf<RedisStream>,
         mut buf: BytesMut,
     ) -> String {
         loop {
