@@ -49,6 +49,16 @@ pub struct Config {
     /// standalone (memory broker). An empty string in the file also means standalone.
     #[serde(deserialize_with = "redis_url")]
     pub redis: Option<RedisTarget>,
+    /// Redis Sentinel (TOML key `redis_sentinel`, flag `--redis-sentinel` comma-separated):
+    /// the sentinels' URLs, asked in turn for the address of `redis_sentinel_master`. Each
+    /// URL's user, password and TLS (`rediss://`) are used for that sentinel and for the master
+    /// it names; its database number selects the master's database. Empty = no Sentinel.
+    /// Mutually exclusive with `redis`.
+    #[serde(deserialize_with = "redis_sentinel_urls")]
+    pub redis_sentinel: Vec<RedisTarget>,
+    /// The master name the sentinels monitor (`sentinel monitor NAME ...`); required with
+    /// `redis_sentinel`. Default "".
+    pub redis_sentinel_master: String,
     /// Redis mode tuning.
     pub redis_options: RedisOptions,
     /// HMAC secret for HS256/HS384/HS512 connection and subscription tokens. Empty = HMAC
@@ -145,6 +155,8 @@ impl Default for Config {
             pin_shards: true,
             backlog: 4096,
             redis: None,
+            redis_sentinel: Vec::new(),
+            redis_sentinel_master: String::new(),
             redis_options: RedisOptions::default(),
             token_hmac_secret: String::new(),
             token_rsa_public_key_file: String::new(),
@@ -309,6 +321,20 @@ fn redis_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RedisTarge
     RedisTarget::parse(&text)
         .map(Some)
         .map_err(|e| serde::de::Error::custom(format!("{REDIS_ERROR}{e}")))
+}
+
+/// Reads the `redis_sentinel` key: a list of URLs.
+fn redis_sentinel_urls<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<RedisTarget>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| {
+            RedisTarget::parse(t)
+                .map_err(|e| serde::de::Error::custom(format!("{REDIS_ERROR}redis_sentinel {e}")))
+        })
+        .collect()
 }
 
 /// How a node uses Redis (only read in Redis mode).
@@ -1122,8 +1148,48 @@ impl Config {
         Ok(())
     }
 
+    /// Redis mode: a single Redis (`redis`) or Sentinel (`redis_sentinel`).
+    pub fn redis_mode(&self) -> bool {
+        self.redis.is_some() || !self.redis_sentinel.is_empty()
+    }
+
+    /// The first Redis URL (the single Redis, or the first sentinel): its scheme says whether
+    /// TLS is on.
+    pub fn redis_first(&self) -> Option<&RedisTarget> {
+        self.redis.as_ref().or(self.redis_sentinel.first())
+    }
+
     /// Checks ranges and cross-field consistency; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.redis_sentinel.is_empty() {
+            if self.redis.is_some() {
+                return Err(invalid(
+                    "redis_sentinel",
+                    "is set together with `redis`: use one of them",
+                ));
+            }
+            if self.redis_sentinel_master.is_empty() {
+                return Err(invalid(
+                    "redis_sentinel_master",
+                    "must be set with redis_sentinel (the monitored master's name)",
+                ));
+            }
+            if self
+                .redis_sentinel
+                .iter()
+                .any(|t| t.tls != self.redis_sentinel[0].tls)
+            {
+                return Err(invalid(
+                    "redis_sentinel",
+                    "mixes redis:// and rediss:// URLs: use one scheme for all sentinels",
+                ));
+            }
+        } else if !self.redis_sentinel_master.is_empty() {
+            return Err(invalid(
+                "redis_sentinel_master",
+                "is set but redis_sentinel (the sentinels' URLs) is empty",
+            ));
+        }
         if self.shards > crate::bus::MAX_SHARDS {
             return Err(invalid(
                 "shards",
@@ -1163,7 +1229,7 @@ impl Config {
             ("redis_options.tls_cert_file", &r.tls_cert_file),
             ("redis_options.tls_key_file", &r.tls_key_file),
         ];
-        match &self.redis {
+        match self.redis_first() {
             Some(t) if t.tls => {
                 if !r.tls_ca_file.is_empty() {
                     pem_certs(&r.tls_ca_file)
@@ -1209,7 +1275,7 @@ impl Config {
             .limits
             .max_message_bytes
             .max(self.limits.max_api_body_bytes);
-        if self.redis.is_some() && r.max_write_queue_bytes < largest.saturating_mul(2) {
+        if self.redis_mode() && r.max_write_queue_bytes < largest.saturating_mul(2) {
             return Err(invalid(
                 "redis_options.max_write_queue_bytes",
                 "must be at least twice limits.max_message_bytes and limits.max_api_body_bytes",

@@ -35,6 +35,14 @@ struct RunArgs {
     /// or the config file to keep a password out of the process list.
     #[arg(long, env = "SHARDCAST_REDIS", hide_env_values = true)]
     redis: Option<String>,
+    /// Redis Sentinel: the sentinels' URLs, comma-separated (redis://[[user]:password@]host:port
+    /// or rediss://); each URL's credentials, database and TLS also reach the master it names.
+    /// Mutually exclusive with --redis.
+    #[arg(long, env = "SHARDCAST_REDIS_SENTINEL", hide_env_values = true)]
+    redis_sentinel: Option<String>,
+    /// Name of the master the sentinels monitor (required with --redis-sentinel).
+    #[arg(long)]
+    redis_sentinel_master: Option<String>,
     /// HS256 secret of connection and subscription tokens.
     #[arg(
         long,
@@ -90,6 +98,17 @@ fn load(run: &RunArgs) -> anyhow::Result<Config> {
             "" => None,
             url => Some(RedisTarget::parse(url).map_err(|e| anyhow::anyhow!("--redis {e}"))?),
         };
+    }
+    if let Some(v) = &run.redis_sentinel {
+        cfg.redis_sentinel = v
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| RedisTarget::parse(u).map_err(|e| anyhow::anyhow!("--redis-sentinel {e}")))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(v) = &run.redis_sentinel_master {
+        cfg.redis_sentinel_master = v.clone();
     }
     if let Some(v) = &run.token_hmac_secret {
         cfg.token_hmac_secret = v.clone();

@@ -133,7 +133,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let stats = node.bus.clone();
     let (to_broker, broker_inbox) =
-        bus::broker_queue(cfg.limits.broker_queue_capacity, cfg.redis.is_some())
+        bus::broker_queue(cfg.limits.broker_queue_capacity, cfg.redis_mode())
             .context("the shards → broker queue (its wake-up socket)")?;
     let mut links = Vec::with_capacity(shards);
     let mut inboxes = Vec::with_capacity(shards);
@@ -149,7 +149,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .into_iter()
         .map(|c| c.id)
         .collect();
-    let broker: Box<dyn Broker> = if cfg.redis.is_none() {
+    let broker: Box<dyn Broker> = if !cfg.redis_mode() {
         Box::new(MemoryBroker::new(cfg.clone(), stats.clone()))
     } else {
         // Pin the multiplexer to a core no shard uses, when there is one to spare.
@@ -211,12 +211,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .context("a shard did not report within 30 s")?
             .context("a shard did not start")?;
     }
-    let broker_kind = if cfg.redis.is_none() {
-        "memory"
-    } else {
-        "redis"
-    };
-    if cfg.redis.is_some() {
+    let broker_kind = if !cfg.redis_mode() { "memory" } else { "redis" };
+    if cfg.redis_mode() {
         // Give the multiplexer its first connection attempt before clients arrive, so early
         // subscribes do not fail only because the link is still coming up.
         let wait = Duration::from_millis(cfg.redis_options.connect_timeout_ms as u64 * 2 + 500);
@@ -230,7 +226,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, shards, nofile, broker = broker_kind, "shardcast ready");
     node.rss_baseline
         .store(crate::metrics::rss_bytes(), Ordering::Relaxed);
-    let metrics = crate::metrics::start(&cfg.metrics_listen, node.clone(), cfg.redis.is_some());
+    let metrics = crate::metrics::start(&cfg.metrics_listen, node.clone(), cfg.redis_mode());
     if let Some(m) = &metrics {
         tracing::info!(metrics = %m.addr, "metrics and status page listening");
         let _ = node.metrics_addr.set(m.addr.to_string());
@@ -324,7 +320,7 @@ fn drain(
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("draining"),
     ]);
-    if cfg.redis.is_none() {
+    if !cfg.redis_mode() {
         node.left_registry.store(true, Ordering::SeqCst);
     }
     if leave_tx.try_send(bus::ToBroker::Leave).is_err() {

@@ -954,7 +954,7 @@ async fn info(shard: &impl ApiContext) -> Value {
     };
     let node = shard.node();
     let local = node.info_entry(
-        shard.config().redis.is_some(),
+        shard.config().redis_mode(),
         NodeCounts {
             clients: connections,
             users: Some(users.len() as u64),

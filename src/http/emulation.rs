@@ -93,7 +93,7 @@ pub fn decide(
     if req.node == node.uid {
         return Ok(req);
     }
-    if cfg.redis.is_none() {
+    if !cfg.redis_mode() {
         return Err((404, "node not found\n"));
     }
     if node.redis_state.get() != RedisLink::Connected {

@@ -185,9 +185,10 @@ impl Shard {
         node: Arc<NodeInfo>,
         to_broker: BrokerTx,
     ) -> Rc<Shard> {
-        let caps = match cfg.redis {
-            Some(_) => BrokerCaps::REDIS,
-            None => BrokerCaps::MEMORY,
+        let caps = if cfg.redis_mode() {
+            BrokerCaps::REDIS
+        } else {
+            BrokerCaps::MEMORY
         };
         Shard::open(id, cfg, node, to_broker, caps).expect("test shard")
     }

@@ -15,6 +15,7 @@ use super::mux::{GatherTarget, Mux};
 use super::resp::{encode, next_frame, Command};
 use super::stream::RedisStream;
 use crate::bus::{Query, RedisLink, ToShard};
+use crate::config::RedisTarget;
 use bytes::BytesMut;
 use futures_lite::AsyncWriteExt;
 use glommio::channels::local_channel::{self, LocalSender};
@@ -26,6 +27,17 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// What a connection's handshake checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Handshake {
+    /// The configured single Redis: AUTH, SELECT, CLIENT SETNAME.
+    Redis,
+    /// A master a sentinel named: the same, then ROLE must say `master`.
+    Master,
+    /// A sentinel: AUTH only.
+    Sentinel,
+}
 
 /// The handle on a connection's writer task: chunks go in, and the bytes not yet written are
 /// counted, so the queue is bounded in bytes by [`Outgoing`].
@@ -154,7 +166,22 @@ impl Mux {
         let opts = &self.cfg.redis_options;
         let mut backoff = Backoff::new(opts.backoff_initial_ms, opts.backoff_max_ms);
         let mut first = true;
+        let sentinel = !self.cfg.redis_sentinel.is_empty();
         loop {
+            if sentinel {
+                match self.discover().await {
+                    Ok(master) => *self.target.borrow_mut() = master,
+                    Err(e) => {
+                        let attempt = backoff.attempt();
+                        if attempt == 0 || attempt % 20 == 0 {
+                            tracing::warn!(error = %e, attempt, "cannot find the Redis master");
+                        }
+                        self.node.redis_state.set(RedisLink::Down);
+                        glommio::timer::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                }
+            }
             match self.connect_pair().await {
                 Ok((cmd, sub)) => {
                     backoff.reset();
@@ -162,8 +189,27 @@ impl Mux {
                         self.node.redis_reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     first = false;
-                    tracing::info!(host = %self.target.host, port = self.target.port, "Redis link up");
-                    self.serve(cmd, sub).await;
+                    let target = self.target.borrow().clone();
+                    tracing::info!(host = %target.host, port = target.port, "Redis link up");
+                    // Under Sentinel, a watcher follows `+switch-master` and ends the link
+                    // when our master moves; otherwise the sender is kept and never sends.
+                    let (switch_tx, switch_rx) = local_channel::new_bounded::<String>(1);
+                    let mut idle_tx = None;
+                    let watcher = if sentinel {
+                        let me = self.clone();
+                        Some(glommio::spawn_local(async move {
+                            let reason = me.watch_switch(&target).await;
+                            let _ = switch_tx.try_send(reason);
+                        }))
+                    } else {
+                        idle_tx = Some(switch_tx);
+                        None
+                    };
+                    self.serve(cmd, sub, &switch_rx).await;
+                    if let Some(w) = watcher {
+                        w.cancel().await;
+                    }
+                    drop(idle_tx);
                     tracing::warn!(
                         "Redis link down; client connections stay, publishes fail until it is back"
                     );
@@ -180,11 +226,28 @@ impl Mux {
         }
     }
 
-    /// Opens one connection and runs AUTH, SELECT and CLIENT SETNAME on it.
+    /// Opens one connection to the link's Redis and runs AUTH, SELECT and CLIENT SETNAME on
+    /// it; under Sentinel also ROLE, refusing a Redis that is not a master.
     async fn connect_one(&self, role: &str) -> Result<(RedisStream, BytesMut), String> {
-        let addr = (self.target.host.as_str(), self.target.port);
+        let target = self.target.borrow().clone();
+        let check = if self.cfg.redis_sentinel.is_empty() {
+            Handshake::Redis
+        } else {
+            Handshake::Master
+        };
+        self.connect_to(&target, role, check).await
+    }
+
+    /// Opens one connection to `target` and runs the handshake `check` says.
+    pub(super) async fn connect_to(
+        &self,
+        target: &RedisTarget,
+        role: &str,
+        check: Handshake,
+    ) -> Result<(RedisStream, BytesMut), String> {
+        let addr = (target.host.as_str(), target.port);
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
-            .map_err(|e| format!("cannot resolve {}: {e}", self.target.host))?
+            .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
             .next()
             .ok_or("no address")?;
         let timeout = Duration::from_millis(self.cfg.redis_options.connect_timeout_ms as u64);
@@ -194,12 +257,13 @@ impl Mux {
         let _ = tcp.set_nodelay(true);
         let mut stream = match &self.tls {
             None => RedisStream::Plain(tcp),
-            Some((connector, name)) => {
+            Some((connector, _)) => {
+                let name = super::stream::server_name(target)?;
                 // The handshake within the connect timeout too: a server that accepts and
                 // never answers must not hold the link.
                 let handshake = async {
                     connector
-                        .connect(name.clone(), tcp)
+                        .connect(name, tcp)
                         .await
                         .map_err(|e| format!("TLS handshake with {addr}: {e}"))
                 };
@@ -213,29 +277,54 @@ impl Mux {
         };
         let mut hello = Vec::new();
         let mut expected = 0;
-        if let Some(password) = &self.target.password {
-            match &self.target.username {
+        if let Some(password) = &target.password {
+            match &target.username {
                 Some(user) => encode(&mut hello, &[b"AUTH", user.as_bytes(), password.as_bytes()]),
                 None => encode(&mut hello, &[b"AUTH", password.as_bytes()]),
             }
             expected += 1;
         }
-        if self.target.db != 0 {
+        if target.db != 0 && check != Handshake::Sentinel {
             Command::new(&mut hello, 2)
                 .arg(b"SELECT")
-                .int(self.target.db as u64);
+                .int(target.db as u64);
             expected += 1;
         }
-        let name = format!("shardcast-{}-{role}", self.node.uid);
-        encode(&mut hello, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
-        expected += 1;
-        stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+        if check != Handshake::Sentinel {
+            let name = format!("shardcast-{}-{role}", self.node.uid);
+            encode(&mut hello, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
+            expected += 1;
+        }
+        if check == Handshake::Master {
+            encode(&mut hello, &[b"ROLE"]);
+            expected += 1;
+        }
         let mut buf = BytesMut::with_capacity(4096);
+        if expected == 0 {
+            return Ok((stream, buf));
+        }
+        stream.write_all(&hello).await.map_err(|e| e.to_string())?;
         let mut seen = 0;
         while seen < expected {
-            match next_frame(&mut stream, &mut buf).await? {
+            // Bounded: a server that accepts and never answers must not hold the link.
+            let frame = futures_lite::future::or(next_frame(&mut stream, &mut buf), async {
+                glommio::timer::sleep(timeout).await;
+                Err(format!("{addr} did not answer the handshake in time"))
+            })
+            .await?;
+            seen += 1;
+            match frame {
                 BytesFrame::Error(e) => return Err(format!("Redis refused the handshake: {e}")),
-                _ => seen += 1,
+                BytesFrame::Array(items) if check == Handshake::Master && seen == expected => {
+                    let role = items.first().and_then(super::sentinel::text);
+                    if role.as_deref() != Some("master") {
+                        return Err(format!(
+                            "{addr} is not a master (ROLE: {})",
+                            role.unwrap_or_default()
+                        ));
+                    }
+                }
+                _ => {}
             }
         }
         Ok((stream, buf))
@@ -251,7 +340,13 @@ impl Mux {
 
     /// Runs both connections until the command connection fails; the subscriber connection is
     /// reconnected on its own meanwhile whenever it fails.
-    async fn serve(self: &Rc<Self>, cmd: (RedisStream, BytesMut), sub: (RedisStream, BytesMut)) {
+    /// Under Sentinel, `switch` names the reason when our master moved (`+switch-master`).
+    async fn serve(
+        self: &Rc<Self>,
+        cmd: (RedisStream, BytesMut),
+        sub: (RedisStream, BytesMut),
+        switch: &local_channel::LocalReceiver<String>,
+    ) {
         let (cmd_stream, cmd_buf) = cmd;
         let (cmd_read, cmd_write) = futures_lite::io::split(cmd_stream);
         let (cmd_tx, cmd_writer) = Writer::spawn(cmd_write);
@@ -268,7 +363,11 @@ impl Mux {
             let reason = me.read_replies(cmd_read, cmd_buf).await;
             let _ = done_tx.try_send(reason);
         });
-        let cmd_down = || async { done_rx.recv().await.unwrap_or_default() };
+        let cmd_down = || {
+            futures_lite::future::or(async { done_rx.recv().await.unwrap_or_default() }, async {
+                switch.recv().await.unwrap_or_default()
+            })
+        };
 
         let opts = &self.cfg.redis_options;
         let mut backoff = Backoff::new(opts.backoff_initial_ms, opts.backoff_max_ms);

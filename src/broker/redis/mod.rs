@@ -23,6 +23,7 @@
 //! Layout, one file per noun:
 //! - [`mux`]: the multiplexer's state and the handling of each shard request (start here)
 //! - [`link`]: the connections' lifecycle and their bounded write queues; [`backoff`] its delays
+//! - [`sentinel`]: Redis Sentinel: discovering the master, following `+switch-master`
 //! - [`stream`]: a connection's socket, plain TCP or TLS (`rediss://`, rustls)
 //! - [`replies`]: reply correlation on the command connection (bounded waiters)
 //! - [`pushes`]: what the subscriber connection brings (publications, control messages)
@@ -39,6 +40,7 @@ mod registry;
 mod replies;
 pub mod resp;
 pub mod scripts;
+mod sentinel;
 mod stream;
 mod survey;
 pub mod tracker;
@@ -72,7 +74,10 @@ impl RedisBroker {
         stats: Arc<BusStats>,
         cpu: Option<usize>,
     ) -> Result<RedisBroker, String> {
-        let target = cfg.redis.clone().ok_or("no Redis URL configured")?;
+        let target = cfg
+            .redis_first()
+            .cloned()
+            .ok_or("no Redis URL configured")?;
         let tls = match stream::tls_config(&cfg, &target)? {
             Some(config) => Some((
                 futures_rustls::TlsConnector::from(config),

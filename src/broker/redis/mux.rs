@@ -54,7 +54,9 @@ pub(super) struct Mux {
     pub(super) cfg: Arc<Config>,
     pub(super) node: Arc<NodeInfo>,
     pub(super) stats: Arc<BusStats>,
-    pub(super) target: RedisTarget,
+    /// The Redis the link connects to: the configured one, or under Sentinel the master the
+    /// sentinels named last ([`Mux::discover`]).
+    pub(super) target: RefCell<RedisTarget>,
     /// `rediss://`: the TLS connector and the name Redis's certificate must carry.
     pub(super) tls: Option<(
         futures_rustls::TlsConnector,
@@ -102,7 +104,7 @@ impl Mux {
             cfg: b.cfg,
             node: b.node,
             stats: b.stats,
-            target: b.target,
+            target: RefCell::new(b.target),
             tls: b.tls,
             shards,
             interest: RefCell::default(),

@@ -99,6 +99,13 @@ impl Mux {
             let Some((waiter, encoded)) = self.replies.borrow_mut().pop() else {
                 return "reply without a command".into();
             };
+            if let BytesFrame::Error(e) = &frame {
+                if e.starts_with("READONLY") && !self.cfg.redis_sentinel.is_empty() {
+                    // Under Sentinel our master turned replica: find the new one.
+                    self.answer(waiter, frame);
+                    return "the Redis master became a replica (READONLY)".into();
+                }
+            }
             if let (BytesFrame::Error(e), Some(cmd)) = (&frame, &encoded) {
                 if e.starts_with("NOSCRIPT") {
                     // Redis lost its script cache (restart, SCRIPT FLUSH): load and run again.

@@ -1,0 +1,165 @@
+//! Redis Sentinel (`redis_sentinel`, `redis_sentinel_master`): before each (re)connect of the
+//! link the sentinels are asked in turn for the master's address ([`Mux::discover`]); while the
+//! link is up one connection to a sentinel listens to `+switch-master` ([`Mux::watch_switch`])
+//! and ends the link when our master moved, so that it reconnects to the new one through the
+//! ordinary reconnect path (resubscribe, repair history channels, `recovered: false` where
+//! writes were lost).
+
+use super::backoff::Backoff;
+use super::link::Handshake;
+use super::mux::Mux;
+use super::resp::{encode, next_frame};
+use crate::config::RedisTarget;
+use futures_lite::AsyncWriteExt;
+use redis_protocol::resp2::types::BytesFrame;
+use std::time::Duration;
+
+/// A frame's text (bulk or simple string), if it is one.
+pub(super) fn text(frame: &BytesFrame) -> Option<String> {
+    match frame {
+        BytesFrame::BulkString(b) | BytesFrame::SimpleString(b) => {
+            Some(String::from_utf8_lossy(b).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// The master's new address in a `+switch-master` message
+/// (`<name> <old-ip> <old-port> <new-ip> <new-port>`), if it is about `master`.
+pub(super) fn switched_to(message: &str, master: &str) -> Option<(String, u16)> {
+    let parts: Vec<&str> = message.split_ascii_whitespace().collect();
+    match parts.as_slice() {
+        [name, _, _, ip, port] if *name == master => Some((ip.to_string(), port.parse().ok()?)),
+        _ => None,
+    }
+}
+
+impl Mux {
+    /// Asks the sentinels in turn for the master's address; the first answer wins. The master is
+    /// reached with the credentials, database and TLS of the sentinel URL that named it.
+    pub(super) async fn discover(&self) -> Result<RedisTarget, String> {
+        let mut errors = Vec::new();
+        for s in &self.cfg.redis_sentinel {
+            match self.ask_sentinel(s).await {
+                Ok(master) => return Ok(master),
+                Err(e) => errors.push(format!("sentinel {}:{}: {e}", s.host, s.port)),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    async fn ask_sentinel(&self, sentinel: &RedisTarget) -> Result<RedisTarget, String> {
+        let name = self.cfg.redis_sentinel_master.as_bytes();
+        let (mut stream, mut buf) = self
+            .connect_to(sentinel, "sentinel", Handshake::Sentinel)
+            .await?;
+        let mut ask = Vec::new();
+        encode(&mut ask, &[b"SENTINEL", b"get-master-addr-by-name", name]);
+        stream.write_all(&ask).await.map_err(|e| e.to_string())?;
+        let timeout = Duration::from_millis(self.cfg.redis_options.connect_timeout_ms as u64);
+        let frame = futures_lite::future::or(next_frame(&mut stream, &mut buf), async {
+            glommio::timer::sleep(timeout).await;
+            Err("no answer in time".to_string())
+        })
+        .await?;
+        match frame {
+            BytesFrame::Array(items) if items.len() == 2 => {
+                let host = text(&items[0]).ok_or("bad answer")?;
+                let port = text(&items[1])
+                    .and_then(|p| p.parse().ok())
+                    .ok_or("bad port in the answer")?;
+                Ok(RedisTarget {
+                    host,
+                    port,
+                    ..sentinel.clone()
+                })
+            }
+            BytesFrame::Error(e) => Err(format!("refused: {e}")),
+            _ => Err(format!(
+                "does not know the master `{}`",
+                self.cfg.redis_sentinel_master
+            )),
+        }
+    }
+
+    /// Listens to `+switch-master` on one sentinel after another (with the link's backoff
+    /// between failures) until the sentinels announce that our master, now at `current`, moved;
+    /// returns the reason to end the link.
+    pub(super) async fn watch_switch(&self, current: &RedisTarget) -> String {
+        let opts = &self.cfg.redis_options;
+        let mut backoff = Backoff::new(opts.backoff_initial_ms, opts.backoff_max_ms);
+        let master = &self.cfg.redis_sentinel_master;
+        loop {
+            for sentinel in &self.cfg.redis_sentinel {
+                let conn = self
+                    .connect_to(sentinel, "sentinel", Handshake::Sentinel)
+                    .await;
+                let Ok((mut stream, mut buf)) = conn else {
+                    continue;
+                };
+                let mut sub = Vec::new();
+                encode(&mut sub, &[b"SUBSCRIBE", b"+switch-master"]);
+                if stream.write_all(&sub).await.is_err() {
+                    continue;
+                }
+                backoff.reset();
+                // The master may have moved before we subscribed: check once subscribed.
+                let mut confirmed = false;
+                while let Ok(frame) = next_frame(&mut stream, &mut buf).await {
+                    let BytesFrame::Array(items) = frame else {
+                        break;
+                    };
+                    let kind = items.first().and_then(text).unwrap_or_default();
+                    if kind == "subscribe" && !confirmed {
+                        confirmed = true;
+                        if let Ok(now) = self.ask_sentinel(sentinel).await {
+                            if (now.host.as_str(), now.port)
+                                != (current.host.as_str(), current.port)
+                            {
+                                return format!(
+                                    "Sentinel names a new master at {}:{}",
+                                    now.host, now.port
+                                );
+                            }
+                        }
+                    } else if kind == "message" {
+                        let message = items.get(2).and_then(text).unwrap_or_default();
+                        if let Some((host, port)) = switched_to(&message, master) {
+                            if (host.as_str(), port) != (current.host.as_str(), current.port) {
+                                return format!("+switch-master: the master is now {host}:{port}");
+                            }
+                        }
+                    }
+                }
+                tracing::warn!(
+                    host = %sentinel.host,
+                    port = sentinel.port,
+                    "lost the Sentinel connection that follows +switch-master; trying the next"
+                );
+            }
+            glommio::timer::sleep(backoff.next_delay()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switch_master_messages_are_parsed_for_our_master_only() {
+        assert_eq!(
+            switched_to("mymaster 127.0.0.1 6379 127.0.0.1 6380", "mymaster"),
+            Some(("127.0.0.1".to_string(), 6380))
+        );
+        assert_eq!(
+            switched_to("other 127.0.0.1 6379 127.0.0.1 6380", "mymaster"),
+            None
+        );
+        assert_eq!(switched_to("mymaster 1 2 3", "mymaster"), None);
+        assert_eq!(
+            switched_to("mymaster 1.1.1.1 1 2.2.2.2 notaport", "mymaster"),
+            None
+        );
+    }
+}
