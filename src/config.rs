@@ -323,6 +323,9 @@ fn redis_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RedisTarge
         .map_err(|e| serde::de::Error::custom(format!("{REDIS_ERROR}{e}")))
 }
 
+/// Marks the message of a bad `redis_sentinel` URL, as [`REDIS_ERROR`] does.
+const REDIS_SENTINEL_ERROR: &str = "invalid Redis Sentinel URL: ";
+
 /// Reads the `redis_sentinel` key: a list of URLs.
 fn redis_sentinel_urls<'de, D: serde::Deserializer<'de>>(
     d: D,
@@ -332,7 +335,7 @@ fn redis_sentinel_urls<'de, D: serde::Deserializer<'de>>(
         .iter()
         .map(|t| {
             RedisTarget::parse(t)
-                .map_err(|e| serde::de::Error::custom(format!("{REDIS_ERROR}redis_sentinel {e}")))
+                .map_err(|e| serde::de::Error::custom(format!("{REDIS_SENTINEL_ERROR}{e}")))
         })
         .collect()
 }
@@ -1088,6 +1091,8 @@ impl Config {
             // A bad Redis URL may hold a password: name the key, not the source line.
             let message = if e.message().starts_with(REDIS_ERROR) {
                 format!("`redis`: {}", e.message())
+            } else if e.message().starts_with(REDIS_SENTINEL_ERROR) {
+                format!("`redis_sentinel`: {}", e.message())
             } else {
                 e.to_string().trim().to_string()
             };
@@ -1862,6 +1867,62 @@ mod tests {
         let c = Config::from_toml("insecure = true\n[redis_options]\nmax_write_queue_bytes = 1\n")
             .unwrap();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn redis_sentinel_keys_are_checked() {
+        let ok = "insecure = true\nredis_sentinel = [\"redis://:pw@10.0.0.1:26379/2\", \
+                  \"redis://10.0.0.2:26379\"]\nredis_sentinel_master = \"mymaster\"\n";
+        let c = Config::from_toml(ok).unwrap();
+        c.validate().unwrap();
+        assert!(c.redis_mode() && c.redis.is_none());
+        assert_eq!(c.redis_sentinel.len(), 2);
+        assert_eq!(c.redis_sentinel[0].password.as_deref(), Some("pw"));
+        assert_eq!(
+            (c.redis_sentinel[0].port, c.redis_sentinel[0].db),
+            (26379, 2)
+        );
+        assert!(!Config::from_toml("insecure = true\n").unwrap().redis_mode());
+        let bad = [
+            (
+                "redis = \"redis://127.0.0.1\"\nredis_sentinel = [\"redis://s:1\"]\n\
+                 redis_sentinel_master = \"m\"\n",
+                "redis_sentinel",
+                "use one of them",
+            ),
+            (
+                "redis_sentinel = [\"redis://s:1\"]\n",
+                "redis_sentinel_master",
+                "must be set",
+            ),
+            (
+                "redis_sentinel_master = \"m\"\n",
+                "redis_sentinel_master",
+                "is empty",
+            ),
+            (
+                "redis_sentinel = [\"redis://s:1\", \"rediss://t:1\"]\n\
+                 redis_sentinel_master = \"m\"\n",
+                "redis_sentinel",
+                "mixes",
+            ),
+        ];
+        for (toml, key, what) in bad {
+            let c = Config::from_toml(&format!("insecure = true\n{toml}")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(what), "{toml}: {err}");
+        }
+        // A bad URL names the key and never the password.
+        let err = Config::from_toml(
+            "redis_sentinel = [\"http://u:secretpw@s:1\"]\nredis_sentinel_master = \"m\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("redis_sentinel") && err.contains("scheme"),
+            "{err}"
+        );
+        assert!(!err.contains("secretpw"), "{err}");
     }
 
     #[test]

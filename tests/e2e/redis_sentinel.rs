@@ -85,9 +85,26 @@ impl Drop for Sentinel {
     }
 }
 
-#[test]
-fn two_nodes_follow_a_sentinel_failover() {
-    let mut master = Redis::start(&[]);
+/// Nodes subscribed to `news` through Sentinel, delivery checked both ways.
+struct Setup {
+    master: Redis,
+    replica: Redis,
+    sentinels: Vec<Sentinel>,
+    a: Server,
+    b: Server,
+    on_a: Client,
+    on_b: Client,
+}
+
+fn numsub(r: &Redis) -> u64 {
+    r.cli(&["PUBSUB", "NUMSUB", "shardcast:ch:{news}"])
+        .get(1)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn setup() -> Setup {
+    let master = Redis::start(&[]);
     let replica = Redis::start(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
     let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
     // The sentinels know each other and the replica before the master dies.
@@ -117,12 +134,6 @@ fn two_nodes_follow_a_sentinel_failover() {
         assert!(r["subscribe"].is_object(), "{r}");
     }
     // Both nodes subscribed on the master: cross-node delivery both ways.
-    let numsub = |r: &Redis| -> u64 {
-        r.cli(&["PUBSUB", "NUMSUB", "shardcast:ch:{news}"])
-            .get(1)
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    };
     eventually(
         Duration::from_secs(10),
         "both nodes subscribed on the master",
@@ -142,7 +153,28 @@ fn two_nodes_follow_a_sentinel_failover() {
             assert_eq!(p["push"]["pub"]["data"], data);
         }
     }
+    Setup {
+        master,
+        replica,
+        sentinels,
+        a,
+        b,
+        on_a,
+        on_b,
+    }
+}
 
+#[test]
+fn two_nodes_follow_a_sentinel_failover() {
+    let Setup {
+        mut master,
+        replica,
+        sentinels: _sentinels,
+        a,
+        b,
+        mut on_a,
+        mut on_b,
+    } = setup();
     // Kill the master; publish on b until a receives again through the promoted replica.
     master.kill();
     let killed = Instant::now();
@@ -188,4 +220,55 @@ fn two_nodes_follow_a_sentinel_failover() {
         .push(Duration::from_secs(5))
         .expect("delivery from a after the failover");
     assert_eq!(p["push"]["pub"]["data"], "after");
+}
+
+/// A failover where the old master stays up (it turns replica): the nodes follow
+/// `+switch-master` to the new master instead of staying on the old one.
+#[test]
+fn nodes_follow_switch_master_when_the_old_master_lives_on() {
+    let Setup {
+        master,
+        replica,
+        sentinels,
+        a,
+        b: _b,
+        on_a: _on_a,
+        mut on_b,
+    } = setup();
+    let started = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "a sentinel accepts the failover",
+        || {
+            sentinels[0]
+                .cli(&["SENTINEL", "FAILOVER", MASTER])
+                .first()
+                .map(String::as_str)
+                == Some("OK")
+        },
+    );
+    eventually(
+        Duration::from_secs(15),
+        "both nodes subscribed on the new master",
+        || numsub(&replica) == 2,
+    );
+    println!(
+        "sentinel switch-master: both nodes on the new master {} ms after SENTINEL FAILOVER",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(
+        replica.cli(&["ROLE"]).first().map(String::as_str),
+        Some("master")
+    );
+    assert_eq!(numsub(&master), 0, "the nodes left the old master");
+    let (status, body) = api(
+        a.addr,
+        "publish",
+        &json!({"channel": "news", "data": "moved"}),
+    );
+    assert_eq!((status, &body), (200, &json!({"result": {}})));
+    let p = on_b
+        .push(Duration::from_secs(5))
+        .expect("delivery after the switch");
+    assert_eq!(p["push"]["pub"]["data"], "moved");
 }
