@@ -199,11 +199,34 @@ pub fn connect_many_as(
     channel: Arc<dyn Fn(usize) -> String + Send + Sync>,
     format: Format,
 ) -> Result<Vec<WsConn>, String> {
+    spread(first, count, threads, n_src, move |idx, src| {
+        let (stream, dec) =
+            ws_connect_subscribe(dst, Some(src), &channel(idx), Duration::from_secs(10), format)?;
+        Ok(WsConn {
+            id: idx,
+            stream,
+            dec,
+        })
+    })
+}
+
+/// Opens connections `first..first + count` with `threads` blocking workers (connection `idx`
+/// from source address `src_addr(idx, n_src)`), each with one retry: a transient failure (e.g.
+/// a SYN dropped on a full accept queue) should not kill a 20K-connection run. The first
+/// failure stops every worker; the result is in connection order.
+fn spread<T: Send + 'static>(
+    first: usize,
+    count: usize,
+    threads: usize,
+    n_src: usize,
+    connect: impl Fn(usize, Ipv4Addr) -> Result<T, String> + Send + Sync + 'static,
+) -> Result<Vec<T>, String> {
     let threads = threads.clamp(1, count.max(1));
     let abort = Arc::new(AtomicBool::new(false));
+    let connect = Arc::new(connect);
     let mut handles = Vec::new();
     for t in 0..threads {
-        let channel = channel.clone();
+        let connect = connect.clone();
         let abort = abort.clone();
         handles.push(thread::spawn(move || {
             let mut out = Vec::new();
@@ -213,42 +236,16 @@ pub fn connect_many_as(
                     return Err(String::new());
                 }
                 let idx = first + i;
-                let mut last_err = String::new();
-                let mut ok = None;
-                // one retry: a transient failure (e.g. a SYN dropped on a full
-                // accept queue) should not kill a 20K-connection run.
-                for attempt in 0..2 {
-                    match ws_connect_subscribe(
-                        dst,
-                        Some(src_addr(idx, n_src)),
-                        &channel(idx),
-                        Duration::from_secs(10),
-                        format,
-                    ) {
-                        Ok(c) => {
-                            ok = Some(c);
-                            break;
-                        }
-                        Err(e) => {
-                            last_err = e;
-                            if attempt == 0 {
-                                thread::sleep(Duration::from_millis(50));
-                            }
-                        }
-                    }
-                }
-                match ok {
-                    Some((stream, dec)) => out.push(WsConn {
-                        id: idx,
-                        stream,
-                        dec,
-                    }),
-                    None => {
+                let src = src_addr(idx, n_src);
+                let made = connect(idx, src).or_else(|_| {
+                    thread::sleep(Duration::from_millis(50));
+                    connect(idx, src)
+                });
+                match made {
+                    Ok(c) => out.push((idx, c)),
+                    Err(e) => {
                         abort.store(true, Ordering::Relaxed);
-                        return Err(format!(
-                            "connection #{idx} from {}: {last_err}",
-                            src_addr(idx, n_src)
-                        ));
+                        return Err(format!("connection #{idx} from {src}: {e}"));
                     }
                 }
                 i += threads;
@@ -272,8 +269,8 @@ pub fn connect_many_as(
     if let Some(e) = first_err {
         return Err(format!("{e} ({} of {count} connected)", all.len()));
     }
-    all.sort_by_key(|c| c.id);
-    Ok(all)
+    all.sort_by_key(|(idx, _)| *idx);
+    Ok(all.into_iter().map(|(_, c)| c).collect())
 }
 
 /// Opens an idle SSE stream (`GET /connection/sse?cf_connect=...`, the bidirectional
@@ -331,31 +328,7 @@ pub fn sse_connect_many(
     n_src: usize,
     channel: Arc<dyn Fn(usize) -> String + Send + Sync>,
 ) -> Result<Vec<TcpStream>, String> {
-    let threads = threads.clamp(1, count.max(1));
-    let handles: Vec<_> = (0..threads)
-        .map(|t| {
-            let channel = channel.clone();
-            thread::spawn(move || {
-                let mut out = Vec::new();
-                let mut i = t;
-                while i < count {
-                    let idx = first + i;
-                    let src = Some(src_addr(idx, n_src));
-                    let timeout = Duration::from_secs(10);
-                    let s = sse_connect_subscribe(dst, src, &channel(idx), timeout).or_else(|_| {
-                        thread::sleep(Duration::from_millis(50));
-                        sse_connect_subscribe(dst, src, &channel(idx), timeout)
-                    })?;
-                    out.push(s);
-                    i += threads;
-                }
-                Ok::<_, String>(out)
-            })
-        })
-        .collect();
-    let mut all = Vec::with_capacity(count);
-    for h in handles {
-        all.extend(h.join().map_err(|_| "connect thread panicked".to_string())??);
-    }
-    Ok(all)
+    spread(first, count, threads, n_src, move |idx, src| {
+        sse_connect_subscribe(dst, Some(src), &channel(idx), Duration::from_secs(10))
+    })
 }
