@@ -39,6 +39,9 @@ pub struct NodeInfo {
     pub rss_baseline: AtomicU64,
     /// The cluster's registry entries as of the multiplexer's last lease refresh.
     pub cluster: Mutex<Vec<serde_json::Value>>,
+    /// Until this many ms after `started`, a node missing from `cluster` may still be
+    /// re-registering (the Redis link came back less than one lease refresh ago).
+    pub cluster_settles_ms: AtomicU64,
     /// Where the metrics listener is, once bound.
     pub metrics_addr: OnceLock<String>,
     /// A receiving handle on the shards → broker queue, for its depth only (unlike a sender, it
@@ -66,10 +69,28 @@ impl NodeInfo {
             shard_snapshots: Vec::new(),
             rss_baseline: Default::default(),
             cluster: Default::default(),
+            cluster_settles_ms: Default::default(),
             metrics_addr: Default::default(),
             broker_queue: Default::default(),
             cpu: Default::default(),
         }
+    }
+
+    /// Milliseconds since the node started.
+    pub fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Whether `uid` may be a live node: it is in the registry as last read, nothing was read
+    /// yet, or the Redis link came back too recently for every node to have re-registered.
+    pub fn may_be_live(&self, uid: &str) -> bool {
+        if self.uptime_ms() < self.cluster_settles_ms.load(Ordering::Relaxed) {
+            return true;
+        }
+        self.cluster
+            .lock()
+            .map(|nodes| nodes.is_empty() || nodes.iter().any(|n| n["uid"] == uid))
+            .unwrap_or(false)
     }
 
     /// Room for `n` shards' snapshots.

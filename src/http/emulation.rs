@@ -10,7 +10,8 @@
 //! through the connection's session as a WebSocket text message, and the replies go out on
 //! the stream. As in Centrifugo the POST is answered 204 once the request is handed over
 //! (replies never come in the POST's answer); 404 when node `N` is not a live node of the
-//! cluster (the SDK closes its transport and reconnects); a session gone from a live node is
+//! cluster (the SDK closes its transport and reconnects; see `NodeInfo::may_be_live` for the
+//! grace after a Redis reconnect); a session gone from a live node is
 //! answered 204 too (its stream has ended, and the client reconnects from there).
 //!
 //! Enabled with either emulation transport (`transports.http_stream`, `transports.sse`);
@@ -99,13 +100,10 @@ pub fn decide(
     if node.redis_state.get() != RedisLink::Connected {
         return Err((503, "Redis unavailable\n"));
     }
-    let known = node.cluster.lock().map(|nodes| {
-        // Before the first registry read nothing is known: let it through.
-        nodes.is_empty() || nodes.iter().any(|n| n["uid"] == req.node.as_str())
-    });
-    match known {
-        Ok(true) => Ok(req),
-        _ => Err((404, "node not found\n")),
+    if node.may_be_live(&req.node) {
+        Ok(req)
+    } else {
+        Err((404, "node not found\n"))
     }
 }
 

@@ -348,7 +348,19 @@ fn emulation_post_to_another_node_reaches_the_session_through_redis() {
         assert_eq!(post(b.addr, &request(&reply, &cmd), "").0, 204);
     }
     assert!(answered, "no reply through B after the Redis restart");
-    // A node the cluster does not know: 404 (the SDK reconnects).
+    // A node the cluster does not know: 404 (the SDK reconnects), once one lease refresh
+    // (3 s here) has passed since the link came back and every live node re-registered.
     let gone = json!({"session": "0.0.0.0", "node": "no-such-node", "data": ""}).to_string();
-    assert_eq!(post(b.addr, &gone, "").0, 404);
+    eventually(
+        Duration::from_secs(10),
+        "an unknown node is refused",
+        || post(b.addr, &gone, "").0 == 404,
+    );
+    // A is registered again: B still forwards to it.
+    let last = request(
+        &reply,
+        "{\"id\":99,\"presence_stats\":{\"channel\":\"chat:x\"}}",
+    );
+    assert_eq!(post(b.addr, &last, "").0, 204);
+    assert!(on_a.reply(99)["presence_stats"].is_object());
 }

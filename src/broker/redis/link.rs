@@ -405,6 +405,13 @@ impl Mux {
             self.resubscribe();
             self.tracker.borrow_mut().link_up();
             self.node.redis_state.set(RedisLink::Connected);
+            // Register at once (a restarted Redis has no lease of ours), and give the other
+            // nodes one lease refresh to do the same before anyone is taken for gone.
+            let refresh_ms = self.cfg.redis_options.lease_refresh_secs as u64 * 1000;
+            self.node
+                .cluster_settles_ms
+                .store(self.node.uptime_ms() + refresh_ms + 1000, Ordering::Relaxed);
+            self.gather(Query::Stats, GatherTarget::Lease);
             self.flush();
             let me = self.clone();
             let sub_reader = async move { me.read_pushes(sub_read, sub_buf).await };
