@@ -158,6 +158,9 @@ struct Track {
     gen: u64,
     /// Redis confirmed the SUBSCRIBE on the current link.
     confirmed: bool,
+    /// Redis Cluster: its master's subscriber connection went down (or its slot moved) and no
+    /// new SSUBSCRIBE is confirmed yet: position requests fail at once.
+    lost: bool,
     /// A stream read is in flight (live publications are held).
     reading: bool,
     /// Last offset forwarded to the shards.
@@ -173,6 +176,7 @@ impl Track {
         Track {
             gen,
             confirmed: false,
+            lost: false,
             reading: false,
             pos: None,
             held: Vec::new(),
@@ -272,6 +276,7 @@ impl Tracker {
             .entry(channel.clone())
             .or_insert_with(|| Track::new(gen, budget));
         t.confirmed = true;
+        t.lost = false;
         if !t.reading {
             start_read(channel, t, out);
         }
@@ -294,6 +299,25 @@ impl Tracker {
         }
     }
 
+    /// Redis Cluster: the subscriber connection of the channels `on_link` picks went down, or
+    /// their slot moved: as [`Tracker::link_down`] for those channels only (the others keep
+    /// their live stream).
+    pub fn lost_where(&mut self, on_link: impl Fn(&str) -> bool, out: &mut Vec<Action>) {
+        let lost: Vec<Arc<str>> = self.tracks.keys().filter(|c| on_link(c)).cloned().collect();
+        for channel in lost {
+            let gen = self.gen();
+            let Some(t) = self.tracks.get_mut(&channel) else {
+                continue;
+            };
+            t.confirmed = false;
+            t.lost = true;
+            t.reading = false;
+            t.gen = gen;
+            t.held.clear();
+            fail_pending(&channel, std::mem::take(&mut t.pending), out);
+        }
+    }
+
     /// A subscriber needs its position (and what it missed).
     pub fn position(&mut self, channel: &Arc<str>, req: PosReq, out: &mut Vec<Action>) {
         let size = self.size(channel);
@@ -303,7 +327,7 @@ impl Tracker {
             out.push(answer(channel, &req, Err(BrokerError::Unavailable)));
             return;
         };
-        if self.down && !t.confirmed {
+        if (self.down || t.lost) && !t.confirmed {
             // No live stream until the link is back: a temporary error, the SDK retries.
             out.push(answer(channel, &req, Err(BrokerError::Unavailable)));
             return;

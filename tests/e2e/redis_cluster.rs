@@ -1,0 +1,437 @@
+//! Redis Cluster: two nodes on a real 3-master cluster with one replica each (made by
+//! `redis-cli --cluster create`): sharded pub/sub on every master, history, recovery, presence,
+//! and a master killed while channels of the other masters keep flowing.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// One `redis-server --cluster-enabled yes` on free ports; killed (by its PID, through
+/// `Child`) and reaped on drop.
+struct ClusterNode {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    fn cli(&self, args: &[&str]) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.to_string())
+            .collect()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Six nodes, three masters with a replica each.
+struct Cluster {
+    nodes: Vec<ClusterNode>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let port = free_port();
+            let bus = free_port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string()])
+                .args(["--cluster-port", &bus.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(dir.path().join(format!("nodes-{port}.conf")))
+                .args(["--cluster-node-timeout", "1000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs");
+            nodes.push(ClusterNode {
+                port,
+                child: Some(child),
+            });
+        }
+        for n in &nodes {
+            eventually(Duration::from_secs(5), "a cluster node answers", || {
+                n.cli(&["PING"]).first().map(String::as_str) == Some("PONG")
+            });
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let ran = run_bounded(
+            Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&addrs)
+                .args(["--cluster-replicas", "1", "--cluster-yes"]),
+            Duration::from_secs(30),
+        );
+        assert!(
+            ran.status.is_some_and(|s| s.success()),
+            "cluster create: {} {}",
+            ran.stdout,
+            ran.stderr
+        );
+        let c = Cluster { nodes, _dir: dir };
+        eventually(
+            Duration::from_secs(15),
+            "cluster_state:ok on every node",
+            || {
+                c.nodes.iter().all(|n| {
+                    n.cli(&["CLUSTER", "INFO"])
+                        .iter()
+                        .any(|l| l.trim() == "cluster_state:ok")
+                })
+            },
+        );
+        c
+    }
+
+    /// Live masters: port → slot ranges (from `CLUSTER NODES` of a live node).
+    fn masters(&self) -> Vec<(u16, Vec<(u16, u16)>)> {
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let lines = n.cli(&["CLUSTER", "NODES"]);
+            if lines.is_empty() {
+                continue;
+            }
+            let mut out = Vec::new();
+            for l in lines {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() < 8 || !f[2].contains("master") || f[2].contains("fail") {
+                    continue;
+                }
+                let port: u16 = f[1]
+                    .split('@')
+                    .next()
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+                let ranges: Vec<(u16, u16)> = f[8..]
+                    .iter()
+                    .filter(|r| !r.starts_with('['))
+                    .filter_map(|r| match r.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => r.parse().ok().map(|s| (s, s)),
+                    })
+                    .collect();
+                if !ranges.is_empty() {
+                    out.push((port, ranges));
+                }
+            }
+            out.sort();
+            return out;
+        }
+        Vec::new()
+    }
+
+    fn node(&self, port: u16) -> &ClusterNode {
+        self.nodes.iter().find(|n| n.port == port).expect("a node")
+    }
+
+    fn node_mut(&mut self, port: u16) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node")
+    }
+}
+
+/// The slot of `key` (CRC16-XMODEM of its hash tag), as Redis Cluster computes it.
+fn slot(key: &str) -> u16 {
+    let k = key.as_bytes();
+    let tag = match k.iter().position(|&b| b == b'{') {
+        Some(o) => match k[o + 1..].iter().position(|&b| b == b'}') {
+            Some(l) if l > 0 => &k[o + 1..o + 1 + l],
+            _ => k,
+        },
+        None => k,
+    };
+    let mut crc: u16 = 0;
+    for &b in tag {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// For each master, a channel `PREFIX-N` of namespace `ns` whose slot it holds.
+fn channel_per_master(masters: &[(u16, Vec<(u16, u16)>)], ns: &str) -> Vec<(u16, String)> {
+    masters
+        .iter()
+        .map(|(port, ranges)| {
+            let name = (0..10_000)
+                .map(|i| format!("{ns}:c{i}"))
+                .find(|c| {
+                    let s = slot(&format!("shardcast:ch:{{{c}}}"));
+                    ranges.iter().any(|&(a, b)| (a..=b).contains(&s))
+                })
+                .expect("a channel on every master");
+            (*port, name)
+        })
+        .collect()
+}
+
+fn shard_numsub(node: &ClusterNode, channel: &str) -> (u64, u64) {
+    let name = format!("shardcast:ch:{{{channel}}}");
+    let num = |cmd: &str| {
+        node.cli(&["PUBSUB", cmd, &name])
+            .get(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    (num("SHARDNUMSUB"), num("NUMSUB"))
+}
+
+fn config(seeds: &[u16]) -> String {
+    let urls: Vec<String> = seeds
+        .iter()
+        .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+        .collect();
+    format!(
+        "redis_cluster = [{}]\n{BASE_CONFIG}{HISTORY_NAMESPACES}[redis_options]\ncluster_refresh_secs = 1\n",
+        urls.join(", ")
+    )
+}
+
+fn publish(server: &Server, channel: &str, data: Value) -> (u16, Value) {
+    api(
+        server.addr,
+        "publish",
+        &json!({"channel": channel, "data": data}),
+    )
+}
+
+#[test]
+fn two_nodes_share_a_redis_cluster_on_every_master() {
+    let cluster = Cluster::start();
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    let a = Server::start(&config(&[masters[0].0]), &[]);
+    let b = Server::start(&config(&[masters[1].0, masters[2].0]), &[]);
+    let channels = channel_per_master(&masters, "feed");
+    let (mut on_a, _) = Client::connected(&a, "ua");
+    let (mut on_b, _) = Client::connected(&b, "ub");
+    for c in [&mut on_a, &mut on_b] {
+        for (_, ch) in &channels {
+            let r = c.command("subscribe", json!({"channel": ch}));
+            assert!(r["subscribe"].is_object(), "{r}");
+        }
+    }
+    // One sharded subscription per node per channel, on the master of its slot; none classic.
+    for (port, ch) in &channels {
+        eventually(
+            Duration::from_secs(10),
+            "both nodes SSUBSCRIBEd on the owning master",
+            || shard_numsub(cluster.node(*port), ch) == (2, 0),
+        );
+    }
+    // Cross-node delivery both ways, on every master's channel, with offsets.
+    for (from, tag) in [(&a, "a"), (&b, "b")] {
+        for (_, ch) in &channels {
+            let (status, body) = publish(from, ch, json!({"from": tag}));
+            assert_eq!(status, 200, "{body}");
+            assert!(body["result"]["offset"].is_u64(), "{body}");
+            for c in [&mut on_a, &mut on_b] {
+                let p = c
+                    .push(Duration::from_secs(5))
+                    .expect("delivery on both nodes");
+                assert_eq!(p["push"]["channel"], json!(ch), "{p}");
+                assert_eq!(p["push"]["pub"]["data"]["from"], tag, "{p}");
+            }
+        }
+    }
+    // History through either node, and recovery of what a client missed.
+    for (_, ch) in &channels {
+        let (status, h) = api(b.addr, "history", &json!({"channel": ch, "limit": 10}));
+        assert_eq!(status, 200, "{h}");
+        assert_eq!(
+            h["result"]["publications"].as_array().map(Vec::len),
+            Some(2),
+            "{h}"
+        );
+        let epoch = h["result"]["epoch"].as_str().unwrap().to_string();
+        let (mut late, _) = Client::connected(&b, "late");
+        let r = late.command(
+            "subscribe",
+            json!({"channel": ch, "recover": true, "offset": 1, "epoch": epoch}),
+        );
+        assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+        let pubs = r["subscribe"]["publications"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(pubs.len(), 1, "{r}");
+        assert_eq!(pubs[0]["data"]["from"], "b");
+    }
+    // Presence across nodes (the lease zset and the presence hash live in different slots).
+    let (mut pa, _) = Client::connected(&a, "pa");
+    let (mut pb, _) = Client::connected(&b, "pb");
+    for c in [&mut pa, &mut pb] {
+        assert!(c.command("subscribe", json!({"channel": "chat:p"}))["subscribe"].is_object());
+    }
+    eventually(Duration::from_secs(5), "presence spans both nodes", || {
+        api(a.addr, "presence_stats", &json!({"channel": "chat:p"})).1["result"]
+            == json!({"num_clients": 2, "num_users": 2})
+    });
+    // /api/info names the mode and the masters.
+    let (_, info) = api(a.addr, "info", &json!({}));
+    let text = info.to_string();
+    assert!(text.contains("\"mode\":\"cluster\""), "{info}");
+    for (port, _) in &masters {
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{info}");
+    }
+}
+
+#[test]
+fn a_killed_master_is_followed_and_the_other_slots_never_stop() {
+    let mut cluster = Cluster::start();
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    let a = Server::start(&config(&[masters[0].0, masters[1].0]), &[]);
+    let b = Server::start(&config(&[masters[1].0, masters[0].0]), &[]);
+    // The victim is the third master, seed of neither node.
+    let channels = channel_per_master(&masters, "chat");
+    let (victim_port, victim_ch) = channels[2].clone();
+    let others: Vec<String> = channels[..2].iter().map(|(_, c)| c.clone()).collect();
+    let (mut on_a, _) = Client::connected(&a, "ua");
+    for (_, ch) in &channels {
+        let r = on_a.command("subscribe", json!({"channel": ch}));
+        assert!(r["subscribe"].is_object(), "{r}");
+    }
+    for (port, ch) in &channels {
+        eventually(Duration::from_secs(10), "a SSUBSCRIBEd", || {
+            shard_numsub(cluster.node(*port), ch).0 == 1
+        });
+    }
+    // b reaches every master: its publications arrive at a.
+    for (_, ch) in &channels {
+        eventually(
+            Duration::from_secs(10),
+            "b publishes to every master",
+            || publish(&b, ch, json!({"warmup": true})).1 == json!({"result": {}}),
+        );
+        let p = on_a.push(Duration::from_secs(5)).expect("warm-up delivery");
+        assert_eq!(p["push"]["channel"], json!(ch), "{p}");
+        while on_a.push(Duration::from_millis(100)).is_some() {}
+    }
+    cluster.node_mut(victim_port).kill();
+    let killed = Instant::now();
+    let mut n = 0u64;
+    let mut errors_on_victim = 0u64;
+    let mut next_other = vec![1u64; others.len()];
+    let resumed = loop {
+        assert!(
+            killed.elapsed() < Duration::from_secs(25),
+            "no delivery on the dead master's channel within 25 s"
+        );
+        n += 1;
+        // The other masters' channels: every publication succeeds and arrives, in order.
+        for (i, ch) in others.iter().enumerate() {
+            let (status, body) = publish(&b, ch, json!({"n": next_other[i]}));
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(
+                body,
+                json!({"result": {}}),
+                "other slots undisturbed ({ch}, round {n}, {} ms after the kill); b's log:\n{}",
+                killed.elapsed().as_millis(),
+                b.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+            );
+        }
+        let started = Instant::now();
+        let (status, body) = publish(&b, &victim_ch, json!({"v": n}));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "a publication to the failed slots must not hang"
+        );
+        assert_eq!(status, 200, "{body}");
+        if body["error"]["code"] == 100 {
+            errors_on_victim += 1;
+        } else {
+            assert_eq!(body, json!({"result": {}}), "{body}");
+        }
+        let mut seen_victim = false;
+        let mut got = vec![false; others.len()];
+        while let Some(p) = on_a.push(Duration::from_millis(50)) {
+            let ch = p["push"]["channel"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if ch == victim_ch {
+                seen_victim = true;
+                continue;
+            }
+            let i = others
+                .iter()
+                .position(|o| *o == ch)
+                .expect("a known channel");
+            assert_eq!(
+                p["push"]["pub"]["data"]["n"], next_other[i],
+                "in order, no gap: {p}"
+            );
+            next_other[i] += 1;
+            got[i] = true;
+        }
+        for (i, ch) in others.iter().enumerate() {
+            if !got[i] {
+                let p = on_a
+                    .push(Duration::from_secs(3))
+                    .unwrap_or_else(|| panic!("{ch}: a publication was not delivered"));
+                assert_eq!(p["push"]["channel"], json!(ch), "{p}");
+                assert_eq!(p["push"]["pub"]["data"]["n"], next_other[i], "{p}");
+                next_other[i] += 1;
+            }
+        }
+        if seen_victim {
+            break killed.elapsed();
+        }
+    };
+    println!(
+        "cluster failover: first delivery on the dead master's channel {} ms after the kill \
+         ({errors_on_victim} publications answered error 100 meanwhile; {} on the other \
+         masters, all delivered in order)",
+        resumed.as_millis(),
+        next_other.iter().map(|n| n - 1).sum::<u64>()
+    );
+    // The promoted replica holds the slot, and both nodes' subscription is there.
+    let promoted = cluster.masters();
+    assert_eq!(promoted.len(), 3, "{promoted:?}");
+    assert!(!promoted.iter().any(|(p, _)| *p == victim_port));
+}
