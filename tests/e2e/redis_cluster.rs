@@ -70,6 +70,8 @@ impl Cluster {
                 .arg(dir.path().join(format!("nodes-{port}.conf")))
                 .args(["--cluster-node-timeout", "1000"])
                 .args(["--save", "", "--appendonly", "no"])
+                // Replicas sync at once (a replica that never synced does not fail over).
+                .args(["--repl-diskless-sync-delay", "0"])
                 .arg("--dir")
                 .arg(dir.path())
                 .stdin(Stdio::null())
@@ -116,6 +118,22 @@ impl Cluster {
                 })
             },
         );
+        eventually(Duration::from_secs(15), "every replica in sync", || {
+            let replicas = c.nodes.iter().filter(|n| {
+                n.cli(&["INFO", "replication"])
+                    .iter()
+                    .any(|l| l.trim() == "role:slave")
+            });
+            replicas
+                .map(|n| {
+                    n.cli(&["INFO", "replication"])
+                        .iter()
+                        .any(|l| l.trim() == "master_link_status:up")
+                })
+                .filter(|up| *up)
+                .count()
+                == 3
+        });
         c
     }
 
@@ -360,7 +378,8 @@ fn a_killed_master_is_followed_and_the_other_slots_never_stop() {
     let resumed = loop {
         assert!(
             killed.elapsed() < Duration::from_secs(25),
-            "no delivery on the dead master's channel within 25 s"
+            "no delivery on the dead master's channel within 25 s; a's log:\n{}",
+            a.stderr.lock().map(|s| s.clone()).unwrap_or_default()
         );
         n += 1;
         // The other masters' channels: every publication succeeds and arrives, in order.
