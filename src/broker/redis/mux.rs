@@ -753,6 +753,21 @@ impl Mux {
                     });
                 }
                 Action::Confirm { channel } => self.confirm(&channel),
+                Action::NewEpoch {
+                    channel,
+                    old,
+                    delivered,
+                    new,
+                } => {
+                    tracing::warn!(%channel, delivered, "the stream in Redis is behind what was delivered (writes lost in a failover): new epoch");
+                    if self.is_up() {
+                        self.command(Waiter::Ignore, |out| {
+                            Scripts::encode_new_epoch(
+                                out, &self.keys, &channel, &old, delivered, &new,
+                            )
+                        });
+                    }
+                }
             }
         }
     }

@@ -51,6 +51,20 @@ end
 return out
 "#;
 
+// A new epoch for a channel whose stream fell behind what nodes delivered (writes lost in a
+// failover), unless another node gave it one already. Run rarely, with EVAL (not loaded).
+// KEYS[1] meta hash. ARGV[1] the epoch the stream still has, ARGV[2] the offset delivered,
+// ARGV[3] the new epoch. Returns the channel's epoch after the call.
+pub const NEW_EPOCH: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'e')
+local top = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+if e == ARGV[1] and top < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'e', ARGV[3])
+  return ARGV[3]
+end
+return e or ''
+"#;
+
 // The registry entries of every live node, dropping lapsed leases.
 // KEYS[1] lease zset. ARGV[1] now (ms), ARGV[2] node key prefix.
 // Returns the live nodes' registry entries (JSON documents).
@@ -292,6 +306,25 @@ impl Scripts {
         for uid in uids {
             cmd.arg(uid);
         }
+    }
+
+    /// Appends the new-epoch script's call (EVAL: it runs rarely, so it is never loaded).
+    pub fn encode_new_epoch(
+        out: &mut Vec<u8>,
+        keys: &Keys,
+        channel: &str,
+        old: &str,
+        delivered: u64,
+        new: &str,
+    ) {
+        Command::new(out, 7)
+            .arg(b"EVAL")
+            .arg(NEW_EPOCH.as_bytes())
+            .arg(b"1")
+            .parts(&keys.meta(channel).0)
+            .arg(old.as_bytes())
+            .int(delivered)
+            .arg(new.as_bytes());
     }
 
     /// Appends the nodes script's call.

@@ -81,6 +81,16 @@ pub enum Action {
     Insufficient { channel: Arc<str> },
     /// The channel's first position is known: shards may reply to subscribers.
     Confirm { channel: Arc<str> },
+    /// The stream in Redis is below what this node delivered under the same epoch (writes lost
+    /// in a failover: replication is asynchronous): give the channel the epoch `new` in Redis
+    /// unless another node did already (its meta must still say `old` with a top below
+    /// `delivered`), so offsets are never reused with different data under one epoch.
+    NewEpoch {
+        channel: Arc<str>,
+        old: Arc<str>,
+        delivered: u64,
+        new: Arc<str>,
+    },
 }
 
 /// The node-wide bound of every channel's cache (`redis_options.recovery_cache_max_bytes`).
@@ -379,8 +389,21 @@ impl Tracker {
         }
         t.reading = false;
         let first = t.pos.is_none();
+        let mut epoch = r.epoch.clone();
         match t.pos.clone() {
             None => {}
+            Some(p) if *p.epoch == *r.epoch && r.top < p.offset => {
+                // Lost writes: the new master's stream is behind what was delivered.
+                insufficient(channel, t, &self.stats, out);
+                let mut buf = [0; 16];
+                epoch = Arc::from(history::new_epoch_in(&mut buf));
+                out.push(Action::NewEpoch {
+                    channel: channel.clone(),
+                    old: r.epoch.clone(),
+                    delivered: p.offset,
+                    new: epoch.clone(),
+                });
+            }
             Some(p) if *p.epoch != *r.epoch || r.top < p.offset => {
                 // The stream was lost and restarted: nothing can be repaired.
                 insufficient(channel, t, &self.stats, out);
@@ -411,7 +434,7 @@ impl Tracker {
         }
         t.pos = Some(StreamPos {
             offset: r.top,
-            epoch: r.epoch.clone(),
+            epoch,
         });
         // The entries read become the cache: the contiguous run that ends at the top.
         t.cache.clear();
@@ -773,6 +796,52 @@ mod tests {
         t.live(&ch, live(1, "f"), &mut out);
         assert!(matches!(out[0], Action::Insufficient { .. }));
         assert_eq!(forwarded(&out), [1]);
+    }
+
+    #[test]
+    fn a_stream_behind_the_delivered_offset_gets_a_new_epoch() {
+        // Delivered up to 10 under epoch "e"; the link goes down and, subscribed again on the
+        // promoted replica, the stream ends at 7.
+        let (mut t, ch) = live_at(10);
+        let mut out = Vec::new();
+        t.link_down(&mut out);
+        t.link_up();
+        let mut out = Vec::new();
+        t.subscribed(&ch, &mut out);
+        let (gen, since) = read_of(&out);
+        assert_eq!(since, Some(10));
+        let mut out = Vec::new();
+        t.read_done(&ch, gen, since, result("e", 7, 3..=7), &mut out);
+        assert!(out.iter().any(|a| matches!(a, Action::Insufficient { .. })));
+        let new = out
+            .iter()
+            .find_map(|a| match a {
+                Action::NewEpoch {
+                    old,
+                    delivered,
+                    new,
+                    ..
+                } => {
+                    assert_eq!((&**old, *delivered), ("e", 10));
+                    Some(new.clone())
+                }
+                _ => None,
+            })
+            .expect("a new epoch is asked for");
+        assert_ne!(&*new, "e");
+        // The next publication under the new epoch follows on without another recovery.
+        let mut out = Vec::new();
+        t.live(&ch, live(8, &new), &mut out);
+        assert_eq!(forwarded(&out), [8]);
+        assert!(!out.iter().any(|a| matches!(a, Action::Insufficient { .. })));
+        // A lost stream under another epoch is not "behind": no new epoch asked for.
+        let (mut t, ch) = live_at(10);
+        let mut out = Vec::new();
+        t.live(&ch, live(12, "e"), &mut out);
+        let (gen, since) = read_of(&out);
+        let mut out = Vec::new();
+        t.read_done(&ch, gen, since, result("f", 2, 1..=2), &mut out);
+        assert!(!out.iter().any(|a| matches!(a, Action::NewEpoch { .. })));
     }
 
     #[test]
