@@ -239,12 +239,17 @@ fn shard_numsub(node: &ClusterNode, channel: &str) -> (u64, u64) {
 }
 
 fn config(seeds: &[u16]) -> String {
+    config_with(seeds, "cluster_refresh_secs = 1\n")
+}
+
+/// A node on `seeds` with `options` as its `[redis_options]`.
+fn config_with(seeds: &[u16], options: &str) -> String {
     let urls: Vec<String> = seeds
         .iter()
         .map(|p| format!("\"redis://127.0.0.1:{p}\""))
         .collect();
     format!(
-        "redis_cluster = [{}]\n{BASE_CONFIG}{HISTORY_NAMESPACES}[redis_options]\ncluster_refresh_secs = 1\n",
+        "redis_cluster = [{}]\n{BASE_CONFIG}{HISTORY_NAMESPACES}[redis_options]\n{options}",
         urls.join(", ")
     )
 }
@@ -508,4 +513,110 @@ fn a_stream_behind_what_was_delivered_gets_a_new_epoch() {
     assert_eq!(r["subscribe"]["was_recovering"], true, "{r}");
     assert!(r["subscribe"]["recovered"].is_null(), "{r}");
     assert_eq!(r["subscribe"]["epoch"], json!(new_epoch), "{r}");
+}
+
+/// A slot with subscribed channels moves to another master (`CLUSTER SETSLOT ... MIGRATING /
+/// IMPORTING`, `MIGRATE`, `SETSLOT ... NODE`): the nodes follow the MOVED redirects, SSUBSCRIBE
+/// on the new owner when the old one tells them (`sunsubscribe`), and the channel's history
+/// goes on with the next offsets.
+#[test]
+fn a_migrated_slot_is_followed_and_resubscribed() {
+    let cluster = Cluster::start();
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    let a = Server::start(&config(&[masters[0].0]), &[]);
+    let b = Server::start(&config(&[masters[1].0]), &[]);
+    let (src, ch) = channel_per_master(&masters, "feed").remove(0);
+    let dst = masters[1].0;
+    let (mut on_a, _) = Client::connected(&a, "ua");
+    let (mut on_b, _) = Client::connected(&b, "ub");
+    for c in [&mut on_a, &mut on_b] {
+        assert!(c.command("subscribe", json!({"channel": ch}))["subscribe"].is_object());
+    }
+    eventually(Duration::from_secs(10), "both nodes on the owner", || {
+        shard_numsub(cluster.node(src), &ch) == (2, 0)
+    });
+    let (_, body) = publish(&a, &ch, json!({"n": 1}));
+    assert_eq!(body["result"]["offset"], 1, "{body}");
+    for c in [&mut on_a, &mut on_b] {
+        let p = c.push(Duration::from_secs(5)).expect("before the move");
+        assert_eq!(p["push"]["pub"]["offset"], 1, "{p}");
+    }
+    // A node of another deployment (its own prefix, so its own registry) that publishes on the
+    // same channel name, without subscribers, and refreshes its topology only every minute:
+    // after the move its slot table is stale, and only MOVED can tell it.
+    let c = Server::start(
+        &config_with(
+            &[masters[2].0],
+            "cluster_refresh_secs = 60\nprefix = \"other\"\n",
+        ),
+        &[],
+    );
+    eventually(Duration::from_secs(10), "c publishes", || {
+        publish(&c, &ch, json!({"c": 1})).1["result"]["offset"] == 1
+    });
+    // Move the channel's slot from `src` to `dst`, keys and all.
+    let slot = slot(&format!("shardcast:ch:{{{ch}}}")).to_string();
+    let id = |port: u16| cluster.node(port).cli(&["CLUSTER", "MYID"])[0].clone();
+    let (src_id, dst_id) = (id(src), id(dst));
+    let ok = |v: Vec<String>| assert_eq!(v, ["OK"]);
+    ok(cluster
+        .node(dst)
+        .cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id]));
+    ok(cluster
+        .node(src)
+        .cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id]));
+    let keys = cluster
+        .node(src)
+        .cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+    assert!(!keys.is_empty(), "the channel's stream and meta are there");
+    let dst_port = dst.to_string();
+    let mut migrate = vec!["MIGRATE", "127.0.0.1", &dst_port, "", "0", "5000", "KEYS"];
+    migrate.extend(keys.iter().map(String::as_str));
+    ok(cluster.node(src).cli(&migrate));
+    for (port, _) in &masters {
+        ok(cluster
+            .node(*port)
+            .cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]));
+    }
+    // Publications go on at once (a stale slot table is corrected by MOVED).
+    let (status, body) = publish(&b, &ch, json!({"n": 2}));
+    assert_eq!(
+        (status, &body["result"]["offset"]),
+        (200, &json!(2)),
+        "{body}"
+    );
+    let (status, body) = publish(&c, &ch, json!({"c": 2}));
+    assert_eq!(
+        (status, &body["result"]["offset"]),
+        (200, &json!(2)),
+        "{body}"
+    );
+    let (_, info) = api(c.addr, "info", &json!({}));
+    let counters = &info["result"]["nodes"][0]["counters"];
+    assert!(counters["redis_moved"].as_u64() >= Some(1), "{counters}");
+    // Both nodes are subscribed on the new owner, none on the old one.
+    eventually(
+        Duration::from_secs(10),
+        "both nodes SSUBSCRIBEd on the new owner",
+        || {
+            shard_numsub(cluster.node(dst), &ch) == (2, 0)
+                && shard_numsub(cluster.node(src), &ch) == (0, 0)
+        },
+    );
+    let (_, body) = publish(&a, &ch, json!({"n": 3}));
+    assert_eq!(body["result"]["offset"], 3, "{body}");
+    // Every subscriber has every publication in order: 2 live or repaired from the stream.
+    for c in [&mut on_a, &mut on_b] {
+        for n in 2..=3 {
+            let p = c.push(Duration::from_secs(5)).expect("after the move");
+            assert_eq!(p["push"]["pub"]["offset"], n, "{p}");
+        }
+    }
+    let (_, info) = api(c.addr, "info", &json!({}));
+    let counters = &info["result"]["nodes"][0]["counters"];
+    println!(
+        "slot migration: node c followed {} MOVED, {} ASK, {} topology refreshes",
+        counters["redis_moved"], counters["redis_ask"], counters["redis_cluster_refreshes"]
+    );
 }
