@@ -18,6 +18,8 @@ fn free_port() -> u16 {
 /// `Child`) and reaped on drop.
 struct ClusterNode {
     port: u16,
+    /// Its TLS port (the one the cluster announces) in a TLS cluster.
+    tls_port: Option<u16>,
     child: Option<Child>,
 }
 
@@ -56,12 +58,31 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(None)
+    }
+
+    /// With `pki`: TLS between the nodes (`tls-cluster`, `tls-replication`) and on each node's
+    /// TLS port, which the cluster then announces; the plain port stays for redis-cli.
+    fn start_with(pki: Option<&Pki>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let port = free_port();
             let bus = free_port();
-            let child = Command::new("redis-server")
+            let tls_port = pki.map(|_| free_port());
+            let mut cmd = Command::new("redis-server");
+            if let (Some(pki), Some(tls_port)) = (pki, tls_port) {
+                cmd.args(["--tls-port", &tls_port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                    .arg("--tls-cert-file")
+                    .arg(pki.path("server.crt"))
+                    .arg("--tls-key-file")
+                    .arg(pki.path("server.key"))
+                    .arg("--tls-ca-cert-file")
+                    .arg(pki.path("ca.crt"))
+                    .args(["--tls-auth-clients", "no"]);
+            }
+            let child = cmd
                 .args(["--port", &port.to_string()])
                 .args(["--cluster-port", &bus.to_string()])
                 .args(["--bind", "127.0.0.1"])
@@ -81,6 +102,7 @@ impl Cluster {
                 .expect("redis-server runs");
             nodes.push(ClusterNode {
                 port,
+                tls_port,
                 child: Some(child),
             });
         }
@@ -91,13 +113,18 @@ impl Cluster {
         }
         let addrs: Vec<String> = nodes
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
+            .map(|n| format!("127.0.0.1:{}", n.tls_port.unwrap_or(n.port)))
             .collect();
+        let mut create = Command::new("redis-cli");
+        if let Some(pki) = pki {
+            create.arg("--tls").arg("--cacert").arg(pki.path("ca.crt"));
+        }
         let ran = run_bounded(
-            Command::new("redis-cli")
-                .args(["--cluster", "create"])
-                .args(&addrs)
-                .args(["--cluster-replicas", "1", "--cluster-yes"]),
+            create.args(["--cluster", "create"]).args(&addrs).args([
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ]),
             Duration::from_secs(30),
         );
         assert!(
@@ -175,13 +202,16 @@ impl Cluster {
     }
 
     fn node(&self, port: u16) -> &ClusterNode {
-        self.nodes.iter().find(|n| n.port == port).expect("a node")
+        self.nodes
+            .iter()
+            .find(|n| n.port == port || n.tls_port == Some(port))
+            .expect("a node")
     }
 
     fn node_mut(&mut self, port: u16) -> &mut ClusterNode {
         self.nodes
             .iter_mut()
-            .find(|n| n.port == port)
+            .find(|n| n.port == port || n.tls_port == Some(port))
             .expect("a node")
     }
 }
@@ -618,5 +648,96 @@ fn a_migrated_slot_is_followed_and_resubscribed() {
     println!(
         "slot migration: node c followed {} MOVED, {} ASK, {} topology refreshes",
         counters["redis_moved"], counters["redis_ask"], counters["redis_cluster_refreshes"]
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in a temporary
+/// directory (alive as long as this).
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn make(ca_name: &str) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, ca_name);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("server.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+        Pki { dir }
+    }
+
+    fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+}
+
+/// TLS to every cluster node: `rediss://` seeds, the cluster's announced TLS ports, a CA made
+/// here; a node trusting another CA is refused and says why.
+#[test]
+fn tls_to_every_cluster_node_and_a_wrong_ca_refused() {
+    let pki = Pki::make("shardcast cluster test CA");
+    let other = Pki::make("another CA");
+    let cluster = Cluster::start_with(Some(&pki));
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    // The nodes are reached on their TLS ports (`tls-port` in CLUSTER SHARDS).
+    let tls = |p: u16| cluster.node(p).tls_port.expect("a TLS port");
+    let tls_config = |seed: u16, ca: &Pki| {
+        format!(
+            "redis_cluster = [\"rediss://127.0.0.1:{seed}\"]\n{BASE_CONFIG}{HISTORY_NAMESPACES}\
+             [redis_options]\ncluster_refresh_secs = 1\ntls_ca_file = {:?}\n",
+            ca.path("ca.crt").display().to_string()
+        )
+    };
+    let a = Server::start(&tls_config(tls(masters[0].0), &pki), &[]);
+    let b = Server::start(&tls_config(tls(masters[1].0), &pki), &[]);
+    let channels = channel_per_master(&masters, "feed");
+    let (mut on_a, _) = Client::connected(&a, "ua");
+    for (_, ch) in &channels {
+        assert!(on_a.command("subscribe", json!({"channel": ch}))["subscribe"].is_object());
+    }
+    for (port, ch) in &channels {
+        eventually(Duration::from_secs(10), "a SSUBSCRIBEd over TLS", || {
+            shard_numsub(cluster.node(*port), ch).0 == 1
+        });
+        let (_, body) = publish(&b, ch, json!({"tls": true}));
+        assert_eq!(body["result"]["offset"], 1, "{body}");
+        let p = on_a
+            .push(Duration::from_secs(5))
+            .expect("delivery over TLS");
+        assert_eq!(p["push"]["channel"], json!(ch), "{p}");
+    }
+    // The wrong CA: no topology, every publication a temporary error, the reason logged.
+    let wrong = Server::start(&tls_config(tls(masters[0].0), &other), &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !wrong.stderr.lock().unwrap().contains("UnknownIssuer") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = wrong.stderr.lock().unwrap().clone();
+    assert!(
+        log.contains("TLS handshake with 127.0.0.1") && log.contains("UnknownIssuer"),
+        "{log}"
+    );
+    let (_, body) = publish(&wrong, &channels[0].1, json!(1));
+    assert_eq!(body["error"]["code"], 100, "{body}");
+    let (_, info) = api(wrong.addr, "info", &json!({}));
+    assert_eq!(
+        info["result"]["nodes"][0]["redis"]["state"], "down",
+        "{info}"
     );
 }

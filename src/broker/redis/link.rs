@@ -93,6 +93,9 @@ pub(super) struct Link {
     pub stop: RefCell<Option<LocalSender<String>>>,
     /// Redis Cluster: its task runs (a retired link is reused only once it ended).
     pub running: Cell<bool>,
+    /// Redis Cluster: its first connection attempt is over (until then the node's start
+    /// waits for it, as for a single Redis).
+    pub tried: Cell<bool>,
 }
 
 impl Link {
@@ -105,6 +108,7 @@ impl Link {
             addr: RefCell::new(None),
             stop: RefCell::new(None),
             running: Cell::new(false),
+            tried: Cell::new(false),
         }
     }
 }
@@ -501,17 +505,18 @@ impl Mux {
     /// The node's Redis state: connected while every link's subscriber connection is up
     /// (under Redis Cluster, every live master's).
     pub(super) fn update_state(&self) {
-        let up = self
-            .links
-            .borrow()
+        let links = self.links.borrow();
+        let mut live = links
             .iter()
-            .filter(|l| !self.cluster || l.addr.borrow().is_some())
-            .all(|l| l.sub.borrow().is_up());
-        self.node.redis_state.set(if up {
-            RedisLink::Connected
-        } else {
-            RedisLink::Down
-        });
+            .filter(|l| !self.cluster || l.addr.borrow().is_some());
+        if live.clone().all(|l| l.sub.borrow().is_up()) {
+            self.node.redis_state.set(RedisLink::Connected);
+        } else if self.node.redis_state.get() != RedisLink::Standalone
+            || live.all(|l| l.tried.get())
+        {
+            // (still `Standalone` while a master's first attempt runs: the start waits)
+            self.node.redis_state.set(RedisLink::Down);
+        }
     }
 
     /// Subscribes every channel and user of the node again, in one command, with the survey

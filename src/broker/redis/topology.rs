@@ -285,7 +285,9 @@ impl Mux {
             let Some(addr) = link.addr.borrow().clone() else {
                 break;
             };
-            match self.connect_pair(&link).await {
+            let connected = self.connect_pair(&link).await;
+            link.tried.set(true);
+            match connected {
                 Ok((cmd, sub)) if link.addr.borrow().is_some() => {
                     backoff.reset();
                     if !first {
