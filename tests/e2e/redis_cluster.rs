@@ -484,7 +484,11 @@ fn a_killed_master_is_followed_and_the_other_slots_never_stop() {
         resumed.as_millis(),
         next_other.iter().map(|n| n - 1).sum::<u64>()
     );
-    // The promoted replica holds the slot, and both nodes' subscription is there.
+    assert!(
+        errors_on_victim > 0,
+        "the dead master's slots answered error 100 until the replica took over"
+    );
+    // The promoted replica holds the slot.
     let promoted = cluster.masters();
     assert_eq!(promoted.len(), 3, "{promoted:?}");
     assert!(!promoted.iter().any(|(p, _)| *p == victim_port));
