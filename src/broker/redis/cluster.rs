@@ -1,7 +1,7 @@
 //! Redis Cluster, the pure part: key slots (CRC16-XMODEM of the hash tag or key, mod 16384),
 //! the `CLUSTER SHARDS` reply, the `MOVED`/`ASK` redirects, and the key a command is routed by.
-//! The connections are in [`super::link`]; the multiplexer routes each command by slot
-//! ([`super::mux::Mux::route`]).
+//! The connections are in `link` and `topology`; the multiplexer routes each command by the
+//! slot of its key (`Mux::command`).
 
 use redis_protocol::resp2::types::BytesFrame;
 

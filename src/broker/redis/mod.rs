@@ -1,9 +1,10 @@
 //! Redis mode: the node's multiplexer, on its own thread (`shardcast-broker`) running a glommio
 //! executor that is not a shard.
 //!
-//! It holds the node's two Redis connections: one subscriber connection (SUBSCRIBE and the
-//! pushes it brings) and one pipelined command connection (PUBLISH, scripts, presence, the node
-//! lease), speaking RESP. It talks to the shards only through the bounded queues of
+//! It holds the node's Redis link (`link::Link`): one subscriber connection (SUBSCRIBE and
+//! the pushes it brings) and one pipelined command connection (PUBLISH, scripts, presence, the
+//! node lease), speaking RESP; under Redis Cluster one such link per master, each command
+//! routed to the master of its key's slot, with sharded pub/sub (`topology`). It talks to the shards only through the bounded queues of
 //! [`crate::bus`], is woken by them once per batch, and wakes each shard once per batch. It
 //! must never block its thread: everything waits on the executor.
 //!
@@ -24,7 +25,7 @@
 //! - [`mux`]: the multiplexer's state and the handling of each shard request (start here)
 //! - [`link`]: the connections' lifecycle and their bounded write queues; [`backoff`] its delays
 //! - [`sentinel`]: Redis Sentinel: discovering the master, following `+switch-master`
-//! - [`topology`]: Redis Cluster: `CLUSTER SHARDS`, one link per master, moved slots;
+//! - `topology`: Redis Cluster: `CLUSTER SHARDS`, one link per master, moved slots;
 //!   [`cluster`] its pure part (slots, redirects, routing keys)
 //! - [`stream`]: a connection's socket, plain TCP or TLS (`rediss://`, rustls)
 //! - [`replies`]: reply correlation on the command connection (bounded waiters)

@@ -224,7 +224,7 @@ impl Default for Scripts {
 impl Scripts {
     /// Under Redis Cluster the publish script publishes with SPUBLISH (sharded pub/sub: its
     /// channel `PREFIX:ch:{C}` is in the same slot as the stream and meta it writes) and the
-    /// presence script takes the live node uids as arguments ([`PRESENCE_LIVE`]).
+    /// presence script takes the live node uids as arguments (`PRESENCE_LIVE`).
     pub fn with_mode(cluster: bool) -> Scripts {
         if !cluster {
             return Scripts {
