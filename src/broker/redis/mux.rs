@@ -761,7 +761,11 @@ impl Mux {
                 } => {
                     tracing::warn!(%channel, delivered, "the stream in Redis is behind what was delivered (writes lost in a failover): new epoch");
                     if self.is_up() {
-                        self.command(Waiter::Ignore, |out| {
+                        let waiter = Waiter::NewEpoch {
+                            channel: channel.clone(),
+                            ours: new.clone(),
+                        };
+                        self.command(waiter, |out| {
                             Scripts::encode_new_epoch(
                                 out, &self.keys, &channel, &old, delivered, &new,
                             )

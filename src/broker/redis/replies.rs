@@ -45,6 +45,12 @@ pub(super) enum Waiter {
     SurveyAsked(u64),
     /// Redis Cluster: the live node uids (lease zset) for a presence read of the channel.
     PresenceLive(ReplyTo, Arc<str>),
+    /// The new-epoch script for `channel`, run with the epoch `ours`: another node's may have
+    /// won.
+    NewEpoch {
+        channel: Arc<str>,
+        ours: Arc<str>,
+    },
 }
 
 /// Redirects (MOVED, ASK) one command may follow before its requester gets a temporary error.
@@ -302,6 +308,20 @@ impl Mux {
                 });
                 self.flush();
             }
+            (Waiter::NewEpoch { channel, ours }, BytesFrame::BulkString(e)) => {
+                match std::str::from_utf8(&e) {
+                    Ok(winner) if !winner.is_empty() && winner != &*ours => {
+                        tracing::info!(%channel, "another node gave the channel its new epoch first");
+                        self.tracker
+                            .borrow_mut()
+                            .rebase(&channel, &ours, winner.into());
+                    }
+                    _ => {}
+                }
+            }
+            (Waiter::NewEpoch { channel, .. }, other) => {
+                tracing::warn!(%channel, reply = ?other, "the new-epoch script failed");
+            }
             (Waiter::PresenceLive(to, _), other) => {
                 tracing::warn!(reply = ?other, "reading the live nodes failed");
                 self.reply(to, BrokerReply::Failed(BrokerError::Unavailable));
@@ -313,7 +333,7 @@ impl Mux {
     /// get a temporary error; a stream read counts as failed (the tracker retries it).
     pub(super) fn fail(&self, waiter: Waiter) {
         match waiter {
-            Waiter::Ignore | Waiter::NodesCache => {}
+            Waiter::Ignore | Waiter::NodesCache | Waiter::NewEpoch { .. } => {}
             Waiter::Read { channel, gen, .. } => {
                 let mut out = Vec::new();
                 self.tracker

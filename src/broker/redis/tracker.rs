@@ -328,6 +328,20 @@ impl Tracker {
         }
     }
 
+    /// Another node gave `channel` its new epoch before ours got there (see
+    /// [`Action::NewEpoch`]): the position continues under `winner`.
+    pub fn rebase(&mut self, channel: &Arc<str>, ours: &str, winner: Arc<str>) {
+        let Some(t) = self.tracks.get_mut(channel) else {
+            return;
+        };
+        if let Some(p) = &mut t.pos {
+            if *p.epoch == *ours {
+                p.epoch = winner;
+                t.cache.clear();
+            }
+        }
+    }
+
     /// A subscriber needs its position (and what it missed).
     pub fn position(&mut self, channel: &Arc<str>, req: PosReq, out: &mut Vec<Action>) {
         let size = self.size(channel);
@@ -833,6 +847,12 @@ mod tests {
         let mut out = Vec::new();
         t.live(&ch, live(8, &new), &mut out);
         assert_eq!(forwarded(&out), [8]);
+        assert!(!out.iter().any(|a| matches!(a, Action::Insufficient { .. })));
+        // Another node's new epoch won: the position goes on under it.
+        t.rebase(&ch, &new, "w".into());
+        let mut out = Vec::new();
+        t.live(&ch, live(9, "w"), &mut out);
+        assert_eq!(forwarded(&out), [9]);
         assert!(!out.iter().any(|a| matches!(a, Action::Insufficient { .. })));
         // A lost stream under another epoch is not "behind": no new epoch asked for.
         let (mut t, ch) = live_at(10);
