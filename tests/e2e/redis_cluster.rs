@@ -364,6 +364,33 @@ fn two_nodes_share_a_redis_cluster_on_every_master() {
         api(a.addr, "presence_stats", &json!({"channel": "chat:p"})).1["result"]
             == json!({"num_clients": 2, "num_users": 2})
     });
+    // The topology is refreshed every second (`cluster_refresh_secs = 1`), each time on the
+    // one connection that answered first: node A's seed holds exactly one topology client.
+    let refreshes = |s: &Server| {
+        api(s.addr, "info", &json!({})).1["result"]["nodes"]
+            .as_array()
+            .and_then(|nodes| {
+                nodes
+                    .iter()
+                    .find(|n| n["counters"]["redis_cluster_refreshes"].is_u64())
+                    .map(|n| n["counters"]["redis_cluster_refreshes"].as_u64().unwrap())
+            })
+            .unwrap_or(0)
+    };
+    let before = refreshes(&a);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(refreshes(&a) >= before + 2, "periodic refreshes");
+    let seed = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port == masters[0].0)
+        .expect("a's seed");
+    let topology_clients = seed
+        .cli(&["CLIENT", "LIST"])
+        .iter()
+        .filter(|l| l.contains("-topology "))
+        .count();
+    assert_eq!(topology_clients, 1, "{:?}", seed.cli(&["CLIENT", "LIST"]));
     // /api/info names the mode and the masters.
     let (_, info) = api(a.addr, "info", &json!({}));
     let text = info.to_string();

@@ -1,5 +1,6 @@
-//! Redis Cluster, the moving part: the topology loop asks `CLUSTER SHARDS` (seeds first, then
-//! the known masters) every `redis_options.cluster_refresh_secs`, and at once when asked
+//! Redis Cluster, the moving part: the topology loop asks `CLUSTER SHARDS` (on the connection
+//! that answered last while it still does, else the seeds first, then the known masters) every
+//! `redis_options.cluster_refresh_secs`, and at once when asked
 //! ([`Mux::request_refresh`]: a link down, a MOVED, a `sunsubscribe` from a node whose slot
 //! moved). Each answer becomes the slot table; a master gets a [`Link`] (its command and
 //! subscriber connections, run by [`Mux::link_task`]); a link whose master holds no slot any
@@ -19,6 +20,9 @@ use glommio::channels::local_channel;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+/// The topology loop's connection and its read buffer.
+type Kept = (super::stream::RedisStream, bytes::BytesMut);
 
 impl Mux {
     /// A cluster node at `addr`, reached with the seeds' credentials and TLS (database 0).
@@ -45,8 +49,11 @@ impl Mux {
         let opts = &self.cfg.redis_options;
         let mut backoff = Backoff::new(opts.backoff_initial_ms, opts.backoff_max_ms);
         let every = Duration::from_secs(opts.cluster_refresh_secs as u64);
+        // The connection the last answer came on, kept for the next refresh (a periodic
+        // refresh then costs one round trip, not a connect and a TLS handshake).
+        let mut kept: Option<Kept> = None;
         loop {
-            match self.fetch_shards().await {
+            match self.fetch_shards(&mut kept).await {
                 Ok(shards) => {
                     backoff.reset();
                     self.apply_topology(shards);
@@ -71,8 +78,15 @@ impl Mux {
         }
     }
 
-    /// `CLUSTER SHARDS` from the first node that answers: the seeds, then the known masters.
-    async fn fetch_shards(&self) -> Result<Vec<Shard>, String> {
+    /// `CLUSTER SHARDS` on the kept connection if it still answers, else from the first node
+    /// that answers: the seeds, then the known masters (that connection is kept).
+    async fn fetch_shards(&self, kept: &mut Option<Kept>) -> Result<Vec<Shard>, String> {
+        if let Some(mut conn) = kept.take() {
+            if let Ok(shards) = self.ask_shards(&mut conn).await {
+                *kept = Some(conn);
+                return Ok(shards);
+            }
+        }
         let mut candidates: Vec<RedisTarget> = self.cfg.redis_cluster.clone();
         for link in self.links.borrow().iter() {
             if let Some(addr) = link.addr.borrow().as_ref() {
@@ -81,28 +95,35 @@ impl Mux {
         }
         let mut errors = Vec::new();
         for target in candidates {
-            match self.ask_shards(&target).await {
-                Ok(shards) => return Ok(shards),
+            let asked = async {
+                let mut conn = self
+                    .connect_to(&target, "topology", Handshake::Redis)
+                    .await?;
+                let shards = self.ask_shards(&mut conn).await?;
+                Ok::<_, String>((conn, shards))
+            };
+            match asked.await {
+                Ok((conn, shards)) => {
+                    *kept = Some(conn);
+                    return Ok(shards);
+                }
                 Err(e) => errors.push(format!("{}:{}: {e}", target.host, target.port)),
             }
         }
         Err(errors.join("; "))
     }
 
-    async fn ask_shards(&self, target: &RedisTarget) -> Result<Vec<Shard>, String> {
-        let (mut stream, mut buf) = self
-            .connect_to(target, "topology", Handshake::Redis)
-            .await?;
+    async fn ask_shards(&self, (stream, buf): &mut Kept) -> Result<Vec<Shard>, String> {
         let mut ask = Vec::new();
         encode(&mut ask, &[b"CLUSTER", b"SHARDS"]);
         stream.write_all(&ask).await.map_err(|e| e.to_string())?;
         let timeout = Duration::from_millis(self.cfg.redis_options.connect_timeout_ms as u64);
-        let frame = futures_lite::future::or(next_frame(&mut stream, &mut buf), async {
+        let frame = futures_lite::future::or(next_frame(stream, buf), async {
             glommio::timer::sleep(timeout).await;
             Err("no answer in time".to_string())
         })
         .await?;
-        cluster::parse_shards(&frame, target.tls)
+        cluster::parse_shards(&frame, self.cfg.redis_cluster[0].tls)
     }
 
     /// The link of the master at `addr`: its current one, a retired one whose task ended, or
