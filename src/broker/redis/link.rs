@@ -410,7 +410,7 @@ impl Mux {
         // announce ourselves.
         self.load_scripts(link);
         self.gather(Query::Stats, GatherTarget::Lease);
-        self.gather(Query::PresenceAll, GatherTarget::Reannounce);
+        self.gather(Query::PresenceAll, GatherTarget::Reannounce(link.index));
         self.flush();
         let (done_tx, done_rx) = local_channel::new_bounded::<String>(1);
         let me = self.clone();

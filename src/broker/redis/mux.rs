@@ -42,8 +42,9 @@ pub(super) enum GatherTarget {
     Shard(ReplyTo),
     /// The lease refresh wants the node's counts.
     Lease,
-    /// After a reconnect: write every local presence entry again (Redis may have lost them).
-    Reannounce,
+    /// After link `.0` (re)connected: write again the local presence entries whose keys live
+    /// on that master (Redis may have lost them); the other masters still have theirs.
+    Reannounce(usize),
     /// This node's part of its own `/api/channels` survey `id` ([`super::survey`]).
     Survey(u64),
     /// This node's answer to survey `id` of node `to`.
@@ -685,10 +686,15 @@ impl Mux {
             target @ (GatherTarget::Survey(_) | GatherTarget::SurveyAnswer { .. }) => {
                 self.survey_part(target, merged)
             }
-            GatherTarget::Reannounce => {
+            GatherTarget::Reannounce(link) => {
                 if let Part::PresenceAll(entries) = merged {
+                    let mut key = Vec::new();
                     for (channel, info) in entries {
-                        self.presence_add(&channel, &info);
+                        key.clear();
+                        self.keys.presence(&channel).write(&mut key);
+                        if self.link_of_key(&key).is_some_and(|l| l.index == link) {
+                            self.presence_add(&channel, &info);
+                        }
                     }
                     self.flush();
                 }
