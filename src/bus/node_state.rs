@@ -29,6 +29,9 @@ pub struct NodeInfo {
     pub redis_state: RedisLinkState,
     /// Times the Redis link was re-established.
     pub redis_reconnects: AtomicU64,
+    /// Times the node moved to another Redis master: under Sentinel, it followed
+    /// `+switch-master` or found a new master when it reconnected.
+    pub redis_failovers: AtomicU64,
     /// Draining: the node's registry entry is gone (Redis confirmed, or there is none).
     pub left_registry: AtomicBool,
     /// Counters of the queues between shards and broker.
@@ -64,6 +67,7 @@ impl NodeInfo {
             draining: AtomicBool::new(false),
             redis_state: RedisLinkState::default(),
             redis_reconnects: Default::default(),
+            redis_failovers: Default::default(),
             left_registry: AtomicBool::new(false),
             bus: Arc::default(),
             shard_snapshots: Vec::new(),
@@ -109,6 +113,7 @@ impl NodeInfo {
         serde_json::json!({
             "state": state,
             "reconnects": self.redis_reconnects.load(Ordering::Relaxed),
+            "failovers": self.redis_failovers.load(Ordering::Relaxed),
         })
     }
 }

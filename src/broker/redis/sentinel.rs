@@ -12,6 +12,7 @@ use super::resp::{encode, next_frame};
 use crate::config::RedisTarget;
 use futures_lite::AsyncWriteExt;
 use redis_protocol::resp2::types::BytesFrame;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// A frame's text (bulk or simple string), if it is one.
@@ -34,14 +35,38 @@ pub(super) fn switched_to(message: &str, master: &str) -> Option<(String, u16)> 
     }
 }
 
+/// Whether the link moves to another master: `previous` is the master the link had, or before
+/// the first discovery a placeholder (the first sentinel's URL), which is no move.
+fn moved(previous: &RedisTarget, master: &RedisTarget, sentinels: &[RedisTarget]) -> bool {
+    fn at(t: &RedisTarget) -> (&str, u16) {
+        (t.host.as_str(), t.port)
+    }
+    let first_discovery = sentinels.iter().any(|s| at(s) == at(previous));
+    !first_discovery && at(previous) != at(master)
+}
+
 impl Mux {
     /// Asks the sentinels in turn for the master's address; the first answer wins. The master is
     /// reached with the credentials, database and TLS of the sentinel URL that named it.
+    ///
+    /// Counts a failover (`redis_failovers`) when the master named differs from the one the
+    /// link had: every move to a new master, whether `+switch-master` ended the link or the
+    /// link broke and the sentinels named another master, passes through here exactly once.
     pub(super) async fn discover(&self) -> Result<RedisTarget, String> {
         let mut errors = Vec::new();
         for s in &self.cfg.redis_sentinel {
             match self.ask_sentinel(s).await {
-                Ok(master) => return Ok(master),
+                Ok(master) => {
+                    if moved(&self.target.borrow(), &master, &self.cfg.redis_sentinel) {
+                        self.node.redis_failovers.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            host = %master.host,
+                            port = master.port,
+                            "Sentinel names a new Redis master; following it"
+                        );
+                    }
+                    return Ok(master);
+                }
                 Err(e) => errors.push(format!("sentinel {}:{}: {e}", s.host, s.port)),
             }
         }
@@ -145,6 +170,28 @@ impl Mux {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn target(port: u16) -> RedisTarget {
+        RedisTarget {
+            host: "127.0.0.1".into(),
+            port,
+            username: None,
+            password: None,
+            db: 0,
+            tls: false,
+        }
+    }
+
+    #[test]
+    fn a_failover_is_a_move_from_one_master_to_another() {
+        let sentinels = [target(26379), target(26380)];
+        // The first discovery replaces the placeholder (the first sentinel): no failover.
+        assert!(!moved(&target(26379), &target(6379), &sentinels));
+        // The same master again (a reconnect after a network blip): no failover.
+        assert!(!moved(&target(6379), &target(6379), &sentinels));
+        // Another master: a failover.
+        assert!(moved(&target(6379), &target(6380), &sentinels));
+    }
 
     #[test]
     fn switch_master_messages_are_parsed_for_our_master_only() {
