@@ -59,6 +59,13 @@ pub struct Config {
     /// The master name the sentinels monitor (`sentinel monitor NAME ...`); required with
     /// `redis_sentinel`. Default "".
     pub redis_sentinel_master: String,
+    /// Redis Cluster (TOML key `redis_cluster`, flag `--redis-cluster` comma-separated): seed
+    /// nodes' URLs, asked in turn for the topology (`CLUSTER SHARDS`). Their user, password and
+    /// TLS (`rediss://`, with the `redis_options.tls_*` settings) apply to every cluster node;
+    /// no database other than 0. Empty = no Cluster. Mutually exclusive with `redis` and
+    /// `redis_sentinel`.
+    #[serde(deserialize_with = "redis_cluster_urls")]
+    pub redis_cluster: Vec<RedisTarget>,
     /// Redis mode tuning.
     pub redis_options: RedisOptions,
     /// HMAC secret for HS256/HS384/HS512 connection and subscription tokens. Empty = HMAC
@@ -157,6 +164,7 @@ impl Default for Config {
             redis: None,
             redis_sentinel: Vec::new(),
             redis_sentinel_master: String::new(),
+            redis_cluster: Vec::new(),
             redis_options: RedisOptions::default(),
             token_hmac_secret: String::new(),
             token_rsa_public_key_file: String::new(),
@@ -340,6 +348,23 @@ fn redis_sentinel_urls<'de, D: serde::Deserializer<'de>>(
         .collect()
 }
 
+/// Marks the message of a bad `redis_cluster` URL, as [`REDIS_ERROR`] does.
+const REDIS_CLUSTER_ERROR: &str = "invalid Redis Cluster URL: ";
+
+/// Reads the `redis_cluster` key: a list of URLs.
+fn redis_cluster_urls<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<RedisTarget>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| {
+            RedisTarget::parse(t)
+                .map_err(|e| serde::de::Error::custom(format!("{REDIS_CLUSTER_ERROR}{e}")))
+        })
+        .collect()
+}
+
 /// How a node uses Redis (only read in Redis mode).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -400,6 +425,10 @@ pub struct RedisOptions {
     pub tls_cert_file: String,
     /// `rediss://` only: PEM file of the private key of `tls_cert_file`. Default "".
     pub tls_key_file: String,
+    /// `redis_cluster` only: seconds between periodic topology refreshes (`CLUSTER SHARDS`);
+    /// the topology is also refreshed at once on a connection error, a MOVED redirect, and a
+    /// `sunsubscribe` a node sends when a slot moves. Default 5.
+    pub cluster_refresh_secs: u32,
 }
 
 impl Default for RedisOptions {
@@ -426,6 +455,7 @@ impl Default for RedisOptions {
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            cluster_refresh_secs: 5,
         }
     }
 }
@@ -1093,6 +1123,8 @@ impl Config {
                 format!("`redis`: {}", e.message())
             } else if e.message().starts_with(REDIS_SENTINEL_ERROR) {
                 format!("`redis_sentinel`: {}", e.message())
+            } else if e.message().starts_with(REDIS_CLUSTER_ERROR) {
+                format!("`redis_cluster`: {}", e.message())
             } else {
                 e.to_string().trim().to_string()
             };
@@ -1153,19 +1185,53 @@ impl Config {
         Ok(())
     }
 
-    /// Redis mode: a single Redis (`redis`) or Sentinel (`redis_sentinel`).
+    /// Redis mode: a single Redis (`redis`), Sentinel (`redis_sentinel`) or Cluster
+    /// (`redis_cluster`).
     pub fn redis_mode(&self) -> bool {
-        self.redis.is_some() || !self.redis_sentinel.is_empty()
+        self.redis.is_some() || !self.redis_sentinel.is_empty() || !self.redis_cluster.is_empty()
     }
 
-    /// The first Redis URL (the single Redis, or the first sentinel): its scheme says whether
-    /// TLS is on.
+    /// The first Redis URL (the single Redis, the first sentinel or the first cluster seed):
+    /// its scheme says whether TLS is on.
     pub fn redis_first(&self) -> Option<&RedisTarget> {
-        self.redis.as_ref().or(self.redis_sentinel.first())
+        self.redis
+            .as_ref()
+            .or(self.redis_sentinel.first())
+            .or(self.redis_cluster.first())
     }
 
     /// Checks ranges and cross-field consistency; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.redis_cluster.is_empty() {
+            if self.redis.is_some() || !self.redis_sentinel.is_empty() {
+                return Err(invalid(
+                    "redis_cluster",
+                    "is set together with `redis` or `redis_sentinel`: use one of them",
+                ));
+            }
+            if self
+                .redis_cluster
+                .iter()
+                .any(|t| t.tls != self.redis_cluster[0].tls)
+            {
+                return Err(invalid(
+                    "redis_cluster",
+                    "mixes redis:// and rediss:// URLs: use one scheme for all seeds",
+                ));
+            }
+            if self.redis_cluster.iter().any(|t| t.db != 0) {
+                return Err(invalid(
+                    "redis_cluster",
+                    "names a database other than 0: Redis Cluster has only database 0",
+                ));
+            }
+        }
+        if self.redis_options.cluster_refresh_secs == 0 {
+            return Err(invalid(
+                "redis_options.cluster_refresh_secs",
+                "must be at least 1",
+            ));
+        }
         if !self.redis_sentinel.is_empty() {
             if self.redis.is_some() {
                 return Err(invalid(
@@ -1867,6 +1933,61 @@ mod tests {
         let c = Config::from_toml("insecure = true\n[redis_options]\nmax_write_queue_bytes = 1\n")
             .unwrap();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn redis_cluster_keys_are_checked() {
+        let ok = "insecure = true\nredis_cluster = [\"redis://:pw@10.0.0.1:7000\", \
+                  \"redis://10.0.0.2:7001\"]\n";
+        let c = Config::from_toml(ok).unwrap();
+        c.validate().unwrap();
+        assert!(c.redis_mode());
+        assert_eq!(c.redis_cluster.len(), 2);
+        assert_eq!(c.redis_first().map(|t| t.port), Some(7000));
+        assert_eq!(c.redis_options.cluster_refresh_secs, 5);
+        let bad = [
+            (
+                "redis = \"redis://h:1\"\nredis_cluster = [\"redis://h:2\"]\n",
+                "redis_cluster",
+                "use one of them",
+            ),
+            (
+                "redis_cluster = [\"redis://h:2\"]\nredis_sentinel = [\"redis://h:3\"]\n\
+                 redis_sentinel_master = \"m\"\n",
+                "redis_cluster",
+                "use one of them",
+            ),
+            (
+                "redis_cluster = [\"redis://h:2/1\"]\n",
+                "redis_cluster",
+                "database other than 0",
+            ),
+            (
+                "redis_cluster = [\"redis://h:2\", \"rediss://h:3\"]\n",
+                "redis_cluster",
+                "mixes",
+            ),
+            (
+                "redis_cluster = [\"redis://h:2\"]\n[redis_options]\ncluster_refresh_secs = 0\n",
+                "redis_options.cluster_refresh_secs",
+                "at least 1",
+            ),
+        ];
+        for (toml, key, detail) in bad {
+            let err = Config::from_toml(&format!("insecure = true\n{toml}"))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(detail), "{toml}: {err}");
+        }
+        let err = Config::from_toml("redis_cluster = [\"http://:secret@h:1\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("redis_cluster") && !err.contains("secret"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -43,6 +43,11 @@ struct RunArgs {
     /// Name of the master the sentinels monitor (required with --redis-sentinel).
     #[arg(long)]
     redis_sentinel_master: Option<String>,
+    /// Redis Cluster: seed nodes' URLs, comma-separated (redis://[[user]:password@]host:port or
+    /// rediss://); their credentials and TLS apply to every cluster node. Mutually exclusive
+    /// with --redis and --redis-sentinel.
+    #[arg(long, env = "SHARDCAST_REDIS_CLUSTER", hide_env_values = true)]
+    redis_cluster: Option<String>,
     /// HS256 secret of connection and subscription tokens.
     #[arg(
         long,
@@ -105,6 +110,14 @@ fn load(run: &RunArgs) -> anyhow::Result<Config> {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(|u| RedisTarget::parse(u).map_err(|e| anyhow::anyhow!("--redis-sentinel {e}")))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(v) = &run.redis_cluster {
+        cfg.redis_cluster = v
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| RedisTarget::parse(u).map_err(|e| anyhow::anyhow!("--redis-cluster {e}")))
             .collect::<Result<_, _>>()?;
     }
     if let Some(v) = &run.redis_sentinel_master {

@@ -476,6 +476,12 @@ pub struct BusStats {
     /// Redis commands refused (requester answered with a temporary error) because
     /// `redis_options.max_pending_replies` commands were waiting for their reply.
     pub redis_replies_full: AtomicU64,
+    /// Redis Cluster topology refreshes (`CLUSTER SHARDS` answered and applied).
+    pub redis_cluster_refreshes: AtomicU64,
+    /// Redis Cluster `MOVED` redirects followed (the command sent again to the named master).
+    pub redis_moved: AtomicU64,
+    /// Redis Cluster `ASK` redirects followed (`ASKING` and the command sent to the named node).
+    pub redis_ask: AtomicU64,
     /// `/api/channels` calls refused (temporary error) because
     /// `redis_options.max_pending_surveys` were waiting for other nodes' answers.
     pub surveys_refused: AtomicU64,
@@ -532,6 +538,12 @@ impl BusStats {
             ("history_evictions", get(&self.history_evictions)),
             ("redis_write_queue_full", get(&self.redis_write_queue_full)),
             ("redis_replies_full", get(&self.redis_replies_full)),
+            (
+                "redis_cluster_refreshes",
+                get(&self.redis_cluster_refreshes),
+            ),
+            ("redis_moved", get(&self.redis_moved)),
+            ("redis_ask", get(&self.redis_ask)),
             ("surveys_refused", get(&self.surveys_refused)),
             ("protobuf_encodes", get(&self.protobuf_encodes)),
             ("emulation_unroutable", get(&self.emulation_unroutable)),

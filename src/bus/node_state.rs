@@ -32,6 +32,9 @@ pub struct NodeInfo {
     /// Times the node moved to another Redis master: under Sentinel, it followed
     /// `+switch-master` or found a new master when it reconnected.
     pub redis_failovers: AtomicU64,
+    /// Redis Cluster: the masters (`host:port`) of the last topology applied; `None` in the
+    /// other modes (then `/api/info` shows no `mode`/`masters`).
+    pub redis_masters: Mutex<Option<Vec<String>>>,
     /// Draining: the node's registry entry is gone (Redis confirmed, or there is none).
     pub left_registry: AtomicBool,
     /// Counters of the queues between shards and broker.
@@ -68,6 +71,7 @@ impl NodeInfo {
             redis_state: RedisLinkState::default(),
             redis_reconnects: Default::default(),
             redis_failovers: Default::default(),
+            redis_masters: Mutex::new(None),
             left_registry: AtomicBool::new(false),
             bus: Arc::default(),
             shard_snapshots: Vec::new(),
@@ -110,11 +114,18 @@ impl NodeInfo {
             RedisLink::Connected => "connected",
             RedisLink::Down => "down",
         };
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "state": state,
             "reconnects": self.redis_reconnects.load(Ordering::Relaxed),
             "failovers": self.redis_failovers.load(Ordering::Relaxed),
-        })
+        });
+        if let Ok(m) = self.redis_masters.lock() {
+            if let Some(masters) = m.as_ref() {
+                v["mode"] = "cluster".into();
+                v["masters"] = masters.clone().into();
+            }
+        }
+        v
     }
 }
 

@@ -21,6 +21,7 @@ mod protocol;
 mod proxy;
 mod recovery;
 mod redis;
+mod redis_cluster;
 mod redis_sentinel;
 mod redis_tls;
 mod ring;

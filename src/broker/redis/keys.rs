@@ -45,7 +45,21 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(prefix: &str) -> Keys {
+        Keys::with_mode(prefix, false)
+    }
+
+    /// Under Redis Cluster the node registry (`PREFIX:{nodes}:node:UID` and `PREFIX:{nodes}`,
+    /// read together by the nodes script) lives in one fixed slot; every other name is as
+    /// [`Keys::new`] makes it.
+    pub fn with_mode(prefix: &str, cluster: bool) -> Keys {
         let p = |kind: &str| format!("{prefix}:{kind}").into_bytes().into_boxed_slice();
+        if cluster {
+            return Keys {
+                node: p("{nodes}:node:"),
+                nodes: p("{nodes}"),
+                ..Keys::with_mode(prefix, false)
+            };
+        }
         Keys {
             channel: p("ch:{"),
             stream: p("stream:{"),
@@ -164,6 +178,20 @@ mod tests {
         assert_eq!(k.node_of(b"sc:node:uid-1"), Some("uid-1"));
         assert_eq!(k.node_of(b"sc:user:{uid-1}"), None);
         assert_eq!(k.nodes(), b"sc:nodes");
+    }
+
+    #[test]
+    fn cluster_registry_names_share_one_slot() {
+        let k = Keys::with_mode("sc", true);
+        assert_eq!(text(k.node("uid-1")), "sc:{nodes}:node:uid-1");
+        assert_eq!(k.nodes(), b"sc:{nodes}");
+        assert_eq!(k.node_of(b"sc:{nodes}:node:uid-1"), Some("uid-1"));
+        let slot = super::super::cluster::slot;
+        assert_eq!(slot(b"sc:{nodes}:node:uid-1"), slot(k.nodes()));
+        assert_eq!(slot(b"sc:{nodes}:node:other"), slot(k.nodes()));
+        // Everything else keeps its single-Redis shape.
+        assert_eq!(text(k.channel("chat:1")), "sc:ch:{chat:1}");
+        assert_eq!(text(k.presence("chat:1")), "sc:presence:{chat:1}");
     }
 
     #[test]

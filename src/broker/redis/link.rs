@@ -21,7 +21,7 @@ use futures_lite::AsyncWriteExt;
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpStream;
 use redis_protocol::resp2::types::BytesFrame;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -71,6 +71,41 @@ impl Writer {
         let (tx, rx) = local_channel::new_unbounded::<Vec<u8>>();
         let in_flight = Rc::new(Cell::new(0));
         (Writer { tx, in_flight }, rx)
+    }
+}
+
+/// One link to Redis (to the Redis, or under Redis Cluster to one master): its command
+/// connection's write side and reply waiters, and its subscriber connection's write side.
+pub(super) struct Link {
+    /// Its place in [`Mux::links`] (the slot table names links by it).
+    pub index: usize,
+    /// The command connection's write side (PUBLISH, scripts, presence, the lease).
+    pub cmd: RefCell<Outgoing>,
+    /// The subscriber connection's write side (it may come back on its own while the command
+    /// connection stays).
+    pub sub: RefCell<Outgoing>,
+    /// What each command in flight on the command connection is for.
+    pub replies: RefCell<super::replies::Replies>,
+    /// Redis Cluster: the master this link serves; `None` once it holds no slot (retired: its
+    /// task ends and the entry may serve another master).
+    pub addr: RefCell<Option<(String, u16)>>,
+    /// Redis Cluster: ends the link's connections now (retired).
+    pub stop: RefCell<Option<LocalSender<String>>>,
+    /// Redis Cluster: its task runs (a retired link is reused only once it ended).
+    pub running: Cell<bool>,
+}
+
+impl Link {
+    pub fn new(index: usize, opts: &crate::config::RedisOptions) -> Link {
+        Link {
+            index,
+            cmd: RefCell::new(Outgoing::new(opts.max_write_queue_bytes)),
+            sub: RefCell::new(Outgoing::new(opts.max_write_queue_bytes)),
+            replies: RefCell::new(super::replies::Replies::new(opts.max_pending_replies)),
+            addr: RefCell::new(None),
+            stop: RefCell::new(None),
+            running: Cell::new(false),
+        }
     }
 }
 
@@ -163,6 +198,11 @@ impl Outgoing {
 impl Mux {
     /// Connects, serves, and reconnects with capped exponential backoff and jitter, forever.
     pub(super) async fn connection_loop(self: Rc<Self>) {
+        if self.cluster {
+            // One link per master, started and retired by the topology loop.
+            return self.topology_loop().await;
+        }
+        let link = self.link0();
         let opts = &self.cfg.redis_options;
         let mut backoff = Backoff::new(opts.backoff_initial_ms, opts.backoff_max_ms);
         let mut first = true;
@@ -182,7 +222,7 @@ impl Mux {
                     }
                 }
             }
-            match self.connect_pair().await {
+            match self.connect_pair(&link).await {
                 Ok((cmd, sub)) => {
                     backoff.reset();
                     if !first {
@@ -205,7 +245,7 @@ impl Mux {
                         idle_tx = Some(switch_tx);
                         None
                     };
-                    self.serve(cmd, sub, &switch_rx).await;
+                    self.serve(&link, cmd, sub, &switch_rx).await;
                     if let Some(w) = watcher {
                         w.cancel().await;
                     }
@@ -228,8 +268,17 @@ impl Mux {
 
     /// Opens one connection to the link's Redis and runs AUTH, SELECT and CLIENT SETNAME on
     /// it; under Sentinel also ROLE, refusing a Redis that is not a master.
-    async fn connect_one(&self, role: &str) -> Result<(RedisStream, BytesMut), String> {
-        let target = self.target.borrow().clone();
+    async fn connect_one(
+        &self,
+        link: &Link,
+        role: &str,
+    ) -> Result<(RedisStream, BytesMut), String> {
+        let target = if self.cluster {
+            let addr = link.addr.borrow().clone().ok_or("retired")?;
+            self.cluster_target(&addr)
+        } else {
+            self.target.borrow().clone()
+        };
         let check = if self.cfg.redis_sentinel.is_empty() {
             Handshake::Redis
         } else {
@@ -330,19 +379,21 @@ impl Mux {
         Ok((stream, buf))
     }
 
-    async fn connect_pair(
+    pub(super) async fn connect_pair(
         &self,
+        link: &Link,
     ) -> Result<((RedisStream, BytesMut), (RedisStream, BytesMut)), String> {
-        let cmd = self.connect_one("cmd").await?;
-        let sub = self.connect_one("sub").await?;
+        let cmd = self.connect_one(link, "cmd").await?;
+        let sub = self.connect_one(link, "sub").await?;
         Ok((cmd, sub))
     }
 
     /// Runs both connections until the command connection fails; the subscriber connection is
     /// reconnected on its own meanwhile whenever it fails.
     /// Under Sentinel, `switch` names the reason when our master moved (`+switch-master`).
-    async fn serve(
+    pub(super) async fn serve(
         self: &Rc<Self>,
+        link: &Rc<Link>,
         cmd: (RedisStream, BytesMut),
         sub: (RedisStream, BytesMut),
         switch: &local_channel::LocalReceiver<String>,
@@ -350,17 +401,18 @@ impl Mux {
         let (cmd_stream, cmd_buf) = cmd;
         let (cmd_read, cmd_write) = futures_lite::io::split(cmd_stream);
         let (cmd_tx, cmd_writer) = Writer::spawn(cmd_write);
-        self.cmd.borrow_mut().attach(cmd_tx);
+        link.cmd.borrow_mut().attach(cmd_tx);
         // Scripts first (replies in order: nothing can run one before it is loaded), then
         // announce ourselves.
-        self.load_scripts();
+        self.load_scripts(link);
         self.gather(Query::Stats, GatherTarget::Lease);
         self.gather(Query::PresenceAll, GatherTarget::Reannounce);
         self.flush();
         let (done_tx, done_rx) = local_channel::new_bounded::<String>(1);
         let me = self.clone();
+        let reader_link = link.clone();
         let cmd_reader = glommio::spawn_local(async move {
-            let reason = me.read_replies(cmd_read, cmd_buf).await;
+            let reason = me.read_replies(&reader_link, cmd_read, cmd_buf).await;
             let _ = done_tx.try_send(reason);
         });
         let cmd_down = || {
@@ -381,7 +433,7 @@ impl Mux {
                     let delay = backoff.next_delay();
                     let next = futures_lite::future::or(async { Err(cmd_down().await) }, async {
                         glommio::timer::sleep(delay).await;
-                        Ok(self.connect_one("sub").await)
+                        Ok(self.connect_one(link, "sub").await)
                     })
                     .await;
                     match next {
@@ -401,10 +453,10 @@ impl Mux {
             backoff.reset();
             let (sub_read, sub_write) = futures_lite::io::split(sub_stream);
             let (sub_tx, sub_writer) = Writer::spawn(sub_write);
-            self.sub.borrow_mut().attach(sub_tx);
-            self.resubscribe();
+            link.sub.borrow_mut().attach(sub_tx);
+            self.resubscribe(link);
             self.tracker.borrow_mut().link_up();
-            self.node.redis_state.set(RedisLink::Connected);
+            self.update_state();
             // Register at once (a restarted Redis has no lease of ours), and give the other
             // nodes one lease refresh to do the same before anyone is taken for gone.
             let refresh_ms = self.cfg.redis_options.lease_refresh_secs as u64 * 1000;
@@ -424,7 +476,7 @@ impl Mux {
                 Err(sub_ended.await)
             })
             .await;
-            self.sub_down();
+            self.sub_down(link);
             match end {
                 Ok(reason) => break reason,
                 Err(reason) => {
@@ -436,21 +488,41 @@ impl Mux {
         tracing::warn!(%reason, "Redis connection lost");
 
         // Down: drop the writer, fail whatever waits for a reply.
-        self.cmd.borrow_mut().detach();
+        link.cmd.borrow_mut().detach();
         self.node.redis_state.set(RedisLink::Down);
         cmd_reader.cancel().await;
         cmd_writer.cancel().await;
-        let waiters = self.replies.borrow_mut().take();
-        for (waiter, _) in waiters {
+        let waiters = link.replies.borrow_mut().take();
+        for (waiter, _, _) in waiters {
             self.fail(waiter);
         }
     }
 
+    /// The node's Redis state: connected while every link's subscriber connection is up
+    /// (under Redis Cluster, every live master's).
+    pub(super) fn update_state(&self) {
+        let up = self
+            .links
+            .borrow()
+            .iter()
+            .filter(|l| !self.cluster || l.addr.borrow().is_some())
+            .all(|l| l.sub.borrow().is_up());
+        self.node.redis_state.set(if up {
+            RedisLink::Connected
+        } else {
+            RedisLink::Down
+        });
+    }
+
     /// Subscribes every channel and user of the node again, in one command, with the survey
     /// question channel while the node has channels ([`super::survey`]) and, while an
-    /// emulation transport is enabled, the node's own channel for emulation requests.
-    fn resubscribe(&self) {
-        self.confirming.borrow_mut().clear();
+    /// emulation transport is enabled, the node's own channel for emulation requests. Under
+    /// Redis Cluster, on `link`: the names whose slot its master holds, one SSUBSCRIBE per slot
+    /// (a command's channels must share one slot).
+    pub(super) fn resubscribe(&self, link: &Link) {
+        self.confirming
+            .borrow_mut()
+            .retain(|c| !self.on_link(&self.channel_name(c), link));
         let interest = self.interest.borrow();
         let users = self.users.borrow();
         // The node's own channel (emulation requests other nodes received) while an emulation
@@ -461,8 +533,30 @@ impl Mux {
             return;
         }
         let questions = usize::from(!interest.is_empty());
+        if self.cluster {
+            let mut names: Vec<Vec<u8>> = Vec::new();
+            let mut name = |k: super::keys::Key<'_>| {
+                let mut v = Vec::new();
+                k.write(&mut v);
+                names.push(v);
+            };
+            if node_channel > 0 {
+                name(self.keys.node(&self.node.uid));
+            }
+            for c in interest.keys() {
+                name(self.keys.channel(c));
+            }
+            for u in users.keys() {
+                name(self.keys.user(u));
+            }
+            if questions > 0 {
+                names.push(self.keys.survey().to_vec());
+            }
+            self.subscribe_grouped(link, names);
+            return;
+        }
         let n = interest.len() + users.len() + questions + node_channel;
-        let mut sub = self.sub.borrow_mut();
+        let mut sub = link.sub.borrow_mut();
         sub.push_unbounded(|out| {
             let mut cmd = Command::new(out, 1 + n);
             cmd.arg(b"SUBSCRIBE");
@@ -481,12 +575,67 @@ impl Mux {
         });
     }
 
+    /// Redis Cluster: SSUBSCRIBEs on `link` those of `names` whose slot its master holds, one
+    /// command per slot.
+    pub(super) fn subscribe_grouped(&self, link: &Link, names: Vec<Vec<u8>>) {
+        let mut by_slot: std::collections::BTreeMap<u16, Vec<Vec<u8>>> = Default::default();
+        {
+            let slots = self.slots.borrow();
+            for n in names {
+                let slot = super::cluster::slot(&n);
+                if slots[slot as usize] as usize == link.index {
+                    by_slot.entry(slot).or_default().push(n);
+                }
+            }
+        }
+        let mut sub = link.sub.borrow_mut();
+        for group in by_slot.values() {
+            sub.push_unbounded(|out| {
+                let mut cmd = Command::new(out, 1 + group.len());
+                cmd.arg(b"SSUBSCRIBE");
+                for n in group {
+                    cmd.arg(n);
+                }
+            });
+        }
+    }
+
+    /// `PREFIX:ch:{CHANNEL}` as bytes.
+    pub(super) fn channel_name(&self, channel: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.keys.channel(channel).write(&mut v);
+        v
+    }
+
+    /// Whether pub/sub channel `name` is carried by `link`.
+    pub(super) fn on_link(&self, name: &[u8], link: &Link) -> bool {
+        !self.cluster
+            || self
+                .link_of_key(name)
+                .is_some_and(|l| l.index == link.index)
+    }
+
     /// The subscriber connection is gone: subscriptions waiting for Redis's confirmation fail
     /// (temporary error), and tracked channels wait to be repaired once it is back.
-    fn sub_down(&self) {
-        self.sub.borrow_mut().detach();
-        self.surveys_down();
-        let confirming: Vec<Arc<str>> = self.confirming.borrow_mut().drain().collect();
+    pub(super) fn sub_down(&self, link: &Link) {
+        link.sub.borrow_mut().detach();
+        if self.on_link(self.keys.survey(), link)
+            || self.on_link(&self.keys.survey_answers(&self.node.uid), link)
+        {
+            self.surveys_down();
+        }
+        let confirming: Vec<Arc<str>> = {
+            let mut all = self.confirming.borrow_mut();
+            let lost: Vec<Arc<str>> = all
+                .iter()
+                .filter(|c| self.on_link(&self.channel_name(c), link))
+                .cloned()
+                .collect();
+            for c in &lost {
+                all.remove(c);
+            }
+            lost
+        };
         for channel in confirming {
             let mask = self.interest.borrow().mask(&channel);
             crate::broker::send_to(&self.shards, mask, || ToShard::SubscribeFailed {
@@ -496,7 +645,13 @@ impl Mux {
         // Tracked channels: waiting subscribers get an error; each channel is read again
         // (repaired) once its SUBSCRIBE is confirmed on the next subscriber connection.
         let mut out = Vec::new();
-        self.tracker.borrow_mut().link_down(&mut out);
+        if self.cluster {
+            self.tracker
+                .borrow_mut()
+                .lost_where(|c| self.on_link(&self.channel_name(c), link), &mut out);
+        } else {
+            self.tracker.borrow_mut().link_down(&mut out);
+        }
         self.apply(out);
     }
 }

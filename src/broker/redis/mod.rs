@@ -24,6 +24,8 @@
 //! - [`mux`]: the multiplexer's state and the handling of each shard request (start here)
 //! - [`link`]: the connections' lifecycle and their bounded write queues; [`backoff`] its delays
 //! - [`sentinel`]: Redis Sentinel: discovering the master, following `+switch-master`
+//! - [`topology`]: Redis Cluster: `CLUSTER SHARDS`, one link per master, moved slots;
+//!   [`cluster`] its pure part (slots, redirects, routing keys)
 //! - [`stream`]: a connection's socket, plain TCP or TLS (`rediss://`, rustls)
 //! - [`replies`]: reply correlation on the command connection (bounded waiters)
 //! - [`pushes`]: what the subscriber connection brings (publications, control messages)
@@ -32,6 +34,7 @@
 //! - [`keys`]: every Redis name; [`scripts`]: the Lua scripts by name; [`resp`]: the wire
 
 pub mod backoff;
+pub mod cluster;
 pub mod keys;
 mod link;
 mod mux;
@@ -43,6 +46,7 @@ pub mod scripts;
 mod sentinel;
 mod stream;
 mod survey;
+mod topology;
 pub mod tracker;
 
 use super::Broker;

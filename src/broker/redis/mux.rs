@@ -9,9 +9,10 @@
 //! UNSUBSCRIBE on its last). It must never block, and never hold a `RefCell` borrow across an
 //! `.await` or across a call that may answer a shard (answers can re-enter the multiplexer).
 
+use super::cluster;
 use super::keys::Keys;
-use super::link::Outgoing;
-use super::replies::{Replies, Waiter};
+use super::link::Link;
+use super::replies::Waiter;
 use super::scripts::{self, Scripts};
 use super::tracker::{Action, PosReq, Tracker};
 use super::RedisBroker;
@@ -32,6 +33,9 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+/// Redis Cluster: a slot no live master holds.
+pub(super) const NO_LINK: u16 = u16::MAX;
 
 /// What a finished gather over this node's shards is for.
 pub(super) enum GatherTarget {
@@ -73,13 +77,18 @@ pub(super) struct Mux {
     pub(super) users: RefCell<Interest<Arc<str>>>,
     /// Channels whose SUBSCRIBE is sent but not confirmed yet.
     pub(super) confirming: RefCell<HashSet<Arc<str>>>,
-    /// The command connection's write side (PUBLISH, scripts, presence, the lease).
-    pub(super) cmd: RefCell<Outgoing>,
-    /// The subscriber connection's write side (it may come back on its own while the command
-    /// connection stays).
-    pub(super) sub: RefCell<Outgoing>,
-    /// What each command in flight on the command connection is for.
-    pub(super) replies: RefCell<Replies>,
+    /// The links to Redis, each a command connection and a subscriber connection with their
+    /// write sides and reply waiters: one (the Redis, or the master Sentinel names), or under
+    /// Redis Cluster one per master (a link whose master holds no slot any more is retired,
+    /// its entry reused).
+    pub(super) links: RefCell<Vec<Rc<Link>>>,
+    /// Redis Cluster mode (`redis_cluster`).
+    pub(super) cluster: bool,
+    /// Redis Cluster: slot → index in `links` of its master ([`NO_LINK`] while no live master
+    /// holds it).
+    pub(super) slots: RefCell<Vec<u16>>,
+    /// Redis Cluster: asks the topology loop for a refresh now (bounded, one pending).
+    pub(super) refresh: RefCell<Option<glommio::channels::local_channel::LocalSender<()>>>,
     /// History channels' positions and repairs.
     pub(super) tracker: RefCell<Tracker>,
     pub(super) gathers: RefCell<Gathers<GatherTarget>>,
@@ -94,12 +103,22 @@ pub(super) struct Mux {
 impl Mux {
     pub(super) fn new(b: RedisBroker, shards: Vec<ShardLink>) -> Mux {
         let opts = &b.cfg.redis_options;
+        let cluster = !b.cfg.redis_cluster.is_empty();
         Mux {
-            keys: Keys::new(&opts.prefix),
-            scripts: Scripts::default(),
-            cmd: RefCell::new(Outgoing::new(opts.max_write_queue_bytes)),
-            sub: RefCell::new(Outgoing::new(opts.max_write_queue_bytes)),
-            replies: RefCell::new(Replies::new(opts.max_pending_replies)),
+            keys: Keys::with_mode(&opts.prefix, cluster),
+            scripts: Scripts::with_mode(cluster),
+            links: RefCell::new(if cluster {
+                Vec::new()
+            } else {
+                vec![Rc::new(Link::new(0, opts))]
+            }),
+            cluster,
+            slots: RefCell::new(if cluster {
+                vec![NO_LINK; cluster::SLOTS]
+            } else {
+                Vec::new()
+            }),
+            refresh: RefCell::default(),
             tracker: RefCell::new(Tracker::new(b.cfg.clone(), b.stats.clone())),
             cfg: b.cfg,
             node: b.node,
@@ -118,46 +137,113 @@ impl Mux {
         }
     }
 
-    /// The command connection is up (publishes, presence, reads, the lease).
-    pub(super) fn is_up(&self) -> bool {
-        self.cmd.borrow().is_up()
+    /// The single link (not under Redis Cluster); tests.
+    pub(super) fn link0(&self) -> Rc<Link> {
+        self.links.borrow()[0].clone()
     }
 
-    /// The subscriber connection is up (subscriptions can be confirmed).
+    /// Redis Cluster: the link of the master holding `slot`, if one does.
+    pub(super) fn link_at_slot(&self, slot: u16) -> Option<Rc<Link>> {
+        let i = *self.slots.borrow().get(slot as usize)?;
+        self.links.borrow().get(i as usize).cloned()
+    }
+
+    /// The link a command on `key` goes to: the single one, or under Redis Cluster the
+    /// master of the key's slot.
+    pub(super) fn link_of_key(&self, key: &[u8]) -> Option<Rc<Link>> {
+        if !self.cluster {
+            return self.links.borrow().first().cloned();
+        }
+        self.link_at_slot(cluster::slot(key))
+    }
+
+    /// The link of an encoded command (by its key, see [`cluster::route_key`]).
+    fn link_of_command(&self, encoded: &[u8]) -> Option<Rc<Link>> {
+        self.link_of_key(cluster::route_key(encoded)?)
+    }
+
+    /// A command connection is up (publishes, presence, reads, the lease); under Redis Cluster
+    /// at least one master's (a command to a master that is down is answered with a
+    /// temporary error, see [`Mux::command`]).
+    pub(super) fn is_up(&self) -> bool {
+        self.links.borrow().iter().any(|l| l.cmd.borrow().is_up())
+    }
+
+    /// A subscriber connection is up.
     pub(super) fn sub_up(&self) -> bool {
-        self.sub.borrow().is_up()
+        self.links.borrow().iter().any(|l| l.sub.borrow().is_up())
+    }
+
+    /// The subscriber connection that carries pub/sub channel `name` is up.
+    pub(super) fn sub_up_at(&self, name: &[u8]) -> bool {
+        self.link_of_key(name)
+            .is_some_and(|l| l.sub.borrow().is_up())
     }
 
     pub(super) fn reply(&self, to: ReplyTo, reply: BrokerReply) {
         crate::broker::reply_to(&self.shards, to, reply);
     }
 
+    /// The verb of a pub/sub command: under Redis Cluster its sharded form (`SPUBLISH`,
+    /// `SSUBSCRIBE`, `SUNSUBSCRIBE`), so a message travels only within its slot's shard.
+    pub(super) fn verb(&self, verb: &'static [u8]) -> &'static [u8] {
+        if !self.cluster {
+            return verb;
+        }
+        match verb {
+            b"PUBLISH" => b"SPUBLISH",
+            b"SUBSCRIBE" => b"SSUBSCRIBE",
+            b"UNSUBSCRIBE" => b"SUNSUBSCRIBE",
+            other => other,
+        }
+    }
+
     /// Queues a command on the command connection with what its reply is for. Over
     /// `redis_options.max_pending_replies` or `max_write_queue_bytes` it is refused: its
-    /// requester is answered at once with a temporary error ([`Mux::fail`]).
+    /// requester is answered at once with a temporary error ([`Mux::fail`]). Under Redis
+    /// Cluster it goes to the master of its key's slot, and is answered with a temporary error
+    /// at once while that master's link is down.
     pub(super) fn command(&self, waiter: Waiter, encode: impl FnOnce(&mut Vec<u8>)) {
-        if self.replies.borrow().is_full() {
-            self.stats
-                .redis_replies_full
-                .fetch_add(1, Ordering::Relaxed);
-            self.refuse(waiter, "max_pending_replies");
-            return;
-        }
-        if self.cmd.borrow_mut().push(encode).is_none() {
-            self.stats
-                .redis_write_queue_full
-                .fetch_add(1, Ordering::Relaxed);
-            self.refuse(waiter, "max_write_queue_bytes");
-            return;
-        }
-        self.replies.borrow_mut().push(waiter, None);
+        self.queue(waiter, false, encode)
     }
 
     /// Queues a script call (kept encoded, to be sent again after NOSCRIPT). Stream reads of
     /// the tracker ride above the bounds: there is at most one per tracked channel.
     pub(super) fn eval(&self, waiter: Waiter, encode: impl FnOnce(&mut Vec<u8>)) {
-        let internal = matches!(waiter, Waiter::Read { .. });
-        if !internal && self.replies.borrow().is_full() {
+        self.queue(waiter, true, encode)
+    }
+
+    fn queue(&self, waiter: Waiter, script: bool, encode: impl FnOnce(&mut Vec<u8>)) {
+        let internal = script && matches!(waiter, Waiter::Read { .. });
+        if !self.cluster {
+            let link = self.link0();
+            self.enqueue(&link, waiter, internal, script, 0, encode);
+            return;
+        }
+        let mut encoded = Vec::new();
+        encode(&mut encoded);
+        match self.link_of_command(&encoded) {
+            Some(link) if link.cmd.borrow().is_up() => {
+                // Kept: sent again after a MOVED or ASK redirect, or NOSCRIPT.
+                self.enqueue(&link, waiter, internal, true, 0, |out| {
+                    out.extend_from_slice(&encoded)
+                });
+            }
+            _ => self.fail(waiter),
+        }
+    }
+
+    /// Queues a command on `link`; `keep`: its encoded bytes stay with its waiter.
+    pub(super) fn enqueue(
+        &self,
+        link: &Link,
+        waiter: Waiter,
+        internal: bool,
+        keep: bool,
+        redirects: u8,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) {
+        if !internal && link.replies.borrow().is_full() {
             self.stats
                 .redis_replies_full
                 .fetch_add(1, Ordering::Relaxed);
@@ -165,13 +251,13 @@ impl Mux {
             return;
         }
         let encoded = {
-            let mut cmd = self.cmd.borrow_mut();
+            let mut cmd = link.cmd.borrow_mut();
             let range = if internal {
                 Some(cmd.push_unbounded(encode))
             } else {
                 cmd.push(encode)
             };
-            range.map(|r| cmd.batch()[r].to_vec())
+            range.map(|r| keep.then(|| cmd.batch()[r].to_vec()))
         };
         let Some(encoded) = encoded else {
             self.stats
@@ -180,7 +266,7 @@ impl Mux {
             self.refuse(waiter, "max_write_queue_bytes");
             return;
         };
-        self.replies.borrow_mut().push(waiter, Some(encoded));
+        link.replies.borrow_mut().push(waiter, encoded, redirects);
     }
 
     /// A command refused by a bound: its requester gets a temporary error now.
@@ -197,11 +283,34 @@ impl Mux {
         self.fail(waiter);
     }
 
-    /// Queues a command on the subscriber connection. Over `max_write_queue_bytes` the
-    /// connection is reset: reconnected, everything resubscribed, history channels repaired.
+    /// Queues a command on the subscriber connection (under Redis Cluster, the one of the
+    /// channel's slot; skipped while it is down: its resubscribe covers the channel). Over
+    /// `max_write_queue_bytes` the connection is reset: reconnected, everything resubscribed,
+    /// history channels repaired.
     pub(super) fn sub_command(&self, encode: impl FnOnce(&mut Vec<u8>)) {
-        let mut sub = self.sub.borrow_mut();
-        if sub.push(encode).is_none() {
+        let mut encode = Some(encode);
+        let (link, encoded) = if self.cluster {
+            let mut encoded = Vec::new();
+            if let Some(f) = encode.take() {
+                f(&mut encoded);
+            }
+            let Some(link) = self.link_of_command(&encoded) else {
+                return;
+            };
+            (link, Some(encoded))
+        } else {
+            (self.link0(), None)
+        };
+        let mut sub = link.sub.borrow_mut();
+        if !sub.is_up() && self.cluster {
+            return;
+        }
+        let pushed = match (encoded, encode) {
+            (Some(e), _) => sub.push(|out| out.extend_from_slice(&e)),
+            (None, Some(f)) => sub.push(f),
+            (None, None) => return,
+        };
+        if pushed.is_none() {
             self.stats
                 .redis_write_queue_full
                 .fetch_add(1, Ordering::Relaxed);
@@ -210,20 +319,23 @@ impl Mux {
         }
     }
 
-    /// Loads every script (on connect, and again after NOSCRIPT: Redis lost its cache).
-    pub(super) fn load_scripts(&self) {
+    /// Loads every script on `link` (on connect, and again after NOSCRIPT: Redis lost its
+    /// cache).
+    pub(super) fn load_scripts(&self, link: &Link) {
         for script in self.scripts.all() {
-            self.cmd.borrow_mut().push_unbounded(|out| {
+            link.cmd.borrow_mut().push_unbounded(|out| {
                 super::resp::encode(out, &[b"SCRIPT", b"LOAD", script.text.as_bytes()])
             });
-            self.replies.borrow_mut().push(Waiter::Ignore, None);
+            link.replies.borrow_mut().push(Waiter::Ignore, None, 0);
         }
     }
 
     /// Hands the batch's encoded commands to the connection writers.
     pub(super) fn flush(&self) {
-        self.cmd.borrow_mut().flush();
-        self.sub.borrow_mut().flush();
+        for link in self.links.borrow().iter() {
+            link.cmd.borrow_mut().flush();
+            link.sub.borrow_mut().flush();
+        }
     }
 
     /// Drains the inbox in batches until every shard is gone.
@@ -345,7 +457,9 @@ impl Mux {
     fn subscribe(&self, shard: usize, channel: Arc<str>) {
         let first = self.interest.borrow_mut().add(channel.clone(), shard);
         let first_of_node = first && self.interest.borrow().len() == 1;
-        if !self.sub_up() {
+        let mut name = Vec::new();
+        self.keys.channel(&channel).write(&mut name);
+        if !self.sub_up_at(&name) {
             // A subscription acknowledged now would silently miss what other nodes publish:
             // refuse it (temporary error; the SDK retries). The shard rolls back and withdraws
             // its interest.
@@ -354,7 +468,7 @@ impl Mux {
             let key = self.keys.channel(&channel);
             self.sub_command(|out| {
                 super::resp::Command::new(out, 2)
-                    .arg(b"SUBSCRIBE")
+                    .arg(self.verb(b"SUBSCRIBE"))
                     .parts(&key.0);
             });
             if first_of_node {
@@ -384,7 +498,7 @@ impl Mux {
             let key = self.keys.channel(&channel);
             self.sub_command(|out| {
                 super::resp::Command::new(out, 2)
-                    .arg(b"UNSUBSCRIBE")
+                    .arg(self.verb(b"UNSUBSCRIBE"))
                     .parts(&key.0);
             });
             if self.interest.borrow().is_empty() {
@@ -448,7 +562,7 @@ impl Mux {
         let key = self.keys.channel(channel);
         self.command(Waiter::Publish(reply), |out| {
             super::resp::Command::new(out, 3)
-                .arg(b"PUBLISH")
+                .arg(self.verb(b"PUBLISH"))
                 .parts(&key.0)
                 .arg(&scratch);
         });
@@ -460,9 +574,9 @@ impl Mux {
         } else {
             (false, self.users.borrow_mut().remove(&user, shard))
         };
-        let verb: &[u8] = match (first, last) {
-            (true, _) => b"SUBSCRIBE",
-            (_, true) => b"UNSUBSCRIBE",
+        let verb = match (first, last) {
+            (true, _) => self.verb(b"SUBSCRIBE"),
+            (_, true) => self.verb(b"UNSUBSCRIBE"),
             _ => return,
         };
         if self.sub_up() {
@@ -484,7 +598,7 @@ impl Mux {
         let key = self.keys.channel(channel);
         self.command(Waiter::Ignore, |out| {
             super::resp::Command::new(out, 3)
-                .arg(b"PUBLISH")
+                .arg(self.verb(b"PUBLISH"))
                 .parts(&key.0)
                 .arg(push);
         });
@@ -511,7 +625,7 @@ impl Mux {
             .fetch_add(1, Ordering::Relaxed);
         self.command(Waiter::Ignore, |out| {
             super::resp::Command::new(out, 3)
-                .arg(b"PUBLISH")
+                .arg(self.verb(b"PUBLISH"))
                 .parts(&key.0)
                 .arg(&body);
         });
@@ -532,7 +646,7 @@ impl Mux {
         let key = self.keys.user(&user);
         self.command(Waiter::Ignore, |out| {
             super::resp::Command::new(out, 3)
-                .arg(b"PUBLISH")
+                .arg(self.verb(b"PUBLISH"))
                 .parts(&key.0)
                 .arg(&body);
         });
@@ -639,6 +753,21 @@ impl Mux {
                     });
                 }
                 Action::Confirm { channel } => self.confirm(&channel),
+                Action::NewEpoch {
+                    channel,
+                    old,
+                    delivered,
+                    new,
+                } => {
+                    tracing::warn!(%channel, delivered, "the stream in Redis is behind what was delivered (writes lost in a failover): new epoch");
+                    if self.is_up() {
+                        self.command(Waiter::Ignore, |out| {
+                            Scripts::encode_new_epoch(
+                                out, &self.keys, &channel, &old, delivered, &new,
+                            )
+                        });
+                    }
+                }
             }
         }
     }
@@ -747,7 +876,7 @@ mod tests {
         // Each plain PUBLISH here is 94 bytes: three fit in 300, the fourth does not.
         let (m, inboxes) = mux("max_write_queue_bytes = 300");
         let (writes, _rx) = super::super::link::Writer::detached();
-        m.cmd.borrow_mut().attach(writes);
+        m.link0().cmd.borrow_mut().attach(writes);
         for token in 1..=3 {
             publish(&m, "c", token);
         }
@@ -757,18 +886,18 @@ mod tests {
         assert_eq!(refused(&inboxes[1]), [4, 5]);
         assert_eq!(m.stats.redis_write_queue_full.load(Ordering::Relaxed), 2);
         assert_eq!(
-            m.replies.borrow().len(),
+            m.link0().replies.borrow().len(),
             3,
             "no waiter for a refused command"
         );
         // Written out, the room comes back.
         m.flush();
-        assert_eq!(m.cmd.borrow().queued(), 282);
-        m.cmd.borrow().written(282);
+        assert_eq!(m.link0().cmd.borrow().queued(), 282);
+        m.link0().cmd.borrow().written(282);
         publish(&m, "c", 6);
         assert!(refused(&inboxes[1]).is_empty());
         // Stream reads of the tracker are never refused: one per channel at most.
-        m.cmd.borrow().written(0);
+        m.link0().cmd.borrow().written(0);
         m.stats.redis_write_queue_full.store(0, Ordering::Relaxed);
         m.read_stream("h:1".into(), 1, None);
         assert_eq!(m.stats.redis_write_queue_full.load(Ordering::Relaxed), 0);
@@ -778,14 +907,14 @@ mod tests {
     fn commands_over_the_reply_bound_are_answered_with_a_temporary_error() {
         let (m, inboxes) = mux("max_pending_replies = 2");
         let (writes, _rx) = super::super::link::Writer::detached();
-        m.cmd.borrow_mut().attach(writes);
+        m.link0().cmd.borrow_mut().attach(writes);
         for token in 1..=4 {
             publish(&m, "c", token);
         }
         assert_eq!(refused(&inboxes[1]), [3, 4]);
         assert_eq!(m.stats.redis_replies_full.load(Ordering::Relaxed), 2);
         // A reply frees a slot.
-        let _ = m.replies.borrow_mut().pop();
+        let _ = m.link0().replies.borrow_mut().pop();
         publish(&m, "c", 5);
         assert!(refused(&inboxes[1]).is_empty());
     }
@@ -794,7 +923,7 @@ mod tests {
     fn a_congested_subscriber_connection_is_reset() {
         let (m, inboxes) = mux("max_write_queue_bytes = 60");
         let (writes, _rx) = super::super::link::Writer::detached();
-        m.sub.borrow_mut().attach(writes);
+        m.link0().sub.borrow_mut().attach(writes);
         m.handle(ToBroker::Subscribe {
             shard: 0,
             channel: "a".into(),

@@ -155,12 +155,15 @@ impl Mux {
                 continue;
             };
             match &kind[..] {
-                b"message" => {
+                // `s...`: Redis Cluster's sharded pub/sub.
+                b"message" | b"smessage" => {
                     if let Some(payload) = bulk(2) {
                         self.deliver(&name, payload);
                     }
                 }
-                b"subscribe" => self.subscribed(&name),
+                b"subscribe" | b"ssubscribe" => self.subscribed(&name),
+                // Also sent by a cluster node whose slot moved away.
+                b"sunsubscribe" => self.slot_moved(&name),
                 _ => {}
             }
         }

@@ -66,6 +66,18 @@ impl Mux {
             self.reply(reply, BrokerReply::Failed(BrokerError::Unavailable));
             return;
         }
+        if self.cluster {
+            // The lease zset is in another slot than the channel's presence hash: read the
+            // live uids first, then filter the hash with them ([`Waiter::PresenceLive`]).
+            self.command(Waiter::PresenceLive(reply, channel.into()), |out| {
+                Command::new(out, 4)
+                    .arg(b"ZRANGEBYSCORE")
+                    .arg(self.keys.nodes())
+                    .int(now_ms())
+                    .arg(b"+inf");
+            });
+            return;
+        }
         self.eval(Waiter::Presence(reply), |out| {
             self.scripts
                 .encode_presence(out, &self.keys, channel, now_ms())

@@ -43,12 +43,22 @@ pub(super) enum Waiter {
     Nodes(ReplyTo),
     /// PUBLISH of `/api/channels` survey N's question ([`super::survey`]).
     SurveyAsked(u64),
+    /// Redis Cluster: the live node uids (lease zset) for a presence read of the channel.
+    PresenceLive(ReplyTo, Arc<str>),
 }
+
+/// Redirects (MOVED, ASK) one command may follow before its requester gets a temporary error.
+pub(super) const MAX_REDIRECTS: u8 = 3;
+
+/// A command in flight: what its reply is for, its encoded bytes when it may be sent again
+/// (scripts after NOSCRIPT; under Redis Cluster every command, after MOVED or ASK), and the
+/// redirects it followed.
+pub(super) type Pending = (Waiter, Option<Vec<u8>>, u8);
 
 /// The waiters of the commands in flight, in command order, each with its encoded command when
 /// it runs a script (sent again after NOSCRIPT).
 pub(super) struct Replies {
-    queue: VecDeque<(Waiter, Option<Vec<u8>>)>,
+    queue: VecDeque<Pending>,
     max: usize,
 }
 
@@ -65,11 +75,11 @@ impl Replies {
         self.queue.len() >= self.max
     }
 
-    pub fn push(&mut self, waiter: Waiter, encoded: Option<Vec<u8>>) {
-        self.queue.push_back((waiter, encoded));
+    pub fn push(&mut self, waiter: Waiter, encoded: Option<Vec<u8>>, redirects: u8) {
+        self.queue.push_back((waiter, encoded, redirects));
     }
 
-    pub fn pop(&mut self) -> Option<(Waiter, Option<Vec<u8>>)> {
+    pub fn pop(&mut self) -> Option<Pending> {
         self.queue.pop_front()
     }
 
@@ -79,7 +89,7 @@ impl Replies {
     }
 
     /// Every waiter (the link went down).
-    pub fn take(&mut self) -> VecDeque<(Waiter, Option<Vec<u8>>)> {
+    pub fn take(&mut self) -> VecDeque<Pending> {
         std::mem::take(&mut self.queue)
     }
 }
@@ -88,6 +98,7 @@ impl Mux {
     /// Reads the command connection's replies and answers their waiters, until it fails.
     pub(super) async fn read_replies(
         &self,
+        link: &super::link::Link,
         mut stream: futures_lite::io::ReadHalf<RedisStream>,
         mut buf: BytesMut,
     ) -> String {
@@ -96,7 +107,7 @@ impl Mux {
                 Ok(f) => f,
                 Err(e) => return e,
             };
-            let Some((waiter, encoded)) = self.replies.borrow_mut().pop() else {
+            let Some((waiter, encoded, redirects)) = link.replies.borrow_mut().pop() else {
                 return "reply without a command".into();
             };
             if let BytesFrame::Error(e) = &frame {
@@ -110,17 +121,73 @@ impl Mux {
                 if e.starts_with("NOSCRIPT") {
                     // Redis lost its script cache (restart, SCRIPT FLUSH): load and run again.
                     tracing::info!("Redis lost the scripts: loading them again");
-                    self.load_scripts();
-                    self.cmd
+                    self.load_scripts(link);
+                    link.cmd
                         .borrow_mut()
                         .push_unbounded(|out| out.extend_from_slice(cmd));
-                    self.replies.borrow_mut().push(waiter, encoded);
+                    link.replies.borrow_mut().push(waiter, encoded, redirects);
                     self.flush();
                     continue;
+                }
+                if self.cluster {
+                    if let Some(r) = super::cluster::Redirect::parse(e) {
+                        self.redirect(r, waiter, encoded, redirects);
+                        continue;
+                    }
                 }
             }
             self.answer(waiter, frame);
         }
+    }
+
+    /// Redis Cluster: follows a MOVED (the slot lives elsewhere now: the topology is refreshed
+    /// and the command sent to the named master) or an ASK (`ASKING` and the command, once, to
+    /// the named node), at most [`MAX_REDIRECTS`] times per command; past that, or when no
+    /// link to the named node is up, the requester gets a temporary error.
+    fn redirect(
+        &self,
+        r: super::cluster::Redirect,
+        waiter: Waiter,
+        encoded: Option<Vec<u8>>,
+        redirects: u8,
+    ) {
+        if r.ask {
+            self.stats.redis_ask.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.redis_moved.fetch_add(1, Ordering::Relaxed);
+            self.request_refresh();
+        }
+        let link = self
+            .links
+            .borrow()
+            .iter()
+            .find(|l| {
+                l.addr
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|(h, p)| *h == r.host && *p == r.port)
+            })
+            .cloned();
+        let (Some(link), Some(cmd)) = (link, encoded) else {
+            return self.fail(waiter);
+        };
+        if redirects >= MAX_REDIRECTS || !link.cmd.borrow().is_up() {
+            tracing::warn!(slot = r.slot, host = %r.host, port = r.port, "Redis Cluster redirect not followed");
+            return self.fail(waiter);
+        }
+        if r.ask {
+            link.cmd
+                .borrow_mut()
+                .push_unbounded(|out| super::resp::encode(out, &[b"ASKING"]));
+            link.replies.borrow_mut().push(Waiter::Ignore, None, 0);
+        }
+        link.cmd
+            .borrow_mut()
+            .push_unbounded(|out| out.extend_from_slice(&cmd));
+        link.replies
+            .borrow_mut()
+            .push(waiter, Some(cmd), redirects + 1);
+        self.flush();
     }
 
     /// Answers `waiter` with Redis's reply.
@@ -221,6 +288,24 @@ impl Mux {
                 self.survey_asked(id, Some(n.max(0) as u64))
             }
             (Waiter::SurveyAsked(id), _) => self.survey_asked(id, None),
+            (Waiter::PresenceLive(to, channel), BytesFrame::Array(items)) => {
+                let uids: Vec<bytes::Bytes> = items
+                    .into_iter()
+                    .filter_map(|i| match i {
+                        BytesFrame::BulkString(b) => Some(b),
+                        _ => None,
+                    })
+                    .collect();
+                self.eval(Waiter::Presence(to), |out| {
+                    self.scripts
+                        .encode_presence_live(out, &self.keys, &channel, &uids)
+                });
+                self.flush();
+            }
+            (Waiter::PresenceLive(to, _), other) => {
+                tracing::warn!(reply = ?other, "reading the live nodes failed");
+                self.reply(to, BrokerReply::Failed(BrokerError::Unavailable));
+            }
         }
     }
 
@@ -239,7 +324,7 @@ impl Mux {
             Waiter::History(to, _) => {
                 self.reply(to, BrokerReply::History(Err(BrokerError::Unavailable)))
             }
-            Waiter::Done(to) | Waiter::Presence(to) => {
+            Waiter::Done(to) | Waiter::Presence(to) | Waiter::PresenceLive(to, _) => {
                 self.reply(to, BrokerReply::Failed(BrokerError::Unavailable))
             }
             Waiter::Left => self.node.left_registry.store(true, Ordering::SeqCst),
@@ -324,7 +409,7 @@ mod tests {
         assert_eq!(parse_position(b""), None);
         let mut q = Replies::new(1);
         assert!(!q.is_full());
-        q.push(Waiter::Ignore, None);
+        q.push(Waiter::Ignore, None, 0);
         assert!(q.is_full());
         assert_eq!(q.take().len(), 1);
         assert!(!q.is_full());

@@ -31,6 +31,40 @@ end
 return out
 "#;
 
+// Redis Cluster: the presence hash and the lease zset live in different slots, so the live
+// node uids come as arguments (read from the lease zset just before, see `registry`).
+// KEYS[1] presence hash. ARGV: the uids of the nodes holding their lease now.
+const PRESENCE_LIVE: &str = r#"
+local live = {}
+for i = 1, #ARGV do live[ARGV[i]] = true end
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local sep = string.find(v, '|', 1, true)
+  if sep and live[string.sub(v, 1, sep - 1)] then
+    table.insert(out, string.sub(v, sep + 1))
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return out
+"#;
+
+// A new epoch for a channel whose stream fell behind what nodes delivered (writes lost in a
+// failover), unless another node gave it one already. Run rarely, with EVAL (not loaded).
+// KEYS[1] meta hash. ARGV[1] the epoch the stream still has, ARGV[2] the offset delivered,
+// ARGV[3] the new epoch. Returns the channel's epoch after the call.
+pub const NEW_EPOCH: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'e')
+local top = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+if e == ARGV[1] and top < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'e', ARGV[3])
+  return ARGV[3]
+end
+return e or ''
+"#;
+
 // The registry entries of every live node, dropping lapsed leases.
 // KEYS[1] lease zset. ARGV[1] now (ms), ARGV[2] node key prefix.
 // Returns the live nodes' registry entries (JSON documents).
@@ -123,12 +157,13 @@ return out
 
 /// A Lua script, run by its SHA1 (EVALSHA) once loaded.
 pub struct Script {
-    pub text: &'static str,
+    pub text: std::borrow::Cow<'static, str>,
     sha: String,
 }
 
 impl Script {
-    fn new(text: &'static str) -> Script {
+    fn new(text: impl Into<std::borrow::Cow<'static, str>>) -> Script {
+        let text = text.into();
         use sha1::Digest;
         let digest = sha1::Sha1::digest(text.as_bytes());
         let sha = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -182,10 +217,27 @@ pub struct Scripts {
 
 impl Default for Scripts {
     fn default() -> Self {
+        Scripts::with_mode(false)
+    }
+}
+
+impl Scripts {
+    /// Under Redis Cluster the publish script publishes with SPUBLISH (sharded pub/sub: its
+    /// channel `PREFIX:ch:{C}` is in the same slot as the stream and meta it writes) and the
+    /// presence script takes the live node uids as arguments ([`PRESENCE_LIVE`]).
+    pub fn with_mode(cluster: bool) -> Scripts {
+        if !cluster {
+            return Scripts {
+                publish: Script::new(PUBLISH),
+                read: Script::new(READ),
+                presence: Script::new(PRESENCE),
+                nodes: Script::new(NODES),
+            };
+        }
         Scripts {
-            publish: Script::new(PUBLISH),
+            publish: Script::new(PUBLISH.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")),
             read: Script::new(READ),
-            presence: Script::new(PRESENCE),
+            presence: Script::new(PRESENCE_LIVE),
             nodes: Script::new(NODES),
         }
     }
@@ -239,6 +291,40 @@ impl Scripts {
             .parts(&keys.presence(channel).0)
             .arg(keys.nodes())
             .int(now_ms);
+    }
+
+    /// Redis Cluster: appends the presence script's call for `channel` with the live uids.
+    pub fn encode_presence_live(
+        &self,
+        out: &mut Vec<u8>,
+        keys: &Keys,
+        channel: &str,
+        uids: &[bytes::Bytes],
+    ) {
+        let mut cmd = self.presence.call(out, 1, uids.len());
+        cmd.parts(&keys.presence(channel).0);
+        for uid in uids {
+            cmd.arg(uid);
+        }
+    }
+
+    /// Appends the new-epoch script's call (EVAL: it runs rarely, so it is never loaded).
+    pub fn encode_new_epoch(
+        out: &mut Vec<u8>,
+        keys: &Keys,
+        channel: &str,
+        old: &str,
+        delivered: u64,
+        new: &str,
+    ) {
+        Command::new(out, 7)
+            .arg(b"EVAL")
+            .arg(NEW_EPOCH.as_bytes())
+            .arg(b"1")
+            .parts(&keys.meta(channel).0)
+            .arg(old.as_bytes())
+            .int(delivered)
+            .arg(new.as_bytes());
     }
 
     /// Appends the nodes script's call.
@@ -341,6 +427,26 @@ mod tests {
             &[b"EVALSHA", no, b"1", b"p:nodes", b"8", b"p:node:"],
         );
         assert_eq!(ours, old);
+    }
+
+    #[test]
+    fn cluster_scripts_publish_sharded_and_take_live_uids() {
+        let s = Scripts::with_mode(true);
+        assert_eq!(s.publish.text.matches("redis.call('SPUBLISH'").count(), 2);
+        assert!(!s.publish.text.contains("redis.call('PUBLISH'"));
+        assert!(!s.presence.text.contains("KEYS[2]"));
+        let plain = Scripts::default();
+        assert_eq!(s.read.sha, plain.read.sha);
+        assert_eq!(s.nodes.sha, plain.nodes.sha);
+        let mut ours = Vec::new();
+        s.encode_presence_live(&mut ours, &Keys::new("p"), "c", &["u1".into(), "u2".into()]);
+        let mut want = Vec::new();
+        let sha = s.presence.sha.as_bytes();
+        encode(
+            &mut want,
+            &[b"EVALSHA", sha, b"1", b"p:presence:{c}", b"u1", b"u2"],
+        );
+        assert_eq!(ours, want);
     }
 
     #[test]

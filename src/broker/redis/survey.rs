@@ -123,11 +123,11 @@ impl Mux {
 
     /// Starts or stops listening on this node's answers channel.
     fn survey_listen(&self, on: bool) {
-        if !self.sub_up() {
+        let key = self.keys.survey_answers(&self.node.uid);
+        if !self.sub_up_at(&key) {
             return;
         }
-        let key = self.keys.survey_answers(&self.node.uid);
-        let verb: &[u8] = if on { b"SUBSCRIBE" } else { b"UNSUBSCRIBE" };
+        let verb = self.verb(if on { b"SUBSCRIBE" } else { b"UNSUBSCRIBE" });
         self.sub_command(|out| {
             Command::new(out, 2).arg(verb).arg(&key);
         });
@@ -137,11 +137,14 @@ impl Mux {
     /// Queued past `max_write_queue_bytes` if need be: one short command that comes with a
     /// channel's own SUBSCRIBE or UNSUBSCRIBE (whose bound resets a congested connection).
     pub(super) fn survey_questions(&self, on: bool) {
-        if !self.sub_up() {
+        let Some(link) = self.link_of_key(self.keys.survey()) else {
+            return;
+        };
+        if !link.sub.borrow().is_up() {
             return;
         }
-        let verb: &[u8] = if on { b"SUBSCRIBE" } else { b"UNSUBSCRIBE" };
-        self.sub.borrow_mut().push_unbounded(|out| {
+        let verb = self.verb(if on { b"SUBSCRIBE" } else { b"UNSUBSCRIBE" });
+        link.sub.borrow_mut().push_unbounded(|out| {
             Command::new(out, 2).arg(verb).arg(self.keys.survey());
         });
     }
@@ -189,7 +192,7 @@ impl Mux {
         let body = serde_json::to_vec(&question).expect("question");
         self.command(Waiter::SurveyAsked(id), |out| {
             Command::new(out, 3)
-                .arg(b"PUBLISH")
+                .arg(self.verb(b"PUBLISH"))
                 .arg(self.keys.survey())
                 .arg(&body);
         });
@@ -236,7 +239,10 @@ impl Mux {
                 let body = serde_json::to_vec(&answer).expect("answer");
                 let key = self.keys.survey_answers(&to);
                 self.command(Waiter::Ignore, |out| {
-                    Command::new(out, 3).arg(b"PUBLISH").arg(&key).arg(&body);
+                    Command::new(out, 3)
+                        .arg(self.verb(b"PUBLISH"))
+                        .arg(&key)
+                        .arg(&body);
                 });
                 self.flush();
             }

@@ -81,6 +81,16 @@ pub enum Action {
     Insufficient { channel: Arc<str> },
     /// The channel's first position is known: shards may reply to subscribers.
     Confirm { channel: Arc<str> },
+    /// The stream in Redis is below what this node delivered under the same epoch (writes lost
+    /// in a failover: replication is asynchronous): give the channel the epoch `new` in Redis
+    /// unless another node did already (its meta must still say `old` with a top below
+    /// `delivered`), so offsets are never reused with different data under one epoch.
+    NewEpoch {
+        channel: Arc<str>,
+        old: Arc<str>,
+        delivered: u64,
+        new: Arc<str>,
+    },
 }
 
 /// The node-wide bound of every channel's cache (`redis_options.recovery_cache_max_bytes`).
@@ -158,6 +168,9 @@ struct Track {
     gen: u64,
     /// Redis confirmed the SUBSCRIBE on the current link.
     confirmed: bool,
+    /// Redis Cluster: its master's subscriber connection went down (or its slot moved) and no
+    /// new SSUBSCRIBE is confirmed yet: position requests fail at once.
+    lost: bool,
     /// A stream read is in flight (live publications are held).
     reading: bool,
     /// Last offset forwarded to the shards.
@@ -173,6 +186,7 @@ impl Track {
         Track {
             gen,
             confirmed: false,
+            lost: false,
             reading: false,
             pos: None,
             held: Vec::new(),
@@ -272,6 +286,7 @@ impl Tracker {
             .entry(channel.clone())
             .or_insert_with(|| Track::new(gen, budget));
         t.confirmed = true;
+        t.lost = false;
         if !t.reading {
             start_read(channel, t, out);
         }
@@ -294,6 +309,25 @@ impl Tracker {
         }
     }
 
+    /// Redis Cluster: the subscriber connection of the channels `on_link` picks went down, or
+    /// their slot moved: as [`Tracker::link_down`] for those channels only (the others keep
+    /// their live stream).
+    pub fn lost_where(&mut self, on_link: impl Fn(&str) -> bool, out: &mut Vec<Action>) {
+        let lost: Vec<Arc<str>> = self.tracks.keys().filter(|c| on_link(c)).cloned().collect();
+        for channel in lost {
+            let gen = self.gen();
+            let Some(t) = self.tracks.get_mut(&channel) else {
+                continue;
+            };
+            t.confirmed = false;
+            t.lost = true;
+            t.reading = false;
+            t.gen = gen;
+            t.held.clear();
+            fail_pending(&channel, std::mem::take(&mut t.pending), out);
+        }
+    }
+
     /// A subscriber needs its position (and what it missed).
     pub fn position(&mut self, channel: &Arc<str>, req: PosReq, out: &mut Vec<Action>) {
         let size = self.size(channel);
@@ -303,7 +337,7 @@ impl Tracker {
             out.push(answer(channel, &req, Err(BrokerError::Unavailable)));
             return;
         };
-        if self.down && !t.confirmed {
+        if (self.down || t.lost) && !t.confirmed {
             // No live stream until the link is back: a temporary error, the SDK retries.
             out.push(answer(channel, &req, Err(BrokerError::Unavailable)));
             return;
@@ -355,8 +389,21 @@ impl Tracker {
         }
         t.reading = false;
         let first = t.pos.is_none();
+        let mut epoch = r.epoch.clone();
         match t.pos.clone() {
             None => {}
+            Some(p) if *p.epoch == *r.epoch && r.top < p.offset => {
+                // Lost writes: the new master's stream is behind what was delivered.
+                insufficient(channel, t, &self.stats, out);
+                let mut buf = [0; 16];
+                epoch = Arc::from(history::new_epoch_in(&mut buf));
+                out.push(Action::NewEpoch {
+                    channel: channel.clone(),
+                    old: r.epoch.clone(),
+                    delivered: p.offset,
+                    new: epoch.clone(),
+                });
+            }
             Some(p) if *p.epoch != *r.epoch || r.top < p.offset => {
                 // The stream was lost and restarted: nothing can be repaired.
                 insufficient(channel, t, &self.stats, out);
@@ -387,7 +434,7 @@ impl Tracker {
         }
         t.pos = Some(StreamPos {
             offset: r.top,
-            epoch: r.epoch.clone(),
+            epoch,
         });
         // The entries read become the cache: the contiguous run that ends at the top.
         t.cache.clear();
@@ -749,6 +796,52 @@ mod tests {
         t.live(&ch, live(1, "f"), &mut out);
         assert!(matches!(out[0], Action::Insufficient { .. }));
         assert_eq!(forwarded(&out), [1]);
+    }
+
+    #[test]
+    fn a_stream_behind_the_delivered_offset_gets_a_new_epoch() {
+        // Delivered up to 10 under epoch "e"; the link goes down and, subscribed again on the
+        // promoted replica, the stream ends at 7.
+        let (mut t, ch) = live_at(10);
+        let mut out = Vec::new();
+        t.link_down(&mut out);
+        t.link_up();
+        let mut out = Vec::new();
+        t.subscribed(&ch, &mut out);
+        let (gen, since) = read_of(&out);
+        assert_eq!(since, Some(10));
+        let mut out = Vec::new();
+        t.read_done(&ch, gen, since, result("e", 7, 3..=7), &mut out);
+        assert!(out.iter().any(|a| matches!(a, Action::Insufficient { .. })));
+        let new = out
+            .iter()
+            .find_map(|a| match a {
+                Action::NewEpoch {
+                    old,
+                    delivered,
+                    new,
+                    ..
+                } => {
+                    assert_eq!((&**old, *delivered), ("e", 10));
+                    Some(new.clone())
+                }
+                _ => None,
+            })
+            .expect("a new epoch is asked for");
+        assert_ne!(&*new, "e");
+        // The next publication under the new epoch follows on without another recovery.
+        let mut out = Vec::new();
+        t.live(&ch, live(8, &new), &mut out);
+        assert_eq!(forwarded(&out), [8]);
+        assert!(!out.iter().any(|a| matches!(a, Action::Insufficient { .. })));
+        // A lost stream under another epoch is not "behind": no new epoch asked for.
+        let (mut t, ch) = live_at(10);
+        let mut out = Vec::new();
+        t.live(&ch, live(12, "e"), &mut out);
+        let (gen, since) = read_of(&out);
+        let mut out = Vec::new();
+        t.read_done(&ch, gen, since, result("f", 2, 1..=2), &mut out);
+        assert!(!out.iter().any(|a| matches!(a, Action::NewEpoch { .. })));
     }
 
     #[test]
