@@ -46,6 +46,13 @@ pub fn redis_cli(port: u16, args: &[&str]) -> Vec<String> {
     }
 }
 
+/// Whether the Redis on `port` is a master, or a replica whose link to its master is up.
+fn in_sync(port: u16) -> bool {
+    let info = redis_cli(port, &["INFO", "replication"]);
+    let has = |l: &str| info.iter().any(|x| x.trim() == l);
+    has("role:master") || has("master_link_status:up")
+}
+
 /// A redis-server with `extra` arguments in its own directory, logging there.
 pub fn redis_with(what: &str, extra: Vec<String>) -> process::Redis {
     let dir = own_dir(what);
@@ -141,22 +148,24 @@ impl SentinelSet {
     /// Starts the set and waits (up to 20 s) until every sentinel sees 2 others and 1 replica,
     /// so that a failover can be agreed on as soon as the master dies.
     pub fn start() -> SentinelSet {
-        let master = redis_with("master", Vec::new());
-        let replica = redis_with(
-            "replica",
-            vec![
-                "--replicaof".into(),
-                "127.0.0.1".into(),
-                master.port.to_string(),
-            ],
-        );
+        let quick_sync = || vec!["--repl-diskless-sync-delay".to_string(), "0".into()];
+        let master = redis_with("master", quick_sync());
+        let mut args = quick_sync();
+        args.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            master.port.to_string(),
+        ]);
+        let replica = redis_with("replica", args);
         let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !sentinels.iter().all(|s| {
-            s.master_field("num-other-sentinels") == 2 && s.master_field("num-slaves") == 1
-        }) {
+        while !in_sync(replica.port)
+            || !sentinels.iter().all(|s| {
+                s.master_field("num-other-sentinels") == 2 && s.master_field("num-slaves") == 1
+            })
+        {
             if Instant::now() > deadline {
-                fatal("the sentinels did not see each other and the replica within 20 s");
+                fatal("the replica did not sync or the sentinels did not see each other and the replica within 20 s");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -232,6 +241,9 @@ impl RedisCluster {
                         "nodes.conf",
                         "--cluster-node-timeout",
                         "1000",
+                        // Replicas sync at once: one that never synced does not fail over.
+                        "--repl-diskless-sync-delay",
+                        "0",
                     ]
                     .iter()
                     .map(|s| s.to_string())
@@ -273,11 +285,12 @@ impl RedisCluster {
                     .iter()
                     .any(|l| l.trim() == "cluster_state:ok")
                     && c.masters_seen_by(n.port).len() == masters
+                    && in_sync(n.port)
             })
         };
         while !ok(&c) {
             if Instant::now() > deadline {
-                fatal("the cluster did not reach cluster_state:ok on every node within 30 s");
+                fatal("the cluster did not reach cluster_state:ok with every replica in sync on every node within 30 s");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
