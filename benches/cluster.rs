@@ -49,7 +49,9 @@ use common::machine::machine_cpu;
 use common::net::raise_nofile;
 use common::reader::{unix_ns, Handler, Reader};
 use common::redis::RedisServer;
-use common::redis_ha::{redis_cli, slot_of_channel, RedisCluster, SentinelSet, SENTINEL_MASTER};
+use common::redis_ha::{
+    redis_cli, remove_files, slot_of_channel, RedisCluster, SentinelSet, SENTINEL_MASTER,
+};
 use common::safety::{fatal, install_safety_nets};
 use common::server::{bench_server_args, server_bin, Server};
 use common::ws::{encode_client_frame, json_lines, WsDecoder, WsEvent};
@@ -104,6 +106,7 @@ fn main() {
             fatal("choose one of --failover sentinel, --failover cluster, --fanout");
         }
     }
+    remove_files();
 }
 
 /// Machine facts for the reader of the figures: CPUs, kernel, Redis version, load, limits.
@@ -575,13 +578,15 @@ fn failover_trial(
     println!("# trial {trial}: node A {}", a.describe());
     println!("# trial {trial}: node B {}", b.describe());
 
+    // The publishers stop first; the subscriber after the last deliveries arrived.
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_sub = Arc::new(AtomicBool::new(false));
     let arrivals = Arc::new(Mutex::new(Vec::<Arrival>::new()));
     let subscribed = Arc::new(AtomicBool::new(false));
     let probe = Arc::new(ProbeStats::default());
     let sub = {
         let (stop, log, sd, rc, ch) = (
-            stop.clone(),
+            stop_sub.clone(),
             arrivals.clone(),
             subscribed.clone(),
             probe.clone(),
@@ -675,8 +680,9 @@ fn failover_trial(
     }
     let failovers = (failovers_of(a.addr), failovers_of(b.addr));
     // The subscriber's thread ends within its 100 ms read timeout.
-    let arrivals = std::mem::take(&mut *arrivals.lock().unwrap());
+    stop_sub.store(true, Ordering::Relaxed);
     let _ = sub.join();
+    let arrivals = std::mem::take(&mut *arrivals.lock().unwrap());
 
     let x_log = logs[0].lock().unwrap();
     let ack = x_log
@@ -1262,6 +1268,12 @@ fn print_step(s: &Setup, st: &Step, phase: &str, p99_limit: Duration) -> Option<
     } else {
         None
     };
+    if st.others_pct > 50.0 {
+        println!(
+            "# fanout-ha {} {phase}: WARNING: other processes used {:.0}% of a CPU during this step (machine busy); numbers are perturbed",
+            s.name, st.others_pct
+        );
+    }
     println!(
         "fanout-ha {} {phase} {:.0} pub/s: acknowledged {:.0} pub/s, deliveries {}/{} (lost {}), latency p50 {} p99 {} max {}; node CPU {:.0}% of a core, redis {:.0}%, irq+softirq {:.0}%, other processes {:.0}% -> {}",
         s.name,

@@ -18,10 +18,21 @@ pub const SENTINEL_MASTER: &str = "benchmaster";
 /// Numbers the working directories of this bench's processes.
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
-/// A fresh directory under the scratch directory, for one process's files.
+/// This run's directory for the processes' files (config, nodes.conf, logs).
+fn run_dir() -> PathBuf {
+    scratch_dir().join(format!("redis-ha-{}", std::process::id()))
+}
+
+/// Removes this run's files; call once every process of the run is gone. After a fatal
+/// exit they stay, for their logs.
+pub fn remove_files() {
+    let _ = std::fs::remove_dir_all(run_dir());
+}
+
+/// A fresh directory under [`run_dir`], for one process's files.
 fn own_dir(what: &str) -> PathBuf {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    let dir = scratch_dir().join(format!("redis-ha-{}-{what}-{n}", std::process::id()));
+    let dir = run_dir().join(format!("{what}-{n}"));
     let _ = std::fs::remove_dir_all(&dir);
     if let Err(e) = std::fs::create_dir_all(&dir) {
         fatal(&format!("cannot create {}: {e}", dir.display()));
