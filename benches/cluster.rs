@@ -5,7 +5,8 @@
 //! 1 replica and 3 sentinels (down after 1 s, failover timeout 3 s) and two nodes A and B on the
 //! sentinels. A publisher on A's HTTP API publishes to channel X every `--every-ms` (10) with
 //! sequence numbers; a subscriber on B receives. After `--warmup-ms` the master is killed
-//! (SIGKILL). Measured from the kill: the first publication (sent after the kill) acknowledged
+//! (SIGKILL). Measured from the kill: when Redis promoted the replica (its `ROLE`, polled every
+//! 50 ms: Redis's own share), the first publication (sent after the kill) acknowledged
 //! again, the first delivery on B of a publication sent after the kill, the publications
 //! answered with an error meanwhile, and the acknowledged publications that never reached B
 //! (expected 0: a publication is acknowledged by the master that also fans it out; one
@@ -50,7 +51,7 @@ use common::net::raise_nofile;
 use common::reader::{unix_ns, Handler, Reader};
 use common::redis::RedisServer;
 use common::redis_ha::{
-    redis_cli, remove_files, slot_of_channel, RedisCluster, SentinelSet, SENTINEL_MASTER,
+    is_master, redis_cli, remove_files, slot_of_channel, RedisCluster, SentinelSet, SENTINEL_MASTER,
 };
 use common::safety::{fatal, install_safety_nets};
 use common::server::{bench_server_args, server_bin, Server};
@@ -392,6 +393,7 @@ fn probe_subscriber(
 
 /// What one failover trial measured (durations from the kill).
 struct Trial {
+    promoted: Option<Duration>,
     ack: Option<Duration>,
     deliver: Option<Duration>,
     errors: usize,
@@ -426,6 +428,11 @@ fn failover(args: &Args, kind: Kind) {
     }
     let name = kind.name();
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    summary(
+        &format!("{name} failover: replica promoted by Redis after the kill"),
+        results.iter().map(|r| ms(r.promoted)).collect(),
+        "ms",
+    );
     summary(
         &format!("{name} failover: first publish acknowledged again after the kill"),
         results.iter().map(|r| ms(r.ack)).collect(),
@@ -530,7 +537,7 @@ fn failover_trial(
     let name = kind.name();
     // The Redis side, fresh for every trial, and the channels: X on the master to kill, Y (in
     // a cluster) on another master.
-    let (mut ha, node_flags, victim, channels) = match kind {
+    let (mut ha, node_flags, victim, replica, channels) = match kind {
         Kind::Sentinel => {
             let set = SentinelSet::start();
             let flags = vec![
@@ -540,6 +547,7 @@ fn failover_trial(
                 SENTINEL_MASTER.into(),
             ];
             let victim = set.master.port;
+            let replica = set.replica.port;
             println!(
                 "# trial {trial}: master :{} replica :{} sentinels {}",
                 set.master.port,
@@ -550,6 +558,7 @@ fn failover_trial(
                 Ha::Sentinel(set),
                 flags,
                 victim,
+                replica,
                 vec!["bench:x".to_string()],
             )
         }
@@ -568,7 +577,10 @@ fn failover_trial(
                 ));
             }
             let flags = vec!["--redis-cluster".to_string(), c.urls()];
-            (Ha::Cluster(c), flags, m.port, vec![x, y])
+            let replica = c
+                .replica_of(m.port)
+                .unwrap_or_else(|| fatal(&format!("no replica of the master :{}", m.port)));
+            (Ha::Cluster(c), flags, m.port, replica, vec![x, y])
         }
     };
     let mut extra = bench_server_args(args, "cluster", "");
@@ -634,6 +646,17 @@ fn failover_trial(
         Ha::Cluster(c) => c.node_mut(victim).kill(),
     }
     let killed = Instant::now();
+    // When Redis itself promoted the replica (ROLE polled every 50 ms), to tell Redis's part
+    // of the failover from the nodes'.
+    let promoted = thread::spawn(move || {
+        while killed.elapsed() < max {
+            if is_master(replica) {
+                return Some(killed.elapsed());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
+    });
     // Publications of X numbered above `boundary` were sent after the kill.
     let boundary = currents[0].load(Ordering::SeqCst);
     let after = |seq: u64| seq > boundary;
@@ -679,6 +702,7 @@ fn failover_trial(
         thread::sleep(Duration::from_millis(20));
     }
     let failovers = (failovers_of(a.addr), failovers_of(b.addr));
+    let promoted = promoted.join().ok().flatten();
     // The subscriber's thread ends within its 100 ms read timeout.
     stop_sub.store(true, Ordering::Relaxed);
     let _ = sub.join();
@@ -768,8 +792,9 @@ fn failover_trial(
         _ => String::new(),
     };
     println!(
-        "{name} failover trial {trial}/{trials}: kill -9 of the master :{victim} (channel {}) -> first publish acknowledged again {}, first delivery on node B {}; {errors} publications answered an error meanwhile (first: {}); acknowledged but never delivered {}{lost_note} of {} acknowledged ({acked_before} before the kill){other}; redis.failovers A={} B={}; subscriber: {} reconnects, {} told to recover, {} not recovered",
+        "{name} failover trial {trial}/{trials}: kill -9 of the master :{victim} (channel {}) -> replica :{replica} promoted by Redis {}, first publish acknowledged again {}, first delivery on node B {}; {errors} publications answered an error meanwhile (first: {}); acknowledged but never delivered {}{lost_note} of {} acknowledged ({acked_before} before the kill){other}; redis.failovers A={} B={}; subscriber: {} reconnects, {} told to recover, {} not recovered",
         channels[0],
+        fmt(promoted),
         fmt(ack),
         fmt(deliver),
         first_errors[0]
@@ -789,6 +814,7 @@ fn failover_trial(
     drop((a, b));
     drop(ha);
     Trial {
+        promoted,
         ack,
         deliver,
         errors,

@@ -57,6 +57,11 @@ pub fn redis_cli(port: u16, args: &[&str]) -> Vec<String> {
     }
 }
 
+/// Whether the Redis on `port` answers `ROLE` as a master.
+pub fn is_master(port: u16) -> bool {
+    redis_cli(port, &["ROLE"]).first().map(String::as_str) == Some("master")
+}
+
 /// Whether the Redis on `port` is a master, or a replica whose link to its master is up.
 fn in_sync(port: u16) -> bool {
     let info = redis_cli(port, &["INFO", "replication"]);
@@ -345,6 +350,20 @@ impl RedisCluster {
                 (!slots.is_empty()).then_some(ClusterMaster { port, slots })
             })
             .collect()
+    }
+
+    /// The port of a replica of the master on `master_port`, as that master sees it.
+    pub fn replica_of(&self, master_port: u16) -> Option<u16> {
+        let lines = redis_cli(master_port, &["CLUSTER", "NODES"]);
+        let fields: Vec<Vec<&str>> = lines.iter().map(|l| l.split_whitespace().collect()).collect();
+        let port_of = |f: &[&str]| -> Option<u16> {
+            f.get(1)?.split('@').next()?.rsplit(':').next()?.parse().ok()
+        };
+        let id = fields.iter().find(|f| port_of(f) == Some(master_port))?[0];
+        fields
+            .iter()
+            .find(|f| f.get(2).is_some_and(|fl| fl.contains("slave")) && f.get(3) == Some(&id))
+            .and_then(|f| port_of(f))
     }
 
     /// The masters as the first live node sees them.

@@ -107,6 +107,46 @@ impl Mux {
         }
     }
 
+    /// The reconnect backoff's pause: `delay`, cut short under Sentinel when a sentinel
+    /// announces `+switch-master` for our master meanwhile. Without it a node whose master died
+    /// would find the promoted replica only at its next backoff step (seconds later, the steps
+    /// having grown while the sentinels still named the dead master).
+    pub(super) async fn pause(&self, delay: Duration) {
+        if self.cfg.redis_sentinel.is_empty() {
+            return glommio::timer::sleep(delay).await;
+        }
+        futures_lite::future::or(glommio::timer::sleep(delay), self.switch_heard()).await
+    }
+
+    /// Returns when a sentinel announces `+switch-master` for our master; never if no sentinel
+    /// can be reached (then [`Mux::pause`]'s delay ends the wait). A switch announced before
+    /// the subscription is missed: the backoff's delay covers it, as without this.
+    async fn switch_heard(&self) {
+        let master = &self.cfg.redis_sentinel_master;
+        for sentinel in &self.cfg.redis_sentinel {
+            let conn = self
+                .connect_to(sentinel, "sentinel", Handshake::Sentinel)
+                .await;
+            let Ok((mut stream, mut buf)) = conn else {
+                continue;
+            };
+            let mut sub = Vec::new();
+            encode(&mut sub, &[b"SUBSCRIBE", b"+switch-master"]);
+            if stream.write_all(&sub).await.is_err() {
+                continue;
+            }
+            while let Ok(BytesFrame::Array(items)) = next_frame(&mut stream, &mut buf).await {
+                if items.first().and_then(text).as_deref() == Some("message") {
+                    let message = items.get(2).and_then(text).unwrap_or_default();
+                    if switched_to(&message, master).is_some() {
+                        return;
+                    }
+                }
+            }
+        }
+        std::future::pending::<()>().await
+    }
+
     /// Listens to `+switch-master` on one sentinel after another (with the link's backoff
     /// between failures) until the sentinels announce that our master, now at `current`, moved;
     /// returns the reason to end the link.
