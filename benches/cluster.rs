@@ -82,6 +82,8 @@ cargo bench --bench cluster -- (--failover sentinel|cluster | --fanout) [options
     --step-secs N       seconds per ramp step (default 3)
     --max-steps N       ramp steps at most (default 8)
     --p99-limit-ms N    latency bound of a carried step (default 50)
+  --full-coverage yes|no the cluster's cluster-require-full-coverage (default: Redis's, yes)
+  --history N           channels with a history of N publications and recovery (default 0)
   --shards N            shards per node (default 1)
   --deadline N          overall limit, s (default 900)
   --server-args \"...\"   more shardcast arguments";
@@ -503,6 +505,17 @@ fn summary(what: &str, mut v: Vec<Option<f64>>, unit: &str) {
     );
 }
 
+/// `--cluster-require-full-coverage yes|no` for the cluster's nodes (Redis's default: yes,
+/// then while a failed master's slots have no master every master answers `CLUSTERDOWN` to
+/// keyed commands, such as the history script of channels in other slots).
+fn full_coverage(args: &Args) -> Vec<String> {
+    match args.str("full-coverage").as_deref() {
+        None => Vec::new(),
+        Some(v @ ("yes" | "no")) => vec!["--cluster-require-full-coverage".into(), v.into()],
+        Some(v) => fatal(&format!("--full-coverage yes|no, not {v:?}")),
+    }
+}
+
 /// The first channel name `bench:<prefix><i>` whose slot `want` accepts.
 fn channel_where(prefix: &str, want: impl Fn(u16) -> bool) -> String {
     (0..100_000)
@@ -563,7 +576,7 @@ fn failover_trial(
             )
         }
         Kind::Cluster => {
-            let mut c = RedisCluster::start(3, 1);
+            let mut c = RedisCluster::start(3, 1, &full_coverage(args));
             let masters = c.masters();
             let (m, other) = (masters[0].clone(), masters[1].clone());
             let x = channel_where("x", |s| m.owns(s));
@@ -785,8 +798,14 @@ fn failover_trial(
     };
     let other = match (other_errors, other_gap) {
         (Some(e), Some(g)) => format!(
-            "; channel {} on another master: {e} errors, longest delivery gap {} ms",
+            "; channel {} on another master: {e} errors{}, longest delivery gap {} ms",
             channels[1],
+            first_errors[1]
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default(),
             g.as_millis()
         ),
         _ => String::new(),
@@ -950,7 +969,7 @@ fn fanout(args: &Args, hard: u64) {
     let publishers: usize = args.get("publishers", 4);
 
     // The cluster first: the channels are chosen so that every master owns some of them.
-    let cluster = cluster_ok.then(|| RedisCluster::start(3, 0));
+    let cluster = cluster_ok.then(|| RedisCluster::start(3, 0, &full_coverage(args)));
     let channels: Vec<String> = match &cluster {
         Some(c) => {
             let masters = c.masters_seen_by(c.nodes[0].port);

@@ -243,9 +243,10 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
-    /// Starts the nodes, creates the cluster and waits (up to 30 s) until every node reports
-    /// `cluster_state:ok` and sees every master.
-    pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+    /// Starts the nodes (with `extra` server arguments), creates the cluster and waits (up to
+    /// 30 s) until every node reports `cluster_state:ok`, sees every master and every replica
+    /// is in sync.
+    pub fn start(masters: usize, replicas: usize, extra: &[String]) -> RedisCluster {
         let nodes: Vec<process::Redis> = (0..masters * (1 + replicas))
             .map(|_| {
                 redis_with(
@@ -263,6 +264,7 @@ impl RedisCluster {
                     ]
                     .iter()
                     .map(|s| s.to_string())
+                    .chain(extra.iter().cloned())
                     .collect(),
                 )
             })
