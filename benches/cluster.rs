@@ -363,7 +363,8 @@ fn probe_subscriber(
             if fed.is_err() {
                 break;
             }
-            if replies >= channels.len() + 1 {
+            // The connect reply and one subscribe reply per channel.
+            if replies > channels.len() {
                 subscribed.store(true, Ordering::Relaxed);
             }
             log.lock().unwrap().extend(got);
@@ -406,7 +407,7 @@ struct Trial {
 
 /// The Redis set-up of one trial (kept alive until the trial ends).
 enum Ha {
-    Sentinel(SentinelSet),
+    Sentinel(Box<SentinelSet>),
     Cluster(RedisCluster),
 }
 
@@ -568,7 +569,7 @@ fn failover_trial(
                 set.urls()
             );
             (
-                Ha::Sentinel(set),
+                Ha::Sentinel(Box::new(set)),
                 flags,
                 victim,
                 replica,
