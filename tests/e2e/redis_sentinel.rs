@@ -133,9 +133,20 @@ fn failovers(node: &Server) -> u64 {
     from_info
 }
 
+/// Server arguments for every Redis of these tests: a replica (the old master too, after a
+/// failover) loads its master's data from the socket, writing no `dump.rdb` into the working
+/// directory (the tests' own, the checkout).
+const NO_RDB_FILE: [&str; 2] = ["--repl-diskless-load", "swapdb"];
+
 fn setup() -> Setup {
-    let master = Redis::start(&[]);
-    let replica = Redis::start(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    let master = Redis::start(&NO_RDB_FILE);
+    let replica = Redis::start(&[
+        NO_RDB_FILE[0],
+        NO_RDB_FILE[1],
+        "--replicaof",
+        "127.0.0.1",
+        &master.port.to_string(),
+    ]);
     let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
     // The sentinels know each other and the replica before the master dies.
     eventually(
@@ -331,6 +342,8 @@ fn tls_args(pki: &crate::redis_tls::Pki, tls_port: u16) -> Vec<String> {
         "no".into(),
         "--tls-replication".into(),
         "yes".into(),
+        NO_RDB_FILE[0].into(),
+        NO_RDB_FILE[1].into(),
     ]
     .to_vec()
 }
