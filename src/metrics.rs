@@ -253,6 +253,13 @@ fn prometheus(node: &NodeInfo) -> String {
         "Times the Redis link was re-established",
         c,
     );
+    let c = Counter::<u64, AtomicU64>::default();
+    c.inc_by(node.redis_failovers.load(Ordering::Relaxed));
+    registry.register(
+        "redis_failovers",
+        "Times the node moved to another Redis master (Sentinel: +switch-master, or a new master found on reconnect)",
+        c,
+    );
     let total: u64 = shards.iter().map(|s| s.connections).sum();
     let g = Gauge::<i64>::default();
     g.set(rss_bytes() as i64);

@@ -29,6 +29,9 @@ pub struct NodeInfo {
     pub redis_state: RedisLinkState,
     /// Times the Redis link was re-established.
     pub redis_reconnects: AtomicU64,
+    /// Times the node moved to another Redis master: under Sentinel, it followed
+    /// `+switch-master` or found a new master when it reconnected.
+    pub redis_failovers: AtomicU64,
     /// Redis Cluster: the masters (`host:port`) of the last topology applied; `None` in the
     /// other modes (then `/api/info` shows no `mode`/`masters`).
     pub redis_masters: Mutex<Option<Vec<String>>>,
@@ -67,6 +70,7 @@ impl NodeInfo {
             draining: AtomicBool::new(false),
             redis_state: RedisLinkState::default(),
             redis_reconnects: Default::default(),
+            redis_failovers: Default::default(),
             redis_masters: Mutex::new(None),
             left_registry: AtomicBool::new(false),
             bus: Arc::default(),
@@ -113,6 +117,7 @@ impl NodeInfo {
         let mut v = serde_json::json!({
             "state": state,
             "reconnects": self.redis_reconnects.load(Ordering::Relaxed),
+            "failovers": self.redis_failovers.load(Ordering::Relaxed),
         });
         if let Ok(m) = self.redis_masters.lock() {
             if let Some(masters) = m.as_ref() {

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA,
 /// written as PEM files into a temporary directory (alive as long as this).
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
 }
 
 impl Pki {
-    fn make(ca_name: &str) -> Pki {
+    pub(crate) fn make(ca_name: &str) -> Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let dir = tempfile::tempdir().expect("tempdir");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -38,7 +38,7 @@ impl Pki {
         Pki { dir }
     }
 
-    fn path(&self, file: &str) -> PathBuf {
+    pub(crate) fn path(&self, file: &str) -> PathBuf {
         self.dir.path().join(file)
     }
 }
@@ -67,7 +67,7 @@ fn tls_redis(pki: &Pki, auth_clients: bool) -> (Redis, u16) {
     (Redis::start(&args), tls_port)
 }
 
-fn process_free_port() -> u16 {
+pub(crate) fn process_free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -221,7 +221,7 @@ impl Mux {
                             tracing::warn!(error = %e, attempt, "cannot find the Redis master");
                         }
                         self.node.redis_state.set(RedisLink::Down);
-                        glommio::timer::sleep(backoff.next_delay()).await;
+                        self.pause(backoff.next_delay()).await;
                         continue;
                     }
                 }
@@ -266,7 +266,7 @@ impl Mux {
                 }
             }
             self.node.redis_state.set(RedisLink::Down);
-            glommio::timer::sleep(backoff.next_delay()).await;
+            self.pause(backoff.next_delay()).await;
         }
     }
 

@@ -12,6 +12,7 @@ use super::resp::{encode, next_frame};
 use crate::config::RedisTarget;
 use futures_lite::AsyncWriteExt;
 use redis_protocol::resp2::types::BytesFrame;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// A frame's text (bulk or simple string), if it is one.
@@ -34,14 +35,38 @@ pub(super) fn switched_to(message: &str, master: &str) -> Option<(String, u16)> 
     }
 }
 
+/// Whether the link moves to another master: `previous` is the master the link had, or before
+/// the first discovery a placeholder (the first sentinel's URL), which is no move.
+fn moved(previous: &RedisTarget, master: &RedisTarget, sentinels: &[RedisTarget]) -> bool {
+    fn at(t: &RedisTarget) -> (&str, u16) {
+        (t.host.as_str(), t.port)
+    }
+    let first_discovery = sentinels.iter().any(|s| at(s) == at(previous));
+    !first_discovery && at(previous) != at(master)
+}
+
 impl Mux {
     /// Asks the sentinels in turn for the master's address; the first answer wins. The master is
     /// reached with the credentials, database and TLS of the sentinel URL that named it.
+    ///
+    /// Counts a failover (`redis_failovers`) when the master named differs from the one the
+    /// link had: every move to a new master, whether `+switch-master` ended the link or the
+    /// link broke and the sentinels named another master, passes through here exactly once.
     pub(super) async fn discover(&self) -> Result<RedisTarget, String> {
         let mut errors = Vec::new();
         for s in &self.cfg.redis_sentinel {
             match self.ask_sentinel(s).await {
-                Ok(master) => return Ok(master),
+                Ok(master) => {
+                    if moved(&self.target.borrow(), &master, &self.cfg.redis_sentinel) {
+                        self.node.redis_failovers.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            host = %master.host,
+                            port = master.port,
+                            "Sentinel names a new Redis master; following it"
+                        );
+                    }
+                    return Ok(master);
+                }
                 Err(e) => errors.push(format!("sentinel {}:{}: {e}", s.host, s.port)),
             }
         }
@@ -80,6 +105,46 @@ impl Mux {
                 self.cfg.redis_sentinel_master
             )),
         }
+    }
+
+    /// The reconnect backoff's pause: `delay`, cut short under Sentinel when a sentinel
+    /// announces `+switch-master` for our master meanwhile. Without it a node whose master died
+    /// would find the promoted replica only at its next backoff step (seconds later, the steps
+    /// having grown while the sentinels still named the dead master).
+    pub(super) async fn pause(&self, delay: Duration) {
+        if self.cfg.redis_sentinel.is_empty() {
+            return glommio::timer::sleep(delay).await;
+        }
+        futures_lite::future::or(glommio::timer::sleep(delay), self.switch_heard()).await
+    }
+
+    /// Returns when a sentinel announces `+switch-master` for our master; never if no sentinel
+    /// can be reached (then [`Mux::pause`]'s delay ends the wait). A switch announced before
+    /// the subscription is missed: the backoff's delay covers it, as without this.
+    async fn switch_heard(&self) {
+        let master = &self.cfg.redis_sentinel_master;
+        for sentinel in &self.cfg.redis_sentinel {
+            let conn = self
+                .connect_to(sentinel, "sentinel", Handshake::Sentinel)
+                .await;
+            let Ok((mut stream, mut buf)) = conn else {
+                continue;
+            };
+            let mut sub = Vec::new();
+            encode(&mut sub, &[b"SUBSCRIBE", b"+switch-master"]);
+            if stream.write_all(&sub).await.is_err() {
+                continue;
+            }
+            while let Ok(BytesFrame::Array(items)) = next_frame(&mut stream, &mut buf).await {
+                if items.first().and_then(text).as_deref() == Some("message") {
+                    let message = items.get(2).and_then(text).unwrap_or_default();
+                    if switched_to(&message, master).is_some() {
+                        return;
+                    }
+                }
+            }
+        }
+        std::future::pending::<()>().await
     }
 
     /// Listens to `+switch-master` on one sentinel after another (with the link's backoff
@@ -145,6 +210,28 @@ impl Mux {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn target(port: u16) -> RedisTarget {
+        RedisTarget {
+            host: "127.0.0.1".into(),
+            port,
+            username: None,
+            password: None,
+            db: 0,
+            tls: false,
+        }
+    }
+
+    #[test]
+    fn a_failover_is_a_move_from_one_master_to_another() {
+        let sentinels = [target(26379), target(26380)];
+        // The first discovery replaces the placeholder (the first sentinel): no failover.
+        assert!(!moved(&target(26379), &target(6379), &sentinels));
+        // The same master again (a reconnect after a network blip): no failover.
+        assert!(!moved(&target(6379), &target(6379), &sentinels));
+        // Another master: a failover.
+        assert!(moved(&target(6379), &target(6380), &sentinels));
+    }
 
     #[test]
     fn switch_master_messages_are_parsed_for_our_master_only() {
