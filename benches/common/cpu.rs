@@ -75,3 +75,25 @@ pub fn thread_cpu(tid: i32) -> (f64, u64) {
         .unwrap_or(0);
     ((ut + st) as f64 / clk_tck(), ns)
 }
+
+/// Context switches (voluntary + involuntary) summed over all live threads of `pid`, from
+/// /proc/<pid>/task/*/status: every wake-up of a thread that had parked is one voluntary
+/// switch, so the delta over a measurement counts the process's wake-ups.
+#[allow(dead_code, reason = "fanout's --redis-cost; other benches do not count wake-ups")]
+pub fn ctx_switches(pid: i32) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in rd.flatten() {
+            let st = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            for l in st.lines() {
+                if let Some(v) = l
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    total += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
