@@ -62,7 +62,7 @@ common_modules!(
 use common::args::Args;
 use common::clock::wait_until;
 use common::connect::{connect_many, WsConn};
-use common::cpu::{cpu_secs, ctx_switches, online_cpus, sched_ns, self_cpu_secs};
+use common::cpu::{cpu_secs, ctx_switches, online_cpus, sched_ns, sched_ns_by_role, self_cpu_secs};
 use common::floor::{Floor, Job};
 use common::hist::{fmt_ns, Hist};
 use common::http::HttpClient;
@@ -1488,6 +1488,8 @@ struct CostPhase {
     round: usize,
     report: StepReport,
     switches: u64,
+    /// The publishing node's on-CPU ns over the phase: shards, broker thread, other threads.
+    roles: [u64; 3],
 }
 
 impl CostPhase {
@@ -1517,7 +1519,7 @@ impl CostPhase {
         };
         println!(
             "fanout-redis-cost round{} {}: {} subs x {:.0} msg/s target: published {} ({:.1} msg/s, {} errors), deliveries {}/{}, lost {} (gaps {}), reorder {}, disconnects {}; \
-             node CPU {:.3} s = {:.3} CPU-s per 1M deliveries (schedstat {:.3}); {:.1} context switches/publication; {} frames/write{redis}; \
+             node CPU {:.3} s = {:.3} CPU-s per 1M deliveries (schedstat {:.3}: shard {:.3}, broker thread {:.3}, other {:.3}); {:.1} context switches/publication; {} frames/write{redis}; \
              latency p50 {} p99 {} max {}; client CPU {:.0}%, other processes {:.0}% of a core",
             self.round,
             self.mode(),
@@ -1535,6 +1537,9 @@ impl CostPhase {
             r.server_cpu,
             per_m(r.server_cpu),
             per_m(r.server_sched),
+            per_m(self.roles[0] as f64 / 1e9),
+            per_m(self.roles[1] as f64 / 1e9),
+            per_m(self.roles[2] as f64 / 1e9),
             self.switches as f64 / r.published.max(1) as f64,
             r.frames_per_write(),
             fmt_ns(h.quantile(0.50)),
@@ -1580,10 +1585,10 @@ fn redis_cost(o: &Opts, args: &Args, t_start: Instant) -> i32 {
     let standalone = Server::start(
         "fanout-cost-standalone",
         o.shards,
-        &bench_server_args(args, "fanout-cost", ""),
+        &bench_server_args(args, "fanout-cost-standalone", ""),
         args.has("server-log"),
     );
-    let mut extra = bench_server_args(args, "fanout-cost", "");
+    let mut extra = bench_server_args(args, "fanout-cost-redis", "");
     extra.extend(["--redis".to_string(), redis.url()]);
     let via_redis = Server::start(
         "fanout-cost-redis",
@@ -1656,6 +1661,7 @@ fn redis_cost(o: &Opts, args: &Args, t_start: Instant) -> i32 {
             let mode = ["standalone", "redis"][node];
             let pid = servers[node].pid;
             let cs0 = ctx_switches(pid);
+            let roles0 = sched_ns_by_role(pid);
             let report = run_step(
                 &ctxs[node],
                 &format!("round{round}-{mode}"),
@@ -1668,6 +1674,10 @@ fn redis_cost(o: &Opts, args: &Args, t_start: Instant) -> i32 {
                 redis: node == 1,
                 round,
                 switches: ctx_switches(pid).saturating_sub(cs0),
+                roles: {
+                    let r1 = sched_ns_by_role(pid);
+                    [0, 1, 2].map(|i| r1[i].saturating_sub(roles0[i]))
+                },
                 report,
             };
             phase.print();
@@ -1697,7 +1707,7 @@ fn redis_cost(o: &Opts, args: &Args, t_start: Instant) -> i32 {
 fn print_cost_summary(phases: &[CostPhase]) {
     let sum = |redis: bool| {
         phases.iter().filter(|p| p.redis == redis).fold(
-            (0.0, 0.0, 0.0, 0u64, 0u64, 0u64),
+            (0.0, 0.0, 0.0, 0u64, 0u64, 0u64, [0u64; 3]),
             |a, p| {
                 let r = &p.report;
                 (
@@ -1707,6 +1717,7 @@ fn print_cost_summary(phases: &[CostPhase]) {
                     a.3 + r.stats.delivered,
                     a.4 + p.switches,
                     a.5 + r.published,
+                    [0, 1, 2].map(|i| a.6[i] + p.roles[i]),
                 )
             },
         )
@@ -1735,7 +1746,7 @@ fn print_cost_summary(phases: &[CostPhase]) {
         })
         .collect();
     println!(
-        "fanout-redis-cost summary: node CPU per 1M deliveries standalone {:.3} CPU-s (schedstat {:.3}), redis {:.3} CPU-s (schedstat {:.3}); ratio redis/standalone {:.3} (schedstat {:.3}; per round, schedstat: {}); context switches/publication standalone {:.1}, redis {:.1}; redis-server {:.3} CPU-s per 1M deliveries on top (not in the node's figure); {}",
+        "fanout-redis-cost summary: node CPU per 1M deliveries standalone {:.3} CPU-s (schedstat {:.3}), redis {:.3} CPU-s (schedstat {:.3}); ratio redis/standalone {:.3} (schedstat {:.3}; per round, schedstat: {}); context switches/publication standalone {:.1}, redis {:.1}; µs/publication standalone shard {:.1} broker {:.1}, redis shard {:.1} broker {:.1}; redis-server {:.3} CPU-s per 1M deliveries on top (not in the node's figure); {}",
         per_m(s.0, s.3),
         per_m(s.1, s.3),
         per_m(r.0, r.3),
@@ -1745,6 +1756,10 @@ fn print_cost_summary(phases: &[CostPhase]) {
         rounds.join(" "),
         per_pub(s.4, s.5),
         per_pub(r.4, r.5),
+        s.6[0] as f64 / 1e3 / s.5.max(1) as f64,
+        s.6[1] as f64 / 1e3 / s.5.max(1) as f64,
+        r.6[0] as f64 / 1e3 / r.5.max(1) as f64,
+        r.6[1] as f64 / 1e3 / r.5.max(1) as f64,
         per_m(r.2, r.3),
         if ratio <= 1.05 && ratio_sched <= 1.05 {
             "within 5%"

@@ -97,3 +97,28 @@ pub fn ctx_switches(pid: i32) -> u64 {
     }
     total
 }
+
+/// On-CPU nanoseconds (schedstat) of the live threads of `pid` by role: shard executors
+/// (`shardcast-shard-*`), the broker thread (`shardcast-broke*`) and every other thread.
+#[allow(dead_code, reason = "fanout's --redis-cost; other benches measure whole processes")]
+pub fn sched_ns_by_role(pid: i32) -> [u64; 3] {
+    let mut out = [0; 3];
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in rd.flatten() {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let ns = std::fs::read_to_string(e.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            let role = if comm.starts_with("shardcast-shard") {
+                0
+            } else if comm.starts_with("shardcast-broke") {
+                1
+            } else {
+                2
+            };
+            out[role] += ns;
+        }
+    }
+    out
+}
