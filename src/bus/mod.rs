@@ -666,10 +666,10 @@ impl ShardLink {
 
     /// From now on, [`ShardLink::send`] leaves the ringing to the task `ringer` wakes (once per
     /// batch of sends), which calls [`ShardLink::ring_deferred`]. For a broker with an event
-    /// loop (the Redis multiplexer): a publication's push and its PUBLISH reply arrive on two
-    /// connections in the same pass of its loop, and wake the shard once instead of twice (one
-    /// park and wake-up of the shard's executor fewer per publication). The ringer runs in
-    /// the same pass, after the tasks already woken, so no message waits for a later event.
+    /// loop (the Redis multiplexer): when a publication's push and its PUBLISH reply arrive on
+    /// their two connections in the same pass of its loop, they wake the shard once instead of
+    /// twice (one park and wake-up of the shard's executor fewer). The ringer runs in the same
+    /// pass, after the tasks already woken, so no message waits for a later event.
     /// Calling it again replaces the waker.
     pub fn defer_rings(&self, ringer: &Waker) {
         let mut slot = self
