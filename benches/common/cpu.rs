@@ -75,3 +75,50 @@ pub fn thread_cpu(tid: i32) -> (f64, u64) {
         .unwrap_or(0);
     ((ut + st) as f64 / clk_tck(), ns)
 }
+
+/// Context switches (voluntary + involuntary) summed over all live threads of `pid`, from
+/// /proc/<pid>/task/*/status: every wake-up of a thread that had parked is one voluntary
+/// switch, so the delta over a measurement counts the process's wake-ups.
+#[allow(dead_code, reason = "fanout's --redis-cost; other benches do not count wake-ups")]
+pub fn ctx_switches(pid: i32) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in rd.flatten() {
+            let st = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            for l in st.lines() {
+                if let Some(v) = l
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    total += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
+/// On-CPU nanoseconds (schedstat) of the live threads of `pid` by role: shard executors
+/// (`shardcast-shard-*`), the broker thread (`shardcast-broke*`) and every other thread.
+#[allow(dead_code, reason = "fanout's --redis-cost; other benches measure whole processes")]
+pub fn sched_ns_by_role(pid: i32) -> [u64; 3] {
+    let mut out = [0; 3];
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in rd.flatten() {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let ns = std::fs::read_to_string(e.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            let role = if comm.starts_with("shardcast-shard") {
+                0
+            } else if comm.starts_with("shardcast-broke") {
+                1
+            } else {
+                2
+            };
+            out[role] += ns;
+        }
+    }
+    out
+}

@@ -94,3 +94,24 @@ pub fn own_thread_affinities() -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// Pins every existing thread of another process `pid` to `cpus` (the fanout bench's
+/// `--redis-cost` puts its redis-server beside the node's shard this way, after it started).
+#[allow(dead_code, reason = "fanout's --redis-cost; other benches leave their children unpinned")]
+pub fn pin_process(pid: i32, cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; tids come from /proc/<pid>/task.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        for e in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+            if let Ok(tid) = e.file_name().to_string_lossy().parse::<libc::pid_t>() {
+                if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -4,7 +4,8 @@
 //! Shards send [`ToBroker`] on one bounded MPSC queue (never blocking: a full queue turns the
 //! command into a temporary error). The broker sends [`ToShard`] on one bounded queue per shard
 //! and wakes the shard through a socketpair byte at most once per batch ([`ShardLink::send`],
-//! [`doorbell`]); the shard clears the flag before it drains, so no message is left behind and
+//! [`doorbell`]; a broker with an event loop defers the ring to the end of its pass,
+//! [`ShardLink::defer_rings`]); the shard clears the flag before it drains, so no message is left behind and
 //! an idle node makes no syscalls at all. [`node_state`] holds what every thread reads of the
 //! node ([`NodeInfo`]: identity, atomics, the shards' published snapshots, the Redis link).
 //!
@@ -25,7 +26,8 @@ use crossbeam_channel::{Receiver, Sender};
 use serde_json::value::RawValue;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
 
 /// What a broker needs from the shards, declared by the broker itself ([`BrokerCaps::MEMORY`],
 /// [`BrokerCaps::REDIS`]) and handed to every shard at start, so that a shard asks these
@@ -613,6 +615,18 @@ pub struct ShardLink {
     tx: Sender<ToShard>,
     bell: Doorbell,
     stats: Arc<BusStats>,
+    deferral: Deferral,
+}
+
+/// Ringing deferred to a task of the sender's event loop ([`ShardLink::defer_rings`]): the
+/// messages a broker sends a shard during one pass of its loop wake the shard once.
+#[derive(Debug, Default)]
+struct Deferral {
+    /// The task that rings pending doorbells ([`ShardLink::ring_deferred`]); `None` until a
+    /// broker asks for deferral: ring at once.
+    ringer: Mutex<Option<Waker>>,
+    /// A message was queued since the last ring.
+    pending: AtomicBool,
 }
 
 /// The shard's end: drain `rx` after clearing `notified`, whenever `wake` is readable.
@@ -630,7 +644,12 @@ pub fn shard_link(
     let (tx, rx) = crossbeam_channel::bounded(capacity);
     let (bell, notified, wake) = Doorbell::pair()?;
     Ok((
-        ShardLink { tx, bell, stats },
+        ShardLink {
+            tx,
+            bell,
+            stats,
+            deferral: Deferral::default(),
+        },
         ShardInbox { rx, notified, wake },
     ))
 }
@@ -653,8 +672,120 @@ impl ShardLink {
                 return false;
             }
         }
-        self.bell.ring();
+        self.ring_or_defer();
         true
+    }
+
+    /// From now on, [`ShardLink::send`] leaves the ringing to the task `ringer` wakes (once per
+    /// batch of sends), which calls [`ShardLink::ring_deferred`]. For a broker with an event
+    /// loop (the Redis multiplexer): when a publication's push and its PUBLISH reply arrive on
+    /// their two connections in the same pass of its loop, they wake the shard once instead of
+    /// twice (one park and wake-up of the shard's executor fewer). The ringer runs in the same
+    /// pass, after the tasks already woken, so no message waits for a later event.
+    /// Calling it again replaces the waker.
+    pub fn defer_rings(&self, ringer: &Waker) {
+        let mut slot = self
+            .deferral
+            .ringer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !slot.as_ref().is_some_and(|w| w.will_wake(ringer)) {
+            *slot = Some(ringer.clone());
+        }
+    }
+
+    /// Rings the shard if something was sent since the last ring (deferred mode).
+    pub fn ring_deferred(&self) {
+        if self.deferral.pending.swap(false, Ordering::AcqRel) {
+            self.bell.ring();
+        }
+    }
+
+    /// Rings now, or (deferred mode) marks the link pending and wakes the ringer once.
+    fn ring_or_defer(&self) {
+        let ringer = self
+            .deferral
+            .ringer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match &*ringer {
+            None => self.bell.ring(),
+            Some(waker) => {
+                if !self.deferral.pending.swap(true, Ordering::AcqRel) {
+                    waker.wake_by_ref();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod deferral_tests {
+    use super::*;
+    use std::io::Read;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn subscribed(i: usize) -> ToShard {
+        ToShard::Subscribed {
+            channel: format!("c{i}").into(),
+        }
+    }
+
+    #[test]
+    fn deferred_sends_wake_the_ringer_once_and_ring_the_shard_once() {
+        let (link, inbox) = shard_link(8, Arc::new(BusStats::default())).unwrap();
+        inbox.wake.set_nonblocking(true).unwrap();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        link.defer_rings(&waker);
+        for i in 0..3 {
+            assert!(link.send(subscribed(i)));
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the ringer woken once");
+        let mut buf = [0u8; 8];
+        assert!(
+            (&inbox.wake).read(&mut buf).is_err(),
+            "no wake-up byte before the ringer runs"
+        );
+        link.ring_deferred();
+        assert_eq!(
+            (&inbox.wake).read(&mut buf).unwrap(),
+            1,
+            "one byte for the batch"
+        );
+        assert_eq!(inbox.rx.len(), 3, "every message queued");
+        link.ring_deferred();
+        assert!(
+            (&inbox.wake).read(&mut buf).is_err(),
+            "nothing pending: no byte"
+        );
+        // The shard drains (clearing its flag); the next batch wakes the ringer again.
+        inbox.notified.store(false, Ordering::SeqCst);
+        while inbox.rx.try_recv().is_ok() {}
+        assert!(link.send(subscribed(9)));
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        link.ring_deferred();
+        assert_eq!((&inbox.wake).read(&mut buf).unwrap(), 1);
+    }
+
+    #[test]
+    fn without_deferral_every_batch_rings_at_once() {
+        let (link, inbox) = shard_link(8, Arc::new(BusStats::default())).unwrap();
+        inbox.wake.set_nonblocking(true).unwrap();
+        assert!(link.send(subscribed(0)));
+        let mut buf = [0u8; 8];
+        assert_eq!((&inbox.wake).read(&mut buf).unwrap(), 1);
     }
 }
 

@@ -351,6 +351,8 @@ impl Mux {
         glommio::spawn_local(async move { me.connection_loop().await }).detach();
         let me = self.clone();
         glommio::spawn_local(async move { me.lease_loop().await }).detach();
+        let me = self.clone();
+        glommio::spawn_local(async move { me.ring_loop().await }).detach();
         let mut bytes = [0u8; 64];
         loop {
             notified.store(false, Ordering::SeqCst);
