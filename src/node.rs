@@ -149,14 +149,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .into_iter()
         .map(|c| c.id)
         .collect();
+    // The broker thread (memory broker or Redis multiplexer) goes to a core no shard uses,
+    // when there is one to spare.
+    let spare = (cfg.pin_shards && shards < cpus.len()).then(|| cpus[shards]);
     let broker: Box<dyn Broker> = if !cfg.redis_mode() {
-        Box::new(MemoryBroker::new(cfg.clone(), stats.clone()))
+        Box::new(MemoryBroker::new(cfg.clone(), stats.clone(), spare))
     } else {
-        // Pin the multiplexer to a core no shard uses, when there is one to spare.
         let cpu = match cfg.redis_options.cpu {
             c if c >= 0 => Some(c as usize),
-            _ if cfg.pin_shards && shards < cpus.len() => Some(cpus[shards]),
-            _ => None,
+            _ => spare,
         };
         Box::new(
             RedisBroker::new(cfg.clone(), node.clone(), stats.clone(), cpu)

@@ -27,11 +27,13 @@ use std::time::{Duration, Instant};
 pub struct MemoryBroker {
     cfg: Arc<Config>,
     stats: Arc<BusStats>,
+    /// CPU to pin the broker thread to (a core no shard uses), as the Redis multiplexer is.
+    cpu: Option<usize>,
 }
 
 impl MemoryBroker {
-    pub fn new(cfg: Arc<Config>, stats: Arc<BusStats>) -> Self {
-        MemoryBroker { cfg, stats }
+    pub fn new(cfg: Arc<Config>, stats: Arc<BusStats>, cpu: Option<usize>) -> Self {
+        MemoryBroker { cfg, stats, cpu }
     }
 }
 
@@ -104,6 +106,12 @@ impl Broker for MemoryBroker {
         crate::bus::BrokerCaps::MEMORY
     }
     fn run(self: Box<Self>, inbox: BrokerInbox, shards: Vec<ShardLink>) {
+        if let Some(id) = self.cpu {
+            // Off the shards' cores: its wake-ups then never preempt a shard mid fan-out.
+            if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                tracing::warn!(cpu = id, "cannot pin the broker thread");
+            }
+        }
         let inbox = inbox.rx;
         let mut state = State::new(self.cfg, shards, self.stats);
         let sweep_every = Duration::from_secs(1);

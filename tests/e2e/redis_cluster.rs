@@ -90,6 +90,9 @@ impl Cluster {
                 .arg("--cluster-config-file")
                 .arg(dir.path().join(format!("nodes-{port}.conf")))
                 .args(["--cluster-node-timeout", "1000"])
+                // The setting the README asks for: keys in other slots stay served while one
+                // shard fails over (history channels there need it).
+                .args(["--cluster-require-full-coverage", "no"])
                 .args(["--save", "", "--appendonly", "no"])
                 // Replicas sync at once (a replica that never synced does not fail over).
                 .args(["--repl-diskless-sync-delay", "0"])
@@ -407,10 +410,17 @@ fn a_killed_master_is_followed_and_the_other_slots_never_stop() {
     assert_eq!(masters.len(), 3, "{masters:?}");
     let a = Server::start(&config(&[masters[0].0, masters[1].0]), &[]);
     let b = Server::start(&config(&[masters[1].0, masters[0].0]), &[]);
-    // The victim is the third master, seed of neither node.
-    let channels = channel_per_master(&masters, "chat");
-    let (victim_port, victim_ch) = channels[2].clone();
-    let others: Vec<String> = channels[..2].iter().map(|(_, c)| c.clone()).collect();
+    // The victim is the third master, seed of neither node. On the two others: a plain and a
+    // history channel each (history needs `cluster-require-full-coverage no`, see the README).
+    let chat = channel_per_master(&masters, "chat");
+    let feed = channel_per_master(&masters, "feed");
+    let (victim_port, victim_ch) = chat[2].clone();
+    let channels: Vec<(u16, String)> = chat.iter().chain(&feed[..2]).cloned().collect();
+    let others: Vec<String> = channels
+        .iter()
+        .filter(|(p, _)| *p != victim_port)
+        .map(|(_, c)| c.clone())
+        .collect();
     let (mut on_a, _) = Client::connected(&a, "ua");
     for (_, ch) in &channels {
         let r = on_a.command("subscribe", json!({"channel": ch}));
@@ -426,7 +436,7 @@ fn a_killed_master_is_followed_and_the_other_slots_never_stop() {
         eventually(
             Duration::from_secs(10),
             "b publishes to every master",
-            || publish(&b, ch, json!({"warmup": true})).1 == json!({"result": {}}),
+            || publish(&b, ch, json!({"warmup": true})).1["result"].is_object(),
         );
         let p = on_a.push(Duration::from_secs(5)).expect("warm-up delivery");
         assert_eq!(p["push"]["channel"], json!(ch), "{p}");
@@ -448,10 +458,9 @@ fn a_killed_master_is_followed_and_the_other_slots_never_stop() {
         for (i, ch) in others.iter().enumerate() {
             let (status, body) = publish(&b, ch, json!({"n": next_other[i]}));
             assert_eq!(status, 200, "{body}");
-            assert_eq!(
-                body,
-                json!({"result": {}}),
-                "other slots undisturbed ({ch}, round {n}, {} ms after the kill); b's log:\n{}",
+            assert!(
+                body["result"].is_object() && body.get("error").is_none(),
+                "other slots undisturbed ({ch}, round {n}, {} ms after the kill): {body}; b's log:\n{}",
                 killed.elapsed().as_millis(),
                 b.stderr.lock().map(|s| s.clone()).unwrap_or_default()
             );
@@ -515,6 +524,14 @@ fn a_killed_master_is_followed_and_the_other_slots_never_stop() {
         errors_on_victim > 0,
         "the dead master's slots answered error 100 until the replica took over"
     );
+    // Both nodes counted the failover they followed.
+    for node in [&a, &b] {
+        eventually(Duration::from_secs(10), "redis.failovers counted", || {
+            let (_, info) = api(node.addr, "info", &json!({}));
+            // (the first entry is the node's own)
+            info["result"]["nodes"][0]["redis"]["failovers"].as_u64() >= Some(1)
+        });
+    }
     // The promoted replica holds the slot.
     let promoted = cluster.masters();
     assert_eq!(promoted.len(), 3, "{promoted:?}");
@@ -615,6 +632,18 @@ fn a_migrated_slot_is_followed_and_resubscribed() {
     );
     eventually(Duration::from_secs(10), "c publishes", || {
         publish(&c, &ch, json!({"c": 1})).1["result"]["offset"] == 1
+    });
+    // Until every master's link is up, c reads the topology again within a second; after
+    // that only every minute.
+    let refreshes = || {
+        api(c.addr, "info", &json!({})).1["result"]["nodes"][0]["counters"]
+            ["redis_cluster_refreshes"]
+            .as_u64()
+    };
+    eventually(Duration::from_secs(10), "c's topology settled", || {
+        let before = refreshes();
+        std::thread::sleep(Duration::from_millis(1200));
+        refreshes() == before
     });
     // Move the channel's slot from `src` to `dst`, keys and all.
     let slot = slot(&format!("shardcast:ch:{{{ch}}}")).to_string();

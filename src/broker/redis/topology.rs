@@ -48,6 +48,7 @@ impl Mux {
         *self.refresh.borrow_mut() = Some(tx);
         let opts = &self.cfg.redis_options;
         let mut backoff = Backoff::new(opts.backoff_initial_ms, opts.backoff_max_ms);
+        let mut degraded = Backoff::new(100, 1000);
         let every = Duration::from_secs(opts.cluster_refresh_secs as u64);
         // The connection the last answer came on, kept for the next refresh (a periodic
         // refresh then costs one round trip, not a connect and a TLS handshake).
@@ -57,8 +58,17 @@ impl Mux {
                 Ok(shards) => {
                     backoff.reset();
                     self.apply_topology(shards);
-                    // The period, or sooner when asked (not more than 10 times a second).
-                    futures_lite::future::or(glommio::timer::sleep(every), async {
+                    // While a slot has no master or its master's link is down (a failover
+                    // under way), look again soon (100 ms, doubling up to 1 s): the promoted
+                    // replica must not wait for the next periodic refresh.
+                    let wait = if self.degraded() {
+                        degraded.next_delay().min(every)
+                    } else {
+                        degraded.reset();
+                        every
+                    };
+                    // That, or sooner when asked (not more than 10 times a second).
+                    futures_lite::future::or(glommio::timer::sleep(wait), async {
                         let _ = rx.recv().await;
                         glommio::timer::sleep(Duration::from_millis(100)).await;
                     })
@@ -76,6 +86,26 @@ impl Mux {
                 }
             }
         }
+    }
+
+    /// Some slot has no master, or its master's connections are not up.
+    fn degraded(&self) -> bool {
+        let links = self.links.borrow();
+        let slots = self.slots.borrow();
+        let mut seen = vec![false; links.len()];
+        for &i in slots.iter() {
+            if i == NO_LINK {
+                return true;
+            }
+            let i = i as usize;
+            if !seen[i] {
+                seen[i] = true;
+                if !links[i].cmd.borrow().is_up() || !links[i].sub.borrow().is_up() {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// `CLUSTER SHARDS` on the kept connection if it still answers, else from the first node
@@ -198,6 +228,30 @@ impl Mux {
             let slots = self.slots.borrow();
             old.iter().zip(slots.iter()).map(|(a, b)| a != b).collect()
         };
+        // A failover followed: slots that had no master, or a master whose link was down,
+        // now have another one (counted once per new master; not the first table).
+        let failovers = {
+            let slots = self.slots.borrow();
+            let links = self.links.borrow();
+            let first = old.iter().all(|&a| a == NO_LINK);
+            let mut took_over = vec![false; links.len()];
+            for (&a, &b) in old.iter().zip(slots.iter()) {
+                let lost = a == NO_LINK || !links[a as usize].cmd.borrow().is_up();
+                if !first && a != b && b != NO_LINK && lost {
+                    took_over[b as usize] = true;
+                }
+            }
+            took_over.iter().filter(|&&t| t).count() as u64
+        };
+        if failovers > 0 {
+            self.node
+                .redis_failovers
+                .fetch_add(failovers, Ordering::Relaxed);
+            tracing::info!(
+                failovers,
+                "Redis Cluster: slots of a lost master moved to its replica"
+            );
+        }
         if moved.iter().any(|&m| m) {
             self.resubscribe_moved(&moved);
         }
