@@ -484,6 +484,8 @@ pub struct BusStats {
     pub redis_moved: AtomicU64,
     /// Redis Cluster `ASK` redirects followed (`ASKING` and the command sent to the named node).
     pub redis_ask: AtomicU64,
+    /// Publish answers whose push did not come to wake their shard within 2 ms (rung late).
+    pub redis_owed_rings_late: AtomicU64,
     /// `/api/channels` calls refused (temporary error) because
     /// `redis_options.max_pending_surveys` were waiting for other nodes' answers.
     pub surveys_refused: AtomicU64,
@@ -546,6 +548,7 @@ impl BusStats {
             ),
             ("redis_moved", get(&self.redis_moved)),
             ("redis_ask", get(&self.redis_ask)),
+            ("redis_owed_rings_late", get(&self.redis_owed_rings_late)),
             ("surveys_refused", get(&self.surveys_refused)),
             ("protobuf_encodes", get(&self.protobuf_encodes)),
             ("emulation_unroutable", get(&self.emulation_unroutable)),
@@ -627,6 +630,9 @@ struct Deferral {
     ringer: Mutex<Option<Waker>>,
     /// A message was queued since the last ring.
     pending: AtomicBool,
+    /// A message was queued whose ring is owed to a send expected soon
+    /// ([`ShardLink::send_owed`]).
+    owed: AtomicBool,
 }
 
 /// The shard's end: drain `rx` after clearing `notified`, whenever `wake` is readable.
@@ -676,6 +682,33 @@ impl ShardLink {
         true
     }
 
+    /// Queues `msg` like [`ShardLink::send`] but does not ring: the ring is owed, and paid by
+    /// the next ring of this link ([`ShardLink::ring_deferred`] after another send), or by
+    /// [`ShardLink::ring_owed`] when that send does not come (the caller's fallback). For a
+    /// publish's reply whose push to the same shard is on its way: one wake-up for both.
+    pub fn send_owed(&self, msg: ToShard) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.deferral.owed.store(true, Ordering::Release);
+                true
+            }
+            Err(crossbeam_channel::TrySendError::Full(m)) => self.send(m),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Whether a ring is owed ([`ShardLink::send_owed`]).
+    pub fn has_owed(&self) -> bool {
+        self.deferral.owed.load(Ordering::Acquire)
+    }
+
+    /// Pays an owed ring now.
+    pub fn ring_owed(&self) {
+        if self.deferral.owed.swap(false, Ordering::AcqRel) {
+            self.bell.ring();
+        }
+    }
+
     /// From now on, [`ShardLink::send`] leaves the ringing to the task `ringer` wakes (once per
     /// batch of sends), which calls [`ShardLink::ring_deferred`]. For a broker with an event
     /// loop (the Redis multiplexer): when a publication's push and its PUBLISH reply arrive on
@@ -697,6 +730,8 @@ impl ShardLink {
     /// Rings the shard if something was sent since the last ring (deferred mode).
     pub fn ring_deferred(&self) {
         if self.deferral.pending.swap(false, Ordering::AcqRel) {
+            // This ring also pays an owed one.
+            self.deferral.owed.store(false, Ordering::Release);
             self.bell.ring();
         }
     }
@@ -777,6 +812,40 @@ mod deferral_tests {
         assert_eq!(count.0.load(Ordering::SeqCst), 2);
         link.ring_deferred();
         assert_eq!((&inbox.wake).read(&mut buf).unwrap(), 1);
+    }
+
+    #[test]
+    fn an_owed_ring_is_paid_by_the_next_ring_or_by_the_fallback() {
+        let (link, inbox) = shard_link(8, Arc::new(BusStats::default())).unwrap();
+        inbox.wake.set_nonblocking(true).unwrap();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        link.defer_rings(&Waker::from(count.clone()));
+        let mut buf = [0u8; 8];
+        // A reply whose push is on its way: queued, nobody woken.
+        assert!(link.send_owed(subscribed(0)));
+        assert!(link.has_owed());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        assert!((&inbox.wake).read(&mut buf).is_err());
+        // The push comes: one ring for both, and nothing is owed any more.
+        assert!(link.send(subscribed(1)));
+        link.ring_deferred();
+        assert_eq!((&inbox.wake).read(&mut buf).unwrap(), 1);
+        assert!(!link.has_owed());
+        assert_eq!(inbox.rx.len(), 2);
+        link.ring_owed();
+        assert!((&inbox.wake).read(&mut buf).is_err(), "paid already");
+        // The push never comes: the fallback rings.
+        inbox.notified.store(false, Ordering::SeqCst);
+        while inbox.rx.try_recv().is_ok() {}
+        assert!(link.send_owed(subscribed(2)));
+        link.ring_deferred();
+        assert!(
+            (&inbox.wake).read(&mut buf).is_err(),
+            "nothing pending but the owed"
+        );
+        link.ring_owed();
+        assert_eq!((&inbox.wake).read(&mut buf).unwrap(), 1);
+        assert!(!link.has_owed());
     }
 
     #[test]

@@ -90,6 +90,11 @@ pub(super) struct Mux {
     pub(super) slots: RefCell<Vec<u16>>,
     /// Redis Cluster: asks the topology loop for a refresh now (bounded, one pending).
     pub(super) refresh: RefCell<Option<glommio::channels::local_channel::LocalSender<()>>>,
+    /// Tells the owed-ring fallback that a reply waits for its push's ring
+    /// ([`Mux::reply_owed`]).
+    pub(super) owed_armed: RefCell<Option<glommio::channels::local_channel::LocalSender<()>>>,
+    /// Tells the owed-ring fallback that the rings were paid.
+    pub(super) owed_paid: RefCell<Option<glommio::channels::local_channel::LocalSender<()>>>,
     /// History channels' positions and repairs.
     pub(super) tracker: RefCell<Tracker>,
     pub(super) gathers: RefCell<Gathers<GatherTarget>>,
@@ -120,6 +125,8 @@ impl Mux {
                 Vec::new()
             }),
             refresh: RefCell::default(),
+            owed_armed: RefCell::default(),
+            owed_paid: RefCell::default(),
             tracker: RefCell::new(Tracker::new(b.cfg.clone(), b.stats.clone())),
             cfg: b.cfg,
             node: b.node,
@@ -179,6 +186,31 @@ impl Mux {
     pub(super) fn sub_up_at(&self, name: &[u8]) -> bool {
         self.link_of_key(name)
             .is_some_and(|l| l.sub.borrow().is_up())
+    }
+
+    /// Whether a publication to `channel` will come back as a push to `shard` (the node
+    /// subscribes to it there, and the subscriber connection carrying it is up).
+    fn push_expected(&self, channel: &str, shard: usize) -> bool {
+        shard < 64
+            && self.interest.borrow().mask(channel) & (1 << shard) != 0
+            && self.sub_up_at(&self.channel_name(channel))
+    }
+
+    /// Answers a publish. When its push to the same shard is `expected`, the answer is queued
+    /// without waking the shard: the push's wake-up carries both (one wake-up of the shard per
+    /// publication instead of two). Should the push not come, the owed ring is paid within
+    /// `OWED_RING_MS` ([`super::pushes`]'s `owed_loop`).
+    pub(super) fn reply_owed(&self, to: ReplyTo, reply: BrokerReply, expected: bool) {
+        let Some(link) = self.shards.get(to.shard).filter(|_| expected) else {
+            return self.reply(to, reply);
+        };
+        link.send_owed(ToShard::Reply {
+            token: to.token,
+            reply,
+        });
+        if let Some(tx) = self.owed_armed.borrow().as_ref() {
+            let _ = tx.try_send(());
+        }
     }
 
     pub(super) fn reply(&self, to: ReplyTo, reply: BrokerReply) {
@@ -353,6 +385,8 @@ impl Mux {
         glommio::spawn_local(async move { me.lease_loop().await }).detach();
         let me = self.clone();
         glommio::spawn_local(async move { me.ring_loop().await }).detach();
+        let me = self.clone();
+        glommio::spawn_local(async move { me.owed_loop().await }).detach();
         let mut bytes = [0u8; 64];
         loop {
             notified.store(false, Ordering::SeqCst);
@@ -555,7 +589,8 @@ impl Mux {
                 idempotency_window_secs: window,
                 idempotency_key: idempotency_key.as_deref().unwrap_or(""),
             };
-            self.eval(Waiter::Publish(reply), |out| {
+            let expect = self.push_expected(channel, reply.shard);
+            self.eval(Waiter::Publish(reply, expect), |out| {
                 self.scripts.encode_publish(out, &self.keys, &call)
             });
             return;
@@ -563,7 +598,8 @@ impl Mux {
         // The payload is the complete push, so receiving nodes only add a frame header.
         publication::push_new(&mut scratch, channel, data, info, extras);
         let key = self.keys.channel(channel);
-        self.command(Waiter::Publish(reply), |out| {
+        let expect = self.push_expected(channel, reply.shard);
+        self.command(Waiter::Publish(reply, expect), |out| {
             super::resp::Command::new(out, 3)
                 .arg(self.verb(b"PUBLISH"))
                 .parts(&key.0)

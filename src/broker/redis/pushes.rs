@@ -127,6 +127,9 @@ impl Control {
     }
 }
 
+/// How long a publish's answer may wait for its push to wake the shard (ms).
+const OWED_RING_MS: u64 = 2;
+
 impl Mux {
     /// Rings the shards' doorbells for what this pass of the executor sent them: every
     /// [`crate::bus::ShardLink::send`] of the multiplexer only marks its shard pending and
@@ -138,13 +141,60 @@ impl Mux {
     /// own wake-up.
     pub(super) async fn ring_loop(self: std::rc::Rc<Self>) {
         futures_lite::future::poll_fn(|cx| {
+            let mut owed = false;
             for link in &self.shards {
                 link.defer_rings(cx.waker());
                 link.ring_deferred();
+                owed |= link.has_owed();
+            }
+            if !owed {
+                if let Some(tx) = self.owed_paid.borrow().as_ref() {
+                    let _ = tx.try_send(());
+                }
             }
             std::task::Poll::<()>::Pending
         })
         .await
+    }
+
+    /// The fallback for owed rings ([`Mux::reply_owed`]): a publish's answer waits for its
+    /// push to wake the shard, at most `OWED_RING_MS`; then (a push that never came: the
+    /// channel was unsubscribed meanwhile, or the subscriber connection failed) it is rung
+    /// here. The timer is cancelled as soon as the rings are paid, so an ordinary publication
+    /// costs no timer expiry.
+    pub(super) async fn owed_loop(self: std::rc::Rc<Self>) {
+        use glommio::channels::local_channel;
+        let (armed_tx, armed) = local_channel::new_bounded::<()>(1);
+        let (paid_tx, paid) = local_channel::new_bounded::<()>(1);
+        *self.owed_armed.borrow_mut() = Some(armed_tx);
+        *self.owed_paid.borrow_mut() = Some(paid_tx);
+        let wait = std::time::Duration::from_millis(OWED_RING_MS);
+        while armed.recv().await.is_some() {
+            loop {
+                let expired = futures_lite::future::or(
+                    async {
+                        glommio::timer::sleep(wait).await;
+                        true
+                    },
+                    async {
+                        let _ = paid.recv().await;
+                        false
+                    },
+                )
+                .await;
+                if expired && self.shards.iter().any(|l| l.has_owed()) {
+                    self.stats
+                        .redis_owed_rings_late
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    for link in &self.shards {
+                        link.ring_owed();
+                    }
+                }
+                if !self.shards.iter().any(|l| l.has_owed()) {
+                    break;
+                }
+            }
+        }
     }
 
     /// Reads the subscriber connection until it fails.

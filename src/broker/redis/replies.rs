@@ -38,7 +38,9 @@ pub(super) enum Waiter {
     NodesCache,
     /// The registry entry is removed: the draining node may exit.
     Left,
-    Publish(ReplyTo),
+    /// A publish; `true` when its push is expected on the same shard (the node subscribes to
+    /// the channel there): the reply's wake-up is then left to the push ([`Mux::reply_owed`]).
+    Publish(ReplyTo, bool),
     Presence(ReplyTo),
     Nodes(ReplyTo),
     /// PUBLISH of `/api/channels` survey N's question ([`super::survey`]).
@@ -210,24 +212,29 @@ impl Mux {
             }
             (Waiter::NodesCache, _) => {}
             (Waiter::Left, _) => self.node.left_registry.store(true, Ordering::SeqCst),
-            (Waiter::Publish(to), BytesFrame::Error(e)) => {
+            (Waiter::Publish(to, _), BytesFrame::Error(e)) => {
                 tracing::warn!(error = %e, "PUBLISH failed");
                 self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)));
             }
-            (Waiter::Publish(to), BytesFrame::Array(items)) => {
+            (Waiter::Publish(to, expect), BytesFrame::Array(items)) => {
                 // The publish script: {repeated, "OFFSET:EPOCH" or ""}.
-                if matches!(items.first(), Some(BytesFrame::Integer(1))) {
+                let repeated = matches!(items.first(), Some(BytesFrame::Integer(1)));
+                if repeated {
                     self.stats
                         .idempotent_repeats
                         .fetch_add(1, Ordering::Relaxed);
                 }
+                // A repeat published nothing: no push will come to wake the shard.
+                let expect = expect && !repeated;
                 let pos = match items.get(1) {
                     Some(BytesFrame::BulkString(b)) => parse_position(b),
                     _ => None,
                 };
-                self.reply(to, BrokerReply::Published(Ok(pos)));
+                self.reply_owed(to, BrokerReply::Published(Ok(pos)), expect);
             }
-            (Waiter::Publish(to), _) => self.reply(to, BrokerReply::Published(Ok(None))),
+            (Waiter::Publish(to, expect), _) => {
+                self.reply_owed(to, BrokerReply::Published(Ok(None)), expect)
+            }
             (
                 Waiter::Read {
                     channel,
@@ -348,7 +355,7 @@ impl Mux {
                 self.reply(to, BrokerReply::Failed(BrokerError::Unavailable))
             }
             Waiter::Left => self.node.left_registry.store(true, Ordering::SeqCst),
-            Waiter::Publish(to) => {
+            Waiter::Publish(to, _) => {
                 self.reply(to, BrokerReply::Published(Err(BrokerError::Unavailable)))
             }
             Waiter::Nodes(to) => self.reply(to, BrokerReply::Gathered(Part::Nodes(Vec::new()))),
