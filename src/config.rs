@@ -334,18 +334,25 @@ fn redis_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RedisTarge
 /// Marks the message of a bad `redis_sentinel` URL, as [`REDIS_ERROR`] does.
 const REDIS_SENTINEL_ERROR: &str = "invalid Redis Sentinel URL: ";
 
-/// Reads the `redis_sentinel` key: a list of URLs.
-fn redis_sentinel_urls<'de, D: serde::Deserializer<'de>>(
+/// A list of Redis URLs; a bad one is reported after `marker`.
+fn redis_url_list<'de, D: serde::Deserializer<'de>>(
     d: D,
+    marker: &str,
 ) -> Result<Vec<RedisTarget>, D::Error> {
     let texts = Vec::<String>::deserialize(d)?;
     texts
         .iter()
         .map(|t| {
-            RedisTarget::parse(t)
-                .map_err(|e| serde::de::Error::custom(format!("{REDIS_SENTINEL_ERROR}{e}")))
+            RedisTarget::parse(t).map_err(|e| serde::de::Error::custom(format!("{marker}{e}")))
         })
         .collect()
+}
+
+/// Reads the `redis_sentinel` key: a list of URLs.
+fn redis_sentinel_urls<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<RedisTarget>, D::Error> {
+    redis_url_list(d, REDIS_SENTINEL_ERROR)
 }
 
 /// Marks the message of a bad `redis_cluster` URL, as [`REDIS_ERROR`] does.
@@ -355,14 +362,7 @@ const REDIS_CLUSTER_ERROR: &str = "invalid Redis Cluster URL: ";
 fn redis_cluster_urls<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Vec<RedisTarget>, D::Error> {
-    let texts = Vec::<String>::deserialize(d)?;
-    texts
-        .iter()
-        .map(|t| {
-            RedisTarget::parse(t)
-                .map_err(|e| serde::de::Error::custom(format!("{REDIS_CLUSTER_ERROR}{e}")))
-        })
-        .collect()
+    redis_url_list(d, REDIS_CLUSTER_ERROR)
 }
 
 /// How a node uses Redis (only read in Redis mode).

@@ -10,46 +10,48 @@
 use super::keys::Keys;
 use super::resp::Command;
 
+// The end of both presence scripts: the entries of KEYS[1] whose owner is in `live`; the others
+// are removed.
+macro_rules! presence_filter {
+    () => {
+        r#"local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local sep = string.find(v, '|', 1, true)
+  if sep and live[string.sub(v, 1, sep - 1)] then
+    table.insert(out, string.sub(v, sep + 1))
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return out
+"#
+    };
+}
+
 // Presence entries of a channel whose owning node still holds its lease; entries of dead nodes
 // are removed on the way.
 // KEYS[1] presence hash, KEYS[2] lease zset. ARGV[1] now (ms).
 // Returns the live entries' client info JSON documents.
-const PRESENCE: &str = r#"
+const PRESENCE: &str = concat!(
+    r#"
 local live = {}
 for _, uid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf')) do live[uid] = true end
-local out = {}
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  local v = all[i + 1]
-  local sep = string.find(v, '|', 1, true)
-  if sep and live[string.sub(v, 1, sep - 1)] then
-    table.insert(out, string.sub(v, sep + 1))
-  else
-    redis.call('HDEL', KEYS[1], all[i])
-  end
-end
-return out
-"#;
+"#,
+    presence_filter!()
+);
 
 // Redis Cluster: the presence hash and the lease zset live in different slots, so the live
 // node uids come as arguments (read from the lease zset just before, see `registry`).
 // KEYS[1] presence hash. ARGV: the uids of the nodes holding their lease now.
-const PRESENCE_LIVE: &str = r#"
+const PRESENCE_LIVE: &str = concat!(
+    r#"
 local live = {}
 for i = 1, #ARGV do live[ARGV[i]] = true end
-local out = {}
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  local v = all[i + 1]
-  local sep = string.find(v, '|', 1, true)
-  if sep and live[string.sub(v, 1, sep - 1)] then
-    table.insert(out, string.sub(v, sep + 1))
-  else
-    redis.call('HDEL', KEYS[1], all[i])
-  end
-end
-return out
-"#;
+"#,
+    presence_filter!()
+);
 
 // A new epoch for a channel whose stream fell behind what nodes delivered (writes lost in a
 // failover), unless another node gave it one already. Run rarely, with EVAL (not loaded).
