@@ -403,16 +403,10 @@ impl Redis {
 
     /// Runs a command through redis-cli; returns its output lines.
     pub fn cli(&self, args: &[&str]) -> Vec<String> {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(self.args_auth())
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.to_string())
-            .collect()
+        let mut all: Vec<String> = self.args_auth();
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        redis_cli(self.port, &all)
     }
 
     fn args_auth(&self) -> Vec<String> {
@@ -479,4 +473,17 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Ran {
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
     }
+}
+
+/// `redis-cli -p PORT ARGS...`: its output lines.
+pub fn redis_cli(port: u16, args: &[&str]) -> Vec<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.to_string())
+        .collect()
 }

@@ -3,16 +3,10 @@
 //! and a master killed while channels of the other masters keep flowing.
 
 use crate::harness::*;
+use crate::redis_tls::{process_free_port as free_port, Pki};
 use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// One `redis-server --cluster-enabled yes` on free ports; killed (by its PID, through
 /// `Child`) and reaped on drop.
@@ -25,15 +19,7 @@ struct ClusterNode {
 
 impl ClusterNode {
     fn cli(&self, args: &[&str]) -> Vec<String> {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.to_string())
-            .collect()
+        redis_cli(self.port, args)
     }
 
     fn kill(&mut self) {
@@ -709,41 +695,6 @@ fn a_migrated_slot_is_followed_and_resubscribed() {
         "slot migration: node c followed {} MOVED, {} ASK, {} topology refreshes",
         counters["redis_moved"], counters["redis_ask"], counters["redis_cluster_refreshes"]
     );
-}
-
-/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in a temporary
-/// directory (alive as long as this).
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn make(ca_name: &str) -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, ca_name);
-        let ca_key = KeyPair::generate().unwrap();
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "127.0.0.1");
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
-        std::fs::write(dir.path().join("server.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self, file: &str) -> std::path::PathBuf {
-        self.dir.path().join(file)
-    }
 }
 
 /// TLS to every cluster node: `rediss://` seeds, the cluster's announced TLS ports, a CA made

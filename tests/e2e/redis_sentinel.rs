@@ -61,15 +61,7 @@ impl Sentinel {
     }
 
     fn cli(&self, args: &[&str]) -> Vec<String> {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.to_string())
-            .collect()
+        redis_cli(self.port, args)
     }
 
     /// A numeric field of `SENTINEL master NAME` (flat key/value lines).
@@ -82,6 +74,21 @@ impl Sentinel {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// `SENTINEL FAILOVER`, until `sentinel` accepts it.
+fn ask_failover(sentinel: &Sentinel) {
+    eventually(
+        Duration::from_secs(10),
+        "a sentinel accepts the failover",
+        || {
+            sentinel
+                .cli(&["SENTINEL", "FAILOVER", MASTER])
+                .first()
+                .map(String::as_str)
+                == Some("OK")
+        },
+    );
 }
 
 impl Drop for Sentinel {
@@ -280,17 +287,7 @@ fn nodes_follow_switch_master_when_the_old_master_lives_on() {
         mut on_b,
     } = setup();
     let started = Instant::now();
-    eventually(
-        Duration::from_secs(10),
-        "a sentinel accepts the failover",
-        || {
-            sentinels[0]
-                .cli(&["SENTINEL", "FAILOVER", MASTER])
-                .first()
-                .map(String::as_str)
-                == Some("OK")
-        },
-    );
+    ask_failover(&sentinels[0]);
     // Within 6 s: following +switch-master takes about 1 s; without it the nodes would only
     // leave the old master on a READONLY reply (the next lease refresh, about 10 s).
     eventually(
@@ -483,17 +480,7 @@ fn sentinels_and_redis_over_tls_deliver_and_refuse_a_wrong_ca() {
 
     // A failover over TLS: the trusting nodes follow +switch-master (heard on a TLS
     // subscription to a sentinel) to the replica's TLS port.
-    eventually(
-        Duration::from_secs(10),
-        "a sentinel accepts the failover",
-        || {
-            sentinels[0]
-                .cli(&["SENTINEL", "FAILOVER", MASTER])
-                .first()
-                .map(String::as_str)
-                == Some("OK")
-        },
-    );
+    ask_failover(&sentinels[0]);
     eventually(
         Duration::from_secs(10),
         "both nodes subscribed on the new master",

@@ -193,7 +193,11 @@ impl Mux {
     fn push_expected(&self, channel: &str, shard: usize) -> bool {
         shard < 64
             && self.interest.borrow().mask(channel) & (1 << shard) != 0
-            && self.sub_up_at(&self.channel_name(channel))
+            && if self.cluster {
+                self.sub_up_at(&self.channel_name(channel))
+            } else {
+                self.sub_up() // one link: no name to build on the publish path
+            }
     }
 
     /// Answers a publish. When its push to the same shard is `expected`, the answer is queued

@@ -118,23 +118,30 @@ impl Mux {
         futures_lite::future::or(glommio::timer::sleep(delay), self.switch_heard()).await
     }
 
+    /// A connection to `sentinel` subscribed to `+switch-master`, if it can be had.
+    async fn listen_switches(
+        &self,
+        sentinel: &RedisTarget,
+    ) -> Option<(super::stream::RedisStream, bytes::BytesMut)> {
+        let (mut stream, buf) = self
+            .connect_to(sentinel, "sentinel", Handshake::Sentinel)
+            .await
+            .ok()?;
+        let mut sub = Vec::new();
+        encode(&mut sub, &[b"SUBSCRIBE", b"+switch-master"]);
+        stream.write_all(&sub).await.ok()?;
+        Some((stream, buf))
+    }
+
     /// Returns when a sentinel announces `+switch-master` for our master; never if no sentinel
     /// can be reached (then [`Mux::pause`]'s delay ends the wait). A switch announced before
     /// the subscription is missed: the backoff's delay covers it, as without this.
     async fn switch_heard(&self) {
         let master = &self.cfg.redis_sentinel_master;
         for sentinel in &self.cfg.redis_sentinel {
-            let conn = self
-                .connect_to(sentinel, "sentinel", Handshake::Sentinel)
-                .await;
-            let Ok((mut stream, mut buf)) = conn else {
+            let Some((mut stream, mut buf)) = self.listen_switches(sentinel).await else {
                 continue;
             };
-            let mut sub = Vec::new();
-            encode(&mut sub, &[b"SUBSCRIBE", b"+switch-master"]);
-            if stream.write_all(&sub).await.is_err() {
-                continue;
-            }
             while let Ok(BytesFrame::Array(items)) = next_frame(&mut stream, &mut buf).await {
                 if items.first().and_then(text).as_deref() == Some("message") {
                     let message = items.get(2).and_then(text).unwrap_or_default();
@@ -156,17 +163,9 @@ impl Mux {
         let master = &self.cfg.redis_sentinel_master;
         loop {
             for sentinel in &self.cfg.redis_sentinel {
-                let conn = self
-                    .connect_to(sentinel, "sentinel", Handshake::Sentinel)
-                    .await;
-                let Ok((mut stream, mut buf)) = conn else {
+                let Some((mut stream, mut buf)) = self.listen_switches(sentinel).await else {
                     continue;
                 };
-                let mut sub = Vec::new();
-                encode(&mut sub, &[b"SUBSCRIBE", b"+switch-master"]);
-                if stream.write_all(&sub).await.is_err() {
-                    continue;
-                }
                 backoff.reset();
                 // The master may have moved before we subscribed: check once subscribed.
                 let mut confirmed = false;
